@@ -63,3 +63,14 @@ def write_with(target: Path, writer: Callable[[Path], None]) -> None:
     """Let ``writer`` write to a temporary path (e.g. ``safetensors.torch.save_file``), then rename it."""
     with atomic_path(target) as tmp:
         writer(tmp)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a whole file, read in chunks so multi-GB checkpoints need no RAM."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

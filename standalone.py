@@ -1,0 +1,76 @@
+"""Set up and run Train Tools outside the WebUI, with nothing but Python 3.10-3.12 installed.
+
+    python standalone.py            # first run: creates .venv and installs; then opens the app
+    python standalone.py test       # same set-up plus the test tools, then runs the test suite
+    python standalone.py -- ARGS    # any command of 'python -m train_tools', e.g. -- train NAME v1
+
+The set-up is skipped when it is already done (a stamp file records what was installed). PyTorch is installed
+as ``torch==$TRAIN_TOOLS_TORCH`` (default below) unless the environment already has a torch; set
+TRAIN_TOOLS_TORCH_INDEX to a PyTorch wheel index URL to pick a specific CUDA build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("TRAIN_TOOLS_VENV", ROOT / ".venv"))
+TORCH = os.environ.get("TRAIN_TOOLS_TORCH", "2.13.0")
+log = logging.getLogger("standalone")
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def pip(*args: str) -> None:
+    cmd = [str(venv_python()), "-m", "pip", "--disable-pip-version-check", *args]
+    log.info("$ %s", " ".join(cmd[1:]))
+    subprocess.check_call(cmd)
+
+
+def ensure_env(with_tests: bool) -> None:
+    files = [ROOT / "requirements.txt", ROOT / "tests" / "constraints.txt"]
+    if with_tests:
+        files.append(ROOT / "tests" / "requirements.txt")
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists()) + TORCH.encode()).hexdigest()
+    stamp = VENV / f".train_tools_installed_{'test' if with_tests else 'app'}"
+    if stamp.exists() and stamp.read_text() == digest and venv_python().exists():
+        return
+    if not venv_python().exists():
+        log.info("Creating %s", VENV)
+        venv.create(VENV, with_pip=True)
+    has_torch = subprocess.call([str(venv_python()), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0
+    if not has_torch:
+        extra = ["--index-url", os.environ["TRAIN_TOOLS_TORCH_INDEX"]] if "TRAIN_TOOLS_TORCH_INDEX" in os.environ else []
+        pip("install", f"torch=={TORCH}", *extra)
+    constraints = ["-c", str(ROOT / "tests" / "constraints.txt")] if (ROOT / "tests" / "constraints.txt").exists() else []
+    reqs = ["-r", str(ROOT / "requirements.txt")]
+    if with_tests:
+        reqs += ["-r", str(ROOT / "tests" / "requirements.txt")]
+    pip("install", *reqs, *constraints)
+    stamp.write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="[standalone] %(message)s")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if argv[:1] == ["test"]:
+        ensure_env(with_tests=True)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return subprocess.call([str(venv_python()), "-m", "pytest", *argv[1:]], cwd=ROOT, env=env)
+    ensure_env(with_tests=False)
+    args = argv[1:] if argv[:1] == ["--"] else argv
+    # Run from the user's folder so relative paths they type mean what they expect.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.call([str(venv_python()), "-m", "train_tools", *args], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,275 @@
+"""The command line: the whole flow of the tab, headless.
+
+    python -m train_tools project create NAME
+    python -m train_tools version create NAME v1
+    python -m train_tools dataset add NAME v1 IMAGE_OR_FOLDER ...
+    python -m train_tools train NAME v1 [--ckpt PATH] [--set key=value ...]
+    python -m train_tools runs NAME v1
+    python -m train_tools demo-checkpoint PATH
+
+Errors a user can fix print one line and exit with status 2; Ctrl-C stops training cleanly after saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from .config import TrainConfig, fields_info, parse_assignments
+from .errors import UserError
+from .store import Store, Version
+
+log = logging.getLogger("train_tools")
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def default_ckpt_dirs(data_dir: Path) -> list[Path]:
+    return [data_dir / "models" / "Stable-diffusion"]
+
+
+def resolve_checkpoint(base_model: str, ckpt_dirs: Sequence[Path]) -> Path:
+    """A checkpoint path from a path, a file name or a bare name in the checkpoint folders."""
+    if not base_model:
+        raise UserError("No base model chosen: pass --ckpt PATH, or --set base_model=NAME_OR_PATH "
+                        "(try 'python -m train_tools demo-checkpoint demo.safetensors' for a tiny demo model).")
+    direct = Path(base_model).expanduser()
+    if direct.is_file():
+        return direct.resolve()
+    name = base_model.split(" [")[0]  # WebUI titles look like "name.safetensors [hash]"
+    for folder in ckpt_dirs:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() not in CHECKPOINT_SUFFIXES or not path.is_file():
+                continue
+            rel = path.relative_to(folder).as_posix()
+            if name in (path.name, path.stem, rel, rel.rsplit(".", 1)[0]):
+                return path.resolve()
+    where = ", ".join(str(d) for d in ckpt_dirs) or "no checkpoint folder"
+    raise UserError(f"Base model '{base_model}' was not found as a file or in {where}; give its full path with "
+                    "--ckpt or put it in the checkpoint folder (--ckpt-dir).")
+
+
+def _settings_help() -> str:
+    lines = ["settings (--set key=value; defaults of the original Train Tools tab):"]
+    for f in fields_info():
+        meta = f.metadata
+        choices = f" [{'|'.join(meta['choices'])}]" if meta["choices"] else ""
+        lines.append(f"  {f.name}={f.default!s}{choices}  {meta['help']}")
+    lines.append("  learning_rate may be a comma list (1e-4,5e-5): one run per value.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train_tools",
+                                     description="Train Tools: turn 10-20 pictures into a LoRA.")
+    parser.add_argument("--data-dir", type=Path, default=Path("."),
+                        help="folder holding outputs/train_tools/projects (default: the current folder)")
+    parser.add_argument("--ckpt-dir", type=Path, action="append", default=None,
+                        help="checkpoint folder to find base models by name (default: DATA_DIR/models/Stable-diffusion)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("project", help="create or list projects")
+    psub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    psub.add_parser("create", help="create a project").add_argument("name")
+    psub.add_parser("list", help="list projects")
+
+    p = sub.add_parser("version", help="create or list versions of a project")
+    vsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = vsub.add_parser("create", help="create a version (default v1)")
+    c.add_argument("project")
+    c.add_argument("version", nargs="?", default="v1")
+    vsub.add_parser("list", help="list the versions of a project").add_argument("project")
+
+    p = sub.add_parser("dataset", help="add pictures to a version and prepare them")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = dsub.add_parser("add", help="copy images (and their .txt captions) into the version")
+    a.add_argument("project")
+    a.add_argument("version")
+    a.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    u = dsub.add_parser("update", help="prepare the images for training (resize to buckets, captions)")
+    u.add_argument("project")
+    u.add_argument("version")
+    d = dsub.add_parser("demo", help="add the built-in demo pictures to a version")
+    d.add_argument("project")
+    d.add_argument("version")
+
+    t = sub.add_parser("train", help="train a LoRA on the version's dataset",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help())
+    t.add_argument("project")
+    t.add_argument("version")
+    t.add_argument("--ckpt", help="base checkpoint (.safetensors/.ckpt), a path or a name in the checkpoint folder")
+    t.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting for this and later runs of the version")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    s = sub.add_parser("settings", help="show or change a version's saved settings",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help())
+    s.add_argument("project")
+    s.add_argument("version")
+    s.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
+
+    r = sub.add_parser("runs", help="list the files each training run wrote")
+    r.add_argument("project")
+    r.add_argument("version")
+
+    dc = sub.add_parser("demo-checkpoint", help="write the tiny demo model (random weights) to PATH")
+    dc.add_argument("path", type=Path)
+    dc.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
+    return parser
+
+
+def _learning_rates(assignments: dict[str, str]) -> list[str] | None:
+    value = assignments.get("learning_rate")
+    if value is None or "," not in value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+class _CtrlC:
+    """First Ctrl-C: stop after the current step and save; a second one aborts at once."""
+
+    def __init__(self, stop: object) -> None:
+        self.stop = stop
+        self.previous = None
+
+    def __enter__(self) -> _CtrlC:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("Stopping after this step and saving... (Ctrl-C again to abort)")
+        self.stop.request()  # type: ignore[attr-defined]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+
+
+def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> int:
+    from .progress import StopFlag, TerminalReporter
+    from .trainer import Trainer
+
+    version = store.version(args.project, args.version)
+    assignments = parse_assignments(args.assignments)
+    rates = _learning_rates(assignments)
+    if rates:
+        assignments["learning_rate"] = rates[0]
+    if args.ckpt:
+        assignments["base_model"] = args.ckpt
+    config = version.load_settings().updated(assignments)
+    checkpoint = resolve_checkpoint(config.base_model, ckpt_dirs)
+    version.save_settings(config)
+    configs = [config] + [config.updated({"learning_rate": r}) for r in (rates or [])[1:]]
+    stop = StopFlag()
+    with _CtrlC(stop):
+        for cfg in configs:
+            result = Trainer(version, cfg, checkpoint, reporter=TerminalReporter(), stop=stop,
+                             device=args.device).run()
+            log.info("Run folder: %s", result.run_dir)
+            for path in result.files:
+                log.info("  %s", path.name)
+            if result.interrupted:
+                log.warning("Training was interrupted after %d steps; the files above hold what it learned.",
+                            result.steps)
+                return 130
+    return 0
+
+
+def cmd_runs(version: Version) -> int:
+    runs = version.runs()
+    if not runs:
+        log.info("No runs yet for %s / %s.", version.project, version.name)
+    for run in runs:
+        files = sorted(run.glob("*.safetensors"))
+        sys.stdout.write(f"{run}\n")
+        for f in files:
+            sys.stdout.write(f"  {f.name}\t{f.stat().st_size / 1e6:.1f} MB\n")
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    store = Store(args.data_dir)
+    ckpt_dirs = args.ckpt_dir or default_ckpt_dirs(store.data_dir)
+    out = sys.stdout
+    if args.command == "project":
+        if args.action == "create":
+            name = store.create_project(args.name)
+            out.write(f"created project {name}\n")
+        else:
+            out.writelines(f"{name}\n" for name in store.projects())
+        return 0
+    if args.command == "version":
+        if args.action == "create":
+            v = store.create_version(args.project, args.version)
+            out.write(f"created version {v.name} of {v.project}: {v.path}\n")
+        else:
+            out.writelines(f"{name}\n" for name in store.versions(args.project))
+        return 0
+    if args.command == "dataset":
+        from . import dataset as ds
+
+        version = store.version(args.project, args.version)
+        if args.action == "add":
+            report = ds.add_originals(list(args.paths), version.originals_dir)
+            out.write(f"{report.summary()}\n")
+            return 0 if report.added else 2
+        if args.action == "demo":
+            from .demo_dataset import make_demo_dataset
+
+            paths = make_demo_dataset(version.originals_dir)
+            out.write(f"added {len(paths)} demo pictures to {version.originals_dir}\n")
+            return 0
+        config = version.load_settings()
+        from .trainer import prepare_items
+        from .progress import Reporter
+
+        items = prepare_items(version, config, Reporter())
+        repeats = config.repeats or ds.auto_repeats(len(items))
+        steps = -(-len(items) * repeats // config.batch_size)
+        out.write(f"{len(items)} images, {repeats} repeats, about {steps} steps per epoch\n")
+        return 0
+    if args.command == "settings":
+        version = store.version(args.project, args.version)
+        config = version.load_settings()
+        if args.assignments:
+            config = config.updated(parse_assignments(args.assignments))
+            version.save_settings(config)
+        out.write(config.to_json() + "\n")
+        return 0
+    if args.command == "train":
+        return cmd_train(args, store, ckpt_dirs)
+    if args.command == "runs":
+        return cmd_runs(store.version(args.project, args.version))
+    if args.command == "demo-checkpoint":
+        from .demo_model import build_demo_checkpoint
+
+        path = build_demo_checkpoint(args.path, family=args.family)
+        out.write(f"wrote {path}\n")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except UserError as exc:
+        log.error("Error: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("Aborted.")
+        return 130

@@ -1,0 +1,159 @@
+"""Progress reporting and interruption for long work (training, preparing, previews).
+
+The trainer reports to a ``Reporter``; the terminal shows a tqdm bar, the tab polls the same numbers, and a
+``StopFlag`` set from anywhere (Ctrl-C, the Interrupt button, the WebUI's ``state.interrupted``) makes the work
+stop cleanly after the current step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInfo:
+    step: int  # steps done, 1-based after the first step
+    total_steps: int
+    epoch: int  # the epoch in progress, 1-based
+    total_epochs: int
+    loss: float
+    avg_loss: float  # moving average over recent steps
+    lr: float
+    steps_per_s: float
+    eta_s: float
+
+    def line(self) -> str:
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, self.eta_s)))
+        return (f"step {self.step}/{self.total_steps}, epoch {self.epoch}/{self.total_epochs}, "
+                f"loss {self.avg_loss:.4f}, {self.steps_per_s:.2f} it/s, ETA {eta}")
+
+
+class StopFlag:
+    """Set to ask running work to stop after its current step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def request(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+
+class Reporter:
+    """Receives progress; the base class logs. Subclass for a bar, the tab, or the WebUI's shared.state."""
+
+    def start(self, total_steps: int, total_epochs: int) -> None:
+        log.info("Training: %d steps over %d epochs", total_steps, total_epochs)
+
+    def step(self, info: StepInfo) -> None:
+        pass
+
+    def saved(self, path: Path, epoch: int) -> None:
+        log.info("Saved %s (epoch %d)", path, epoch)
+
+    def message(self, text: str) -> None:
+        log.info("%s", text)
+
+    def finish(self) -> None:
+        pass
+
+
+class TerminalReporter(Reporter):
+    """A tqdm bar in the terminal: step, epoch, loss, speed, ETA."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def start(self, total_steps: int, total_epochs: int) -> None:
+        from tqdm.auto import tqdm
+
+        super().start(total_steps, total_epochs)
+        self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def step(self, info: StepInfo) -> None:
+        if self._bar is not None:
+            self._bar.n = info.step
+            self._bar.set_postfix(epoch=f"{info.epoch}/{info.total_epochs}", loss=f"{info.avg_loss:.4f}",
+                                  refresh=False)
+            self._bar.refresh()
+
+    def saved(self, path: Path, epoch: int) -> None:
+        if self._bar is not None:
+            self._bar.write(f"saved {path.name} (epoch {epoch})")
+        else:
+            super().saved(path, epoch)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            super().message(text)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@dataclass
+class RecordingReporter(Reporter):
+    """Keeps everything it is told: the tab polls it, the tests read it."""
+
+    total_steps: int = 0
+    total_epochs: int = 0
+    steps: list[StepInfo] = field(default_factory=list)
+    saved_files: list[Path] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    finished: bool = False
+
+    def start(self, total_steps: int, total_epochs: int) -> None:
+        self.total_steps, self.total_epochs = total_steps, total_epochs
+
+    def step(self, info: StepInfo) -> None:
+        self.steps.append(info)
+
+    def saved(self, path: Path, epoch: int) -> None:
+        self.saved_files.append(path)
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class MultiReporter(Reporter):
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def start(self, total_steps: int, total_epochs: int) -> None:
+        for r in self.reporters:
+            r.start(total_steps, total_epochs)
+
+    def step(self, info: StepInfo) -> None:
+        for r in self.reporters:
+            r.step(info)
+
+    def saved(self, path: Path, epoch: int) -> None:
+        for r in self.reporters:
+            r.saved(path, epoch)
+
+    def message(self, text: str) -> None:
+        for r in self.reporters:
+            r.message(text)
+
+    def finish(self) -> None:
+        for r in self.reporters:
+            r.finish()

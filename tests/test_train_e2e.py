@@ -1,0 +1,177 @@
+"""End to end on the tiny demo checkpoint: the command line's whole flow, and the trainer's behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from train_tools.cli import main
+from train_tools.config import TrainConfig
+from train_tools.progress import RecordingReporter, StopFlag
+from train_tools.store import Store
+from train_tools.trainer import Trainer
+
+TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=256",
+        "--set", "network_dim=4", "--set", "network_alpha=2", "--set", "repeats=1", "--set", "batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train_tools.demo_model import build_demo_checkpoint
+
+    return build_demo_checkpoint(tmp_path_factory.mktemp("models") / "demo.safetensors")
+
+
+@pytest.fixture(scope="module")
+def demo_pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train_tools.demo_dataset import make_demo_dataset
+
+    folder = tmp_path_factory.mktemp("pictures")
+    make_demo_dataset(folder, n=6)
+    return folder
+
+
+def tiny_config(**changes: object) -> TrainConfig:
+    base = dict(resolution=128, min_bucket_reso=64, max_bucket_reso=256, network_dim=4, network_alpha=2.0,
+                repeats=1, batch_size=2, epochs=2, save_every_n_epochs=1, optimizer="AdamW")
+    base.update(changes)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def make_version(data_dir: Path, pictures: Path, project: str = "p") -> Store:
+    assert main(["--data-dir", str(data_dir), "project", "create", project]) == 0
+    assert main(["--data-dir", str(data_dir), "version", "create", project, "v1"]) == 0
+    assert main(["--data-dir", str(data_dir), "dataset", "add", project, "v1", str(pictures)]) == 0
+    return Store(data_dir)
+
+
+def test_cli_whole_flow(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path, capsys: pytest.CaptureFixture):
+    project = "猫のキャラ 🐱"
+    store = make_version(tmp_path, demo_pictures, project)
+    originals = {p.name: p.read_bytes() for p in store.version(project, "v1").originals_dir.iterdir()}
+    rc = main(["--data-dir", str(tmp_path), "train", project, "v1", "--ckpt", str(demo_ckpt), *TINY,
+               "--set", "epochs=2", "--set", "save_every_n_epochs=1", "--set", "optimizer=AdamW"])
+    assert rc == 0
+    version = store.version(project, "v1")
+    (run,) = version.runs()
+    names = sorted(p.name for p in run.glob("*.safetensors"))
+    assert names == [f"{project}-v1-000001.safetensors", f"{project}-v1.safetensors"]
+    # No temporary files left, the run's own snapshot is there, the originals are untouched.
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert json.loads((run / "settings.json").read_text())["epochs"] == 2
+    assert {p.name: p.read_bytes() for p in version.originals_dir.iterdir()} == originals
+    # The settings given with --set are kept for the version.
+    assert version.load_settings().network_dim == 4
+
+    final = run / f"{project}-v1.safetensors"
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["ss_output_name"] == f"{project}-v1"
+    assert meta["ss_num_epochs"] == "2" and meta["ss_epoch"] == "2"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_base_model_version"] == "sd_v1"
+    tags = json.loads(meta["ss_tag_frequency"])
+    (folder_tags,) = tags.values()
+    assert folder_tags and all(t == t.lower() for t in folder_tags)
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+
+    capsys.readouterr()
+    assert main(["--data-dir", str(tmp_path), "runs", project, "v1"]) == 0
+    assert f"{project}-v1.safetensors" in capsys.readouterr().out
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
+    store = make_version(tmp_path, demo_pictures)
+    version = store.version("p", "v1")
+    config = tiny_config(epochs=12, learning_rate=2e-3, network_dim=8, network_alpha=8.0, train_text_encoder=False,
+                         save_every_n_epochs=100)
+    trainer = Trainer(version, config, demo_ckpt, device="cpu")
+    trainer.prepare()
+    before = trainer.fixed_batch_loss()
+    result = trainer.run()
+    after = trainer.fixed_batch_loss()
+    assert result.steps == 12 * 3  # 6 images x 1 repeat / batch 2 = 3 steps per epoch
+    assert after < before * 0.95, (before, after)
+
+
+def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
+    store = make_version(tmp_path, demo_pictures)
+    stop = StopFlag()
+
+    class StopAfterTwo(RecordingReporter):
+        def step(self, info):  # type: ignore[no-untyped-def]
+            super().step(info)
+            if info.step == 2:
+                stop.request()
+
+    reporter = StopAfterTwo()
+    result = Trainer(store.version("p", "v1"), tiny_config(epochs=5), demo_ckpt, reporter=reporter, stop=stop,
+                     device="cpu").run()
+    assert result.interrupted and result.steps == 2
+    assert len(result.files) == 1 and result.files[0].exists()
+    assert "interrupted" in result.files[0].name
+    assert [s.step for s in reporter.steps] == [1, 2]
+    assert reporter.total_steps == 15
+
+
+def test_same_seed_same_lora(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
+    store = make_version(tmp_path, demo_pictures)
+    version = store.version("p", "v1")
+    outs = []
+    for _ in range(2):
+        result = Trainer(version, tiny_config(epochs=1, save_precision="fp32"), demo_ckpt, device="cpu").run()
+        with safe_open(str(result.final_file), "pt") as f:
+            outs.append({k: f.get_tensor(k) for k in f.keys()})
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k])
+
+
+def test_fp16_on_cpu_falls_back_with_a_message(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path,
+                                               caplog: pytest.LogCaptureFixture):
+    store = make_version(tmp_path, demo_pictures)
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(store.version("p", "v1"), tiny_config(epochs=1, mixed_precision="fp16"), demo_ckpt,
+                         device="cpu").run()
+    assert result.final_file is not None and result.final_file.exists()
+    assert "needs a CUDA GPU" in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "epoch=3"], "Did you mean 'epochs'"),
+    (["--set", "optimizer=Adam"], "'optimizer'"),
+    (["--ckpt", "no-such-model"], "was not found"),
+])
+def test_cli_user_errors_are_one_line(tmp_path: Path, demo_pictures: Path, demo_ckpt: Path, args: list[str],
+                                      message: str, caplog: pytest.LogCaptureFixture):
+    make_version(tmp_path, demo_pictures)
+    if "--ckpt" not in args:
+        args = [*args, "--ckpt", str(demo_ckpt)]
+    with caplog.at_level(logging.ERROR):
+        rc = main(["--data-dir", str(tmp_path), "train", "p", "v1", *args])
+    assert rc == 2
+    assert message in caplog.text
+    assert "Traceback" not in caplog.text
+    assert Store(tmp_path).version("p", "v1").runs() == []
+
+
+def test_not_a_checkpoint_is_refused_and_nothing_is_lost(tmp_path: Path, demo_pictures: Path,
+                                                         caplog: pytest.LogCaptureFixture):
+    store = make_version(tmp_path, demo_pictures)
+    fake = tmp_path / "model.safetensors"
+    fake.write_text("this is not a model")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "outputs").rglob("*"))
+    with caplog.at_level(logging.ERROR):
+        rc = main(["--data-dir", str(tmp_path), "train", "p", "v1", "--ckpt", str(fake), *TINY])
+    assert rc == 2
+    assert "Traceback" not in caplog.text and "model.safetensors" in caplog.text
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "outputs").rglob("*"))
+    # Only the prepared copies may have been added; nothing the user had is gone.
+    assert set(before) <= set(after)
+    assert store.version("p", "v1").runs() == []

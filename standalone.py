@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -58,11 +59,27 @@ def ensure_env(with_tests: bool) -> None:
     stamp.write_text(digest)
 
 
+def ensure_browser() -> None:
+    """The browser test drives Debian's Chromium; install it when we can (root with apt-get), else it skips."""
+    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
+        return
+    if not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        log.info("Chromium is not installed: the browser test will be skipped.")
+        return
+    log.info("Installing Chromium for the browser test (apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL, "env": env}
+    if subprocess.call(["apt-get", "update", "-q"], **quiet) != 0 or \
+            subprocess.call(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], **quiet) != 0:
+        log.warning("Could not install Chromium: the browser test will be skipped.")
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[standalone] %(message)s")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if argv[:1] == ["test"]:
         ensure_env(with_tests=True)
+        ensure_browser()
         env.setdefault("HF_HUB_OFFLINE", "1")
         return subprocess.call([str(venv_python()), "-m", "pytest", *argv[1:]], cwd=ROOT, env=env)
     ensure_env(with_tests=False)

@@ -80,6 +80,12 @@ def prepare_items(version: Version, config: TrainConfig, reporter: Reporter) -> 
     return items
 
 
+def text_transformer(te: torch.nn.Module) -> torch.nn.Module:
+    """The CLIP transformer inside a text encoder: transformers 5 dropped the ``text_model`` wrapper of
+    CLIPTextModel (the projection variant keeps it), the WebUI hosts' 4.x has it everywhere."""
+    return getattr(te, "text_model", te)
+
+
 def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     tags = [t.strip() for t in caption.split(",")]
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
@@ -149,7 +155,7 @@ class Trainer:
             m.unet.enable_gradient_checkpointing()
             if self.train_te:
                 self.te.gradient_checkpointing_enable()
-                self.te.text_model.embeddings.requires_grad_(True)  # keeps checkpointed grads flowing
+                text_transformer(self.te).embeddings.requires_grad_(True)  # keeps checkpointed grads flowing
 
         self.use_clip_skip = m.family in ("sd1",)
         if m.family.startswith("sd2") and cfg.clip_skip != 1:
@@ -233,7 +239,7 @@ class Trainer:
             if self.use_clip_skip and self.config.clip_skip > 1:
                 out = self.te(chunk, output_hidden_states=True)
                 h = out.hidden_states[-self.config.clip_skip]
-                h = te.text_model.final_layer_norm(h)
+                h = text_transformer(te).final_layer_norm(h)
             else:
                 h = self.te(chunk)[0]
             hidden.append(h)

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc = sub.add_parser("demo-checkpoint", help="write the tiny demo model (random weights) to PATH")
     dc.add_argument("path", type=Path)
     dc.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
+
+    from .app import add_app_arguments
+
+    ap = sub.add_parser("app", help="open the Train Tools tab in a browser (the default with no command)")
+    add_app_arguments(ap, with_paths=False)
+    parser.command_names = tuple(sub.choices)  # type: ignore[attr-defined]  # run() tells app flags from commands
     return parser
 
 
@@ -197,11 +203,21 @@ def cmd_runs(version: Version) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(token in parser.command_names for token in argv) and not {"-h", "--help"} & set(argv):
+        # No command: the app, which also takes the app's flags (--port, --listen, --lora-dir).
+        from .app import main as app_main
+
+        return app_main(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "app":
+        from .app import run_app
+
+        return run_app(args)
     store = Store(args.data_dir)
     ckpt_dirs = args.ckpt_dir or default_ckpt_dirs(store.data_dir)
     out = sys.stdout

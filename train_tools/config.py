@@ -27,6 +27,7 @@ LR_SCHEDULERS = (
 )
 MIXED_PRECISIONS = ("fp16", "bf16", "no")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+CAPTION_MODES = ("use", "ignore", "prepend", "append")
 
 
 def _f(
@@ -98,6 +99,17 @@ class TrainConfig:
                               min=64, max=4096, advanced=True)
     max_bucket_reso: int = _f(960, "Max bucket side", "Largest bucket side in pixels.", ss="ss_max_bucket_reso",
                               min=64, max=8192, advanced=True)
+    caption_mode: str = _f("use", "Uploaded captions", "What to do with a .txt caption uploaded beside an image: "
+                           "use it, ignore it, or put it before / after the automatic caption.",
+                           choices=CAPTION_MODES, advanced=True)
+    trigger_word: str = _f("", "Trigger word", "Put first in every caption; empty = the project name.",
+                           advanced=True)
+    background_color: str = _f("#ffffff", "Background colour", "Transparent pixels are flattened onto this colour.",
+                               advanced=True)
+    min_image_size: int = _f(64, "Min image side", "Pictures with a shorter side are refused as too small.",
+                             min=8, max=4096, advanced=True)
+    bucket_no_upscale: bool = _f(True, "No upscaling", "Small pictures get a smaller bucket instead of being "
+                                 "enlarged.", ss="ss_bucket_no_upscale", advanced=True)
     flip_aug: bool = _f(False, "Flip augmentation", "Also train on mirrored copies (not for asymmetric subjects).",
                         ss="ss_flip_aug", advanced=True)
     shuffle_caption: bool = _f(False, "Shuffle caption", "Shuffle the comma-separated tags every step.",
@@ -172,6 +184,8 @@ class TrainConfig:
                     raise UserError(f"Setting '{f.name}' must be at most {meta['max']:g}; got {value:g}.")
         if self.min_bucket_reso > self.max_bucket_reso:
             raise UserError("Setting 'min_bucket_reso' must not be larger than 'max_bucket_reso'.")
+        if not _is_hex_colour(self.background_color):
+            raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{self.background_color}'.")
         if self.max_token_length not in (75, 150, 225):
             raise UserError("Setting 'max_token_length' must be 75, 150 or 225.")
 
@@ -250,3 +264,8 @@ def _unknown_key_message(key: str, known: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"Unknown setting '{key}'.{hint} Run 'python -m train_tools train --help' to list the settings."
+
+
+def _is_hex_colour(value: str) -> bool:
+    digits = value[1:] if value.startswith("#") else ""
+    return len(digits) in (3, 6) and all(c in "0123456789abcdefABCDEF" for c in digits)

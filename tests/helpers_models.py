@@ -1,0 +1,39 @@
+"""Shared helpers for the model loading/conversion tests: tiny seeded models, files, comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from train_tools.convert import normalize_text_encoder_keys
+from train_tools.model_configs import ModelSpec, build_text_encoders, build_unet, build_vae, spec
+
+
+def tiny_models(family: str, seed: int = 0) -> tuple[ModelSpec, nn.Module, nn.Module, list[nn.Module]]:
+    model_spec = spec(family, tiny=True)
+    torch.manual_seed(seed)
+    return model_spec, build_unet(model_spec), build_vae(model_spec), build_text_encoders(model_spec)
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def assert_same_weights(expected: nn.Module, actual: nn.Module) -> int:
+    """Every weight of ``expected`` is in ``actual`` with an equal tensor; returns how many were compared."""
+    want = normalize_text_encoder_keys(dict(expected.state_dict()))
+    got = normalize_text_encoder_keys(dict(actual.state_dict()))
+    assert want.keys() == got.keys()
+    for key, tensor in want.items():
+        assert got[key].shape == tensor.shape, key
+        assert torch.equal(got[key].to(tensor.dtype), tensor), key
+    return len(want)
+
+
+def expanded(shape: tuple[int, ...] | torch.Size, value: float = 0.0) -> torch.Tensor:
+    """A tensor of ``shape`` that takes no memory (for detection tests that only look at shapes)."""
+    return torch.tensor(value).expand(*shape)

@@ -1,0 +1,228 @@
+"""The WebUI glue against a stand-in for the WebUI's ``modules`` (tests/fake_webui): tab, settings, paths,
+checkpoints, GPU queue, model unloading, progress and interrupt."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from train_tools.errors import UserError
+from train_tools.jobs import FINISHED, INTERRUPTED, JobManager
+from train_tools.progress import StepInfo
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = Path(__file__).resolve().parent / "fake_webui"
+
+
+def _purge() -> None:
+    for name in list(sys.modules):
+        if name == "modules" or name.startswith("modules.") or name == "launch":
+            del sys.modules[name]
+
+
+@pytest.fixture()
+def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """The stand-in WebUI with a data folder of its own, two checkpoints, and --ckpt-dir/--lora-dir unset."""
+    _purge()
+    monkeypatch.syspath_prepend(str(FAKE))
+    from modules import call_queue, devices, paths_internal, script_callbacks, sd_models, shared
+
+    data = tmp_path / "webui"
+    monkeypatch.setattr(paths_internal, "data_path", str(data))
+    monkeypatch.setattr(paths_internal, "models_path", str(data / "models"))
+    sd_dir = data / "models" / "Stable-diffusion"
+    (sd_dir / "anime").mkdir(parents=True)
+    (sd_dir / "real.safetensors").write_bytes(b"x")
+    (sd_dir / "anime" / "toon.safetensors").write_bytes(b"y")
+    sd_models.list_models()
+    script_callbacks.clear()
+    yield types.SimpleNamespace(data=data, sd_dir=sd_dir, call_queue=call_queue, devices=devices,
+                                script_callbacks=script_callbacks, sd_models=sd_models, shared=shared)
+    _purge()
+
+
+def load_glue() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("train_tools_tab_under_test", ROOT / "scripts" / "train_tools_tab.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_importing_the_script_is_light_and_registers_tab_and_settings(tmp_path: Path):
+    # A fresh interpreter, as at WebUI start: the script must not pull in torch, diffusers or gradio.
+    code = ("import sys, importlib.util\n"
+            f"sys.path.insert(0, {str(FAKE)!r})\n"
+            f"spec = importlib.util.spec_from_file_location('glue', {str(ROOT / 'scripts' / 'train_tools_tab.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "from modules import script_callbacks as sc\n"
+            "heavy = [n for n in ('torch', 'diffusers', 'transformers', 'gradio') if n in sys.modules]\n"
+            "print(len(sc.ui_tabs_callbacks), len(sc.ui_settings_callbacks), heavy)\n")
+    env = {**os.environ, "FAKE_WEBUI_DATA": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1 1 []"
+
+
+def test_on_ui_tabs_builds_the_tab_with_the_webui_checkpoints(webui):
+    import gradio as gr
+
+    load_glue()
+    (tabs_cb,) = webui.script_callbacks.ui_tabs_callbacks
+    ((blocks, title, elem_id),) = tabs_cb()
+    assert isinstance(blocks, gr.Blocks)
+    assert (title, elem_id) == ("Train Tools", "train_tools")
+    handles = blocks.train_tools
+    assert handles.logic.host.name == "WebUI"
+    base = handles.components["setting_base_model"]
+    titles = set(webui.sd_models.checkpoints_list)
+    assert {c if isinstance(c, str) else c[0] for c in base.choices} == titles
+    # The WebUI is no demo: no demo button.
+    assert "demo_pictures" not in handles.components
+
+
+def test_on_ui_settings_adds_options_in_a_train_tools_section(webui):
+    load_glue()
+    (settings_cb,) = webui.script_callbacks.ui_settings_callbacks
+    settings_cb()
+    labels = webui.shared.opts.data_labels
+    ours = {k: v for k, v in labels.items() if k.startswith("train_tools_")}
+    assert len(ours) >= 1
+    assert all(v.section[0] == "train_tools" for v in ours.values())
+    assert webui.shared.opts.train_tools_unload_model is True
+
+
+def test_paths_come_from_the_webui_and_its_flags(webui, tmp_path):
+    from train_tools.webui_host import WebuiHost
+
+    host = WebuiHost()
+    assert host.data_dir == webui.data.resolve()
+    assert host.ckpt_dirs == [webui.sd_dir.resolve()]
+    assert host.lora_dir == (webui.data / "models" / "Lora").resolve()
+
+    webui.shared.cmd_opts.ckpt_dir = str(tmp_path / "ckpts")
+    webui.shared.cmd_opts.lora_dir = str(tmp_path / "loras")
+    try:
+        host = WebuiHost()
+        assert host.ckpt_dirs[0] == (tmp_path / "ckpts").resolve()
+        assert host.lora_dir == (tmp_path / "loras").resolve()
+    finally:
+        webui.shared.cmd_opts.ckpt_dir = None
+        webui.shared.cmd_opts.lora_dir = None
+
+
+def test_checkpoints_listed_refreshed_and_resolved(webui):
+    from train_tools.webui_host import WebuiHost
+
+    host = WebuiHost()
+    titles = host.list_checkpoints()
+    assert len(titles) == 2 and all(" [" in t for t in titles)
+    toon = next(t for t in titles if "toon" in t)
+    assert host.resolve_checkpoint(toon) == webui.sd_dir / "anime" / "toon.safetensors"
+    # Forge lists names without the hash: resolved through get_closet_checkpoint_match.
+    assert host.resolve_checkpoint("real.safetensors") == webui.sd_dir / "real.safetensors"
+    (webui.sd_dir / "new.safetensors").write_bytes(b"z")
+    assert len(host.list_checkpoints()) == 2
+    assert any("new.safetensors" in t for t in host.refresh_checkpoints())
+    with pytest.raises(UserError, match="refresh"):
+        host.resolve_checkpoint("gone.safetensors [0123456789]")
+
+
+def _fake_work(calls: list[str], webui, steps: int = 3, sleep: float = 0.0):
+    def work(reporter, stop):
+        calls.append(f"work locked={webui.call_queue.queue_lock.locked()} model={webui.sd_models.calls[-1:]}")
+        reporter.start(steps, 1)
+        for i in range(1, steps + 1):
+            reporter.step(StepInfo(i, steps, 1, 1, 0.5, 0.5, 1e-4, 2.0, float(steps - i)))
+            time.sleep(sleep)
+            if stop.requested:
+                return types.SimpleNamespace(interrupted=True)
+        return types.SimpleNamespace(interrupted=False)
+
+    return work
+
+
+def test_training_runs_in_the_gpu_queue_with_the_model_moved_off_and_back(webui):
+    from train_tools.webui_host import WebuiHost
+
+    webui.sd_models.model_data.sd_model = types.SimpleNamespace(device="cuda")
+    webui.sd_models.calls.clear()
+    host = WebuiHost()
+    jobs = JobManager()
+    calls: list[str] = []
+    jobs.start(_fake_work(calls, webui), label="t", wrap=host.run_on_gpu, before=host.before_training,
+               after=host.after_training, extra_reporter=host.progress_sink)
+    status = jobs.wait(10)
+    assert status.state == FINISHED, status.message
+    assert calls == ["work locked=True model=['unload']"]
+    assert webui.sd_models.calls == ["unload", "reload"]
+    assert webui.sd_models.model_data.sd_model.device == "cuda"
+    assert webui.call_queue.tasks[-1].startswith("task(train_tools_")
+    state = webui.shared.state
+    assert (state.sampling_step, state.sampling_steps) == (3, 3)
+    assert "step 3/3" in state.textinfo
+    assert host.device() == "cpu"  # the WebUI's device
+
+
+def test_no_model_loaded_means_nothing_is_unloaded_or_loaded(webui):
+    from train_tools.webui_host import WebuiHost
+
+    webui.sd_models.model_data.sd_model = None
+    webui.sd_models.calls.clear()
+    host = WebuiHost()
+    host.before_training()
+    host.after_training()
+    assert webui.sd_models.calls == []
+
+
+def test_the_webui_interrupt_button_stops_training(webui):
+    from train_tools.webui_host import WebuiHost
+
+    host = WebuiHost()
+    jobs = JobManager()
+    calls: list[str] = []
+    jobs.start(_fake_work(calls, webui, steps=200, sleep=0.01), label="t", wrap=host.run_on_gpu,
+               extra_reporter=host.progress_sink)
+    deadline = time.time() + 5
+    while jobs.status().step < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    webui.shared.state.interrupt()
+    status = jobs.wait(10)
+    assert status.state == INTERRUPTED
+    assert status.step < 200
+
+
+def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
+    import train_tools.ui as ui
+    from train_tools.webui_host import WebuiHost
+
+    seen = {}
+
+    def fake_training_work(version, configs, checkpoint, device):
+        seen.update(checkpoint=checkpoint, device=device, base=configs[0].base_model)
+        return _fake_work([], webui)
+
+    monkeypatch.setattr(ui, "training_work", fake_training_work)
+    logic = ui.TabLogic(WebuiHost(), JobManager())
+    logic.create_project("猫")
+    logic.create_version("猫", "v1")
+    version = logic.store.version("猫", "v1")
+    (version.originals_dir / "a.png").write_bytes(b"not really a png")
+    title = next(t for t in logic.host.list_checkpoints() if "real" in t)
+    values = [getattr(version.load_settings(), n) for n in ui.SETTING_FIELDS]
+    values[ui.SETTING_FIELDS.index("base_model")] = title
+    message, _progress, _models = logic.begin_train("猫", "v1", *values)
+    assert "started" in message
+    assert logic.jobs.wait(10).state == FINISHED
+    assert seen == {"checkpoint": webui.sd_dir / "real.safetensors", "device": "cpu", "base": title}
+    assert version.load_settings().base_model == title
+    assert str(version.path).startswith(str(webui.data.resolve() / "outputs" / "train_tools"))

@@ -1,0 +1,133 @@
+"""The standalone app: ``python -m train_tools`` opens the Train Tools tab in a browser.
+
+    python -m train_tools [--data-dir DIR] [--ckpt-dir DIR] [--lora-dir DIR] [--port 7860] [--listen 127.0.0.1]
+
+With no checkpoint of the user's, the base-model list offers the built-in demo model (built into
+``<data dir>/models/Stable-diffusion`` on first use) and the Dataset section offers demo pictures, so a
+newcomer can try the whole flow on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .host import StandaloneHost
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 7860
+DEFAULT_LISTEN = "127.0.0.1"
+
+
+def add_app_arguments(parser: argparse.ArgumentParser, *, with_paths: bool) -> None:
+    """The app's flags. ``with_paths`` adds --data-dir/--ckpt-dir/-v (the CLI's main parser already has them)."""
+    if with_paths:
+        parser.add_argument("--data-dir", type=Path, default=Path("."),
+                            help="folder holding outputs/train_tools/projects (default: the current folder)")
+        parser.add_argument("--ckpt-dir", type=Path, action="append", default=None,
+                            help="checkpoint folder (default: DATA_DIR/models/Stable-diffusion); repeatable")
+        parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
+    parser.add_argument("--lora-dir", type=Path, default=None,
+                        help="where 'Copy to Lora folder' puts files (default: DATA_DIR/models/Lora)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN,
+                        help=f"address to listen on (default {DEFAULT_LISTEN}; 0.0.0.0 serves your network)")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train_tools",
+                                     description="Train Tools app: open the tab in a browser. Run "
+                                                 "'python -m train_tools --help' for the command line.")
+    add_app_arguments(parser, with_paths=True)
+    return parser
+
+
+def host_from_args(args: argparse.Namespace) -> StandaloneHost:
+    return StandaloneHost(args.data_dir, args.ckpt_dir, args.lora_dir, offer_demo=True,
+                          device=getattr(args, "device", None))
+
+
+def _assets() -> tuple[str, str]:
+    css_path, js_path = ROOT / "style.css", ROOT / "javascript" / "train_tools.js"
+    css = css_path.read_text(encoding="utf-8") if css_path.is_file() else ""
+    js = js_path.read_text(encoding="utf-8") if js_path.is_file() else ""
+    return css, js
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def create_app(host: StandaloneHost) -> tuple[Any, dict[str, Any]]:
+    """The app's Blocks and the extra keyword arguments its ``launch()`` needs.
+
+    The tab's CSS and JS are the WebUI extension's own files; Gradio 4/5 take them in ``Blocks()``, Gradio 6
+    in ``launch()``.
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from .ui import build_contents
+
+    css, js = _assets()
+    head = f"<script>{js}</script>" if js else ""
+    blocks_kw: dict[str, Any] = {"title": "Train Tools", "analytics_enabled": False}
+    launch_kw: dict[str, Any] = {}
+    target = blocks_kw if _accepts(gr.Blocks.__init__, "css") else launch_kw
+    target["css"] = css
+    if _accepts(gr.Blocks.__init__, "head") or _accepts(gr.Blocks.launch, "head"):
+        (blocks_kw if _accepts(gr.Blocks.__init__, "head") else launch_kw)["head"] = head
+    with gr.Blocks(**blocks_kw) as demo:
+        with gr.Column(elem_id="tab_train_tools"):
+            gr.Markdown("## Train Tools\nDrop 10-20 pictures, press Update Dataset, then Begin Train.")
+            handles = build_contents(host, demo)
+    demo.train_tools = handles  # type: ignore[attr-defined]
+    return demo, launch_kw
+
+
+def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAULT_LISTEN,
+          open_browser: bool = True, block: bool = True) -> Any:
+    """Start the web server; with ``block`` it runs until Ctrl-C."""
+    demo, launch_kw = create_app(host)
+    demo.queue()
+    host.data_dir.mkdir(parents=True, exist_ok=True)
+    allowed = [str(host.data_dir), str(host.lora_dir), *(str(d) for d in host.ckpt_dirs)]
+    log.info("Train Tools: data in %s, checkpoints from %s, LoRA files go to %s", host.data_dir,
+             ", ".join(str(d) for d in host.ckpt_dirs), host.lora_dir)
+    try:
+        demo.launch(server_name=listen, server_port=port, inbrowser=open_browser, allowed_paths=allowed,
+                    prevent_thread_lock=not block, **launch_kw)
+    except OSError as exc:
+        raise UserError(f"Cannot serve on {listen}:{port} ({exc}); pass another --port.") from exc
+    return demo
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """Serve with parsed arguments (the CLI's ``app`` command and a bare ``python -m train_tools``)."""
+    serve(host_from_args(args), port=args.port, listen=args.listen, open_browser=not args.no_browser)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return run_app(args)
+    except UserError as exc:
+        log.error("Error: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130

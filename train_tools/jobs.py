@@ -1,0 +1,248 @@
+"""One training job at a time per process, run in a background thread that the tab polls.
+
+The tab's Begin Train returns at once; the page then polls ``status()`` for step, loss, speed and ETA. A
+background thread (rather than a long request) keeps the progress visible after a page reload and lets the
+Interrupt button reach the job from any request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .progress import MultiReporter, RecordingReporter, Reporter, StopFlag
+
+log = logging.getLogger(__name__)
+
+IDLE, WAITING, RUNNING, FINISHED, INTERRUPTED, FAILED = "idle", "waiting", "running", "finished", "interrupted", "failed"
+
+OOM_ADVICE = ("Out of GPU memory: lower the batch size, the resolution or the network dim, turn on gradient "
+              "checkpointing or use AdamW8bit, and close other programs that use the GPU.")
+
+# ``work`` receives the reporter to report to and the stop flag to honour; it returns what it made.
+Work = Callable[[Reporter, StopFlag], Any]
+
+
+@dataclass
+class JobStatus:
+    """A snapshot of the current (or last) job, safe to read from any thread."""
+
+    state: str = IDLE
+    label: str = ""
+    job_id: int = 0
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None
+    steps_per_s: float = 0.0
+    eta_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    message: str = ""
+    files: list[Path] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state in (WAITING, RUNNING)
+
+    @property
+    def fraction(self) -> float:
+        if self.state == FINISHED:
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+class Job:
+    def __init__(self, job_id: int, label: str) -> None:
+        self.id = job_id
+        self.label = label
+        self.reporter = RecordingReporter()
+        self.stop = StopFlag()
+        self.state = WAITING
+        self.message = "Waiting for the GPU..."
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.started = time.time()
+        self.ended: float | None = None
+        self.thread: threading.Thread | None = None
+
+
+class JobManager:
+    """Starts, watches and stops the one job of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+        self._next_id = 1
+
+    @property
+    def busy(self) -> bool:
+        job = self._job
+        return job is not None and job.state in (WAITING, RUNNING)
+
+    def start(self, work: Work, *, label: str = "training", wrap: Callable[[Callable[[], None]], Callable[[], Any]]
+              | None = None, before: Callable[[], None] | None = None, after: Callable[[], None] | None = None,
+              extra_reporter: Callable[[StopFlag], Reporter | None] | None = None) -> Job:
+        """Run ``work`` in a background thread; a UserError if a job is already running.
+
+        ``wrap`` puts the body under the host's GPU queue; ``before``/``after`` free and restore the host's
+        GPU around the work (``after`` runs even when the work fails); ``extra_reporter`` mirrors progress
+        into the host.
+        """
+        with self._lock:
+            if self.busy:
+                current = self._job
+                raise UserError(f"A training job is already running ({current.label if current else ''}); wait "
+                                "for it to finish or press Interrupt.")
+            job = Job(self._next_id, label)
+            self._next_id += 1
+            self._job = job
+        extra = extra_reporter(job.stop) if extra_reporter else None
+        reporter: Reporter = MultiReporter(job.reporter, extra) if extra else job.reporter
+
+        def body() -> None:
+            job.state = RUNNING
+            job.message = "Starting..."
+            try:
+                if before:
+                    before()
+                try:
+                    job.result = work(reporter, job.stop)
+                finally:
+                    if after:
+                        after()
+            except UserError as exc:
+                job.error = exc
+                job.state, job.message = FAILED, str(exc)
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the page, not die in a thread
+                job.error = exc
+                job.state, job.message = FAILED, describe_failure(exc)
+                log.exception("Training failed")
+            else:
+                interrupted = bool(getattr(job.result, "interrupted", False)) or (
+                    isinstance(job.result, list) and any(getattr(r, "interrupted", False) for r in job.result))
+                job.state = INTERRUPTED if interrupted or job.stop.requested else FINISHED
+                job.message = finish_message(job)
+            finally:
+                job.ended = time.time()
+
+        runner: Callable[[], Any] = wrap(body) if wrap else body
+
+        def thread_main() -> None:
+            try:
+                runner()
+            except BaseException as exc:  # noqa: BLE001 - a failing host wrapper must not leave the job "running"
+                if job.state in (WAITING, RUNNING):
+                    job.error = exc
+                    job.state, job.message = FAILED, describe_failure(exc)
+                    job.ended = time.time()
+                    log.exception("Training could not run")
+            if job.state in (WAITING, RUNNING):
+                # The host's queue returned without running the body (e.g. the WebUI was interrupted before).
+                job.state, job.message = FAILED, "The training job did not run; press Begin Train again."
+                job.ended = time.time()
+
+        job.thread = threading.Thread(target=thread_main, name=f"train_tools-job-{job.id}", daemon=True)
+        job.thread.start()
+        return job
+
+    def stop(self) -> str:
+        """Ask the running job to stop after its current step (it then saves what it learned)."""
+        job = self._job
+        if job is None or job.state not in (WAITING, RUNNING):
+            return "Nothing is training."
+        job.stop.request()
+        return "Stopping after the current step; what was learned so far will be saved."
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the current job ends (tests, and the command line) and return its status."""
+        job = self._job
+        if job is not None and job.thread is not None:
+            job.thread.join(timeout)
+        return self.status()
+
+    @property
+    def current(self) -> Job | None:
+        return self._job
+
+    def status(self) -> JobStatus:
+        job = self._job
+        if job is None:
+            return JobStatus()
+        rec = job.reporter
+        steps = list(rec.steps)  # copy first: the training thread appends meanwhile
+        last = steps[-1] if steps else None
+        end = job.ended or time.time()
+        return JobStatus(
+            state=job.state,
+            label=job.label,
+            job_id=job.id,
+            step=last.step if last else 0,
+            total_steps=last.total_steps if last else rec.total_steps,
+            epoch=last.epoch if last else 0,
+            total_epochs=last.total_epochs if last else rec.total_epochs,
+            loss=last.avg_loss if last else None,
+            steps_per_s=last.steps_per_s if last else 0.0,
+            eta_s=last.eta_s if last and job.state == RUNNING else 0.0,
+            losses=[s.loss for s in steps],
+            message=job.message if job.state != RUNNING else _running_message(rec),
+            files=list(rec.saved_files),
+            elapsed_s=end - job.started,
+        )
+
+
+def _running_message(rec: RecordingReporter) -> str:
+    """What the trainer is doing: its last message before the first step, then the last file saved."""
+    if rec.saved_files:
+        return f"Saved {rec.saved_files[-1].name}"
+    if not rec.steps and rec.messages:
+        return rec.messages[-1]
+    return "Training..." if rec.steps else "Starting..."
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One sentence for the page: what went wrong and, where we know it, what to change."""
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return OOM_ADVICE
+    return f"Training failed: {type(exc).__name__}: {text} (the console has the details)."
+
+
+def finish_message(job: Job) -> str:
+    files = job.reporter.saved_files
+    minutes = ((job.ended or time.time()) - job.started) / 60
+    if job.state == INTERRUPTED or job.stop.requested:
+        if files:
+            return f"Interrupted; {len(files)} file(s) saved, the last is {files[-1].name}."
+        return "Interrupted before anything was saved."
+    if files:
+        return f"Done in {minutes:.1f} min: {len(files)} file(s) saved, the last is {files[-1].name}."
+    return f"Done in {minutes:.1f} min."
+
+
+#: The one job manager of this process (the tab and the WebUI glue share it).
+JOBS = JobManager()
+
+
+def training_work(version: Any, configs: list[Any], checkpoint: Path, device: str | None) -> Work:
+    """The work of Begin Train: one Trainer run per config (a learning-rate list gives several)."""
+
+    def work(reporter: Reporter, stop: StopFlag) -> list[Any]:
+        from .trainer import Trainer  # torch and diffusers load here, in the job, not when the tab is built
+
+        results = []
+        for config in configs:
+            result = Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device).run()
+            results.append(result)
+            if result.interrupted or stop.requested:
+                break
+        return results
+
+    return work

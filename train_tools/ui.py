@@ -1,0 +1,789 @@
+"""The Train Tools tab: project and version, dataset, training settings, progress, results.
+
+``build_tab(host)`` returns the tab as a ``gr.Blocks`` for the WebUI; ``build_contents(host, root)`` lays the
+same controls into a Blocks the caller owns (the standalone app). Everything the buttons do lives in
+``TabLogic`` as plain Python (testable without a browser); the builder only wires it to components.
+
+The same code runs under Gradio 3.41 (A1111, reForge), 4.40 (Forge) and the standalone's current Gradio, so it
+keeps to components every one of them has; the few differences sit in the ``_compat`` functions at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import fileio
+from .config import TrainConfig, fields_info
+from .errors import UserError
+from .host import DEMO_CHOICE, DEMO_FILE_NAME, Host, require_checkpoint_choice
+from .jobs import FAILED, FINISHED, INTERRUPTED, JOBS, RUNNING, JobManager, JobStatus, training_work
+from .store import Store, Version, projects_root
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+POLL_SECONDS = 1.0
+SETTING_FIELDS = [f.name for f in fields_info()]
+COMMON_PER_ROW = 4
+MAX_CHART_POINTS = 300
+
+
+# ====================================================================== small calls into the core
+# The tab reaches the dataset code only through these few functions, so a renamed core function is a
+# one-line change here.
+
+def core_add_originals(paths: Sequence[Path], version: Version) -> str:
+    from . import dataset as ds
+
+    report = ds.add_originals(list(paths), version.originals_dir)
+    return str(report.summary())
+
+
+def core_prepare(version: Version, config: TrainConfig) -> str:
+    from . import dataset as ds
+
+    options = ds.PrepareOptions(resolution=config.resolution, enable_bucket=config.enable_bucket,
+                                min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso)
+    report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options)
+    refused = list(getattr(report, "refused", []) or [])
+    return f"Skipped {len(refused)}: " + "; ".join(str(r) for r in refused[:5]) if refused else ""
+
+
+def core_items(version: Version) -> list[Any]:
+    if not version.prepared_dir.is_dir() or not any(version.prepared_dir.iterdir()):
+        return []  # nothing prepared yet: no need to load the dataset code
+    from . import dataset as ds
+
+    return list(ds.load_items(version.prepared_dir))
+
+
+def core_auto_repeats(n: int) -> int:
+    from . import dataset as ds
+
+    return int(ds.auto_repeats(n))
+
+
+def core_demo_pictures(version: Version) -> int:
+    from .demo_dataset import make_demo_dataset
+
+    return len(make_demo_dataset(version.originals_dir, n=12))
+
+
+# ====================================================================== helpers without Gradio
+
+def settings_from_values(values: Sequence[Any]) -> TrainConfig:
+    """A validated TrainConfig from the settings controls' values, in ``SETTING_FIELDS`` order."""
+    if len(values) != len(SETTING_FIELDS):
+        raise ValueError(f"expected {len(SETTING_FIELDS)} settings values, got {len(values)}")
+    data: dict[str, Any] = {}
+    kinds = {f.name: f.type for f in fields_info()}
+    for name, value in zip(SETTING_FIELDS, values):
+        if value is None and kinds[name] in (str, "str"):
+            value = ""
+        data[name] = value
+    return TrainConfig.from_dict(data)
+
+
+def original_images(version: Version) -> list[Path]:
+    folder = version.originals_dir
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_caption(image: Path) -> str:
+    txt = image.with_suffix(".txt")
+    try:
+        return txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _newest_mtime(paths: Sequence[Path]) -> float:
+    return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+
+
+def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tuple[str, str]], str]:
+    """The gallery (image, caption) and the one-line summary of what will be trained."""
+    if version is None:
+        return [], "Create or choose a project and a version first."
+    originals = original_images(version)
+    items = core_items(version)
+    if items:
+        gallery = [(str(item.image), str(item.caption)) for item in items]
+        n = len(items)
+        repeats = config.repeats or core_auto_repeats(n)
+        per_epoch = math.ceil(n * repeats / config.batch_size)
+        line = (f"{n} images, {repeats} repeats, {per_epoch} steps per epoch "
+                f"({per_epoch * config.epochs} steps for {config.epochs} epochs).")
+        if _newest_mtime(originals) > _newest_mtime([i.image for i in items]):
+            line += " New pictures were added since: press Update Dataset."
+        return gallery, line
+    if originals:
+        gallery = [(str(p), read_caption(p) or p.name) for p in originals]
+        return gallery, f"{len(originals)} pictures uploaded; press Update Dataset to prepare them."
+    return [], "No pictures yet: drop 10-20 images (with their .txt captions, if any) on Upload Dataset."
+
+
+@dataclasses.dataclass
+class ResultFile:
+    run: str
+    path: Path
+    size: int
+    epoch: str
+    steps: str
+
+    @property
+    def choice(self) -> str:
+        return f"{self.run}/{self.path.name}"
+
+
+def read_lora_info(path: Path) -> dict[str, str]:
+    """The LoRA file's metadata, or {} when it cannot be read (a file being written, a foreign file)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; the table shows blanks
+        log.debug("Cannot read metadata of %s: %s", path, exc)
+        return {}
+
+
+def list_results(version: Version | None) -> list[ResultFile]:
+    """Every LoRA file of every run, newest run first."""
+    if version is None:
+        return []
+    out: list[ResultFile] = []
+    for run in reversed(version.runs()):
+        for path in sorted(run.glob("*.safetensors")):
+            meta = read_lora_info(path)
+            out.append(ResultFile(run.name, path, path.stat().st_size, meta.get("ss_epoch", ""),
+                                  meta.get("ss_steps", "")))
+    return out
+
+
+def result_path(version: Version, choice: str) -> Path:
+    """The file behind a results choice, refusing anything outside the version's runs."""
+    if not choice:
+        raise UserError("Choose a file in the results list first.")
+    trains = version.trains_dir.resolve()
+    path = (trains / choice).resolve()
+    if trains not in path.parents or not path.is_file():
+        raise UserError(f"'{choice}' is not a file of this version's runs; press the results refresh button.")
+    return path
+
+
+def copy_to_lora_dir(src: Path, lora_dir: Path) -> Path:
+    """Put a LoRA file (and a preview picture beside it, if any) into the host's Lora folder."""
+    target = lora_dir / src.name
+    fileio.write_with(target, lambda tmp: shutil.copyfile(src, tmp))
+    for suffix in (".preview.png", ".png"):
+        preview = src.with_name(src.stem + suffix)
+        if preview.is_file():
+            fileio.write_with(lora_dir / preview.name, lambda tmp, p=preview: shutil.copyfile(p, tmp))
+    return target
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def message_html(text: str, kind: str = "info") -> str:
+    if not text:
+        return ""
+    return f'<div class="tt-msg tt-{kind}">{html.escape(text)}</div>'
+
+
+def results_html(files: list[ResultFile]) -> str:
+    if not files:
+        return '<div class="tt-results tt-empty">No trained files yet.</div>'
+    rows = []
+    for f in files:
+        stem = html.escape(f.path.stem)
+        rows.append(
+            f"<tr><td>{html.escape(f.run)}</td><td class='tt-file'>{html.escape(f.path.name)}</td>"
+            f"<td>{human_size(f.size)}</td><td>{html.escape(f.epoch)}</td><td>{html.escape(f.steps)}</td>"
+            f"<td><button class='tt-copy-prompt' title='copy the prompt tag' "
+            f"onclick=\"window.trainToolsCopyText &amp;&amp; trainToolsCopyText(this)\" "
+            f"data-text='&lt;lora:{stem}:0.8&gt;'>&lt;lora:{stem}:0.8&gt;</button></td></tr>")
+    return ("<table class='tt-results'><thead><tr><th>run</th><th>file</th><th>size</th><th>epoch</th>"
+            "<th>steps</th><th>prompt</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120) -> str:
+    """An inline SVG of the loss per step with a smoothed line: no plotting library, same in every Gradio."""
+    if len(losses) < 2:
+        return ""
+    bucket = max(1, math.ceil(len(losses) / MAX_CHART_POINTS))
+    points = [sum(losses[i:i + bucket]) / len(losses[i:i + bucket]) for i in range(0, len(losses), bucket)]
+    smooth, ema = [], points[0]
+    for value in points:
+        ema = 0.9 * ema + 0.1 * value
+        smooth.append(ema)
+    lo, hi = min(points), max(points)
+    span = (hi - lo) or 1.0
+
+    def path(values: list[float]) -> str:
+        step = width / max(1, len(values) - 1)
+        return " ".join(f"{i * step:.1f},{height - 4 - (v - lo) / span * (height - 8):.1f}" for i, v in enumerate(values))
+
+    # Presentation attributes as well as classes: the chart must read right even where style.css is missing.
+    return (f'<svg class="tt-chart" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
+            f'preserveAspectRatio="none" role="img" aria-label="loss per step">'
+            f'<polyline class="tt-raw" fill="none" stroke="#2f80ed" stroke-opacity="0.35" '
+            f'vector-effect="non-scaling-stroke" points="{path(points)}"/>'
+            f'<polyline class="tt-smooth" fill="none" stroke="#2f80ed" stroke-width="2" '
+            f'vector-effect="non-scaling-stroke" points="{path(smooth)}"/></svg>'
+            f'<div class="tt-chart-legend">loss {hi:.4f} (top) to {lo:.4f} (bottom) over {len(losses)} steps</div>')
+
+
+def progress_html(status: JobStatus) -> str:
+    """The progress bar, the numbers under it and the loss chart; data-* attributes let tests and JS read it."""
+    if status.state == "idle":
+        return '<div class="tt-progress" data-state="idle"><div class="tt-info">Not training.</div></div>'
+    percent = 100.0 * status.fraction
+    parts = []
+    if status.total_steps:
+        parts.append(f"step {status.step}/{status.total_steps}")
+    if status.total_epochs:
+        parts.append(f"epoch {max(status.epoch, 0)}/{status.total_epochs}")
+    if status.loss is not None:
+        parts.append(f"loss {status.loss:.4f}")
+    if status.steps_per_s:
+        parts.append(f"{status.steps_per_s:.2f} it/s")
+    if status.state == RUNNING and status.step:
+        parts.append(f"ETA {_fmt_time(status.eta_s)}")
+    parts.append(f"elapsed {_fmt_time(status.elapsed_s)}")
+    kind = {FAILED: "error", INTERRUPTED: "warn", FINISHED: "ok"}.get(status.state, "info")
+    color = {"error": "#d63031", "warn": "#e2a400", "ok": "#27ae60"}.get(kind, "#2f80ed")
+    return (f'<div class="tt-progress" data-state="{status.state}" data-step="{status.step}" '
+            f'data-total="{status.total_steps}" data-job="{status.job_id}">'
+            f'<div class="tt-label">{html.escape(status.label)}: {status.state}</div>'
+            f'<div class="tt-bar" style="height:14px;background:rgba(128,128,128,.25);border-radius:7px;'
+            f'overflow:hidden"><div class="tt-fill tt-{kind}" style="height:100%;background:{color};'
+            f'width:{percent:.1f}%"></div></div>'
+            f'<div class="tt-info">{html.escape(" · ".join(parts))}</div>'
+            f'{message_html(status.message, kind)}{loss_chart_svg(status.losses)}</div>')
+
+
+# ====================================================================== what the buttons do
+
+class TabLogic:
+    """The tab's behaviour, one method per event, returning plain values and ``gr.update``s."""
+
+    def __init__(self, host: Host, jobs: JobManager = JOBS) -> None:
+        self.host = host
+        self.jobs = jobs
+        self.store = Store(host.data_dir)
+
+    # -------------------------------------------------------------- state across page loads
+    @property
+    def ui_state_path(self) -> Path:
+        return projects_root(self.store.data_dir).parent / "ui_state.json"
+
+    def remember(self, project: str | None, version: str | None) -> None:
+        try:
+            fileio.write_json(self.ui_state_path, {"project": project, "version": version})
+        except OSError as exc:
+            log.debug("Cannot remember the open version: %s", exc)
+
+    def remembered(self) -> tuple[str | None, str | None]:
+        try:
+            data = json.loads(self.ui_state_path.read_text(encoding="utf-8"))
+            return data.get("project"), data.get("version")
+        except (OSError, ValueError, AttributeError):
+            return None, None
+
+    # -------------------------------------------------------------- lookups
+    def version_or_none(self, project: str | None, version: str | None) -> Version | None:
+        if not project or not version:
+            return None
+        try:
+            return self.store.version(project, version)
+        except UserError:
+            return None
+
+    def require_version(self, project: str | None, version: str | None) -> Version:
+        if not project:
+            raise UserError("Create or choose a project first.")
+        if not version:
+            raise UserError("Create or choose a version first.")
+        return self.store.version(project, version)
+
+    def checkpoint_update(self, value: str | None, refresh: bool = False) -> dict[str, Any]:
+        choices = self.host.refresh_checkpoints() if refresh else self.host.list_checkpoints()
+        if value and value not in choices:
+            choices = [value, *choices]  # keep the saved choice visible even if the file went missing
+        if not value and choices:
+            value = choices[0]
+        return gr.update(choices=choices, value=value or None)
+
+    # -------------------------------------------------------------- the version's whole view
+    def version_view(self, version: Version | None) -> list[Any]:
+        """Values for VERSION_OUTPUTS: every setting, the gallery, the dataset line, the results."""
+        config = version.load_settings() if version else TrainConfig()
+        values: list[Any] = []
+        for name in SETTING_FIELDS:
+            if name == "base_model":
+                values.append(self.checkpoint_update(config.base_model))
+            else:
+                values.append(gr.update(value=getattr(config, name)))
+        gallery, line = dataset_view(version, config)
+        files = list_results(version)
+        values += [gallery, line, results_html(files), gr.update(choices=[f.choice for f in files],
+                                                                 value=files[0].choice if files else None)]
+        return values
+
+    def project_update(self, value: str | None) -> dict[str, Any]:
+        return gr.update(choices=self.store.projects(), value=value)
+
+    def version_update(self, project: str | None, value: str | None) -> dict[str, Any]:
+        choices = self.store.versions(project) if project else []
+        return gr.update(choices=choices, value=value if value in choices else None)
+
+    # -------------------------------------------------------------- events
+    def load_page(self) -> list[Any]:
+        """On every page load: reopen the version that was open last, with its settings."""
+        projects = self.store.projects()
+        project, version = self.remembered()
+        if project not in projects:
+            project = projects[0] if projects else None
+        versions = self.store.versions(project) if project else []
+        if version not in versions:
+            version = versions[-1] if versions else None
+        return [self.project_update(project), self.version_update(project, version),
+                *self.version_view(self.version_or_none(project, version)), gr.update(value=progress_html(
+                    self.jobs.status()))]
+
+    def refresh_projects(self, project: str | None) -> list[Any]:
+        projects = self.store.projects()
+        return [gr.update(choices=projects, value=project if project in projects else None)]
+
+    def choose_project(self, project: str | None) -> list[Any]:
+        versions = self.store.versions(project) if project else []
+        version = versions[-1] if versions else None
+        self.remember(project, version)
+        return [self.version_update(project, version), *self.version_view(self.version_or_none(project, version))]
+
+    def open_version(self, project: str | None, version: str | None) -> list[Any]:
+        self.remember(project, version)
+        return self.version_view(self.version_or_none(project, version))
+
+    def create_project(self, name: str) -> list[Any]:
+        project = self.store.create_project(name or "")
+        self.remember(project, None)
+        return [self.project_update(project), self.version_update(project, None), *self.version_view(None),
+                message_html(f"Created project '{project}'; now create a version.", "ok")]
+
+    def create_version(self, project: str | None, name: str) -> list[Any]:
+        if not project:
+            raise UserError("Create or choose a project first.")
+        version = self.store.create_version(project, name or "v1")
+        self.remember(project, version.name)
+        return [self.version_update(project, version.name), *self.version_view(version),
+                message_html(f"Created version '{version.name}' of '{project}'.", "ok")]
+
+    def upload(self, files: Any, project: str | None, version: str | None) -> list[Any]:
+        v = self.require_version(project, version)
+        named = uploaded_files(files)
+        if not named:
+            raise UserError("No files arrived; drop images (and .txt captions) on Upload Dataset.")
+        with tempfile.TemporaryDirectory(prefix="train_tools_upload_") as tmp:
+            paths = stage_with_original_names(named, Path(tmp))
+            summary = core_add_originals(paths, v)
+        gallery, line = dataset_view(v, v.load_settings())
+        return [None, gallery, line, message_html(summary, "ok")]
+
+    def add_demo_pictures(self, project: str | None, version: str | None) -> list[Any]:
+        v = self.require_version(project, version)
+        n = core_demo_pictures(v)
+        gallery, line = dataset_view(v, v.load_settings())
+        return [gallery, line, message_html(f"Added {n} demo pictures; press Update Dataset.", "ok")]
+
+    def update_dataset(self, project: str | None, version: str | None, *values: Any) -> list[Any]:
+        v = self.require_version(project, version)
+        config = settings_from_values(values)
+        v.save_settings(config)
+        if not original_images(v):
+            raise UserError("There are no pictures to prepare: drop 10-20 images on Upload Dataset first.")
+        skipped = core_prepare(v, config)
+        gallery, line = dataset_view(v, config)
+        return [gallery, line, message_html(f"Dataset updated. {skipped}".strip(), "ok")]
+
+    def select_picture(self, project: str | None, version: str | None, index: Any) -> list[Any]:
+        """A click on a gallery picture: its caption goes into the caption box for editing."""
+        v = self.version_or_none(project, version)
+        gallery, _line = dataset_view(v, v.load_settings()) if v else ([], "")
+        i = index[0] if isinstance(index, (list, tuple)) else index
+        if not isinstance(i, int) or not 0 <= i < len(gallery):
+            return [None, ""]
+        path, caption = gallery[i]
+        return [path, read_caption(Path(path)) or ("" if caption == Path(path).name else caption)]
+
+    def save_caption(self, project: str | None, version: str | None, target: str | None, text: str) -> list[Any]:
+        """Write the edited caption beside the picture, and beside its original so Update Dataset keeps it."""
+        v = self.require_version(project, version)
+        if not target:
+            raise UserError("Click a picture in the gallery first, then edit its caption.")
+        image = Path(target).resolve()
+        folders = (v.originals_dir.resolve(), v.prepared_dir.resolve())
+        if image.parent not in folders or not image.is_file():
+            raise UserError("That picture is not in this version any more; click one in the gallery again.")
+        caption = " ".join((text or "").split())
+        targets = [image.with_suffix(".txt")]
+        if image.parent == folders[1]:
+            targets += [p.with_suffix(".txt") for p in original_images(v) if p.stem == image.stem]
+        for path in targets:
+            fileio.write_text(path, caption + "\n")
+        gallery, line = dataset_view(v, v.load_settings())
+        return [gallery, line, message_html(f"Caption of {image.name} saved.", "ok")]
+
+    def refresh_checkpoints(self, value: str | None) -> list[Any]:
+        return [self.checkpoint_update(value, refresh=True)]
+
+    def save_settings(self, project: str | None, version: str | None, *values: Any) -> list[Any]:
+        v = self.require_version(project, version)
+        v.save_settings(settings_from_values(values))
+        return [message_html(f"Settings saved for {v.project} / {v.name}.", "ok")]
+
+    def begin_train(self, project: str | None, version: str | None, *values: Any) -> list[Any]:
+        v = self.require_version(project, version)
+        if self.jobs.busy:
+            raise UserError("A training job is already running; wait for it to finish or press Interrupt.")
+        config = settings_from_values(values)
+        choice = require_checkpoint_choice(config.base_model)
+        if not original_images(v) and not core_items(v):
+            raise UserError("This version has no pictures: drop 10-20 images on Upload Dataset first.")
+        checkpoint = self.host.resolve_checkpoint(choice)
+        if choice == DEMO_CHOICE:
+            # From now on the demo model is an ordinary file in the checkpoint list; save that name.
+            config = config.updated({"base_model": DEMO_FILE_NAME})
+        v.save_settings(config)
+        work = training_work(v, [config], checkpoint, self.host.device())
+        self.jobs.start(work, label=f"{v.project} / {v.name}", wrap=self.host.run_on_gpu,
+                        before=self.host.before_training, after=self.host.after_training,
+                        extra_reporter=self.host.progress_sink)
+        return [message_html(f"Training started on {checkpoint.name}.", "ok"),
+                progress_html(self.jobs.status()), self.checkpoint_update(config.base_model)]
+
+    def interrupt(self) -> list[Any]:
+        return [message_html(self.jobs.stop(), "warn")]
+
+    def poll(self, project: str | None, version: str | None, seen: Any) -> list[Any]:
+        """Every second: the progress, and the results when a file was saved or the job ended."""
+        status = self.jobs.status()
+        key = [status.job_id, status.state, status.step, len(status.files), len(status.losses) > 0]
+        if seen == key:
+            return [gr.update(), gr.update(), gr.update(), seen]
+        results, choices = gr.update(), gr.update()
+        old = seen if isinstance(seen, list) and len(seen) == len(key) else None
+        if old is None or old[0] != key[0] or old[1] != key[1] or old[3] != key[3]:
+            files = list_results(self.version_or_none(project, version))
+            results = results_html(files)
+            choices = gr.update(choices=[f.choice for f in files], value=files[0].choice if files else None)
+        return [progress_html(status), results, choices, key]
+
+    def refresh_results(self, project: str | None, version: str | None) -> list[Any]:
+        files = list_results(self.version_or_none(project, version))
+        return [results_html(files), gr.update(choices=[f.choice for f in files],
+                                               value=files[0].choice if files else None)]
+
+    def choose_result(self, project: str | None, version: str | None, choice: str | None) -> list[Any]:
+        v = self.version_or_none(project, version)
+        if v is None or not choice:
+            return [None]
+        try:
+            return [str(result_path(v, choice))]
+        except UserError:
+            return [None]
+
+    def copy_to_lora(self, project: str | None, version: str | None, choice: str | None) -> list[Any]:
+        v = self.require_version(project, version)
+        src = result_path(v, choice or "")
+        target = copy_to_lora_dir(src, self.host.lora_dir)
+        return [message_html(f"Copied {target.name} to {target.parent}: press Refresh in the Lora tab, then use "
+                             f"<lora:{target.stem}:0.8> in a prompt.", "ok")]
+
+
+def uploaded_files(value: Any) -> list[tuple[Path, str]]:
+    """(path on disk, the name the user's file had) for what a File component hands over in any Gradio.
+
+    Gradio 3 gives temp-file objects (``.name``, ``.orig_name``), Gradio 4+ gives paths (or dicts in some
+    paths through the API).
+    """
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[tuple[Path, str]] = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            path, orig = Path(item), Path(item).name
+        elif isinstance(item, dict):
+            raw = item.get("path") or item.get("name")
+            if not raw:
+                continue
+            path, orig = Path(raw), item.get("orig_name") or Path(raw).name
+        else:
+            raw = getattr(item, "name", None) or getattr(item, "path", None)
+            if not raw:
+                continue
+            path, orig = Path(raw), getattr(item, "orig_name", None) or Path(raw).name
+        out.append((path, Path(str(orig)).name))
+    return out
+
+
+def stage_with_original_names(files: list[tuple[Path, str]], folder: Path) -> list[Path]:
+    """Paths whose names are the user's own (images and .txt captions pair by name); copies only if needed."""
+    out = []
+    for path, orig in files:
+        if path.name == orig:
+            out.append(path)
+            continue
+        target = folder / orig
+        fileio.write_with(target, lambda tmp, p=path: shutil.copyfile(p, tmp))
+        out.append(target)
+    return out
+
+
+# ====================================================================== the layout
+
+@dataclasses.dataclass
+class TabHandles:
+    """The built components, for tests and for hosts that want to reach one."""
+
+    logic: TabLogic
+    components: dict[str, Any]
+
+
+def build_tab(host: Host, jobs: JobManager = JOBS) -> gr.Blocks:
+    """The tab as its own Blocks: what the WebUI's ``on_ui_tabs`` wants."""
+    with gr.Blocks(analytics_enabled=False) as tab:
+        handles = build_contents(host, tab, jobs)
+    tab.train_tools = handles  # type: ignore[attr-defined]
+    return tab
+
+
+def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabHandles:
+    """Lay the tab's controls into the current Blocks context and wire them; ``root`` gets the page events."""
+    logic = TabLogic(host, jobs)
+    c: dict[str, Any] = {}
+    defaults = TrainConfig()
+
+    with gr.Row(elem_classes=["tt-row"]):
+        with gr.Column(scale=1):
+            with gr.Row():
+                c["project"] = gr.Dropdown(label="Project", choices=logic.store.projects(), value=None,
+                                           elem_id="train_tools_project")
+                c["refresh_projects"] = gr.Button("\U0001F504", elem_id="train_tools_refresh_projects",
+                                                  elem_classes=["tt-tool"])
+            with gr.Row():
+                c["new_project"] = gr.Textbox(label="New project name", placeholder="any name, e.g. my cat",
+                                              elem_id="train_tools_new_project")
+                c["create_project"] = gr.Button("Create Project", elem_id="train_tools_create_project")
+        with gr.Column(scale=1):
+            c["version"] = gr.Dropdown(label="Version", choices=[], value=None, elem_id="train_tools_version")
+            with gr.Row():
+                c["new_version"] = gr.Textbox(label="New version name", value="v1",
+                                              elem_id="train_tools_new_version")
+                c["create_version"] = gr.Button("Create Version", elem_id="train_tools_create_version")
+    c["message"] = gr.HTML(elem_id="train_tools_message")
+
+    with gr.Accordion("Dataset", open=True, elem_id="train_tools_dataset_section"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                c["upload"] = gr.File(label="Upload Dataset (images and .txt captions)", file_count="multiple",
+                                      file_types=["image", ".txt"], elem_id="train_tools_upload")
+                with gr.Row():
+                    c["update_dataset"] = gr.Button("Update Dataset", variant="primary",
+                                                    elem_id="train_tools_update_dataset")
+                    if host.offer_demo:
+                        c["demo_pictures"] = gr.Button("Add demo pictures", elem_id="train_tools_demo_pictures")
+                c["dataset_info"] = gr.Markdown(elem_id="train_tools_dataset_info")
+            with gr.Column(scale=2):
+                c["gallery"] = gr.Gallery(label="What will be trained", columns=6, height=360,
+                                          elem_id="train_tools_gallery")
+                with gr.Row():
+                    c["caption"] = gr.Textbox(label="Caption of the selected picture (click one to edit)",
+                                              lines=2, elem_id="train_tools_caption", scale=4)
+                    c["save_caption"] = gr.Button("Save caption", elem_id="train_tools_save_caption")
+
+    with gr.Accordion("Train", open=True, elem_id="train_tools_train_section"):
+        settings: dict[str, Any] = {}
+        common = [f for f in fields_info() if not f.metadata["advanced"]]
+        advanced = [f for f in fields_info() if f.metadata["advanced"]]
+        with gr.Row():
+            settings["base_model"] = gr.Dropdown(label=_label("base_model"), choices=host.list_checkpoints(),
+                                                 value=None, info=_help("base_model"),
+                                                 elem_id="train_tools_base_model", scale=4)
+            c["refresh_models"] = gr.Button("\U0001F504", elem_id="train_tools_refresh_models",
+                                            elem_classes=["tt-tool"])
+        rest = [f for f in common if f.name != "base_model"]
+        for start in range(0, len(rest), COMMON_PER_ROW):
+            with gr.Row():
+                for f in rest[start:start + COMMON_PER_ROW]:
+                    settings[f.name] = _setting_component(f, getattr(defaults, f.name))
+        with gr.Accordion("Advanced", open=False, elem_id="train_tools_advanced"):
+            for start in range(0, len(advanced), COMMON_PER_ROW):
+                with gr.Row():
+                    for f in advanced[start:start + COMMON_PER_ROW]:
+                        settings[f.name] = _setting_component(f, getattr(defaults, f.name))
+        with gr.Row():
+            c["begin"] = gr.Button("Begin Train", variant="primary", elem_id="train_tools_begin")
+            c["interrupt"] = gr.Button("Interrupt", variant="stop", elem_id="train_tools_interrupt")
+            c["save_settings"] = gr.Button("Save settings", elem_id="train_tools_save_settings")
+        c["progress"] = gr.HTML(progress_html(jobs.status()), elem_id="train_tools_progress")
+
+    with gr.Accordion("Results", open=True, elem_id="train_tools_results_section"):
+        c["results"] = gr.HTML(results_html([]), elem_id="train_tools_results")
+        with gr.Row():
+            c["result_file"] = gr.Dropdown(label="File", choices=[], value=None, elem_id="train_tools_result_file",
+                                           scale=4)
+            c["refresh_results"] = gr.Button("\U0001F504", elem_id="train_tools_refresh_results",
+                                             elem_classes=["tt-tool"])
+            c["copy_lora"] = gr.Button("Copy to Lora folder", variant="primary", elem_id="train_tools_copy_lora")
+        c["download"] = gr.File(label="Download", interactive=False, elem_id="train_tools_download")
+    c["seen"] = gr.State(None)
+    c["caption_target"] = gr.State(None)
+    c.update({f"setting_{k}": v for k, v in settings.items()})
+
+    setting_inputs = [settings[name] for name in SETTING_FIELDS]
+    version_outputs = [*setting_inputs, c["gallery"], c["dataset_info"], c["results"], c["result_file"]]
+    pv = [c["project"], c["version"]]
+    msg = c["message"]
+
+    def wire(event: Callable[..., Any], fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any],
+             **kwargs: Any) -> None:
+        event(guarded(fn, outputs, msg), inputs=inputs, outputs=_with_message(outputs, msg), **kwargs)
+
+    wire(c["refresh_projects"].click, logic.refresh_projects, [c["project"]], [c["project"]])
+    wire(c["create_project"].click, logic.create_project, [c["new_project"]],
+         [c["project"], c["version"], *version_outputs, msg])
+    wire(c["project"].input, logic.choose_project, [c["project"]], [c["version"], *version_outputs])
+    wire(c["create_version"].click, logic.create_version, [c["project"], c["new_version"]],
+         [c["version"], *version_outputs, msg])
+    wire(c["version"].input, logic.open_version, pv, version_outputs)
+    wire(c["upload"].upload, logic.upload, [c["upload"], *pv],
+         [c["upload"], c["gallery"], c["dataset_info"], msg])
+    if "demo_pictures" in c:
+        wire(c["demo_pictures"].click, logic.add_demo_pictures, pv, [c["gallery"], c["dataset_info"], msg])
+    wire(c["update_dataset"].click, logic.update_dataset, [*pv, *setting_inputs],
+         [c["gallery"], c["dataset_info"], msg])
+    def select_picture(project: str | None, version: str | None, evt: gr.SelectData) -> list[Any]:
+        # Gradio fills ``evt`` from the type hint; it carries the clicked picture's index.
+        return logic.select_picture(project, version, getattr(evt, "index", None))
+
+    wire(c["gallery"].select, select_picture, pv, [c["caption_target"], c["caption"]])
+    wire(c["save_caption"].click, logic.save_caption, [*pv, c["caption_target"], c["caption"]],
+         [c["gallery"], c["dataset_info"], msg])
+    wire(c["refresh_models"].click, logic.refresh_checkpoints, [settings["base_model"]], [settings["base_model"]])
+    wire(c["save_settings"].click, logic.save_settings, [*pv, *setting_inputs], [msg])
+    wire(c["begin"].click, logic.begin_train, [*pv, *setting_inputs], [msg, c["progress"], settings["base_model"]])
+    wire(c["interrupt"].click, logic.interrupt, [], [msg])
+    wire(c["refresh_results"].click, logic.refresh_results, pv, [c["results"], c["result_file"]])
+    wire(c["result_file"].change, logic.choose_result, [*pv, c["result_file"]], [c["download"]])
+    wire(c["copy_lora"].click, logic.copy_to_lora, [*pv, c["result_file"]], [msg])
+
+    on_page_load(root, guarded(logic.load_page, [*pv, *version_outputs, c["progress"]], msg),
+                 _with_message([*pv, *version_outputs, c["progress"]], msg))
+    poll_every(root, POLL_SECONDS, guarded(logic.poll, [c["progress"], c["results"], c["result_file"], c["seen"]],
+                                           None), [*pv, c["seen"]],
+               [c["progress"], c["results"], c["result_file"], c["seen"]])
+    return TabHandles(logic, c)
+
+
+def _label(name: str) -> str:
+    return next(f.metadata["label"] for f in fields_info() if f.name == name)
+
+
+def _help(name: str) -> str:
+    return next(f.metadata["help"] for f in fields_info() if f.name == name)
+
+
+def _setting_component(f: dataclasses.Field, default: Any) -> Any:
+    """The control for one settings field, chosen from its type and metadata."""
+    meta = f.metadata
+    common = {"label": meta["label"], "info": meta["help"], "elem_id": f"train_tools_{f.name}"}
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if meta["choices"]:
+        return gr.Dropdown(choices=list(meta["choices"]), value=default, **common)
+    if kind == "bool":
+        return gr.Checkbox(value=bool(default), **common)
+    if kind == "int":
+        return gr.Number(value=default, precision=0, **common)
+    if kind == "float":
+        return gr.Number(value=default, **common)
+    return gr.Textbox(value=default, **common)
+
+
+def _with_message(outputs: list[Any], msg: Any) -> list[Any]:
+    return outputs if msg is None or any(o is msg for o in outputs) else [*outputs, msg]
+
+
+def guarded(fn: Callable[..., list[Any]], outputs: list[Any], msg: Any) -> Callable[..., list[Any]]:
+    """Run an event's function; a UserError (or a bug) becomes a message instead of a stack trace.
+
+    The message component is appended to the outputs unless it is one already.
+    """
+    all_outputs = _with_message(outputs, msg)
+    msg_index = next((i for i, o in enumerate(all_outputs) if o is msg), None) if msg is not None else None
+    adds_message = msg is not None and not any(o is msg for o in outputs)
+
+    @functools.wraps(fn)  # Gradio reads the signature and type hints (gr.SelectData) through this
+    def run(*args: Any) -> list[Any]:
+        try:
+            result = list(fn(*args))
+            if adds_message:
+                result.append(gr.update())
+            return result
+        except UserError as exc:
+            text, kind = str(exc), "error"
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the page without an answer
+            log.exception("Train Tools: %s failed", getattr(fn, "__name__", "event"))
+            text, kind = f"Something went wrong: {type(exc).__name__}: {exc} (the console has the details).", "error"
+        out: list[Any] = [gr.update() for _ in all_outputs]
+        if msg_index is not None:
+            out[msg_index] = message_html(text, kind)
+        return out
+
+    return run
+
+
+# ====================================================================== Gradio version differences
+
+def on_page_load(root: gr.Blocks, fn: Callable[..., list[Any]], outputs: list[Any]) -> None:
+    """Run ``fn`` on every page load. ``Blocks.load`` exists in every Gradio; nested tabs' loads fire too."""
+    root.load(fn, inputs=None, outputs=outputs)
+
+
+def poll_every(root: gr.Blocks, seconds: float, fn: Callable[..., list[Any]], inputs: list[Any],
+               outputs: list[Any]) -> Any:
+    """Call ``fn`` every ``seconds`` while the page is open: ``gr.Timer`` in Gradio 4.40+, ``every=`` before."""
+    if hasattr(gr, "Timer"):
+        timer = gr.Timer(seconds)
+        timer.tick(fn, inputs=inputs, outputs=outputs, show_progress="hidden")
+        return timer
+    return root.load(fn, inputs=inputs, outputs=outputs, every=seconds, show_progress="hidden")

@@ -1,0 +1,209 @@
+"""The Host for Stable Diffusion WebUI (A1111 1.10, Forge, reForge).
+
+Every ``modules.*`` import happens inside a function: importing this file must work (and cost nothing)
+outside the WebUI, and inside it the WebUI's modules are only touched when the tab needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cli import resolve_checkpoint
+from .errors import UserError
+from .host import Host
+from .progress import Reporter, StepInfo, StopFlag
+
+log = logging.getLogger(__name__)
+
+OPT_UNLOAD = "train_tools_unload_model"
+OPT_DEVICE = "train_tools_device"
+
+
+def webui_paths() -> tuple[Path, list[Path], Path]:
+    """(data dir, checkpoint folders, Lora folder) as the WebUI has them, honouring its command-line flags."""
+    from modules import paths_internal, shared
+
+    data_dir = Path(paths_internal.data_path)
+    models = Path(getattr(paths_internal, "models_path", data_dir / "models"))
+    cmd_opts = shared.cmd_opts
+    ckpt_dirs = []
+    if getattr(cmd_opts, "ckpt_dir", None):
+        ckpt_dirs.append(Path(cmd_opts.ckpt_dir))
+    ckpt_dirs.append(models / "Stable-diffusion")
+    lora_dir = Path(getattr(cmd_opts, "lora_dir", None) or models / "Lora")
+    return data_dir, ckpt_dirs, lora_dir
+
+
+def _opt(name: str, default: Any) -> Any:
+    from modules import shared
+
+    return getattr(shared.opts, name, default)
+
+
+class WebuiReporter(Reporter):
+    """Mirrors progress into ``shared.state`` (the WebUI's progress bar and console) and honours its Interrupt."""
+
+    def __init__(self, stop: StopFlag) -> None:
+        self.stop = stop
+
+    @staticmethod
+    def _state() -> Any:
+        from modules import shared
+
+        return shared.state
+
+    def _check_interrupt(self) -> None:
+        if getattr(self._state(), "interrupted", False):
+            self.stop.request()
+
+    def start(self, total_steps: int, total_epochs: int) -> None:
+        state = self._state()
+        state.job_count = total_epochs
+        state.sampling_steps = total_steps
+        state.sampling_step = 0
+        state.textinfo = f"Training: {total_steps} steps, {total_epochs} epochs"
+        self._check_interrupt()
+
+    def step(self, info: StepInfo) -> None:
+        state = self._state()
+        state.job_no = max(0, info.epoch - 1)
+        state.sampling_step = info.step
+        state.sampling_steps = info.total_steps
+        state.textinfo = info.line()
+        self._check_interrupt()
+
+    def saved(self, path: Path, epoch: int) -> None:
+        self._state().textinfo = f"Saved {path.name} (epoch {epoch})"
+        log.info("Train Tools: saved %s", path)
+
+    def message(self, text: str) -> None:
+        self._state().textinfo = text
+        self._check_interrupt()
+
+
+class WebuiHost(Host):
+    """Paths, checkpoints, GPU queue, model unloading and progress from the WebUI's own modules."""
+
+    name = "WebUI"
+    offer_demo = False
+
+    def __init__(self) -> None:
+        data_dir, ckpt_dirs, lora_dir = webui_paths()
+        super().__init__(data_dir, ckpt_dirs, lora_dir)
+        self._unloaded = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def list_checkpoints(self) -> list[str]:
+        from modules import sd_models
+
+        return sorted(sd_models.checkpoints_list.keys(), key=str.lower)
+
+    def refresh_checkpoints(self) -> list[str]:
+        from modules import shared
+
+        refresh = getattr(shared, "refresh_checkpoints", None)
+        if callable(refresh):
+            refresh()
+        else:
+            from modules import sd_models
+
+            sd_models.list_models()
+        return self.list_checkpoints()
+
+    def resolve_checkpoint(self, choice: str) -> Path:
+        from modules import sd_models
+
+        info = sd_models.checkpoints_list.get(choice) or sd_models.get_closet_checkpoint_match(choice)
+        if info is not None and getattr(info, "filename", None) and Path(info.filename).is_file():
+            return Path(info.filename)
+        try:
+            return resolve_checkpoint(choice, self.ckpt_dirs)
+        except UserError:
+            raise UserError(f"The base model '{choice}' is not in the WebUI's checkpoint list any more; press the "
+                            "refresh button beside 'Train base model' and choose again.") from None
+
+    # ------------------------------------------------------------------ training
+    def device(self) -> str | None:
+        chosen = str(_opt(OPT_DEVICE, "") or "").strip()
+        if chosen:
+            return chosen
+        try:
+            from modules import devices
+
+            return str(devices.device)
+        except (ImportError, AttributeError):
+            return None
+
+    def run_on_gpu(self, fn: Callable[[], None]) -> Callable[[], Any]:
+        """Run under the WebUI's GPU queue lock, as txt2img and the built-in Train tab do."""
+        from modules.call_queue import wrap_gradio_gpu_call
+
+        def train_tools_job(id_task: str) -> list[Any]:
+            fn()
+            # The WebUI appends its timing HTML to the last output (``res[-1] += ...``): it must be a string.
+            return [""]
+
+        wrapped = wrap_gradio_gpu_call(train_tools_job, extra_outputs=[""])
+
+        def call() -> Any:
+            import time
+
+            return wrapped(f"task(train_tools_{int(time.time() * 1000)})")
+
+        return call
+
+    def before_training(self) -> None:
+        """Move the WebUI's checkpoint off the GPU; only if one is loaded (reading sd_model would load one)."""
+        self._unloaded = False
+        if not _opt(OPT_UNLOAD, True):
+            return
+        from modules import sd_models
+
+        model_data = getattr(sd_models, "model_data", None)
+        if model_data is not None and getattr(model_data, "sd_model", None) is None:
+            return
+        unload = getattr(sd_models, "unload_model_weights", None)
+        if callable(unload):
+            try:
+                unload()
+                self._unloaded = True
+                log.info("Train Tools: moved the WebUI's checkpoint off the GPU for training.")
+            except Exception as exc:  # noqa: BLE001 - training can still run beside the model
+                log.warning("Train Tools: could not unload the WebUI's checkpoint (%s); training beside it.", exc)
+
+    def after_training(self) -> None:
+        if not self._unloaded:
+            return
+        self._unloaded = False
+        from modules import sd_models
+
+        reload = getattr(sd_models, "reload_model_weights", None)
+        if callable(reload):
+            try:
+                reload()
+                log.info("Train Tools: brought the WebUI's checkpoint back.")
+            except Exception as exc:  # noqa: BLE001 - the WebUI loads it again on the next generation
+                log.warning("Train Tools: could not reload the WebUI's checkpoint (%s); it loads on next use.", exc)
+        try:
+            from modules import devices
+
+            devices.torch_gc()
+        except (ImportError, AttributeError):
+            pass
+
+    def progress_sink(self, stop: StopFlag) -> Reporter | None:
+        return WebuiReporter(stop)
+
+
+def add_settings() -> None:
+    """The tab's entries in Settings > Train Tools (called from ``on_ui_settings``)."""
+    from modules import shared
+
+    section = ("train_tools", "Train Tools")
+    shared.opts.add_option(OPT_UNLOAD, shared.OptionInfo(
+        True, "Move the loaded checkpoint off the GPU while training (brought back afterwards)", section=section))
+    shared.opts.add_option(OPT_DEVICE, shared.OptionInfo(
+        "", "Device to train on (empty: the WebUI's device; e.g. cuda:1)", section=section))

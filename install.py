@@ -27,11 +27,13 @@ REQUIREMENTS = HERE / "requirements.txt"
 NEVER_INSTALL = {"torch", "torchvision", "torchaudio", "xformers", "gradio", "gradio-client"}
 
 # Newer releases of these declare requirements that an old host satisfies on paper but not in fact (checked
-# in an A1111 1.10 environment: diffusers 0.37 imports transformers classes that 4.30 lacks; peft 0.14 needs
-# transformers.Cache and peft 0.15+ a newer accelerate). When the host has the older library, the missing
-# package is capped below the first release known to break. (package, cap, [(host package, version below)])
+# in an A1111 1.10 environment, transformers 4.30.2 + accelerate 0.21.0: diffusers 0.32-0.37 fail to import
+# StableDiffusionPipeline (SiglipImageProcessor, Dinov2WithRegistersConfig missing); peft 0.14+ needs
+# transformers.Cache and a newer accelerate). When the host has the older library, the missing package is
+# capped to the last release known to work there (the versions Forge pins). (package, cap, [(host package,
+# version below)])
 HOST_CAPS = [
-    ("diffusers", "<0.37", [("transformers", "4.48")]),
+    ("diffusers", "<0.32", [("transformers", "4.48")]),
     ("peft", "<0.14", [("transformers", "4.46"), ("accelerate", "1.1")]),
 ]
 

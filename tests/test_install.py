@@ -136,3 +136,28 @@ def test_old_host_libraries_cap_the_missing_package(install, monkeypatch, tmp_pa
     host.update(transformers="4.50.0", accelerate="1.2.0")
     assert install.host_cap("diffusers-not-here") == "" and install.host_cap("peft-not-here") == ""
     assert len(calls) == 1
+
+
+def _freeze_versions(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[name.strip().lower().replace("_", "-")] = version.strip()
+    return out
+
+
+@pytest.mark.skipif(not (Path(sys.prefix) / "freeze-before-install.txt").is_file(),
+                    reason="runs in the WebUI host environments that 'python standalone.py test' builds")
+def test_in_a_host_environment_install_changed_no_version_and_has_nothing_left_to_do(install):
+    # standalone.py froze this environment with only the host's pins, then ran install.py in it.
+    before = _freeze_versions((Path(sys.prefix) / "freeze-before-install.txt").read_text())
+    now = {normalized: importlib.metadata.version(normalized) for normalized in before}
+    assert now == before
+    added = _freeze_versions((Path(sys.prefix) / "freeze-after-install.txt").read_text()).keys() - before.keys()
+    assert "diffusers" in added or "diffusers" in before
+    # A second run (every WebUI start) would install nothing, and what was added works with the host's pins.
+    assert install.missing_requirements() == []
+    import diffusers  # noqa: F401
+    from diffusers import StableDiffusionPipeline  # noqa: F401 - the import old hosts broke on
+    import peft  # noqa: F401

@@ -143,7 +143,9 @@ def test_diffusers_loads_every_key_and_agrees(trained: dict, tmp_path: Path) -> 
         unet=copy.deepcopy(trained["unet"]), scheduler=DDPMScheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.load_lora_weights(str(trained["path"]))  # raises on any key it cannot map
+    # Folder + weight_name: diffusers 0.31 (Forge's) refuses a bare file path when offline.
+    pipe.load_lora_weights(str(trained["path"].parent), weight_name=trained["path"].name)  # raises on any
+    # key it cannot map
 
     def layers(model: torch.nn.Module) -> int:
         return sum(isinstance(m, LoraLayer) for m in model.modules())

@@ -244,7 +244,6 @@ def test_dataset_view_after_preparing_counts_repeats_and_steps(logic, monkeypatc
 
 
 def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
-    pytest.importorskip("train_tools.dataset")
     from PIL import Image
 
     version = make_version(logic)
@@ -262,7 +261,8 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128)
     gallery, line, message = logic.update_dataset("猫 cat", "v1", *values_of(config))
     assert line.startswith("3 images"), line
-    assert any(caption == "my caption" for _, caption in gallery)
+    # The uploaded caption is used, after the trigger word (the project's name when none is set).
+    assert any(caption == "猫 cat, my caption" for _, caption in gallery), gallery
 
 
 # ---------------------------------------------------------------------- training job, progress, results

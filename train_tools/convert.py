@@ -355,6 +355,14 @@ def diffusers_to_original(components: ComponentStateDicts, spec: ModelSpec) -> d
         extra = set(source) - {n for e in cmap.entries for n in e.diffusers}
         if extra:
             log.debug("Not written (%s): %s", cmap.component, ", ".join(sorted(extra)[:5]))
+    for te_spec, te_sd in zip(spec.text_encoders, components.text_encoders):
+        key = f"{te_spec.prefix}text_projection"
+        if te_spec.layout == "openclip" and key not in out:
+            # Every real SD2 file carries OpenCLIP's projection although SD never applies it (it conditions on
+            # the hidden states). Readers size the attention split from it (diffusers 0.31 falls back to a
+            # wrong 512 without it), so a written file has one: the identity, which changes nothing.
+            width = next(t for n, t in te_sd.items() if n.endswith("final_layer_norm.weight")).shape[0]
+            out[key] = torch.eye(width)
     return out
 
 

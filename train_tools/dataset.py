@@ -211,9 +211,10 @@ def choose_bucket(width: int, height: int, options: PrepareOptions) -> tuple[int
 
     The largest size within the pixel budget (``resolution``²) whose sides are multiples of ``bucket_step``
     within [min_bucket_reso, max_bucket_reso] and that the picture fills after an aspect-preserving resize
-    with a crop of less than one step. With ``bucket_no_upscale`` the picture is never enlarged: one too small
-    for such a bucket gets its own, smaller one (sides down to one step). Pictures of extreme aspect ratio that
-    fit no bucket get the nearest-ratio bucket and lose more to the crop.
+    with a crop of less than one step. With ``bucket_no_upscale`` the picture is never enlarged, and a small
+    one (fewer pixels than the budget, or a side under min_bucket_reso) gets its own smaller bucket, sides down
+    to one step. Pictures of extreme aspect ratio that fit no bucket get the nearest-ratio bucket and lose
+    more to the crop.
     """
     step = options.bucket_step
     if not options.enable_bucket:
@@ -224,7 +225,8 @@ def choose_bucket(width: int, height: int, options: PrepareOptions) -> tuple[int
     lo = max(step, min(-(-options.min_bucket_reso // step) * step, res_side))
     hi = max(lo, options.max_bucket_reso // step * step)
     cap_w, cap_h = (width, height) if options.bucket_no_upscale else (hi, hi)
-    ranges = [lo, step] if options.bucket_no_upscale and lo > step else [lo]
+    small = options.bucket_no_upscale and (width * height < budget or min(width, height) < lo)
+    ranges = [lo, step] if small and lo > step else [lo]
     for low in ranges:
         fits = _fitting_buckets(width, height, step, budget, low, hi, cap_w, cap_h)
         if fits:
@@ -255,8 +257,8 @@ def _nearest_ratio_bucket(w: int, h: int, step: int, budget: int, lo: int, hi: i
                           ) -> tuple[int, int] | None:
     best: tuple[int, int] | None = None
     best_key: tuple[float, int] | None = None
-    for bw in range(lo, min(hi, max(cap_w, lo)) + 1, step):
-        for bh in range(lo, min(hi, max(cap_h, lo)) + 1, step):
+    for bw in range(lo, min(hi, cap_w) + 1, step):
+        for bh in range(lo, min(hi, cap_h) + 1, step):
             if bw * bh > budget:
                 continue
             key = (round(_ratio_error((bw, bh), w, h), 9), -bw * bh)
@@ -344,9 +346,10 @@ def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tupl
                        "(a possible decompression bomb)")
     if min(w, h) < options.min_image_size:
         raise _Refused(f"too small: {w}x{h}; the shorter side must be at least {options.min_image_size} pixels")
-    orientation = _orientation(im)
-    upright = _oriented_size((w, h), orientation)
     if im.format == "JPEG":
+        # A JPEG's EXIF comes before its pixels, so the upright bucket is known before decoding.
+        orientation = _orientation(im)
+        upright = _oriented_size((w, h), orientation)
         bucket = choose_bucket(upright[0], upright[1], options)
         scale = max(bucket[0] / upright[0], bucket[1] / upright[1])
         need = _oriented_size((math.ceil(upright[0] * scale), math.ceil(upright[1] * scale)), orientation)
@@ -354,6 +357,8 @@ def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tupl
     with _pixel_limit(options.max_pixels):
         im.seek(0)
         im.load()
+    orientation = _orientation(im)  # a PNG may keep its EXIF after the pixel data
+    upright = _oriented_size((w, h), orientation)
     rgb = to_rgb(im, options.background_rgb())
     fix = _ORIENTATION_FIX.get(orientation)
     if fix is not None:
@@ -411,6 +416,9 @@ def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
         from PIL import ImageCms
 
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = source.profile.xcolor_space.strip()
+        if space != {"RGB": "RGB", "CMYK": "CMYK"}.get(im.mode):
+            return im if im.mode == "RGB" else im.convert("RGB")  # e.g. a grey profile on a grey picture
         if "srgb" in (ImageCms.getProfileDescription(source) or "").lower() and im.mode == "RGB":
             return im
         out = ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
@@ -468,7 +476,7 @@ def with_trigger_word(caption: str, trigger_word: str) -> str:
     trigger = trigger_word.strip()
     if not trigger:
         return caption
-    if caption == trigger or (caption.startswith(trigger) and not caption[len(trigger)].isalnum()):
+    if caption == trigger or (caption.startswith(trigger) and caption[len(trigger)] in " ,"):
         return caption
     tags = [t.strip() for t in caption.split(",")]
     rest = [t for t in tags if t and t != trigger]

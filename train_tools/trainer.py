@@ -64,12 +64,7 @@ def pick_device(device: str | None) -> torch.device:
 
 def prepare_items(version: Version, config: TrainConfig, reporter: Reporter) -> list[ds.DatasetItem]:
     """Bring ``prepared/`` up to date with the originals and the settings, and read it."""
-    options = ds.PrepareOptions(
-        resolution=config.resolution,
-        enable_bucket=config.enable_bucket,
-        min_bucket_reso=config.min_bucket_reso,
-        max_bucket_reso=config.max_bucket_reso,
-    )
+    options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
     report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options)
     for refusal in report.refused:
         reporter.message(f"skipped {refusal}")
@@ -142,8 +137,8 @@ class Trainer:
         self.te = m.text_encoders[0]
         self.tokenizer = m.tokenizers[0]
 
-        m.unet.to(self.device, dtype=self.weight_dtype)
-        self.te.to(self.device, dtype=self.weight_dtype if not self.train_te else self.weight_dtype)
+        move(m.unet, self.device, self.weight_dtype)
+        move(self.te, self.device, self.weight_dtype)
         attach_lora(m.unet, unet_target_modules(m.unet), cfg.network_dim, cfg.network_alpha)
         params: list[dict[str, Any]] = [
             {"params": _fp32(lora_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
@@ -189,7 +184,7 @@ class Trainer:
     @torch.no_grad()
     def cache_latents(self) -> None:
         """Encode every image (and its mirror with flip augmentation) once: the VAE never runs per step."""
-        vae = self.model.vae.to(self.device, dtype=torch.float32)  # fp32: the SD VAE overflows in fp16
+        vae = move(self.model.vae, self.device, torch.float32)  # fp32: the SD VAE overflows in fp16
         self.latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self.reporter.message(f"Caching latents of {len(self.items)} images")
         for item in self.items:
@@ -423,6 +418,12 @@ class Trainer:
         save_lora(path, tensors, metadata, dtype=dtype)
         self.reporter.saved(path, epoch)
         return path
+
+
+def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(device, dtype)`` without diffusers' warning about modules to keep in fp32: the frozen base
+    is meant to be cast whole (the LoRA weights stay fp32, see ``_fp32``)."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
 def _fp32(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

@@ -33,7 +33,6 @@ from .store import Store, Version, projects_root
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 POLL_SECONDS = 1.0
 SETTING_FIELDS = [f.name for f in fields_info()]
 COMMON_PER_ROW = 4
@@ -43,6 +42,12 @@ MAX_CHART_POINTS = 300
 # ====================================================================== small calls into the core
 # The tab reaches the dataset code only through these few functions, so a renamed core function is a
 # one-line change here.
+
+def ds_image_suffixes() -> tuple[str, ...]:
+    from .dataset import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
 
 def core_add_originals(paths: Sequence[Path], version: Version) -> str:
     from . import dataset as ds
@@ -54,8 +59,7 @@ def core_add_originals(paths: Sequence[Path], version: Version) -> str:
 def core_prepare(version: Version, config: TrainConfig) -> str:
     from . import dataset as ds
 
-    options = ds.PrepareOptions(resolution=config.resolution, enable_bucket=config.enable_bucket,
-                                min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso)
+    options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
     report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options)
     refused = list(getattr(report, "refused", []) or [])
     return f"Skipped {len(refused)}: " + "; ".join(str(r) for r in refused[:5]) if refused else ""
@@ -100,7 +104,7 @@ def original_images(version: Version) -> list[Path]:
     folder = version.originals_dir
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in ds_image_suffixes() and p.is_file())
 
 
 def read_caption(image: Path) -> str:

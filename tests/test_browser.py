@@ -1,0 +1,192 @@
+"""The whole flow in a real browser against the standalone app (Debian's headless Chromium via Playwright).
+
+Create a project and a version, upload 12 pictures through the real file input, Update Dataset, Begin Train on
+the demo model with tiny settings, watch the progress bar reach the end, see the result files, copy one to the
+Lora folder, reload the page and find the settings restored. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM = Path(os.environ.get("TRAIN_TOOLS_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+PROJECT = "猫 browser"
+TRAIN_TIMEOUT_S = 420
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not CHROMIUM.exists():
+    pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """The standalone app, started the way a user starts it (``python -m train_tools`` with no command)."""
+    data = tmp_path_factory.mktemp("app-data")
+    port = free_port()
+    log_path = data / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "train_tools", "--data-dir", str(data), "--port", str(port),
+                                 "--listen", "127.0.0.1", "--no-browser", "--device", "cpu"],
+                                cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the app did not answer at {url}:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.5)
+        yield {"url": url, "data": data, "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_path, ARTIFACTS / "app.log")
+
+
+def make_pictures(folder: Path, n: int = 12) -> list[Path]:
+    """n small distinct pictures and a caption for every other one."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (160 + 8 * (i % 3), 128), (20 * i % 255, 120, 255 - 15 * i))
+        draw = ImageDraw.Draw(img)
+        draw.ellipse((20 + i * 3, 20, 100 + i * 3, 100), fill=(255, 255 - 20 * i, 0))
+        path = folder / f"pic_{i:02d}.png"
+        img.save(path)
+        paths.append(path)
+        if i % 2 == 0:
+            (folder / f"pic_{i:02d}.txt").write_text(f"a yellow ball, picture {i}", encoding="utf-8")
+            paths.append(folder / f"pic_{i:02d}.txt")
+    return paths
+
+
+def shot(page: object, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+def set_number(page: object, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input").first  # type: ignore[attr-defined]
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None:
+    url, data = str(app["url"]), Path(app["data"])  # type: ignore[arg-type]
+    pictures = make_pictures(tmp_path / "pictures")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        expect = sync_api.expect
+        try:
+            page.goto(url)
+            expect(page.locator("#train_tools_new_project")).to_be_visible()
+            message = page.locator("#train_tools_message")
+
+            page.locator("#train_tools_new_project textarea, #train_tools_new_project input").first.fill(PROJECT)
+            page.locator("#train_tools_create_project").click()
+            expect(message).to_contain_text("Created project")
+            page.locator("#train_tools_create_version").click()
+            expect(message).to_contain_text("Created version 'v1'")
+            shot(page, "01-project")
+
+            page.locator("#train_tools_upload input[type=file]").set_input_files([str(p) for p in pictures])
+            info = page.locator("#train_tools_dataset_info")
+            expect(info).to_contain_text("12 pictures uploaded", timeout=60_000)
+            page.locator("#train_tools_update_dataset").click()
+            expect(info).to_contain_text("12 images", timeout=120_000)
+            shot(page, "02-dataset")
+
+            # Tiny settings: 12 images x 8 repeats / batch 2 = 48 steps per epoch (one bucket), 2 epochs, a file per
+            # epoch: long enough (a few seconds) for the bar to be seen between start and end.
+            expect(page.locator("#train_tools_base_model input").first).to_have_value(
+                "Use demo model (tiny, random weights: tries the whole flow on a CPU)")
+            for elem_id, value in [("epochs", "2"), ("save_every_n_epochs", "1"), ("batch_size", "2"),
+                                   ("repeats", "8"), ("network_dim", "4"), ("network_alpha", "2"),
+                                   ("resolution", "128")]:
+                set_number(page, f"train_tools_{elem_id}", value)
+            page.locator("#train_tools_advanced").get_by_text("Advanced").first.click()
+            for elem_id, value in [("min_bucket_reso", "64"), ("max_bucket_reso", "256")]:
+                set_number(page, f"train_tools_{elem_id}", value)
+            shot(page, "03-settings")
+
+            page.locator("#train_tools_begin").click()
+            expect(message).to_contain_text("Training started", timeout=120_000)
+            progress = page.locator("#train_tools_progress .tt-progress")
+            seen_steps: set[int] = set()
+            deadline = time.time() + TRAIN_TIMEOUT_S
+            state = ""
+            while time.time() < deadline:
+                state = progress.get_attribute("data-state") or ""
+                seen_steps.add(int(progress.get_attribute("data-step") or 0))
+                if state in ("finished", "failed", "interrupted"):
+                    break
+                if len(seen_steps) == 3:
+                    shot(page, "04-training")
+                time.sleep(0.3)
+            shot(page, "05-trained")
+            assert state == "finished", page.locator("#train_tools_progress").inner_text()
+            assert progress.get_attribute("data-step") == progress.get_attribute("data-total") == "96"
+            assert len(seen_steps - {0, 96}) >= 1, f"the bar never showed a step between start and end: {seen_steps}"
+            expect(page.locator("#train_tools_progress svg.tt-chart")).to_have_count(1)
+
+            results = page.locator("#train_tools_results")
+            expect(results).to_contain_text(f"{PROJECT}-v1.safetensors")
+            expect(results).to_contain_text(f"{PROJECT}-v1-000001.safetensors")
+            page.locator("#train_tools_copy_lora").click()
+            expect(message).to_contain_text("Copied", timeout=60_000)
+            copied = sorted((data / "models" / "Lora").glob("*.safetensors"))
+            assert [p.name for p in copied] == [f"{PROJECT}-v1-000001.safetensors"]
+            assert copied[0].stat().st_size > 1000
+            shot(page, "06-copied")
+
+            page.reload()
+            expect(page.locator("#train_tools_project input").first).to_have_value(PROJECT, timeout=60_000)
+            expect(page.locator("#train_tools_version input").first).to_have_value("v1")
+            for elem_id, value in [("epochs", "2"), ("resolution", "128"), ("network_dim", "4"),
+                                   ("batch_size", "2")]:
+                expect(page.locator(f"#train_tools_{elem_id} input").first).to_have_value(value)
+            expect(page.locator("#train_tools_base_model input").first).to_have_value("train_tools_demo.safetensors")
+            expect(page.locator("#train_tools_results")).to_contain_text(f"{PROJECT}-v1.safetensors")
+            shot(page, "07-reloaded")
+        except Exception:
+            shot(page, "99-failure")
+            raise
+        finally:
+            browser.close()

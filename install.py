@@ -37,6 +37,12 @@ HOST_CAPS = [
     ("peft", "<0.14", [("transformers", "4.46"), ("accelerate", "1.1")]),
 ]
 
+# Other distributions of the same module: a WebUI with onnxruntime-gpu must not get the CPU package beside it
+# (both install the module ``onnxruntime``; the second one breaks the first).
+ALTERNATIVES = {
+    "onnxruntime": ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon", "onnxruntime-openvino"),
+}
+
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 
 
@@ -86,7 +92,12 @@ def installed_version(name: str) -> str | None:
 
 
 def is_installed(name: str) -> bool:
-    """The WebUI's own check when we run inside it, else the package metadata."""
+    """The WebUI's own check when we run inside it, else the package metadata; another distribution of the
+    same module (``ALTERNATIVES``) counts as installed."""
+    return any(_is_installed(n) for n in (name, *ALTERNATIVES.get(normalize(name), ())))
+
+
+def _is_installed(name: str) -> bool:
     try:
         import launch  # the WebUI's launch.py, on the path when the WebUI runs this file
 

@@ -7,6 +7,7 @@ Lora folder, reload the page and find the settings restored. Screenshots go to t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -176,6 +177,37 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             assert copied[0].stat().st_size > 1000
             shot(page, "06-copied")
 
+            # Previews of the run: a small grid (2 sampling steps, two weights, 64 px), then a click on a cell
+            # and Install to Lora folder.
+            set_number(page, "train_tools_preview_steps", "2")
+            set_number(page, "train_tools_preview_width", "64")
+            set_number(page, "train_tools_preview_height", "64")
+            weights = page.locator("#train_tools_preview_weights textarea, #train_tools_preview_weights input").first
+            weights.fill("0.5, 1")
+            weights.press("Tab")
+            page.locator("#train_tools_generate_previews").click()
+            expect(message).to_contain_text("Generating previews", timeout=60_000)
+            grid_img = page.locator("#train_tools_preview_grid img").first
+            expect(grid_img).to_be_visible(timeout=TRAIN_TIMEOUT_S * 1000)
+            (grid_json,) = sorted((data / "outputs").rglob("grid.json"))
+            described = json.loads(grid_json.read_text(encoding="utf-8"))
+            layout = described["layout"]
+            cell = next(c for c in described["cells"] if c["row"] == 0 and c.get("weight") == 1.0)
+            natural = page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", grid_img.element_handle())
+            box = grid_img.bounding_box()
+            x = layout["left"] + (cell["col"] + 0.5) * layout["cell_width"]
+            y = layout["top"] + (cell["row"] + 0.5) * layout["cell_height"]
+            grid_img.click(position={"x": x * box["width"] / natural[0], "y": y * box["height"] / natural[1]})
+            expect(page.locator("#train_tools_preview_selected")).to_contain_text("weight 1", timeout=30_000)
+            shot(page, "07-previews")
+            page.locator("#train_tools_install_lora").click()
+            expect(message).to_contain_text("Installed", timeout=60_000)
+            stem = Path(cell["file"]).stem
+            lora_dir = data / "models" / "Lora"
+            for suffix in (".safetensors", ".preview.png", ".json"):
+                assert any(p.name.endswith(suffix) and p.name.startswith(stem.split("-000")[0])
+                           for p in lora_dir.iterdir()), (suffix, sorted(p.name for p in lora_dir.iterdir()))
+
             page.reload()
             expect(page.locator("#train_tools_project input").first).to_have_value(PROJECT, timeout=60_000)
             expect(page.locator("#train_tools_version input").first).to_have_value("v1")
@@ -184,7 +216,7 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
                 expect(page.locator(f"#train_tools_{elem_id} input").first).to_have_value(value)
             expect(page.locator("#train_tools_base_model input").first).to_have_value("train_tools_demo.safetensors")
             expect(page.locator("#train_tools_results")).to_contain_text(f"{PROJECT}-v1.safetensors")
-            shot(page, "07-reloaded")
+            shot(page, "08-reloaded")
         except Exception:
             shot(page, "99-failure")
             raise

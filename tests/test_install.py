@@ -159,5 +159,18 @@ def test_in_a_host_environment_install_changed_no_version_and_has_nothing_left_t
     # A second run (every WebUI start) would install nothing, and what was added works with the host's pins.
     assert install.missing_requirements() == []
     import diffusers  # noqa: F401
-    from diffusers import StableDiffusionPipeline  # noqa: F401 - the import old hosts broke on
     import peft  # noqa: F401
+    from diffusers import StableDiffusionPipeline  # noqa: F401 - the import old hosts broke on
+
+
+def test_a_gpu_build_of_onnxruntime_counts_as_onnxruntime(install, monkeypatch, tmp_path):
+    """A WebUI with onnxruntime-gpu (a tagger extension put it there) must not get the CPU package beside it."""
+    calls = record_pip(monkeypatch, install)
+    real = install.installed_version
+    monkeypatch.setattr(install, "installed_version",
+                        lambda name: "1.17.1" if name == "onnxruntime-gpu" else
+                        None if name == "onnxruntime" else real(name))
+    reqs = write_reqs(tmp_path, "onnxruntime>=1.16\n")
+    assert install.install(reqs) == [] and calls == []
+    monkeypatch.setattr(install, "installed_version", lambda name: None if "onnxruntime" in name else real(name))
+    assert install.install(reqs) == ["onnxruntime>=1.16"]

@@ -62,6 +62,16 @@ def test_detects_sd1_sd2_sdxl_from_keys_and_shapes(tmp_path: Path):
     assert detect_family(synthetic(768, SD1_TEXT)) == "sd1"
 
 
+def test_sdxl_tiny_shape_and_refiner(tmp_path: Path):
+    label = {UNET + "label_emb.0.0.weight": expanded((64, 80))}
+    assert detect_structure(synthetic(64, SDXL_TEXT, extra=label)) == ("sdxl", True)
+    # The refiner has the size embedding but only the bigG encoder, stored as embedders.0: not trainable here.
+    refiner = synthetic(1280, ["conditioner.embedders.0.model.ln_final.weight"],
+                        extra={UNET + "label_emb.0.0.weight": expanded((1536, 2560))})
+    with pytest.raises(UserError, match="SDXL refiner"):
+        detect_structure(refiner)
+
+
 def test_sd2_768_v_via_the_sidecar_yaml(tmp_path: Path):
     sd = synthetic(1024, SD2_TEXT)
     ckpt = tmp_path / "v2-1_768-ema-pruned.safetensors"

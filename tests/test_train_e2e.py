@@ -177,3 +177,29 @@ def test_not_a_checkpoint_is_refused_and_nothing_is_lost(tmp_path: Path, demo_pi
     # Only the prepared copies may have been added; nothing the user had is gone.
     assert set(before) <= set(after)
     assert store.version("p", "v1").runs() == []
+
+
+def test_samples_during_and_preview_grid_after_training(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """sample_every_n_epochs and preview_at_end: pictures of the saved files, made by the run itself."""
+    import dataclasses
+
+    from PIL import Image
+
+    from train_tools import previews
+    from train_tools.previews import latest_grid
+
+    defaults = previews.default_settings
+    # Fewer sampling steps and weights than a user's defaults: the same code, a tenth of the CPU time.
+    monkeypatch.setattr(previews, "default_settings", lambda *a, **k: dataclasses.replace(
+        defaults(*a, **k), steps=2, weights=(0.5, 1.0)))
+    store = make_version(tmp_path, demo_pictures)
+    config = tiny_config(epochs=2, save_every_n_epochs=1, sample_every_n_epochs=2, preview_at_end=True,
+                         resolution=64, min_bucket_reso=64, max_bucket_reso=128)
+    result = Trainer(store.version("p", "v1"), config, demo_ckpt, device="cpu").run()
+    samples = sorted(p.name for p in (result.run_dir / "samples").glob("*.png"))
+    assert samples == ["epoch-000002-1.png", "epoch-000002-2.png"]  # epoch 2 only, two seeds
+    info = latest_grid(result.run_dir)
+    assert info is not None and Image.open(info.image).size[0] > 0
+    # One row per saved file, the "no LoRA" column plus one per weight.
+    assert len(info.rows) == 2 and len(info.columns) == 1 + 2

@@ -109,16 +109,30 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     upload = tmp_path / "up.png"
     upload.write_bytes(b"x")
     monkeypatch.setattr(ui, "core_add_originals", lambda paths, v: f"added {len(paths)}")
-    monkeypatch.setattr(ui, "core_prepare", lambda v, config: "")
+    monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None: "")
     monkeypatch.setattr(ui, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui, "training_work", lambda *a: fake_work())
+    monkeypatch.setattr(ui, "preview_work", lambda *a: fake_work())
+    import train_tools.jobs
+    import train_tools.previews
+    import train_tools.resume
+
+    monkeypatch.setattr(train_tools.resume, "run_is_finished", lambda run: False)
+    monkeypatch.setattr(train_tools.jobs, "resume_work", lambda *a, **k: fake_work())
+    cell = types.SimpleNamespace(has_lora=True, file=version.trains_dir / "run1" / "p-v1.safetensors", weight=0.8)
+    grid = types.SimpleNamespace(cell=lambda row, col: cell, cell_at=lambda x, y: cell)
+    monkeypatch.setattr(train_tools.previews, "grid_info_for", lambda path: grid)
+    monkeypatch.setattr(train_tools.previews, "install_cell",
+                        lambda c, lora_dir, **k: lora_dir / c.file.name)
     tab = ui.build_tab(host, logic.jobs)
     comps = tab.train_tools.components
     # Values a user would have on the page.
     current = {id(comps["project"]): "p", id(comps["version"]): "v1", id(comps["new_project"]): "q",
                id(comps["new_version"]): "v2", id(comps["result_file"]): "run1/p-v1.safetensors",
                id(comps["upload"]): [str(upload)], id(comps["setting_base_model"]): "mine.safetensors",
-               id(comps["caption_target"]): str(version.originals_dir / "a.png"), id(comps["caption"]): "a  red\nball"}
+               id(comps["caption_target"]): str(version.originals_dir / "a.png"), id(comps["caption"]): "a  red\nball",
+               id(comps["tag"]): "red", id(comps["tag_new"]): "blue", id(comps["grid_path"]): "grid.png",
+               id(comps["preview_cell"]): {"grid": "grid.png", "row": 0, "col": 1}}
     functions = _functions(tab)
     assert len(functions) >= 15
     for fn in functions:
@@ -165,7 +179,8 @@ def test_create_project_and_version_and_reopen_after_reload(logic):
     out = logic.create_version("猫 cat", "v1")
     assert out[0]["value"] == "v1"
     values = [f"x{i}" for i in range(len(ui.SETTING_FIELDS))]
-    assert len(out) == 1 + len(values) + 4 + 1
+    # version, every setting, gallery/line/results/file, family/tags/grid/grid path/prompt/width/height, message
+    assert len(out) == 1 + len(values) + 4 + 7 + 1
 
     changed = TrainConfig(epochs=3, resolution=256, network_dim=8, optimizer="AdamW", flip_aug=True)
     assert "saved" in logic.save_settings("猫 cat", "v1", *values_of(changed))[0]
@@ -259,7 +274,7 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
     assert cleared is None and "tt-ok" in message
     assert len(ui.original_images(version)) == 3
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128)
-    gallery, line, message = logic.update_dataset("猫 cat", "v1", *values_of(config))
+    gallery, line, tags, message = logic.update_dataset("猫 cat", "v1", *values_of(config))
     assert line.startswith("3 images"), line
     # The uploaded caption is used, after the trigger word (the project's name when none is set).
     assert any(caption == "猫 cat, my caption" for _, caption in gallery), gallery
@@ -297,7 +312,7 @@ def test_begin_train_with_the_demo_model_saves_settings_and_runs_the_job(logic, 
     monkeypatch.setattr(logic.host, "build_demo_checkpoint", build_demo)
     started = {}
 
-    def fake_training_work(v, configs, checkpoint, device):
+    def fake_training_work(v, configs, checkpoint, device, host=None):
         started.update(version=v, checkpoint=checkpoint, configs=configs)
         return fake_work(save_to=v.trains_dir / "run1" / "猫 cat-v1.safetensors")
 
@@ -312,12 +327,12 @@ def test_begin_train_with_the_demo_model_saves_settings_and_runs_the_job(logic, 
     # Now the demo model is an ordinary checkpoint in the list, and it is the chosen one.
     assert models["value"] == DEMO_FILE_NAME and logic.host.list_checkpoints() == [DEMO_FILE_NAME]
 
-    progress, results, choices, seen = logic.poll("猫 cat", "v1", None)
+    progress, results, choices, grid, grid_path, seen = logic.poll("猫 cat", "v1", None, None)
     assert 'data-state="finished"' in progress and "step 4/4" in progress and "<svg" in progress
     assert "猫 cat-v1.safetensors" in results and choices["choices"] == ["run1/猫 cat-v1.safetensors"]
     # Nothing changed: the next poll leaves the page alone.
-    again = logic.poll("猫 cat", "v1", seen)
-    assert all(is_update(o) and len(o) == 1 for o in again[:3]) and again[3] == seen
+    again = logic.poll("猫 cat", "v1", choices["value"], seen)
+    assert all(is_update(o) and len(o) == 1 for o in again[:5]) and again[5] == seen
 
 
 def test_second_start_is_refused_and_interrupt_stops_after_the_step(logic, monkeypatch):
@@ -448,16 +463,39 @@ def test_select_a_picture_and_edit_its_caption(logic, monkeypatch):
     assert Path(target).name == "b.png" and caption == "old words"
     assert logic.select_picture("猫 cat", "v1", 0)[1] == ""  # no caption yet: an empty box, not the file name
     assert logic.select_picture("猫 cat", "v1", 7) == [None, ""]
-    gallery, _line, message = logic.save_caption("猫 cat", "v1", target, " new,  words ")
+    gallery, _line, _tags, message = logic.save_caption("猫 cat", "v1", target, " new,  words ")
     assert (version.originals_dir / "b.txt").read_text(encoding="utf-8") == "new, words\n"
     assert gallery[1][1] == "new, words" and "saved" in message
-    # A prepared picture's caption is written beside it and beside the original of the same name.
-    version.prepared_dir.mkdir(exist_ok=True)
-    (version.prepared_dir / "b.png").write_bytes(b"x")
-    logic.save_caption("猫 cat", "v1", str(version.prepared_dir / "b.png"), "third")
-    assert (version.prepared_dir / "b.txt").read_text(encoding="utf-8") == "third\n"
-    assert (version.originals_dir / "b.txt").read_text(encoding="utf-8") == "third\n"
     with pytest.raises(Exception, match="not in this version"):
         logic.save_caption("猫 cat", "v1", str(logic.host.data_dir / "x.png"), "no")
     with pytest.raises(Exception, match="Click a picture"):
         logic.save_caption("猫 cat", "v1", None, "no")
+
+
+def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_update(logic, tmp_path):
+    """With the real dataset code: edit one caption, remove and rename tags from the tab; what the trainer
+    reads (load_items) follows, the tag list follows, and Update Dataset keeps the edits."""
+    from PIL import Image
+
+    from train_tools.dataset import load_items
+
+    version = make_version(logic)
+    for i, caption in enumerate(["red, ball", "red, cube", "blue, ball"]):
+        Image.new("RGB", (96, 64), (60 * i, 100, 200)).save(version.originals_dir / f"p{i}.png")
+        (version.originals_dir / f"p{i}.txt").write_text(caption, encoding="utf-8")
+    config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, trigger_word="tt")
+    _gallery, _line, tags, _msg = logic.update_dataset("猫 cat", "v1", *values_of(config))
+    assert 'data-tag="red"' in tags and "red <b>2</b>" in tags
+
+    logic.save_caption("猫 cat", "v1", str(version.prepared_dir / "p1.png"), "tt,  red, shiny cube")
+    _gallery, _line, tags, msg = logic.remove_tag("猫 cat", "v1", "ball")
+    assert "from 2 captions" in msg and 'data-tag="ball"' not in tags
+    logic.rename_tag("猫 cat", "v1", "red", "crimson")
+    expected = ["tt, crimson", "tt, crimson, shiny cube", "tt, blue"]
+    assert [item.caption for item in load_items(version.prepared_dir)] == expected
+    logic.update_dataset("猫 cat", "v1", *values_of(config))  # prepare again: the edits stay
+    assert [item.caption for item in load_items(version.prepared_dir)] == expected
+    target, caption = logic.select_picture("猫 cat", "v1", 1)
+    assert Path(target).name == "p1.png" and caption == "tt, crimson, shiny cube"
+    # The originals' own captions are never changed by edits of the training set.
+    assert (version.originals_dir / "p0.txt").read_text(encoding="utf-8") == "red, ball"

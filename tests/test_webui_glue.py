@@ -207,8 +207,8 @@ def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
 
     seen = {}
 
-    def fake_training_work(version, configs, checkpoint, device):
-        seen.update(checkpoint=checkpoint, device=device, base=configs[0].base_model)
+    def fake_training_work(version, configs, checkpoint, device, host=None):
+        seen.update(checkpoint=checkpoint, device=device, base=configs[0].base_model, host=type(host).__name__)
         return _fake_work([], webui)
 
     monkeypatch.setattr(ui, "training_work", fake_training_work)
@@ -223,6 +223,41 @@ def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
     message, _progress, _models = logic.begin_train("猫", "v1", *values)
     assert "started" in message
     assert logic.jobs.wait(10).state == FINISHED
-    assert seen == {"checkpoint": webui.sd_dir / "real.safetensors", "device": "cpu", "base": title}
+    # The host goes with the work: the trainer captions with the WebUI's own interrogators through it.
+    assert seen == {"checkpoint": webui.sd_dir / "real.safetensors", "device": "cpu", "base": title,
+                    "host": "WebuiHost"}
     assert version.load_settings().base_model == title
     assert str(version.path).startswith(str(webui.data.resolve() / "outputs" / "train_tools"))
+
+
+@pytest.mark.parametrize("kind, expected", [("deepbooru", "1girl, red_background, solo"),
+                                            ("blip", "a picture of size 64x64")])  # the prepared one
+def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
+    """Update Dataset with the WebUI's DeepBooru / BLIP: the captions come from the host's models, which are
+    loaded once for the dataset and released afterwards."""
+    from PIL import Image
+
+    from train_tools.config import TrainConfig
+    from train_tools.dataset import load_items
+    from train_tools.store import Store
+    from train_tools.trainer import prepare_version
+    from train_tools.webui_host import WebuiHost
+
+    host = WebuiHost()
+    store = Store(host.data_dir)
+    store.create_project("p")
+    version = store.create_version("p", "v1")
+    version.originals_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (96, 64), (220, 10 * i, 10)).save(version.originals_dir / f"pic{i}.png")
+    config = TrainConfig(captioner=kind, trigger_word="tt", resolution=64, min_bucket_reso=64, max_bucket_reso=128)
+    report = prepare_version(version, config, host=host)
+    assert not report.refused
+    assert [item.caption for item in load_items(version.prepared_dir)] == [f"tt, {expected}"] * 2
+    if kind == "deepbooru":
+        from modules import deepbooru
+
+        assert deepbooru.model.calls == ["start", "tag_multi", "tag_multi", "stop"]
+    else:
+        assert webui.shared.interrogator.calls == ["load", "generate_caption", "generate_caption",
+                                                   "send_blip_to_ram"]

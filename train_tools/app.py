@@ -1,6 +1,10 @@
 """The standalone app: ``python -m train_tools`` opens the Train Tools tab in a browser.
 
-    python -m train_tools [--data-dir DIR] [--ckpt-dir DIR] [--lora-dir DIR] [--port 7860] [--listen 127.0.0.1]
+    python -m train_tools [--data-dir DIR] [--ckpt-dir DIR] [--lora-dir DIR] [--port 7860] [--listen [ADDRESS]]
+                          [--auth USER:PASSWORD ...] [--auth-file FILE]
+
+It serves this computer only (127.0.0.1) unless --listen is given; on a network, --auth or --auth-file puts a
+login in front of it. Only the projects folder's files (pictures, LoRA files, previews) can be downloaded.
 
 With no checkpoint of the user's, the base-model list offers the built-in demo model (built into
 ``<data dir>/models/Stable-diffusion`` on first use) and the Dataset section offers demo pictures, so a
@@ -19,12 +23,15 @@ from typing import Any
 
 from .errors import UserError
 from .host import StandaloneHost
+from .store import projects_root
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 7860
 DEFAULT_LISTEN = "127.0.0.1"
+NETWORK_LISTEN = "0.0.0.0"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_app_arguments(parser: argparse.ArgumentParser, *, with_paths: bool) -> None:
@@ -38,8 +45,13 @@ def add_app_arguments(parser: argparse.ArgumentParser, *, with_paths: bool) -> N
     parser.add_argument("--lora-dir", type=Path, default=None,
                         help="where 'Copy to Lora folder' puts files (default: DATA_DIR/models/Lora)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
-    parser.add_argument("--listen", default=DEFAULT_LISTEN,
-                        help=f"address to listen on (default {DEFAULT_LISTEN}; 0.0.0.0 serves your network)")
+    parser.add_argument("--listen", nargs="?", const=NETWORK_LISTEN, default=DEFAULT_LISTEN, metavar="ADDRESS",
+                        help=f"serve your network too: --listen alone listens on {NETWORK_LISTEN}, or give an "
+                             f"address (default {DEFAULT_LISTEN}: this computer only); protect it with --auth")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                        help="ask for this user name and password before showing anything; repeatable")
+    parser.add_argument("--auth-file", type=Path, default=None, metavar="FILE",
+                        help="a file of USER:PASSWORD lines (blank lines and # comments are skipped), like --auth")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
@@ -98,15 +110,55 @@ def create_app(host: StandaloneHost) -> tuple[Any, dict[str, Any]]:
     return demo, launch_kw
 
 
+def parse_auth(pairs: Sequence[str], auth_file: Path | None = None) -> list[tuple[str, str]]:
+    """``user:password`` pairs from --auth and the lines of --auth-file; a UserError names a bad one."""
+    lines = [(f"--auth {i + 1}", pair) for i, pair in enumerate(pairs)]
+    if auth_file is not None:
+        try:
+            text = Path(auth_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"Cannot read the --auth-file {auth_file} ({exc}); check the path.") from exc
+        lines += [(f"line {n} of {Path(auth_file).name}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.strip().startswith("#")]
+    out = []
+    for where, pair in lines:
+        user, sep, password = pair.partition(":")
+        if not sep or not user.strip() or not password:
+            raise UserError(f"The login in {where} must look like user:password.")
+        out.append((user.strip(), password))
+    return out
+
+
+def served_paths(host: StandaloneHost) -> tuple[list[str], list[str]]:
+    """(allowed, blocked) for Gradio's file route: the page only ever shows files of the projects (pictures,
+    LoRA files, previews), so only the projects folder is served. The checkpoint and Lora folders are also
+    blocked outright, for Gradio versions that serve the working folder by default (3.x)."""
+    root = projects_root(host.data_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    blocked = [d for d in (*host.ckpt_dirs, host.lora_dir) if d != root and d not in root.parents]
+    return [str(root)], [str(d) for d in blocked]
+
+
 def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAULT_LISTEN,
-          open_browser: bool = True, block: bool = True) -> Any:
-    """Start the web server; with ``block`` it runs until Ctrl-C."""
+          open_browser: bool = True, block: bool = True, auth: Sequence[tuple[str, str]] | None = None) -> Any:
+    """Start the web server; with ``block`` it runs until Ctrl-C.
+
+    It serves this computer only unless ``listen`` says otherwise; ``auth`` (user, password) pairs put a
+    login in front of every page, API call and file.
+    """
     demo, launch_kw = create_app(host)
     demo.queue()
     host.data_dir.mkdir(parents=True, exist_ok=True)
-    allowed = [str(host.data_dir), str(host.lora_dir), *(str(d) for d in host.ckpt_dirs)]
+    allowed, blocked = served_paths(host)
     log.info("Train Tools: data in %s, checkpoints from %s, LoRA files go to %s", host.data_dir,
              ", ".join(str(d) for d in host.ckpt_dirs), host.lora_dir)
+    if listen not in _LOOPBACK and not auth:
+        log.warning("Listening on %s without --auth: anyone on your network can use this app and train on your "
+                    "GPU; add --auth USER:PASSWORD.", listen)
+    if auth:
+        launch_kw["auth"] = list(auth)
+    if _accepts(demo.launch, "blocked_paths"):
+        launch_kw["blocked_paths"] = blocked
     try:
         demo.launch(server_name=listen, server_port=port, inbrowser=open_browser, allowed_paths=allowed,
                     prevent_thread_lock=not block, **launch_kw)
@@ -117,7 +169,9 @@ def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAU
 
 def run_app(args: argparse.Namespace) -> int:
     """Serve with parsed arguments (the CLI's ``app`` command and a bare ``python -m train_tools``)."""
-    serve(host_from_args(args), port=args.port, listen=args.listen, open_browser=not args.no_browser)
+    auth = parse_auth(getattr(args, "auth", None) or [], getattr(args, "auth_file", None))
+    serve(host_from_args(args), port=args.port, listen=args.listen, open_browser=not args.no_browser,
+          **({"auth": auth} if auth else {}))
     return 0
 
 

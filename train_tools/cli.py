@@ -4,7 +4,10 @@
     python -m train_tools version create NAME v1
     python -m train_tools dataset add NAME v1 IMAGE_OR_FOLDER ...
     python -m train_tools train NAME v1 [--ckpt PATH] [--set key=value ...]
+    python -m train_tools train NAME v1 --resume [RUN]
     python -m train_tools runs NAME v1
+    python -m train_tools preview NAME v1 [--run RUN] [--weights 0.4,0.8,1.0] [--prompt ...]
+    python -m train_tools install NAME v1 FILE [--weight W] --lora-dir DIR
     python -m train_tools demo-checkpoint PATH
 
 Errors a user can fix print one line and exit with status 2; Ctrl-C stops training cleanly after saving.
@@ -17,10 +20,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from .config import TrainConfig, fields_info, parse_assignments
+from .config import fields_info, parse_assignments
 from .errors import UserError
 from .store import Store, Version
 
@@ -109,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting for this and later runs of the version")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="go on with a stopped run (Interrupt, Ctrl-C, a crash, a reboot) in its own folder: the "
+                        "newest run, or RUN (its folder name in trains/); it keeps the settings it began with")
 
     s = sub.add_parser("settings", help="show or change a version's saved settings",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help())
@@ -119,6 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the files each training run wrote")
     r.add_argument("project")
     r.add_argument("version")
+
+    pv = sub.add_parser("preview", help="make the preview grid of a run: epochs x LoRA weights; prints its path")
+    pv.add_argument("project")
+    pv.add_argument("version")
+    pv.add_argument("--run", help="run folder name (default: the newest run)")
+    pv.add_argument("--weights", help="comma-separated LoRA weights (default: 0.2,0.4,0.6,0.8,1.0,1.2)")
+    pv.add_argument("--prompt", help="prompt (default: the preview prompt setting, else the trigger word)")
+    pv.add_argument("--negative", dest="negative_prompt", help="negative prompt")
+    pv.add_argument("--seed", type=int, help="seed of every picture (-1: one random seed for the grid)")
+    pv.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    pv.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale (default 7)")
+    pv.add_argument("--sampler", help="sampler: Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC, Heun")
+    pv.add_argument("--width", type=int, help="picture width (default: the training resolution)")
+    pv.add_argument("--height", type=int, help="picture height (default: the training resolution)")
+    pv.add_argument("--ckpt", help="base checkpoint (default: the one the run was trained on)")
+    pv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    pv.add_argument("--no-base", action="store_true", help="leave out the 'no LoRA' column")
+
+    ins = sub.add_parser("install", help="copy a LoRA file into a Lora folder with its picture and card metadata")
+    ins.add_argument("project")
+    ins.add_argument("version")
+    ins.add_argument("file", help="a LoRA file of the version's runs (name, RUN/name or a path)")
+    ins.add_argument("--lora-dir", type=Path, required=True, help="the WebUI's Lora folder (models/Lora)")
+    ins.add_argument("--weight", type=float, help="preferred weight on the Lora card (default: 1.0)")
+    ins.add_argument("--name", help="installed name (default: the file's name)")
+    ins.add_argument("--preview", type=Path, help="picture for the card (default: from the run's newest grid)")
+    ins.add_argument("--activation-text", help="words added with the LoRA (default: the trigger word)")
+    ins.add_argument("--overwrite", action="store_true", help="replace a LoRA of the same name (default: keep "
+                     "both, the new one with a suffix)")
 
     dc = sub.add_parser("demo-checkpoint", help="write the tiny demo model (random weights) to PATH")
     dc.add_argument("path", type=Path)
@@ -164,6 +201,8 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
     from .trainer import Trainer
 
     version = store.version(args.project, args.version)
+    if args.resume is not None:
+        return cmd_resume(args, version, ckpt_dirs)
     assignments = parse_assignments(args.assignments)
     rates = _learning_rates(assignments)
     if rates:
@@ -175,18 +214,60 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
     version.save_settings(config)
     configs = [config] + [config.updated({"learning_rate": r}) for r in (rates or [])[1:]]
     stop = StopFlag()
-    with _CtrlC(stop):
+    with _CtrlC(stop), _hold_device(version, args.device):
         for cfg in configs:
             result = Trainer(version, cfg, checkpoint, reporter=TerminalReporter(), stop=stop,
                              device=args.device).run()
-            log.info("Run folder: %s", result.run_dir)
-            for path in result.files:
-                log.info("  %s", path.name)
-            if result.interrupted:
-                log.warning("Training was interrupted after %d steps; the files above hold what it learned.",
-                            result.steps)
+            if _report_result(result, version):
                 return 130
     return 0
+
+
+def _hold_device(version: Version, device: str | None) -> AbstractContextManager[Path]:
+    """One run per device: refused with a message naming the run that holds it (see devicelock.py)."""
+    from .devicelock import hold, lock_dir_for
+
+    return hold(lock_dir_for(version.path), device, f"{version.project} / {version.name} (command line)")
+
+
+def _report_result(result: Any, version: Version) -> bool:
+    """Log the run's folder and files; True when it was interrupted."""
+    log.info("Run folder: %s", result.run_dir)
+    for path in result.files:
+        log.info("  %s", path.name)
+    if result.interrupted:
+        log.warning("Training was interrupted after %d steps; the files above hold what it learned. Go on with: "
+                    "python -m train_tools train \"%s\" \"%s\" --resume %s", result.steps, version.project,
+                    version.name, result.run_dir.name)
+        return True
+    return False
+
+
+def cmd_resume(args: argparse.Namespace, version: Version, ckpt_dirs: list[Path]) -> int:
+    """``train P V --resume [RUN]``: continue a stopped run in its own folder, with its own settings."""
+    from .progress import StopFlag, TerminalReporter
+    from .resume import find_run, resume_inputs, run_is_finished
+    from .trainer import Trainer
+
+    if args.assignments:
+        raise UserError("--set cannot change a resumed run: it keeps the settings it began with; start a new run "
+                        "(without --resume) to change them.")
+    run_dir = find_run(version, args.resume or None)
+    if run_is_finished(run_dir):
+        log.info("Run %s is finished; there is nothing to resume.", run_dir.name)
+        return 0
+    config, base_model_path = resume_inputs(run_dir, version.load_settings())
+    if args.ckpt:
+        checkpoint = resolve_checkpoint(args.ckpt, ckpt_dirs)
+    elif base_model_path and Path(base_model_path).is_file():
+        checkpoint = Path(base_model_path)
+    else:
+        checkpoint = resolve_checkpoint(config.base_model, ckpt_dirs)
+    stop = StopFlag()
+    with _CtrlC(stop), _hold_device(version, args.device):
+        result = Trainer(version, config, checkpoint, reporter=TerminalReporter(), stop=stop, device=args.device,
+                         resume_from=run_dir).run()
+    return 130 if _report_result(result, version) else 0
 
 
 def cmd_runs(version: Version) -> int:
@@ -198,6 +279,76 @@ def cmd_runs(version: Version) -> int:
         sys.stdout.write(f"{run}\n")
         for f in files:
             sys.stdout.write(f"  {f.name}\t{f.stat().st_size / 1e6:.1f} MB\n")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> int:
+    from . import previews
+    from .progress import StopFlag
+
+    version = store.version(args.project, args.version)
+    run_dir = previews.choose_run(version, args.run)
+    config = previews.run_config(run_dir)
+    changes = {key: getattr(args, key) for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale",
+                                                   "sampler", "width", "height", "weights")
+               if getattr(args, key) is not None}
+    settings = previews.default_settings(config, version.project, **changes)
+    if args.ckpt:
+        checkpoint = resolve_checkpoint(args.ckpt, ckpt_dirs)
+    else:
+        checkpoint = previews.run_checkpoint(run_dir) or resolve_checkpoint(config.base_model, ckpt_dirs)
+    stop = StopFlag()
+    with _CtrlC(stop):
+        previewer = previews.DiffusersPreviewer.from_checkpoint(checkpoint, clip_skip=config.clip_skip,
+                                                               device=args.device)
+        try:
+            grid = previews.generate_grid(run_dir, previewer, settings, include_base=not args.no_base,
+                                          reporter=previews.PictureBarReporter(), stop=stop)
+        finally:
+            previewer.close()
+    sys.stdout.write(f"{grid}\n")
+    return 130 if stop.requested else 0
+
+
+def _version_lora_file(version: Version, choice: str) -> Path:
+    """A LoRA file by path, by ``RUN/name`` or by bare name (the newest run that has it)."""
+    direct = Path(choice).expanduser()
+    if direct.is_file():
+        return direct.resolve()
+    trains = version.trains_dir.resolve()
+    candidate = (trains / choice).resolve()
+    if trains in candidate.parents and candidate.is_file():
+        return candidate
+    for run_dir in reversed(version.runs()):
+        path = run_dir / choice
+        if path.is_file():
+            return path.resolve()
+    raise UserError(f"'{choice}' is not a file nor a LoRA of the runs of {version.project} / {version.name}; "
+                    "list them with 'python -m train_tools runs'.")
+
+
+def cmd_install(args: argparse.Namespace, store: Store) -> int:
+    from . import previews
+    from .lora_install import install_lora
+
+    version = store.version(args.project, args.version)
+    file = _version_lora_file(version, args.file)
+    in_run = version.trains_dir.resolve() in file.parents
+    config = previews.run_config(file.parent) if in_run else version.load_settings()
+    weight, picture = args.weight, args.preview
+    if picture is None and in_run:
+        cell = previews.find_cell(file.parent, file, weight)
+        if cell is not None:
+            picture = cell.image
+            weight = cell.weight if weight is None else weight
+    if picture is None:
+        log.info("No preview picture for %s (make one with 'python -m train_tools preview'); installing without.",
+                 file.name)
+    activation = args.activation_text if args.activation_text is not None else previews.trigger_word(
+        config, version.project)
+    target = install_lora(file, args.lora_dir, weight=1.0 if weight is None else weight, activation_text=activation,
+                          preview=picture, overwrite=args.overwrite, name=args.name)
+    sys.stdout.write(f"{target}\n")
     return 0
 
 
@@ -250,8 +401,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             out.write(f"added {len(paths)} demo pictures to {version.originals_dir}\n")
             return 0
         config = version.load_settings()
-        from .trainer import prepare_items
         from .progress import Reporter
+        from .trainer import prepare_items
 
         items = prepare_items(version, config, Reporter())
         repeats = config.repeats or ds.auto_repeats(len(items))
@@ -270,6 +421,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         return cmd_train(args, store, ckpt_dirs)
     if args.command == "runs":
         return cmd_runs(store.version(args.project, args.version))
+    if args.command == "preview":
+        return cmd_preview(args, store, ckpt_dirs)
+    if args.command == "install":
+        return cmd_install(args, store)
     if args.command == "demo-checkpoint":
         from .demo_model import build_demo_checkpoint
 

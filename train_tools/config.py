@@ -28,6 +28,7 @@ LR_SCHEDULERS = (
 MIXED_PRECISIONS = ("fp16", "bf16", "no")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_MODES = ("use", "ignore", "prepend", "append")
+CAPTIONERS = ("none", "wd14", "blip", "deepbooru")
 
 
 def _f(
@@ -104,6 +105,18 @@ class TrainConfig:
                            choices=CAPTION_MODES, advanced=True)
     trigger_word: str = _f("", "Trigger word", "Put first in every caption; empty = the project name.",
                            advanced=True)
+    captioner: str = _f("none", "Automatic captioner", "Caption pictures automatically when preparing: wd14 = "
+                        "booru tags (anime), blip = a short sentence (photos), deepbooru = the WebUI's own tagger "
+                        "(in the WebUI only); combined with uploaded captions "
+                        "per 'Uploaded captions'.", choices=CAPTIONERS, advanced=True)
+    tagger_general_threshold: float = _f(0.35, "Tagger threshold", "WD14: general tags at least this confident "
+                                         "are kept; lower = more tags.", min=0.0, max=1.0, advanced=True)
+    tagger_character_threshold: float = _f(0.85, "Tagger character threshold", "WD14: character names at least "
+                                           "this confident are kept.", min=0.0, max=1.0, advanced=True)
+    tagger_include_rating: bool = _f(False, "Tagger rating tag", "WD14: also write the rating (general, "
+                                     "sensitive, questionable, explicit).", advanced=True)
+    tagger_exclude: str = _f("", "Tagger excluded tags", "WD14: comma-separated tags never written (e.g. the "
+                             "features every picture shares).", advanced=True)
     background_color: str = _f("#ffffff", "Background colour", "Transparent pixels are flattened onto this colour.",
                                advanced=True)
     min_image_size: int = _f(64, "Min image side", "Pictures with a shorter side are refused as too small.",
@@ -128,10 +141,20 @@ class TrainConfig:
                                       ss="ss_gradient_checkpointing", advanced=True)
     cache_latents: bool = _f(True, "Cache latents", "Encode each image once instead of every step.",
                              ss="ss_cache_latents", advanced=True)
+    torch_compile: bool = _f(False, "torch.compile", "Compile the UNet: faster steps on a GPU after a minute "
+                             "or more of compiling at the start; needs a C++ compiler.", advanced=True)
     save_precision: str = _f("fp16", "Save precision", "Precision of the saved LoRA file.",
                              choices=SAVE_PRECISIONS, advanced=True)
     output_name: str = _f("", "Output name", "File name of the LoRA; empty = <project>-<version>.",
                           ss="ss_output_name", advanced=True)
+    # --- previews (pictures made with the saved LoRA files) ---
+    preview_at_end: bool = _f(False, "Previews at the end", "After training, make the preview grid: one row per "
+                              "saved epoch, one column per LoRA weight.", advanced=True)
+    sample_every_n_epochs: int = _f(0, "Sample every n epochs", "Make a few sample pictures with each saved LoRA "
+                                    "file every n epochs, to watch training; 0 = off.", min=0, max=10000,
+                                    advanced=True)
+    preview_prompt: str = _f("", "Preview prompt", "Prompt of the previews and samples; empty = the trigger word.",
+                             advanced=True)
 
     # ------------------------------------------------------------------ derived values
     def effective_unet_lr(self) -> float:

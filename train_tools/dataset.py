@@ -46,6 +46,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".d
 CAPTION_SUFFIX = ".txt"
 AUTO_CAPTION_SUFFIX = ".auto.txt"
 MANIFEST_NAME = ".manifest.json"
+# Hand edits of prepared captions (captions.py writes it). A file of its own, because prepare_dataset rewrites
+# the manifest and the .txt captions; its leading dot keeps remove_stale away from it.
+EDITS_NAME = ".caption_edits.json"
 # Bump when the way prepared images are made changes, so that every prepared folder is redone once.
 PIPELINE_VERSION = 1
 _ORIENTATION_TAG = 0x0112
@@ -483,6 +486,75 @@ def with_trigger_word(caption: str, trigger_word: str) -> str:
     return _join(trigger, *rest)
 
 
+def split_tags(caption: str) -> list[str]:
+    """The comma-separated tags of a caption, each with its inner white space collapsed; empty ones dropped."""
+    return [" ".join(t.split()) for t in caption.split(",") if t.strip()]
+
+
+def read_caption_edits(prepared: Path) -> dict[str, Any]:
+    """The hand edits of a prepared folder: ``captions`` maps a stem to ``{"text", "sha256"}`` (the caption
+    that replaces the composed one, and the hash of the original it was written for) and ``tag_rules`` lists
+    the dataset-wide ``remove`` / ``rename`` operations, which also apply to pictures added later."""
+    path = Path(prepared) / EDITS_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        data = {}
+    except (OSError, ValueError) as exc:
+        log.warning("The caption edits file is unreadable (%s); ignoring the edits.", exc)
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    captions = data.get("captions")
+    rules = data.get("tag_rules")
+    return {"format": 1, "captions": captions if isinstance(captions, dict) else {},
+            "tag_rules": [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []}
+
+
+def original_hashes(prepared: Path) -> dict[str, str]:
+    """Prepared stem -> sha256 of the original it was made from, as the manifest records them."""
+    items = _read_manifest(Path(prepared)).get("items", {})
+    return {str(e["stem"]): str(e["sha256"]) for e in items.values()
+            if isinstance(e, dict) and e.get("stem") and e.get("sha256")}
+
+
+def edited_caption(edits: dict[str, Any], stem: str, sha256: str | None) -> str | None:
+    """The hand-edited caption of ``stem``, or None; an edit made for another picture of the same name (the
+    original was replaced since) no longer counts."""
+    record = edits.get("captions", {}).get(stem)
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        return None
+    made_for = record.get("sha256")
+    if made_for and sha256 and made_for != sha256:
+        return None
+    return str(record["text"])
+
+
+def apply_tag_rules(caption: str, rules: Sequence[dict[str, Any]]) -> str:
+    """``caption`` after the dataset's tag rules, in order; returned unchanged when no rule touches it."""
+    tags = split_tags(caption)
+    changed = False
+    for rule in rules:
+        op = rule.get("op")
+        if op == "remove" and rule.get("tag") in tags:
+            tags = [t for t in tags if t != rule.get("tag")]
+            changed = True
+        elif op == "rename" and rule.get("old") in tags and isinstance(rule.get("new"), str):
+            tags = rename_in_tags(tags, str(rule["old"]), str(rule["new"]))
+            changed = True
+    return ", ".join(tags) if changed else caption
+
+
+def rename_in_tags(tags: Sequence[str], old: str, new: str) -> list[str]:
+    """``tags`` with ``old`` replaced by ``new``, which is then kept only at its first place."""
+    out: list[str] = []
+    for tag in tags:
+        tag = new if tag == old else tag
+        if tag == new and new in out:
+            continue
+        out.append(tag)
+    return out
+
+
 # ====================================================================== preparing a folder
 
 @dataclass
@@ -572,6 +644,7 @@ class _Preparer:
         self.refused: dict[str, dict[str, Any]] = {}
         self.by_sha: dict[str, str] = {}
         self.by_pixels: dict[str, str] = {}
+        self.edits = read_caption_edits(prepared)
 
     def manifest(self) -> dict[str, Any]:
         return {"format": 1, "image_options": self.options.image_signature(),
@@ -664,6 +737,8 @@ class _Preparer:
         needs_auto = self.options.caption_mode != "use" or not uploaded
         automatic = self._automatic_caption(source, entry, image) if needs_auto else ""
         caption = compose_caption(uploaded, automatic, self.options.caption_mode, self.options.trigger_word)
+        edited = edited_caption(self.edits, entry["stem"], entry.get("sha256"))
+        caption = edited if edited is not None else apply_tag_rules(caption, self.edits["tag_rules"])
         target = self.prepared / f"{entry['stem']}.txt"
         if entry.get("caption") != caption or not target.is_file():
             fileio.write_text(target, caption + "\n")
@@ -721,7 +796,8 @@ def prepare_dataset(originals: Path, prepared: Path, options: PrepareOptions,
 def load_items(prepared: Path, *, flip: bool = False) -> list[DatasetItem]:
     """The items of a prepared folder (the version's ``prepared/``, or a regularisation folder), sorted by name.
 
-    Each ``<stem>.png`` with its ``<stem>.txt`` (an empty caption when missing). ``flip=True`` adds a mirrored
+    Each ``<stem>.png`` with its ``<stem>.txt`` (an empty caption when missing), or its hand-edited caption
+    when there is one (see ``read_caption_edits``). ``flip=True`` adds a mirrored
     copy of each item (``flipped=True``); the trainer does not ask for it, as it caches mirrored latents itself
     when ``flip_aug`` is on.
     """
@@ -729,6 +805,7 @@ def load_items(prepared: Path, *, flip: bool = False) -> list[DatasetItem]:
     if not prepared.is_dir():
         return []
     info = {entry.get("stem"): (name, entry) for name, entry in _read_manifest(prepared).get("items", {}).items()}
+    edits = read_caption_edits(prepared)
     items: list[DatasetItem] = []
     for path in sorted(prepared.glob("*.png"), key=lambda p: _nfc(p.name)):
         if path.name.startswith("."):
@@ -742,6 +819,8 @@ def load_items(prepared: Path, *, flip: bool = False) -> list[DatasetItem]:
         caption_path = path.with_suffix(CAPTION_SUFFIX)
         caption = read_text(caption_path) if caption_path.is_file() else ""
         source, entry = info.get(path.stem, ("", {}))
+        edited = edited_caption(edits, path.stem, entry.get("sha256"))
+        caption = edited if edited is not None else caption
         source_size = entry.get("source_size")
         item = DatasetItem(image=path, caption=caption, size=(int(size[0]), int(size[1])), source=source or "",
                            source_size=tuple(source_size) if source_size else None)

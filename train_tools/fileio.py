@@ -21,29 +21,88 @@ from .errors import UserError
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
 
-    On any error the temporary file is removed and ``target`` is left as it was.
+    On any error the temporary file is removed and ``target`` is left as it was. A full disk and a file name
+    the file system cannot hold become a UserError that says so; other errors pass through unchanged.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    _check_file_name(target)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise UserError(
-                f"The disk is full while writing {target.name}; free some space and try again "
-                "(earlier files are intact)."
-            ) from exc
+        tmp = None
+        _fsync_dir(target.parent)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        friendly = _friendly_error(exc, target)
+        if friendly is not None:
+            raise friendly from exc
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+#: The suffix of the temporary files above; a kill between writing and renaming can leave one behind (hidden,
+#: named ``.<target name>.<random>.tmp``), which ``remove_stale_temp_files`` clears.
+TEMP_SUFFIX = ".tmp"
+
+
+def _check_file_name(target: Path) -> None:
+    """Refuse names that are no file name at all (``..``, empty, with a NUL) before touching the disk."""
+    name = target.name
+    if name in ("", ".", "..") or "\x00" in str(target):
+        shown = name.replace("\x00", "\\0") or str(target)
+        raise UserError(f"'{shown}' is not a usable file name; rename the file and try again.")
+
+
+def _friendly_error(exc: BaseException, target: Path) -> UserError | None:
+    """A UserError for the write failures a user can fix: a full disk, a name too long for the file system."""
+    if isinstance(exc, UserError):
+        return None
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or "No space left on device" in text:
+        return UserError(f"The disk is full while writing {target.name}; free some space and try again "
+                         "(earlier files are intact).")
+    if code == errno.ENAMETOOLONG:
+        return UserError(f"The file name '{target.name[:60]}...' is too long for this disk; use a shorter name.")
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a power cut then cannot bring back the old file."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename still happened
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` (not recursive); returns what went.
+
+    Only call this when nothing is writing into ``folder``: a live writer's temporary file looks the same.
+    """
+    removed: list[Path] = []
+    if not Path(folder).is_dir():
+        return removed
+    for path in Path(folder).iterdir():
+        if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_bytes(target: Path, data: bytes) -> None:

@@ -31,10 +31,13 @@ class Host:
     #: Whether the tab offers the built-in demo pictures (and, with no checkpoint, the demo model).
     offer_demo = False
 
-    def __init__(self, data_dir: Path, ckpt_dirs: Sequence[Path], lora_dir: Path) -> None:
+    def __init__(self, data_dir: Path, ckpt_dirs: Sequence[Path], lora_dir: Path,
+                 models_dir: Path | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.ckpt_dirs = [Path(d).expanduser().resolve() for d in ckpt_dirs]
         self.lora_dir = Path(lora_dir).expanduser().resolve()
+        # Where captioner models (WD14, BLIP) are looked for and downloaded to.
+        self.models_dir = Path(models_dir).expanduser().resolve() if models_dir else self.data_dir / "models"
 
     # ------------------------------------------------------------------ checkpoints
     def list_checkpoints(self) -> list[str]:
@@ -68,6 +71,13 @@ class Host:
         """A reporter mirroring progress into the host (the WebUI's ``shared.state``), or None.
 
         It may also request ``stop`` when the host's own Interrupt button is pressed.
+        """
+        return None
+
+    def captioner(self, kind: str) -> Callable[[Any], str] | None:
+        """The host's own automatic captioner of ``kind`` ("blip", "deepbooru"): picture in, caption out.
+
+        None (the default) means the host has none, and ``captioners.make_captioner`` uses Train Tools' own.
         """
         return None
 

@@ -231,18 +231,64 @@ def finish_message(job: Job) -> str:
 JOBS = JobManager()
 
 
-def training_work(version: Any, configs: list[Any], checkpoint: Path, device: str | None) -> Work:
-    """The work of Begin Train: one Trainer run per config (a learning-rate list gives several)."""
+def training_work(version: Any, configs: list[Any], checkpoint: Path, device: str | None,
+                  host: Any = None) -> Work:
+    """The work of Begin Train: one Trainer run per config (a learning-rate list gives several).
+
+    Refused at once (a UserError for the page) when another run, of this process or another (a second
+    browser tab, the command line), holds the device or the version; the work itself holds the device lock
+    for all its runs, so nothing can slip in between them.
+    """
+    from .devicelock import VERSION_LOCK_NAME, ensure_file_free, ensure_free, lock_dir_for
+
+    ensure_free(lock_dir_for(version.path), device)
+    ensure_file_free(Path(version.path) / VERSION_LOCK_NAME, f"version {version.project} / {version.name}")
 
     def work(reporter: Reporter, stop: StopFlag) -> list[Any]:
+        from .devicelock import hold
         from .trainer import Trainer  # torch and diffusers load here, in the job, not when the tab is built
 
         results = []
-        for config in configs:
-            result = Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device).run()
-            results.append(result)
-            if result.interrupted or stop.requested:
-                break
+        with hold(lock_dir_for(version.path), device, f"{version.project} / {version.name} (Train Tools tab)"):
+            for config in configs:
+                result = Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device,
+                                 host=host).run()
+                results.append(result)
+                if result.interrupted or stop.requested:
+                    break
         return results
+
+    return work
+
+
+def resume_work(version: Any, run_dir: Path, checkpoint: Path | None, device: str | None,
+                resolve: Callable[[str], Path] | None = None, host: Any = None) -> Work:
+    """The work of a Resume button: go on with ``run_dir`` (see ``resume.py``) in its own folder.
+
+    ``checkpoint`` None means the base model the run began with: its recorded path, else its name through
+    ``resolve`` (the host's ``resolve_checkpoint``).
+    """
+    from .devicelock import VERSION_LOCK_NAME, ensure_file_free, ensure_free, lock_dir_for
+    from .resume import resume_inputs
+
+    ensure_free(lock_dir_for(version.path), device)
+    ensure_file_free(Path(version.path) / VERSION_LOCK_NAME, f"version {version.project} / {version.name}")
+    config, base_model_path = resume_inputs(Path(run_dir), version.load_settings())
+    if checkpoint is None:
+        if base_model_path and Path(base_model_path).is_file():
+            checkpoint = Path(base_model_path)
+        elif resolve is not None:
+            checkpoint = resolve(config.base_model)
+        else:
+            raise UserError(f"The base model of run {Path(run_dir).name} ({base_model_path or config.base_model}) "
+                            "was not found; put it back in the checkpoint folder to resume.")
+
+    def work(reporter: Reporter, stop: StopFlag) -> list[Any]:
+        from .devicelock import hold
+        from .trainer import Trainer
+
+        with hold(lock_dir_for(version.path), device, f"{version.project} / {version.name} (Train Tools tab)"):
+            return [Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device,
+                            resume_from=Path(run_dir), host=host).run()]
 
     return work

@@ -218,9 +218,9 @@ def build_metadata(
     if not config.train_text_encoder:
         # Nothing was trained at that rate; a number here would claim a text-encoder LoRA the file lacks.
         meta["ss_text_encoder_lr"] = "0.0"
-    if family in ("sd2", "sd2v"):
-        # The WebUI ignores clip skip for SD2 (the penultimate layer is built in) and so does the trainer:
-        # record what was used, not what was asked for.
+    if family in ("sd2", "sd2v", "sdxl"):
+        # The WebUI ignores clip skip for SD2 and SDXL (the penultimate layer is built in) and so does the
+        # trainer: record what was used, not what was asked for.
         meta["ss_clip_skip"] = "1"
     if cover_image_png is not None:
         meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_image_png).decode("ascii")])

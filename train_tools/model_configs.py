@@ -277,3 +277,33 @@ def build_text_encoders(model_spec: ModelSpec, *, empty: bool = False) -> list[t
 def build_scheduler(model_spec: ModelSpec) -> DDPMScheduler:
     # from_config drops keys a given diffusers version does not know, so one dict serves every host.
     return DDPMScheduler.from_config(model_spec.scheduler)
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+# Training settings that depend on the family: the native resolution (the pixel budget of each bucket), bucket
+# sides scaled with it (SD1's are TrainConfig's own defaults, 320..960, i.e. 0.625x to 1.875x, here on the
+# 64-pixel bucket step), clip skip (SD2 and SDXL ignore it, as the WebUI does) and gradient checkpointing
+# (SDXL at 1024 needs it to fit 24 GB). Every family sets the same keys, so switching checkpoints back and
+# forth restores them.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd1": {"resolution": 512, "min_bucket_reso": 320, "max_bucket_reso": 960, "clip_skip": 2,
+            "gradient_checkpointing": False},
+    "sd2": {"resolution": 512, "min_bucket_reso": 320, "max_bucket_reso": 960, "clip_skip": 1,
+            "gradient_checkpointing": False},
+    "sd2v": {"resolution": 768, "min_bucket_reso": 512, "max_bucket_reso": 1408, "clip_skip": 1,
+             "gradient_checkpointing": False},
+    "sdxl": {"resolution": 1024, "min_bucket_reso": 640, "max_bucket_reso": 1920, "clip_skip": 1,
+             "gradient_checkpointing": True},
+}
+
+
+def family_defaults(family: str) -> dict[str, Any]:
+    """TrainConfig values to use for a checkpoint of ``family`` ("sd1", "sd2", "sd2v", "sdxl").
+
+    Training below a model's native resolution teaches it blurry pictures, and a bucket limit under the
+    resolution would make the resolution unreachable, so the tab switches these with the chosen checkpoint.
+    The keys are TrainConfig fields (``TrainConfig.updated(family_defaults(f))`` applies them).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown model family {family!r}; expected one of {', '.join(FAMILIES)}.")
+    return dict(_FAMILY_DEFAULTS[family])

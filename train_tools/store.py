@@ -73,6 +73,12 @@ class Version:
         return self.path / "dataset"
 
     @property
+    def data_dir(self) -> Path:
+        """The data dir this version lives in (see ``projects_root``: <data>/outputs/train_tools/projects/
+        <project>/versions/<version>)."""
+        return self.path.parents[5]
+
+    @property
     def prepared_dir(self) -> Path:
         return self.path / "prepared"
 

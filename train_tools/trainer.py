@@ -7,10 +7,14 @@ accelerate handling the device, mixed precision and data parallelism.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .fileio import sha256_file, write_json
 from .progress import Reporter, StepInfo, StopFlag
+from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
 from .store import Version
 
 log = logging.getLogger(__name__)
@@ -62,10 +67,28 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare_items(version: Version, config: TrainConfig, reporter: Reporter) -> list[ds.DatasetItem]:
-    """Bring ``prepared/`` up to date with the originals and the settings, and read it."""
+def prepare_version(version: Version, config: TrainConfig, *, host: Any = None,
+                    progress: Callable[[int, int], None] | None = None) -> ds.PrepareReport:
+    """Bring ``prepared/`` up to date with the originals and the settings (captioner included): the one way
+    the command line, the tab and the trainer prepare a version, so they always agree on the captions."""
+    from .captioners import captioner_from_config
+
+    models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
     options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
-    report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options)
+    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host)
+    try:
+        return ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, progress,
+                                  auto_caption=auto_caption)
+    finally:
+        close = getattr(auto_caption, "close", None)
+        if callable(close):
+            close()  # a host's captioner frees its model (the WebUI's DeepBooru, BLIP)
+
+
+def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None
+                  ) -> list[ds.DatasetItem]:
+    """Bring ``prepared/`` up to date with the originals and the settings, and read it."""
+    report = prepare_version(version, config, host=host)
     for refusal in report.refused:
         reporter.message(f"skipped {refusal}")
     items = ds.load_items(version.prepared_dir)
@@ -81,6 +104,55 @@ def text_transformer(te: torch.nn.Module) -> torch.nn.Module:
     return getattr(te, "text_model", te)
 
 
+@dataclass
+class Conditioning:
+    """What the UNet sees besides the noisy latents: the text encoders' hidden states (B, tokens, context)
+    and, for SDXL, the pooled text embedding (B, P) and the six size/crop numbers (B, 6) that go to the UNet
+    as ``added_cond_kwargs``."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Conditioning(self.hidden.to(device), moved(self.pooled), moved(self.time_ids))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """One batch from several (e.g. the cached batches of one)."""
+        pooled = [p.pooled for p in parts if p.pooled is not None]
+        times = [p.time_ids for p in parts if p.time_ids is not None]
+        return Conditioning(torch.cat([p.hidden for p in parts]),
+                            torch.cat(pooled) if len(pooled) == len(parts) else None,
+                            torch.cat(times) if len(times) == len(parts) else None)
+
+    def added_cond_kwargs(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """SDXL's extra UNet inputs, or None for a UNet that takes only the hidden states."""
+        if self.pooled is None and self.time_ids is None:
+            return None
+        if self.pooled is None or self.time_ids is None:
+            raise ValueError("An SDXL UNet needs both the pooled text embedding and the size/crop numbers.")
+        return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
+
+
+def sdxl_time_ids(item: ds.DatasetItem) -> list[float]:
+    """SDXL's size conditioning of one picture, as its training defined it: original (h, w), top-left of the
+    crop (top, left) in the resized picture, and target (h, w).
+
+    The prepared picture is the original resized to cover its bucket and centre-cropped (``fit_to_bucket``),
+    so the crop follows from the two sizes; a picture of unknown original size counts as uncropped.
+    """
+    target_w, target_h = item.size
+    orig_w, orig_h = item.source_size or item.size
+    scale = max(target_w / orig_w, target_h / orig_h)
+    top = max(0, round((orig_h * scale - target_h) / 2))
+    left = max(0, round((orig_w * scale - target_w) / 2))
+    return [float(orig_h), float(orig_w), float(top), float(left), float(target_h), float(target_w)]
+
+
 def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     tags = [t.strip() for t in caption.split(",")]
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
@@ -92,7 +164,17 @@ class Trainer:
     """One training run. ``run()`` does everything; the steps are separate methods so tests can look inside."""
 
     def __init__(self, version: Version, config: TrainConfig, checkpoint: Path, *, reporter: Reporter | None = None,
-                 stop: StopFlag | None = None, device: str | None = None, run_name: str | None = None) -> None:
+                 stop: StopFlag | None = None, device: str | None = None, run_name: str | None = None,
+                 resume_from: Path | None = None, host: Any = None) -> None:
+        self.host = host  # the program hosting the run (captioners, models folder); None = standalone defaults
+        # Resuming: ``resume_from`` is a run folder (trains/<run>); the run continues there with the settings
+        # it began with (its own snapshot wins over ``config``, the version's settings of today).
+        self.resume: ResumePoint | None = None
+        if resume_from is not None:
+            self.resume = resume_point(Path(resume_from), fallback=config)
+            if self.resume.config.to_dict() != config.to_dict():
+                log.info("Resuming %s with the settings it began with.", self.resume.run_dir.name)
+            config = self.resume.config
         config.validate()
         self.version = version
         self.config = config
@@ -120,7 +202,8 @@ class Trainer:
         self.device = self.accelerator.device
         set_seed(cfg.seed)
 
-        self.items = prepare_items(self.version, cfg, self.reporter)
+        with self.accelerator.main_process_first():  # one process writes prepared/, the others then read it
+            self.items = self._resumed_items(prepare_items(self.version, cfg, self.reporter, host=self.host))
         self.repeats = cfg.repeats or ds.auto_repeats(len(self.items))
 
         self.reporter.message(f"Loading {self.checkpoint.name}")
@@ -132,33 +215,50 @@ class Trainer:
         for te in m.text_encoders:
             te.requires_grad_(False)
         self.train_te = cfg.train_text_encoder
-        if len(m.text_encoders) != 1:
-            raise UserError(f"Training a {m.family} checkpoint is not supported yet; use an SD1 or SD2 checkpoint.")
-        self.te = m.text_encoders[0]
-        self.tokenizer = m.tokenizers[0]
+        # One text encoder (SD1, SD2) or two (SDXL: CLIP-L, then OpenCLIP-bigG with projection), each with its
+        # own tokenizer; ``te``/``tokenizer`` name the first for code that only needs one.
+        self.tes: list[torch.nn.Module] = list(m.text_encoders)
+        self.tokenizers: list[Any] = list(m.tokenizers)
+        self.te, self.tokenizer = self.tes[0], self.tokenizers[0]
+        # SDXL's UNet also takes the pooled text embedding and the picture's size/crop numbers.
+        self.needs_time_ids = getattr(m.unet.config, "addition_embed_type", None) == "text_time"
 
         move(m.unet, self.device, self.weight_dtype)
-        move(self.te, self.device, self.weight_dtype)
+        for te in self.tes:
+            move(te, self.device, self.weight_dtype)
         attach_lora(m.unet, unet_target_modules(m.unet), cfg.network_dim, cfg.network_alpha)
         params: list[dict[str, Any]] = [
             {"params": _fp32(lora_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
         if self.train_te:
-            attach_lora(self.te, text_encoder_target_modules(self.te), cfg.network_dim, cfg.network_alpha)
-            params.append({"params": _fp32(lora_parameters(self.te)), "lr": cfg.effective_text_encoder_lr()})
+            te_params: list[torch.nn.Parameter] = []
+            for te in self.tes:
+                attach_lora(te, text_encoder_target_modules(te), cfg.network_dim, cfg.network_alpha)
+                te_params += _fp32(lora_parameters(te))
+            params.append({"params": te_params, "lr": cfg.effective_text_encoder_lr()})
         self.trainable = [p for g in params for p in g["params"]]
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
             if self.train_te:
-                self.te.gradient_checkpointing_enable()
-                text_transformer(self.te).embeddings.requires_grad_(True)  # keeps checkpointed grads flowing
+                for te in self.tes:
+                    te.gradient_checkpointing_enable()
+                    text_transformer(te).embeddings.requires_grad_(True)  # keeps checkpointed grads flowing
+        if self.train_te:
+            # Training mode for every encoder, not only the first: transformers checkpoints only in training
+            # mode (CLIP has no dropout, so the outputs are the same either way).
+            for te in self.tes:
+                te.train()
 
         self.use_clip_skip = m.family in ("sd1",)
-        if m.family.startswith("sd2") and cfg.clip_skip != 1:
-            # The WebUI ignores clip skip for SD2's OpenCLIP text encoder: the penultimate layer is built in.
-            log.info("Clip skip %d is ignored for SD2 checkpoints, as the WebUI does.", cfg.clip_skip)
+        if m.family != "sd1" and cfg.clip_skip != 1:
+            # The WebUI ignores clip skip for SD2's OpenCLIP text encoder (the penultimate layer is built in)
+            # and for SDXL (both encoders' penultimate layers are used).
+            log.info("Clip skip %d is ignored for %s checkpoints, as the WebUI does.", cfg.clip_skip,
+                     m.family.upper())
 
         self.cache_latents()
         self.cached_text = self.cache_text() if not self.train_te and not cfg.shuffle_caption else None
+        if self.cached_text is not None:
+            self._release_text_encoders()
 
         from .optim import make_lr_scheduler, make_optimizer
 
@@ -166,15 +266,57 @@ class Trainer:
         self.batches_per_epoch = self._local_batch_count()
         self.total_steps = self.batches_per_epoch * cfg.epochs
         optimizer = make_optimizer(cfg.optimizer, params, cfg.learning_rate, device=self.device)
-        lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
-                                         total_steps=self.total_steps)
+        # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
+        ticks = self.accelerator.num_processes
+        lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps * ticks,
+                                         total_steps=self.total_steps * ticks)
+        if cfg.torch_compile:
+            m.unet.compile()  # in place: the module, its parameter names and the saved LoRA stay the same
+        if self.train_te and self.accelerator.num_processes > 1:
+            self._freeze_unreachable_te_lora()
+        trained_tes = self.tes if self.train_te else []
+        prepared = self.accelerator.prepare(m.unet, *trained_tes, optimizer, lr_scheduler)
+        m.unet, self.optimizer, self.lr_scheduler = prepared[0], prepared[-2], prepared[-1]
         if self.train_te:
-            m.unet, self.te, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-                m.unet, self.te, optimizer, lr_scheduler)
-        else:
-            m.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(m.unet, optimizer, lr_scheduler)
+            self.tes = list(prepared[1:-2])
+            self.te = self.tes[0]
         self.noise_scheduler = m.noise_scheduler
         self.prepared = True
+
+    def _freeze_unreachable_te_lora(self) -> None:
+        """Freeze the text-encoder LoRA weights that no gradient can reach, before DDP wraps the encoders.
+
+        The UNet reads an inner layer of the encoder (clip skip, SDXL's penultimate layer), so the LoRA of the
+        layers after it never gets a gradient, and DDP, which waits for one per trainable weight, stops at the
+        second step. One probe through the encoders finds them; frozen, they keep their starting values, as
+        they would anyway, and the saved file is unchanged.
+        """
+        from .network import lora_parameters
+
+        params = [p for te in self.tes for p in lora_parameters(te) if p.requires_grad]
+        with self.accelerator.autocast():
+            cond = self.encode_text([self.items[0].caption])
+        probe = cond.hidden.float().sum()
+        if cond.pooled is not None:
+            probe = probe + cond.pooled.float().sum()
+        probe.backward()
+        unreachable = [p for p in params if p.grad is None]
+        for p in params:
+            p.grad = None
+        for p in unreachable:
+            p.requires_grad_(False)
+        if unreachable:
+            log.info("%d text-encoder LoRA tensors get no gradient (layers after the one used); frozen for DDP.",
+                     len(unreachable))
+
+    def _release_text_encoders(self) -> None:
+        """Frozen encoders whose outputs are cached are not needed again: off the GPU they leave room for the
+        UNet (SDXL's two weigh 1.6 GB in fp16)."""
+        if self.device.type != "cuda":
+            return
+        for te in self.tes:
+            te.to("cpu")
+        torch.cuda.empty_cache()
 
     def _local_batch_count(self) -> int:
         n = len(self.sampler)
@@ -183,35 +325,72 @@ class Trainer:
     # ------------------------------------------------------------------ caches
     @torch.no_grad()
     def cache_latents(self) -> None:
-        """Encode every image (and its mirror with flip augmentation) once: the VAE never runs per step."""
-        vae = move(self.model.vae, self.device, torch.float32)  # fp32: the SD VAE overflows in fp16
+        """Encode every image (and its mirror with flip augmentation) once: the VAE never runs per step.
+
+        With ``cache_latents`` on (the default) the encoded pictures are also kept in ``prepared/.latents/``
+        (see ``latent_cache``), so a later run or a restart encodes only new or changed pictures; with several
+        processes the main one encodes and writes first and the others read. ``latent_encodes`` counts the VAE
+        calls of this run.
+        """
+        import contextlib
+
+        from .latent_cache import LatentDiskCache, vae_identity
+
+        acc = self.accelerator
+        disk = (LatentDiskCache(self.version.prepared_dir, vae_identity(self.model.vae), self.config.resolution)
+                if self.config.cache_latents else None)
+        flips = (False, True) if self.config.flip_aug else (False,)
         self.latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        self.reporter.message(f"Caching latents of {len(self.items)} images")
-        for item in self.items:
-            pixels = ds.image_to_tensor(ds.open_prepared(item)).unsqueeze(0)
-            variants = [pixels] + ([pixels.flip(-1)] if self.config.flip_aug else [])
-            entry = []
-            for px in variants:
-                dist = vae.encode(px.to(self.device)).latent_dist
-                entry.append((dist.mean.squeeze(0).cpu(), dist.std.squeeze(0).cpu()))
-            self.latent_cache.append(entry)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        vae.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.latent_encodes = 0
+        vae: torch.nn.Module | None = None
+        shas: set[str] = set()
+        with acc.main_process_first() if disk is not None else contextlib.nullcontext():
+            for item in self.items:
+                sha = sha256_file(item.image)
+                shas.add(sha)
+                pixels: torch.Tensor | None = None
+                entry = []
+                for flip in flips:
+                    cached = disk.load(sha, item.size, flip) if disk is not None else None
+                    if cached is None:
+                        if vae is None:  # only moved to the device when something is not cached
+                            vae = move(self.model.vae, self.device, torch.float32)  # fp32: SD's VAE overflows fp16
+                        if pixels is None:
+                            pixels = ds.image_to_tensor(ds.open_prepared(item)).unsqueeze(0)
+                        dist = vae.encode((pixels.flip(-1) if flip else pixels).to(self.device)).latent_dist
+                        cached = (dist.mean.squeeze(0).float().cpu(), dist.std.squeeze(0).float().cpu())
+                        self.latent_encodes += 1
+                        if disk is not None and acc.is_main_process:
+                            disk.store(sha, item.size, flip, *cached)
+                    entry.append(cached)
+                self.latent_cache.append(entry)
+        if disk is not None and acc.is_main_process:
+            disk.prune(shas)
+        total = len(self.items) * len(flips)
+        self.reporter.message(f"Latents: {total - self.latent_encodes} of {total} from the cache, "
+                              f"{self.latent_encodes} encoded")
+        self.scaling_factor = float(self.model.vae.config.scaling_factor)
+        if vae is not None:
+            vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def cache_text(self) -> list[torch.Tensor]:
+    def cache_text(self) -> list[Conditioning]:
+        """Every caption through the frozen text encoder(s) once (batch of one each, kept on the CPU)."""
         out = []
         with self.accelerator.autocast():
             for item in self.items:
-                out.append(self.encode_text([item.caption]).squeeze(0).cpu())
+                out.append(self.encode_text([item.caption]).to("cpu"))
         return out
 
     # ------------------------------------------------------------------ the step
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Token ids in chunks of 75 with start/end tokens, as the WebUI splits long prompts: (B, n*77)."""
-        tok = self.tokenizer
+    def tokenize(self, captions: list[str], tokenizer: Any = None) -> torch.Tensor:
+        """Token ids in chunks of 75 with start/end tokens, as the WebUI splits long prompts: (B, n*77).
+
+        ``tokenizer`` defaults to the first; SDXL's second pads with its own token ("!").
+        """
+        tok = tokenizer if tokenizer is not None else self.tokenizer
         chunks = self.config.max_token_length // 75
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -226,19 +405,38 @@ class Trainer:
             rows.append(row)
         return torch.tensor(rows, dtype=torch.long)
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenize(captions).to(self.device)
-        te = self.accelerator.unwrap_model(self.te) if hasattr(self, "accelerator") else self.te
-        hidden = []
-        for chunk in ids.split(77, dim=1):
-            if self.use_clip_skip and self.config.clip_skip > 1:
-                out = self.te(chunk, output_hidden_states=True)
-                h = out.hidden_states[-self.config.clip_skip]
-                h = text_transformer(te).final_layer_norm(h)
-            else:
-                h = self.te(chunk)[0]
-            hidden.append(h)
-        return torch.cat(hidden, dim=1)
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """The captions as the UNet's text conditioning, the way the WebUI encodes prompts.
+
+        Each encoder reads every 77-token chunk; the chunks' hidden states follow each other (B, n*77, C).
+        SD1/SD2 have one encoder. SDXL has two whose hidden states stand side by side (768 + 1280 = 2048), and
+        the pooled, projected output of the second encoder's first chunk goes to the UNet as ``text_embeds``.
+        """
+        hidden: list[torch.Tensor] = []
+        pooled: torch.Tensor | None = None
+        for te, tok in zip(self.tes, self.tokenizers):
+            ids = self.tokenize(captions, tok).to(self.device)
+            chunks = []
+            for index, chunk in enumerate(ids.split(77, dim=1)):
+                h, p = self._encode_chunk(te, chunk)
+                chunks.append(h)
+                if index == 0 and p is not None:
+                    pooled = p
+            hidden.append(torch.cat(chunks, dim=1))
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def _encode_chunk(self, te: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled projection or None) of one 77-token chunk through one encoder."""
+        if len(self.tes) > 1:
+            # SDXL: the penultimate layer of both encoders without the final layer norm (clip skip does not
+            # apply, as in the WebUI); the projection model also gives the pooled text embedding.
+            out = te(ids, output_hidden_states=True)
+            return out.hidden_states[-2], getattr(out, "text_embeds", None)
+        if self.use_clip_skip and self.config.clip_skip > 1:
+            out = te(ids, output_hidden_states=True)
+            base = self.accelerator.unwrap_model(te) if hasattr(self, "accelerator") else te
+            return text_transformer(base).final_layer_norm(out.hidden_states[-self.config.clip_skip]), None
+        return te(ids)[0], None
 
     def latents_for(self, indices: list[int], rng: random.Random, generator: torch.Generator | None) -> torch.Tensor:
         out = []
@@ -255,12 +453,15 @@ class Trainer:
             caps = [shuffle_caption(c, self.config.keep_tokens, rng) for c in caps]
         return caps
 
-    def loss(self, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, text: Conditioning | torch.Tensor, noise: torch.Tensor,
+             timesteps: torch.Tensor) -> torch.Tensor:
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
+        cond = text if isinstance(text, Conditioning) else Conditioning(text)
+        dtype = self.weight_dtype
         with self.accelerator.autocast():
-            pred = self.model.unet(noisy.to(self.weight_dtype), timesteps, text.to(self.weight_dtype)).sample
+            pred = self.model.unet(noisy.to(dtype), timesteps, cond.hidden.to(dtype),
+                                   added_cond_kwargs=cond.added_cond_kwargs(dtype)).sample
         if self.model.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, timesteps)
         else:
@@ -286,13 +487,18 @@ class Trainer:
         steps = self.noise_scheduler.config.num_train_timesteps
         return torch.randint(0, steps, (n,), generator=generator).to(self.device)
 
-    def text_for(self, indices: list[int], rng: random.Random) -> torch.Tensor:
+    def text_for(self, indices: list[int], rng: random.Random) -> Conditioning:
+        """Everything the UNet is conditioned on for these items besides the latents (cached when frozen)."""
         if self.cached_text is not None:
-            return torch.stack([self.cached_text[i] for i in indices]).to(self.device)
-        if self.train_te:
-            return self.encode_text(self.captions_for(indices, rng))
-        with torch.no_grad():
-            return self.encode_text(self.captions_for(indices, rng))
+            cond = Conditioning.cat([self.cached_text[i] for i in indices])
+        elif self.train_te:
+            cond = self.encode_text(self.captions_for(indices, rng))
+        else:
+            with torch.no_grad():
+                cond = self.encode_text(self.captions_for(indices, rng))
+        if self.needs_time_ids:
+            cond.time_ids = torch.tensor([sdxl_time_ids(self.items[i]) for i in indices], dtype=torch.float32)
+        return cond.to(self.device)
 
     @torch.no_grad()
     def fixed_batch_loss(self, seed: int = 0, n: int = 4) -> float:
@@ -311,33 +517,74 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
+        """Train (or go on training a resumed run) while holding the device and the version.
+
+        Any failure frees the model and the GPU memory first, so the WebUI keeps working; running out of
+        memory becomes a UserError naming what to lower or turn on.
+        """
+        from .devicelock import hold, hold_version, lock_dir_for
+
+        label = f"{self.version.project} / {self.version.name}"
+        with hold(lock_dir_for(self.version.path), self.requested_device, label), \
+                hold_version(self.version.path, label):
+            out_of_memory = False
+            try:
+                return self._train()
+            except BaseException as exc:
+                if not is_out_of_memory(exc):
+                    self.release_memory()
+                    raise
+                log.error("Out of memory: %s", str(exc))  # str: a logged exception would keep its tensors alive
+                out_of_memory = True
+            # Outside the except block: the error and its traceback (which holds the step's tensors) are gone.
+            if out_of_memory:
+                self.release_memory()
+                raise UserError(out_of_memory_advice(self.config))
+        raise AssertionError("unreachable")
+
+    def _train(self) -> TrainResult:
+        point = self.resume
+        if point is not None and point.finished:
+            return self._finished_result(point)
         if not self.prepared:
             self.prepare()
         cfg, acc = self.config, self.accelerator
-        stamp = self.run_name or time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started_at))
-        run_dir = self.version.new_run_dir(stamp) if acc.is_main_process else self.version.trains_dir / stamp
-        if acc.is_main_process:
-            self._write_run_snapshot(run_dir)
-        self.base_sha256 = sha256_file(self.checkpoint) if acc.is_main_process else None
-        self.reporter.start(self.total_steps, cfg.epochs)
+        run_dir = self._open_run_dir()
+        from .loader import file_sha256  # remembered per file: a 7 GB checkpoint is hashed once, not per run
+
+        self.base_sha256 = file_sha256(self.checkpoint) if acc.is_main_process else None
         rng = random.Random(cfg.seed + acc.process_index)
         gen = torch.Generator().manual_seed(cfg.seed + acc.process_index)
         files: list[Path] = []
         losses: list[float] = []
         step = 0
-        epoch = 0
+        start_epoch, start_batch = 1, 0
+        state = point.state if point is not None else None
+        if state is not None:
+            self._restore_state(state, rng, gen)
+            step, start_epoch, start_batch = state.step, state.epoch, state.batch
+            files = [run_dir / name for name in state.files if (run_dir / name).is_file()]
+            losses = list(state.losses)
+            self.reporter.message(f"Resuming {run_dir.name} at step {step} of {self.total_steps} "
+                                  f"(epoch {start_epoch} of {cfg.epochs}).")
+        self._first_step = step
+        self.reporter.start(self.total_steps, cfg.epochs)
+        epoch = start_epoch
+        done = start_batch
         interrupted = False
         t0 = time.perf_counter()
         unet = self.model.unet
         unet.train()
         if self.train_te:
             self.te.train()
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch, cfg.epochs + 1):
             self.sampler.set_epoch(epoch)
             batches = list(self.sampler)
             if acc.num_processes > 1:
                 batches = batches[: self.batches_per_epoch * acc.num_processes][acc.process_index::acc.num_processes]
-            for indices in batches:
+            # The order depends only on (seed, epoch): a resumed run skips the batches it already trained.
+            done = start_batch if epoch == start_epoch else 0
+            for indices in batches[done:]:
                 with acc.accumulate(unet):
                     latents = self.latents_for(indices, rng, gen)
                     text = self.text_for(indices, rng)
@@ -351,6 +598,7 @@ class Trainer:
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                done += 1
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise UserError("The loss became NaN/inf: lower the learning rate, or use bf16 or fp32 "
@@ -366,15 +614,71 @@ class Trainer:
             if last or epoch % cfg.save_every_n_epochs == 0:
                 name = f"{self.output_name}.safetensors" if last else f"{self.output_name}-{epoch:06d}.safetensors"
                 files.append(self.save(run_dir / name, epoch, step))
+                self._save_state(run_dir, FINAL if last else SAVE, epoch + 1, 0, step, finished=last, files=files,
+                                 losses=losses, rng=rng, gen=gen)
+                if files[-1] is not None:
+                    self._sample(run_dir, files[-1], epoch)
         if interrupted:
             self.reporter.message(f"Interrupted at step {step}; saving what was learned so far.")
             files.append(self.save(run_dir / f"{self.output_name}-{epoch:06d}-interrupted.safetensors", epoch, step))
+            self._save_state(run_dir, INTERRUPT, epoch, done, step, finished=False, files=files, losses=losses,
+                             rng=rng, gen=gen)
+        result = TrainResult(run_dir, [f for f in files if f is not None], step, epoch, interrupted, losses)
+        if not interrupted and cfg.preview_at_end and acc.is_main_process:
+            if self.device.type == "cuda":
+                self.release_memory()  # the previewer's copy of the model needs the training one's memory
+            self._previews_at_end(run_dir)
+        self._close_previewer()
         self.reporter.finish()
-        return TrainResult(run_dir, [f for f in files if f is not None], step, epoch, interrupted, losses)
+        return result
+
+    # ------------------------------------------------------------------ previews during and after training
+    def _previewer(self) -> Any:
+        """The diffusers previewer (its own copy of the base model), made once per run when first needed. The
+        host's own generator is not used here: the WebUI's model is unloaded while training runs."""
+        if getattr(self, "_preview", None) is None:
+            from .previews import make_previewer
+
+            self._preview = make_previewer(None, self.checkpoint, clip_skip=self.config.clip_skip,
+                                           device=str(self.device))
+        return self._preview
+
+    def _close_previewer(self) -> None:
+        preview = getattr(self, "_preview", None)
+        if preview is not None:
+            preview.close()
+            self._preview = None
+
+    def _sample(self, run_dir: Path, lora_file: Path, epoch: int) -> None:
+        """``sample_every_n_epochs``: a few pictures of the file just saved, in ``<run>/samples/``."""
+        from .previews import default_settings, sample_epoch, should_sample
+
+        if not should_sample(self.config, epoch):
+            return
+        try:
+            settings = default_settings(self.config, self.version.project)
+            paths = sample_epoch(run_dir, lora_file, epoch, self._previewer(), settings)
+            self.reporter.message(f"Samples of epoch {epoch}: {', '.join(p.name for p in paths)}")
+        except UserError as exc:  # a sample must never cost the run
+            self.reporter.message(f"No samples for epoch {epoch}: {exc}")
+
+    def _previews_at_end(self, run_dir: Path) -> None:
+        """``preview_at_end``: the grid of every saved file at every weight, once training is done."""
+        from .previews import previews_at_end
+
+        self.reporter.message("Generating the preview grid")
+        try:
+            grid = previews_at_end(run_dir, self.config, self.version.project, self._previewer(),
+                                   reporter=self.reporter, stop=self.stop)
+            if grid is not None:
+                self.reporter.message(f"Preview grid: {grid}")
+        except UserError as exc:
+            self.reporter.message(f"No preview grid: {exc}")
 
     def _step_info(self, step: int, epoch: int, losses: list[float], t0: float) -> StepInfo:
         elapsed = time.perf_counter() - t0
-        speed = step / elapsed if elapsed > 0 else 0.0
+        # Steps of this session only: a resumed run did the earlier ones at another time.
+        speed = (step - getattr(self, "_first_step", 0)) / elapsed if elapsed > 0 else 0.0
         window = losses[-20:]
         return StepInfo(step=step, total_steps=self.total_steps, epoch=epoch, total_epochs=self.config.epochs,
                         loss=losses[-1], avg_loss=sum(window) / len(window),
@@ -396,7 +700,7 @@ class Trainer:
         from .lora_format import build_metadata, kohya_state_dict, save_lora
 
         unet = acc.unwrap_model(self.model.unet)
-        tes = [acc.unwrap_model(self.te)] if self.train_te else []
+        tes = [acc.unwrap_model(te) for te in self.tes] if self.train_te else []
         tensors = kohya_state_dict(unet=unet, text_encoders=tes, family=self.model.family)
         folder = f"{self.repeats}_{self.output_name}"
         metadata = build_metadata(
@@ -418,6 +722,158 @@ class Trainer:
         save_lora(path, tensors, metadata, dtype=dtype)
         self.reporter.saved(path, epoch)
         return path
+
+    # ------------------------------------------------------------------ training state (resume)
+    def _open_run_dir(self) -> Path:
+        """A new run folder with its snapshot of settings and captions, or the resumed run's own folder."""
+        acc = self.accelerator
+        if self.resume is not None:
+            run_dir = self.resume.run_dir
+            if acc.is_main_process:
+                for path in clear_leftovers(run_dir):
+                    log.info("Removed %s, half-written when the run stopped.", path.name)
+                if not (run_dir / "settings.json").is_file():
+                    self._write_run_snapshot(run_dir)
+            return run_dir
+        stamp = self.run_name or time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started_at))
+        run_dir = self.version.new_run_dir(stamp) if acc.is_main_process else self.version.trains_dir / stamp
+        if acc.is_main_process:
+            self._write_run_snapshot(run_dir)
+        return run_dir
+
+    def _resumed_items(self, items: list[ds.DatasetItem]) -> list[ds.DatasetItem]:
+        """A resumed run trains on the pictures it began with and their captions of then (its snapshot)."""
+        point = self.resume
+        if point is None:
+            return items
+        names = [item.image.name for item in items]
+        if point.state is not None and point.state.items and names != point.state.items:
+            raise UserError(f"The pictures of {self.version.project} / {self.version.name} changed since run "
+                            f"{point.run_dir.name} began ({len(point.state.items)} then, {len(names)} now), so it "
+                            "cannot go on as it was; start a new run.")
+        snapshot = point.run_dir / "captions.json"
+        if not snapshot.is_file():
+            return items
+        try:
+            captions = json.loads(snapshot.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"The captions of run {point.run_dir.name} are damaged ({exc}); start a new run."
+                            ) from exc
+        return [dataclasses.replace(item, caption=str(captions.get(item.image.name, item.caption)))
+                for item in items]
+
+    def _lora_modules(self) -> dict[str, torch.nn.Module]:
+        acc = self.accelerator
+        modules = {"unet": acc.unwrap_model(self.model.unet)}
+        if self.train_te:
+            modules.update({f"te{i}": acc.unwrap_model(te) for i, te in enumerate(self.tes)})
+        return modules
+
+    def _lora_weights(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{prefix}.{name}": param for prefix, module in self._lora_modules().items()
+                for name, param in module.named_parameters() if "lora_" in name}
+
+    def _save_state(self, run_dir: Path, kind: str, epoch: int, batch: int, step: int, *, finished: bool,
+                    files: list[Path | None], losses: list[float], rng: random.Random, gen: torch.Generator
+                    ) -> None:
+        """Save everything a resume needs (see ``resume.py``); every process sends its generators."""
+        from .resume import TrainState, capture_rng, save_state
+
+        acc = self.accelerator
+        rngs = [capture_rng(rng, gen)]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rngs = gather_object(rngs)
+        if not acc.is_main_process:
+            return
+        scaler = getattr(acc, "scaler", None)
+        state = TrainState(
+            epoch=epoch, batch=batch, step=step, kind=kind, finished=finished, config=self.config.to_dict(),
+            base_model_path=str(self.checkpoint), base_sha256=self.base_sha256, started_at=self.started_at,
+            files=[f.name for f in files if f is not None], losses=list(losses),
+            items=[item.image.name for item in self.items],
+            lora={name: p.detach().to("cpu", copy=True) for name, p in self._lora_weights().items()},
+            optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None, rng=rngs)
+        save_state(run_dir, state)
+
+    def _restore_state(self, state: Any, rng: random.Random, gen: torch.Generator) -> None:
+        """Put the weights, optimizer, schedule and generators back where the state left them."""
+        from .resume import restore_rng
+
+        acc = self.accelerator
+        run = self.resume.run_dir.name if self.resume is not None else "the run"
+        if self.base_sha256 and state.base_sha256 and self.base_sha256 != state.base_sha256:
+            raise UserError(f"{self.checkpoint.name} is not the base model run {run} began with "
+                            f"({Path(state.base_model_path).name}); choose that checkpoint to resume it.")
+        if len(state.rng) != acc.num_processes:
+            raise UserError(f"Run {run} was trained by {len(state.rng)} processes; resume it with as many GPUs "
+                            f"(this is {acc.num_processes}).")
+        weights = self._lora_weights()
+        if weights.keys() != state.lora.keys():
+            raise UserError(f"The training state of run {run} does not fit this model and these settings; start "
+                            "a new run.")
+        with torch.no_grad():
+            for name, param in weights.items():
+                param.copy_(state.lora[name].to(param.device, param.dtype))
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.scheduler)
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        restore_rng(state.rng[acc.process_index], rng, gen)
+        self.started_at = state.started_at
+
+    def _finished_result(self, point: ResumePoint) -> TrainResult:
+        state = point.state
+        assert state is not None
+        self.reporter.message(f"Run {point.run_dir.name} already finished; there is nothing to resume.")
+        files = [point.run_dir / name for name in state.files if (point.run_dir / name).is_file()]
+        return TrainResult(point.run_dir, files, state.step, state.epoch - 1, False, list(state.losses))
+
+    def release_memory(self) -> None:
+        """Drop the model, optimizer and caches and give their memory back (after a failure, an OOM above
+        all): the WebUI's own model needs that memory, and the job keeps this trainer in its error."""
+        acc = self.__dict__.get("accelerator")
+        if acc is not None and hasattr(acc, "free_memory"):
+            acc.free_memory()
+        for name in ("model", "optimizer", "lr_scheduler", "latent_cache", "cached_text", "tes", "te",
+                     "trainable", "noise_scheduler", "unet"):
+            if name in self.__dict__:
+                setattr(self, name, None)
+        self.prepared = False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError (any torch), MPS/ROCm's RuntimeError "... out of memory", a host MemoryError."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                  if isinstance(k, type))
+    if isinstance(exc, (MemoryError, *kinds)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def out_of_memory_advice(config: TrainConfig) -> str:
+    """What to lower or turn on, from the settings that ran out of memory."""
+    lower = [f"the batch size (now {config.batch_size})"] if config.batch_size > 1 else []
+    lower += [f"the resolution (now {config.resolution})", f"the network dim (now {config.network_dim})"]
+    turn_on = [] if config.gradient_checkpointing else ["gradient checkpointing"]
+    if config.optimizer not in ("AdamW8bit", "Lion8bit", "AdaFactor"):
+        turn_on.append("an 8-bit optimizer (AdamW8bit)")
+    if config.mixed_precision == "no":
+        turn_on.append("fp16 or bf16 mixed precision")
+    text = "Out of memory: training stopped and its memory was freed. Lower " + _join(lower)
+    if turn_on:
+        text += ", or turn on " + _join(turn_on)
+    return text + "; closing other programs that use the GPU helps too."
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
 def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -29,12 +29,16 @@ from .config import TrainConfig, fields_info
 from .errors import UserError
 from .host import DEMO_CHOICE, DEMO_FILE_NAME, Host, require_checkpoint_choice
 from .jobs import FAILED, FINISHED, INTERRUPTED, JOBS, RUNNING, JobManager, JobStatus, training_work
+from .previews import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
+from .previews import SAMPLERS as PREVIEW_SAMPLERS
 from .store import Store, Version, projects_root
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 SETTING_FIELDS = [f.name for f in fields_info()]
+# The settings a checkpoint's family changes when it is picked (model_configs.family_defaults gives values).
+FAMILY_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "clip_skip", "gradient_checkpointing")
 COMMON_PER_ROW = 4
 MAX_CHART_POINTS = 300
 
@@ -56,13 +60,52 @@ def core_add_originals(paths: Sequence[Path], version: Version) -> str:
     return str(report.summary())
 
 
-def core_prepare(version: Version, config: TrainConfig) -> str:
-    from . import dataset as ds
+def core_prepare(version: Version, config: TrainConfig, host: Any = None) -> str:
+    from .trainer import prepare_version
 
-    options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
-    report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options)
+    report = prepare_version(version, config, host=host)
     refused = list(getattr(report, "refused", []) or [])
     return f"Skipped {len(refused)}: " + "; ".join(str(r) for r in refused[:5]) if refused else ""
+
+
+def core_tag_counts(version: Version) -> list[tuple[str, int]]:
+    if not version.prepared_dir.is_dir():
+        return []
+    from .captions import tag_counts
+
+    return tag_counts(version.prepared_dir)
+
+
+def core_family(host: Host, choice: str | None) -> str:
+    """The family of the chosen checkpoint ("sd1", "sd2", "sd2v", "sdxl"), read from its header; "" if unknown."""
+    if not choice:
+        return ""
+    if choice == DEMO_CHOICE:
+        return "sd1"
+    from .checkpoint import detect_checkpoint_family
+
+    try:
+        return detect_checkpoint_family(host.resolve_checkpoint(choice))
+    except (UserError, OSError, ValueError) as exc:
+        log.debug("Cannot tell the family of %s: %s", choice, exc)
+        return ""
+
+
+def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> Callable[..., list[Any]]:
+    """The work of Generate previews: the run's checkpoint (or the chosen one), its files at each weight."""
+
+    def work(reporter: Any, stop: Any) -> list[Any]:
+        from .previews import generate_grid, make_previewer, run_checkpoint, run_config
+
+        config = run_config(run_dir)
+        checkpoint = run_checkpoint(run_dir) or host.resolve_checkpoint(config.base_model)
+        previewer = make_previewer(host, checkpoint, clip_skip=config.clip_skip, device=host.device())
+        try:
+            return [generate_grid(run_dir, previewer, settings, reporter=reporter, stop=stop)]
+        finally:
+            previewer.close()
+
+    return work
 
 
 def core_items(version: Version) -> list[Any]:
@@ -231,6 +274,44 @@ def results_html(files: list[ResultFile]) -> str:
             "<th>steps</th><th>prompt</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (512)", "sd2v": "SD 2.x 768 (v-prediction)", "sdxl": "SDXL"}
+
+
+def family_line(family: str) -> str:
+    return f"Detected: **{FAMILY_NAMES[family]}**" if family in FAMILY_NAMES else ""
+
+
+def tags_html(counts: list[tuple[str, int]], limit: int = 80) -> str:
+    """The dataset's tags with their counts, most frequent first (what ``ss_tag_frequency`` will record)."""
+    if not counts:
+        return '<div class="tt-tags tt-empty">No tags yet: prepare the dataset first.</div>'
+    chips = "".join(f'<span class="tt-tag" data-tag="{html.escape(tag)}">{html.escape(tag)} <b>{n}</b></span>'
+                    for tag, n in counts[:limit])
+    more = f'<span class="tt-more">and {len(counts) - limit} more</span>' if len(counts) > limit else ""
+    return f'<div class="tt-tags">{chips}{more}</div>'
+
+
+def run_of_choice(version: Version, choice: str | None) -> Path:
+    """The run folder of a results choice ("run/file"), else the newest run."""
+    from .previews import choose_run
+
+    run = choice.split("/", 1)[0] if choice and "/" in choice else None
+    return choose_run(version, run)
+
+
+def grid_view(version: Version | None, choice: str | None) -> tuple[str | None, str | None]:
+    """(grid picture, its path for the click handler) of the chosen run's newest grid, or (None, None)."""
+    if version is None or not version.runs():
+        return None, None
+    from .previews import latest_grid
+
+    try:
+        info = latest_grid(run_of_choice(version, choice))
+    except UserError:
+        return None, None
+    return (str(info.image), str(info.image)) if info is not None else (None, None)
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
@@ -275,7 +356,8 @@ def progress_html(status: JobStatus) -> str:
         parts.append(f"step {status.step}/{status.total_steps}")
     if status.total_epochs:
         parts.append(f"epoch {max(status.epoch, 0)}/{status.total_epochs}")
-    if status.loss is not None:
+    training = not status.label.startswith("previews")  # a previews job counts pictures and has no loss
+    if status.loss is not None and training:
         parts.append(f"loss {status.loss:.4f}")
     if status.steps_per_s:
         parts.append(f"{status.steps_per_s:.2f} it/s")
@@ -291,7 +373,7 @@ def progress_html(status: JobStatus) -> str:
             f'overflow:hidden"><div class="tt-fill tt-{kind}" style="height:100%;background:{color};'
             f'width:{percent:.1f}%"></div></div>'
             f'<div class="tt-info">{html.escape(" · ".join(parts))}</div>'
-            f'{message_html(status.message, kind)}{loss_chart_svg(status.losses)}</div>')
+            f'{message_html(status.message, kind)}{loss_chart_svg(status.losses) if training else ""}</div>')
 
 
 # ====================================================================== what the buttons do
@@ -358,8 +440,13 @@ class TabLogic:
                 values.append(gr.update(value=getattr(config, name)))
         gallery, line = dataset_view(version, config)
         files = list_results(version)
-        values += [gallery, line, results_html(files), gr.update(choices=[f.choice for f in files],
-                                                                 value=files[0].choice if files else None)]
+        choice = files[0].choice if files else None
+        grid, grid_path = grid_view(version, choice)
+        values += [gallery, line, results_html(files), gr.update(choices=[f.choice for f in files], value=choice),
+                   family_line(core_family(self.host, config.base_model)),
+                   tags_html(core_tag_counts(version) if version else []), grid, grid_path,
+                   config.preview_prompt or config.trigger_word or (version.project if version else ""),
+                   config.resolution, config.resolution]
         return values
 
     def project_update(self, value: str | None) -> dict[str, Any]:
@@ -434,9 +521,10 @@ class TabLogic:
         v.save_settings(config)
         if not original_images(v):
             raise UserError("There are no pictures to prepare: drop 10-20 images on Upload Dataset first.")
-        skipped = core_prepare(v, config)
+        skipped = core_prepare(v, config, self.host)
         gallery, line = dataset_view(v, config)
-        return [gallery, line, message_html(f"Dataset updated. {skipped}".strip(), "ok")]
+        return [gallery, line, tags_html(core_tag_counts(v)), message_html(f"Dataset updated. {skipped}".strip(),
+                                                                           "ok")]
 
     def select_picture(self, project: str | None, version: str | None, index: Any) -> list[Any]:
         """A click on a gallery picture: its caption goes into the caption box for editing."""
@@ -458,13 +546,112 @@ class TabLogic:
         if image.parent not in folders or not image.is_file():
             raise UserError("That picture is not in this version any more; click one in the gallery again.")
         caption = " ".join((text or "").split())
-        targets = [image.with_suffix(".txt")]
         if image.parent == folders[1]:
-            targets += [p.with_suffix(".txt") for p in original_images(v) if p.stem == image.stem]
-        for path in targets:
-            fileio.write_text(path, caption + "\n")
+            # A prepared picture: the edit is kept by the caption store, so Update Dataset keeps it too.
+            from .captions import write_caption
+
+            write_caption(v.prepared_dir, image.name, caption)
+        else:
+            fileio.write_text(image.with_suffix(".txt"), caption + "\n")  # an uploaded picture's own caption
         gallery, line = dataset_view(v, v.load_settings())
-        return [gallery, line, message_html(f"Caption of {image.name} saved.", "ok")]
+        return [gallery, line, tags_html(core_tag_counts(v)), message_html(f"Caption of {image.name} saved.", "ok")]
+
+    def remove_tag(self, project: str | None, version: str | None, tag: str) -> list[Any]:
+        from .captions import remove_tag
+
+        v = self.require_version(project, version)
+        n = remove_tag(v.prepared_dir, (tag or "").strip())
+        gallery, line = dataset_view(v, v.load_settings())
+        return [gallery, line, tags_html(core_tag_counts(v)),
+                message_html(f"Removed '{tag.strip()}' from {n} captions.", "ok")]
+
+    def rename_tag(self, project: str | None, version: str | None, tag: str, new: str) -> list[Any]:
+        from .captions import rename_tag
+
+        v = self.require_version(project, version)
+        n = rename_tag(v.prepared_dir, (tag or "").strip(), (new or "").strip())
+        gallery, line = dataset_view(v, v.load_settings())
+        return [gallery, line, tags_html(core_tag_counts(v)),
+                message_html(f"Renamed '{tag.strip()}' to '{new.strip()}' in {n} captions.", "ok")]
+
+    def choose_base_model(self, choice: str | None) -> list[Any]:
+        """A checkpoint was picked: show its family and set the settings that family needs."""
+        from .model_configs import family_defaults
+
+        family = core_family(self.host, choice)
+        defaults = family_defaults(family) if family else {}
+        updates = [gr.update(value=defaults[name]) if name in defaults else gr.update() for name in FAMILY_FIELDS]
+        note = ""
+        if family and family != "sd1":
+            shown = ", ".join(f"{name} {value}" for name, value in defaults.items())
+            note = message_html(f"{FAMILY_NAMES[family]} checkpoint: set {shown}.", "info")
+        return [family_line(family), *updates, note]
+
+    def resume_train(self, project: str | None, version: str | None) -> list[Any]:
+        from .jobs import resume_work
+        from .resume import find_run, run_is_finished
+
+        v = self.require_version(project, version)
+        if self.jobs.busy:
+            raise UserError("A job is already running; wait for it to finish or press Interrupt.")
+        run = find_run(v)
+        if run_is_finished(run):
+            raise UserError(f"The last run ({run.name}) finished; there is nothing to resume. Press Begin Train "
+                            "for a new run.")
+        work = resume_work(v, run, None, self.host.device(), resolve=self.host.resolve_checkpoint,
+                           host=self.host)
+        self.jobs.start(work, label=f"{v.project} / {v.name} (resumed)", wrap=self.host.run_on_gpu,
+                        before=self.host.before_training, after=self.host.after_training,
+                        extra_reporter=self.host.progress_sink)
+        return [message_html(f"Resuming run {run.name}.", "ok"), progress_html(self.jobs.status())]
+
+    # -------------------------------------------------------------- previews
+    def generate_previews(self, project: str | None, version: str | None, choice: str | None, prompt: str,
+                          negative: str, seed: Any, steps: Any, cfg_scale: Any, sampler: str, width: Any,
+                          height: Any, weights: str) -> list[Any]:
+        from .previews import PreviewSettings, parse_weights
+
+        v = self.require_version(project, version)
+        if not v.runs():
+            raise UserError("Train first: previews show the files of a run.")
+        if self.jobs.busy:
+            raise UserError("A job is already running; wait for it to finish or press Interrupt.")
+        run_dir = run_of_choice(v, choice)
+        settings = PreviewSettings(prompt=prompt or "", negative_prompt=negative or "", seed=int(seed or 0),
+                                   steps=int(steps or 20), cfg_scale=float(cfg_scale or 7.0),
+                                   sampler=sampler or "Euler a", width=int(width or 512),
+                                   height=int(height or 512), weights=parse_weights(weights or "")).validated()
+        # Previews need the host's model where it is (the WebUI's txt2img uses it): no before/after.
+        self.jobs.start(preview_work(v, run_dir, settings, self.host), label=f"previews of {run_dir.name}",
+                        wrap=self.host.run_on_gpu, extra_reporter=self.host.progress_sink)
+        return [message_html(f"Generating previews of run {run_dir.name}.", "ok"), progress_html(self.jobs.status())]
+
+    def select_cell(self, grid_path: str | None, index: Any) -> list[Any]:
+        """A click on the grid: the cell under the pointer becomes the one to install."""
+        from .previews import grid_info_for
+
+        if not grid_path or not isinstance(index, (list, tuple)) or len(index) != 2:
+            return [None, ""]
+        cell = grid_info_for(Path(grid_path)).cell_at(float(index[0]), float(index[1]))
+        if cell is None:
+            return [None, ""]
+        if not cell.has_lora or cell.file is None:
+            return [None, "That is the picture without LoRA; click one of the weight columns."]
+        chosen = {"grid": grid_path, "row": cell.row, "col": cell.col}
+        return [chosen, f"Selected **{cell.file.name}** at weight **{cell.weight:g}**."]
+
+    def install_cell(self, project: str | None, version: str | None, chosen: Any) -> list[Any]:
+        from .previews import grid_info_for, install_cell, trigger_word
+
+        v = self.require_version(project, version)
+        if not isinstance(chosen, dict) or not chosen.get("grid"):
+            raise UserError("Click a picture of the preview grid first: its file and weight are installed.")
+        cell = grid_info_for(Path(chosen["grid"])).cell(int(chosen["row"]), int(chosen["col"]))
+        if cell is None:
+            raise UserError("That grid is gone; generate the previews again.")
+        target = install_cell(cell, self.host.lora_dir, activation_text=trigger_word(v.load_settings(), v.project))
+        return [message_html(f"Installed {target.name} with its preview in {target.parent}: press Refresh in the "
+                             f"Lora tab; its card inserts <lora:{target.stem}:{cell.weight:g}>.", "ok")]
 
     def refresh_checkpoints(self, value: str | None) -> list[Any]:
         return [self.checkpoint_update(value, refresh=True)]
@@ -487,29 +674,37 @@ class TabLogic:
             # From now on the demo model is an ordinary file in the checkpoint list; save that name.
             config = config.updated({"base_model": DEMO_FILE_NAME})
         v.save_settings(config)
-        work = training_work(v, [config], checkpoint, self.host.device())
+        work = training_work(v, [config], checkpoint, self.host.device(), self.host)
         self.jobs.start(work, label=f"{v.project} / {v.name}", wrap=self.host.run_on_gpu,
                         before=self.host.before_training, after=self.host.after_training,
                         extra_reporter=self.host.progress_sink)
         return [message_html(f"Training started on {checkpoint.name}.", "ok"),
                 progress_html(self.jobs.status()), self.checkpoint_update(config.base_model)]
 
+    def show_grid(self, project: str | None, version: str | None, choice: str | None) -> list[Any]:
+        grid, grid_path = grid_view(self.version_or_none(project, version), choice)
+        return [grid, grid_path]
+
     def interrupt(self) -> list[Any]:
         return [message_html(self.jobs.stop(), "warn")]
 
-    def poll(self, project: str | None, version: str | None, seen: Any) -> list[Any]:
-        """Every second: the progress, and the results when a file was saved or the job ended."""
+    def poll(self, project: str | None, version: str | None, choice: str | None, seen: Any) -> list[Any]:
+        """Every second: the progress, and the results and previews when a file was saved or the job ended."""
         status = self.jobs.status()
         key = [status.job_id, status.state, status.step, len(status.files), len(status.losses) > 0]
         if seen == key:
-            return [gr.update(), gr.update(), gr.update(), seen]
-        results, choices = gr.update(), gr.update()
+            return [gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), seen]
+        results, choices, grid, grid_path = gr.update(), gr.update(), gr.update(), gr.update()
         old = seen if isinstance(seen, list) and len(seen) == len(key) else None
         if old is None or old[0] != key[0] or old[1] != key[1] or old[3] != key[3]:
-            files = list_results(self.version_or_none(project, version))
+            v = self.version_or_none(project, version)
+            files = list_results(v)
             results = results_html(files)
-            choices = gr.update(choices=[f.choice for f in files], value=files[0].choice if files else None)
-        return [progress_html(status), results, choices, key]
+            if choice not in [f.choice for f in files] or (old is not None and old[0] != key[0]):
+                choice = files[0].choice if files else None
+            choices = gr.update(choices=[f.choice for f in files], value=choice)
+            grid, grid_path = grid_view(v, choice)
+        return [progress_html(status), results, choices, grid, grid_path, key]
 
     def refresh_results(self, project: str | None, version: str | None) -> list[Any]:
         files = list_results(self.version_or_none(project, version))
@@ -634,6 +829,13 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
                     c["caption"] = gr.Textbox(label="Caption of the selected picture (click one to edit)",
                                               lines=2, elem_id="train_tools_caption", scale=4)
                     c["save_caption"] = gr.Button("Save caption", elem_id="train_tools_save_caption")
+                c["tags"] = gr.HTML(tags_html([]), elem_id="train_tools_tags")
+                with gr.Row():
+                    c["tag"] = gr.Textbox(label="Tag", placeholder="a tag from the list above",
+                                          elem_id="train_tools_tag")
+                    c["tag_new"] = gr.Textbox(label="Rename to", elem_id="train_tools_tag_new")
+                    c["remove_tag"] = gr.Button("Remove tag everywhere", elem_id="train_tools_remove_tag")
+                    c["rename_tag"] = gr.Button("Rename tag", elem_id="train_tools_rename_tag")
 
     with gr.Accordion("Train", open=True, elem_id="train_tools_train_section"):
         settings: dict[str, Any] = {}
@@ -645,6 +847,7 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
                                                  elem_id="train_tools_base_model", scale=4)
             c["refresh_models"] = gr.Button("\U0001F504", elem_id="train_tools_refresh_models",
                                             elem_classes=["tt-tool"])
+        c["family"] = gr.Markdown(elem_id="train_tools_family")
         rest = [f for f in common if f.name != "base_model"]
         for start in range(0, len(rest), COMMON_PER_ROW):
             with gr.Row():
@@ -658,6 +861,7 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
         with gr.Row():
             c["begin"] = gr.Button("Begin Train", variant="primary", elem_id="train_tools_begin")
             c["interrupt"] = gr.Button("Interrupt", variant="stop", elem_id="train_tools_interrupt")
+            c["resume"] = gr.Button("Resume", elem_id="train_tools_resume")
             c["save_settings"] = gr.Button("Save settings", elem_id="train_tools_save_settings")
         c["progress"] = gr.HTML(progress_html(jobs.status()), elem_id="train_tools_progress")
 
@@ -670,12 +874,43 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
                                              elem_classes=["tt-tool"])
             c["copy_lora"] = gr.Button("Copy to Lora folder", variant="primary", elem_id="train_tools_copy_lora")
         c["download"] = gr.File(label="Download", interactive=False, elem_id="train_tools_download")
+
+    with gr.Accordion("Previews", open=True, elem_id="train_tools_previews_section"):
+        with gr.Row():
+            c["preview_prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="train_tools_grid_prompt", scale=2)
+            c["preview_negative"] = gr.Textbox(label="Negative prompt", lines=2, value=DEFAULT_NEGATIVE,
+                                               elem_id="train_tools_preview_negative", scale=2)
+        with gr.Row():
+            c["preview_seed"] = gr.Number(label="Seed", value=42, precision=0, elem_id="train_tools_preview_seed")
+            c["preview_steps"] = gr.Number(label="Steps", value=20, precision=0, elem_id="train_tools_preview_steps")
+            c["preview_cfg"] = gr.Number(label="CFG scale", value=7.0, elem_id="train_tools_preview_cfg")
+            c["preview_sampler"] = gr.Dropdown(label="Sampler", choices=list(PREVIEW_SAMPLERS), value="Euler a",
+                                               elem_id="train_tools_preview_sampler")
+            c["preview_width"] = gr.Number(label="Width", value=512, precision=0, elem_id="train_tools_preview_width")
+            c["preview_height"] = gr.Number(label="Height", value=512, precision=0,
+                                            elem_id="train_tools_preview_height")
+        with gr.Row():
+            c["preview_weights"] = gr.Textbox(label="LoRA weights", value="0.2, 0.4, 0.6, 0.8, 1.0, 1.2",
+                                              elem_id="train_tools_preview_weights", scale=3)
+            c["generate_previews"] = gr.Button("Generate previews", variant="primary",
+                                               elem_id="train_tools_generate_previews")
+        c["preview_grid"] = gr.Image(label="One row per saved epoch, one column per weight: click a picture",
+                                     type="filepath", interactive=False, elem_id="train_tools_preview_grid")
+        with gr.Row():
+            c["preview_selected"] = gr.Markdown(elem_id="train_tools_preview_selected")
+            c["install_lora"] = gr.Button("Install to Lora folder", variant="primary",
+                                          elem_id="train_tools_install_lora")
+    c["grid_path"] = gr.State(None)
+    c["preview_cell"] = gr.State(None)
     c["seen"] = gr.State(None)
     c["caption_target"] = gr.State(None)
     c.update({f"setting_{k}": v for k, v in settings.items()})
 
     setting_inputs = [settings[name] for name in SETTING_FIELDS]
-    version_outputs = [*setting_inputs, c["gallery"], c["dataset_info"], c["results"], c["result_file"]]
+    version_outputs = [*setting_inputs, c["gallery"], c["dataset_info"], c["results"], c["result_file"], c["family"],
+                       c["tags"], c["preview_grid"], c["grid_path"], c["preview_prompt"], c["preview_width"],
+                       c["preview_height"]]
+    dataset_outputs = [c["gallery"], c["dataset_info"], c["tags"]]
     pv = [c["project"], c["version"]]
     msg = c["message"]
 
@@ -694,15 +929,30 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
          [c["upload"], c["gallery"], c["dataset_info"], msg])
     if "demo_pictures" in c:
         wire(c["demo_pictures"].click, logic.add_demo_pictures, pv, [c["gallery"], c["dataset_info"], msg])
-    wire(c["update_dataset"].click, logic.update_dataset, [*pv, *setting_inputs],
-         [c["gallery"], c["dataset_info"], msg])
+    wire(c["update_dataset"].click, logic.update_dataset, [*pv, *setting_inputs], [*dataset_outputs, msg])
     def select_picture(project: str | None, version: str | None, evt: gr.SelectData) -> list[Any]:
         # Gradio fills ``evt`` from the type hint; it carries the clicked picture's index.
         return logic.select_picture(project, version, getattr(evt, "index", None))
 
     wire(c["gallery"].select, select_picture, pv, [c["caption_target"], c["caption"]])
     wire(c["save_caption"].click, logic.save_caption, [*pv, c["caption_target"], c["caption"]],
-         [c["gallery"], c["dataset_info"], msg])
+         [*dataset_outputs, msg])
+    wire(c["remove_tag"].click, logic.remove_tag, [*pv, c["tag"]], [*dataset_outputs, msg])
+    wire(c["rename_tag"].click, logic.rename_tag, [*pv, c["tag"], c["tag_new"]], [*dataset_outputs, msg])
+    wire(settings["base_model"].input, logic.choose_base_model, [settings["base_model"]],
+         [c["family"], *[settings[name] for name in FAMILY_FIELDS], msg])
+    wire(c["resume"].click, logic.resume_train, pv, [msg, c["progress"]])
+    preview_inputs = [c[f"preview_{k}"] for k in ("prompt", "negative", "seed", "steps", "cfg", "sampler", "width",
+                                                  "height", "weights")]
+    wire(c["generate_previews"].click, logic.generate_previews, [*pv, c["result_file"], *preview_inputs],
+         [msg, c["progress"]])
+
+    def select_cell(grid_path: str | None, evt: gr.SelectData) -> list[Any]:
+        return logic.select_cell(grid_path, getattr(evt, "index", None))
+
+    wire(c["preview_grid"].select, select_cell, [c["grid_path"]], [c["preview_cell"], c["preview_selected"]])
+    wire(c["install_lora"].click, logic.install_cell, [*pv, c["preview_cell"]], [msg])
+    wire(c["result_file"].change, logic.show_grid, [*pv, c["result_file"]], [c["preview_grid"], c["grid_path"]])
     wire(c["refresh_models"].click, logic.refresh_checkpoints, [settings["base_model"]], [settings["base_model"]])
     wire(c["save_settings"].click, logic.save_settings, [*pv, *setting_inputs], [msg])
     wire(c["begin"].click, logic.begin_train, [*pv, *setting_inputs], [msg, c["progress"], settings["base_model"]])
@@ -713,9 +963,8 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
 
     on_page_load(root, guarded(logic.load_page, [*pv, *version_outputs, c["progress"]], msg),
                  _with_message([*pv, *version_outputs, c["progress"]], msg))
-    poll_every(root, POLL_SECONDS, guarded(logic.poll, [c["progress"], c["results"], c["result_file"], c["seen"]],
-                                           None), [*pv, c["seen"]],
-               [c["progress"], c["results"], c["result_file"], c["seen"]])
+    polled = [c["progress"], c["results"], c["result_file"], c["preview_grid"], c["grid_path"], c["seen"]]
+    poll_every(root, POLL_SECONDS, guarded(logic.poll, polled, None), [*pv, c["result_file"], c["seen"]], polled)
     return TabHandles(logic, c)
 
 

@@ -6,15 +6,22 @@ outside the WebUI, and inside it the WebUI's modules are only touched when the t
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cli import resolve_checkpoint
 from .errors import UserError
 from .host import Host
 from .progress import Reporter, StepInfo, StopFlag
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .previews import PreviewSettings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,10 @@ class WebuiHost(Host):
 
     def __init__(self) -> None:
         data_dir, ckpt_dirs, lora_dir = webui_paths()
-        super().__init__(data_dir, ckpt_dirs, lora_dir)
+        from modules import paths_internal
+
+        super().__init__(data_dir, ckpt_dirs, lora_dir,
+                         models_dir=Path(getattr(paths_internal, "models_path", data_dir / "models")))
         self._unloaded = False
 
     # ------------------------------------------------------------------ checkpoints
@@ -197,6 +207,114 @@ class WebuiHost(Host):
     def progress_sink(self, stop: StopFlag) -> Reporter | None:
         return WebuiReporter(stop)
 
+    # ------------------------------------------------------------------ previews
+    def captioner(self, kind: str) -> Callable[[Any], str] | None:
+        """The WebUI's own DeepBooru and BLIP: already downloaded, and they share the GPU with the WebUI."""
+        if kind == "deepbooru":
+            return WebuiDeepbooru()
+        if kind == "blip":
+            return WebuiBlip()
+        return None
+
+    def make_previewer(self, checkpoint: Path | None, *, clip_skip: int | None = None) -> WebuiPreviewer:
+        """Previews by the WebUI's own txt2img (see ``previews.make_previewer``)."""
+        return WebuiPreviewer(self.lora_dir, checkpoint, clip_skip=clip_skip)
+
+
+# The folder inside the Lora folder where a run's files are put while the WebUI makes their previews.
+PREVIEW_SUBDIR = "train_tools_previews"
+
+
+class WebuiPreviewer:
+    """Preview pictures from the WebUI's own txt2img, with ``<lora:name:weight>`` in the prompt.
+
+    The WebUI only finds a LoRA in its Lora folder (it lists the folder again when a name is unknown), so each
+    run file is copied to ``<Lora folder>/train_tools_previews/`` under a short, prompt-safe unique name while
+    the previews are made; ``close()`` removes the copies. ``checkpoint`` (the run's base model) and
+    ``clip_skip`` are passed as per-picture setting overrides, restored by the WebUI afterwards. Call
+    ``generate`` under the WebUI's GPU queue (``WebuiHost.run_on_gpu``).
+    """
+
+    def __init__(self, lora_dir: Path, checkpoint: Path | None = None, *, clip_skip: int | None = None) -> None:
+        self.lora_dir = Path(lora_dir)
+        self.folder = self.lora_dir / PREVIEW_SUBDIR
+        self.checkpoint_title = checkpoint_title(checkpoint) if checkpoint is not None else None
+        self.clip_skip = clip_skip
+        self._copies: dict[Path, str] = {}
+
+    def network_name(self, lora: Path) -> str:
+        """The name the WebUI knows ``lora`` by (copied into the Lora folder on first use)."""
+        from . import fileio
+
+        source = Path(lora).resolve()
+        if source not in self._copies:
+            stat = source.stat()
+            digest = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+            name = f"tt_preview_{digest}"
+            fileio.write_with(self.folder / f"{name}.safetensors", lambda tmp: shutil.copyfile(source, tmp))
+            self._copies[source] = name
+        return self._copies[source]
+
+    def prompt_for(self, prompt: str, lora: Path | None, weight: float) -> str:
+        if lora is None:
+            return prompt
+        tag = f"<lora:{self.network_name(lora)}:{weight:g}>"
+        return f"{prompt}, {tag}" if prompt.strip() else tag
+
+    def generate(self, settings: PreviewSettings, lora: Path | None, weight: float) -> Image.Image:
+        from modules import processing
+
+        overrides: dict[str, Any] = {}
+        if self.checkpoint_title:
+            overrides["sd_model_checkpoint"] = self.checkpoint_title
+        if self.clip_skip:
+            overrides["CLIP_stop_at_last_layers"] = int(self.clip_skip)
+        p = processing.StableDiffusionProcessingTxt2Img(
+            prompt=self.prompt_for(settings.prompt, lora, weight), negative_prompt=settings.negative_prompt,
+            seed=int(settings.seed), steps=int(settings.steps), cfg_scale=float(settings.cfg_scale),
+            sampler_name=settings.sampler, width=int(settings.width), height=int(settings.height), batch_size=1,
+            n_iter=1, do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides,
+            override_settings_restore_afterwards=True)
+        try:
+            processed = processing.process_images(p)
+        finally:
+            close = getattr(p, "close", None)
+            if callable(close):
+                close()
+        images = list(getattr(processed, "images", None) or [])
+        if not images:
+            raise UserError("The WebUI made no preview picture (was it interrupted?); press Generate previews again.")
+        return images[0].convert("RGB")
+
+    def close(self) -> None:
+        for name in self._copies.values():
+            (self.folder / f"{name}.safetensors").unlink(missing_ok=True)
+        self._copies.clear()
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass  # not empty (the user's own files) or not there
+
+    def __enter__(self) -> WebuiPreviewer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def checkpoint_title(checkpoint: Path) -> str | None:
+    """The WebUI's title of the checkpoint file (what its ``sd_model_checkpoint`` setting holds), if listed."""
+    from modules import sd_models
+
+    wanted = Path(checkpoint).resolve()
+    for title, info in sd_models.checkpoints_list.items():
+        filename = getattr(info, "filename", None)
+        if filename and Path(filename).resolve() == wanted:
+            return str(getattr(info, "title", title))
+    log.warning("Train Tools: %s is not in the WebUI's checkpoint list; previews use the loaded checkpoint.",
+                Path(checkpoint).name)
+    return None
+
 
 def add_settings() -> None:
     """The tab's entries in Settings > Train Tools (called from ``on_ui_settings``)."""
@@ -207,3 +325,50 @@ def add_settings() -> None:
         True, "Move the loaded checkpoint off the GPU while training (brought back afterwards)", section=section))
     shared.opts.add_option(OPT_DEVICE, shared.OptionInfo(
         "", "Device to train on (empty: the WebUI's device; e.g. cuda:1)", section=section))
+
+
+class WebuiDeepbooru:
+    """``modules.deepbooru.model``: loaded once for a whole dataset (its ``tag()`` loads and unloads the model
+    for every picture), unloaded by ``close()``."""
+
+    def __init__(self) -> None:
+        from modules import deepbooru
+
+        self.model = deepbooru.model
+        self.started = False
+
+    def __call__(self, image: Any) -> str:
+        if not self.started:
+            self.model.start()
+            self.started = True
+        return str(self.model.tag_multi(image))
+
+    def close(self) -> None:
+        if self.started:
+            self.model.stop()
+            self.started = False
+
+
+class WebuiBlip:
+    """``shared.interrogator``'s BLIP sentence alone (its ``interrogate()`` appends CLIP artist and style terms,
+    which are noise in a training caption); falls back to ``interrogate()`` on hosts without the parts."""
+
+    def __init__(self) -> None:
+        from modules import shared
+
+        self.interrogator = shared.interrogator
+        self.loaded = False
+
+    def __call__(self, image: Any) -> str:
+        it = self.interrogator
+        if not (hasattr(it, "generate_caption") and hasattr(it, "load")):
+            return str(it.interrogate(image))
+        if not self.loaded:
+            it.load()
+            self.loaded = True
+        return str(it.generate_caption(image))
+
+    def close(self) -> None:
+        if self.loaded and hasattr(self.interrogator, "send_blip_to_ram"):
+            self.interrogator.send_blip_to_ram()  # what the WebUI itself does after interrogating
+        self.loaded = False

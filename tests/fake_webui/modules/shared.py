@@ -81,3 +81,8 @@ def refresh_checkpoints() -> None:
     from modules import sd_models
 
     sd_models.list_models()
+
+# Set by the WebUI at start-up (modules.initialize); extensions reach the BLIP interrogator through it.
+from modules.interrogate import InterrogateModels  # noqa: E402
+
+interrogator = InterrogateModels()

@@ -109,6 +109,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     upload = tmp_path / "up.png"
     upload.write_bytes(b"x")
     monkeypatch.setattr(ui, "core_add_originals", lambda paths, v: f"added {len(paths)}")
+    monkeypatch.setattr(ui, "core_add_reg", lambda paths, v: f"added {len(paths)} class pictures")
     monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None: "")
     monkeypatch.setattr(ui, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui, "training_work", lambda *a: fake_work())
@@ -129,7 +130,8 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     # Values a user would have on the page.
     current = {id(comps["project"]): "p", id(comps["version"]): "v1", id(comps["new_project"]): "q",
                id(comps["new_version"]): "v2", id(comps["result_file"]): "run1/p-v1.safetensors",
-               id(comps["upload"]): [str(upload)], id(comps["setting_base_model"]): "mine.safetensors",
+               id(comps["upload"]): [str(upload)], id(comps["upload_reg"]): [str(upload)],
+               id(comps["setting_base_model"]): "mine.safetensors",
                id(comps["caption_target"]): str(version.originals_dir / "a.png"), id(comps["caption"]): "a  red\nball",
                id(comps["tag"]): "red", id(comps["tag_new"]): "blue", id(comps["grid_path"]): "grid.png",
                id(comps["preview_cell"]): {"grid": "grid.png", "row": 0, "col": 1}}

@@ -3,6 +3,7 @@
     python -m train_tools project create NAME
     python -m train_tools version create NAME v1
     python -m train_tools dataset add NAME v1 IMAGE_OR_FOLDER ...
+    python -m train_tools dataset add-reg NAME v1 IMAGE_OR_FOLDER ...   (optional class pictures)
     python -m train_tools train NAME v1 [--ckpt PATH] [--set key=value ...]
     python -m train_tools train NAME v1 --resume [RUN]
     python -m train_tools runs NAME v1
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("project")
     a.add_argument("version")
     a.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    ar = dsub.add_parser("add-reg", help="copy regularisation (class) images, and their .txt captions, into the "
+                         "version: trained beside the dataset without the trigger word (see reg_caption, "
+                         "prior_loss_weight)")
+    ar.add_argument("project")
+    ar.add_argument("version")
+    ar.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     u = dsub.add_parser("update", help="prepare the images for training (resize to buckets, captions)")
     u.add_argument("project")
     u.add_argument("version")
@@ -394,6 +401,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             report = ds.add_originals(list(args.paths), version.originals_dir)
             out.write(f"{report.summary()}\n")
             return 0 if report.added else 2
+        if args.action == "add-reg":
+            report = ds.add_originals(list(args.paths), version.reg_dir)
+            out.write(f"Class pictures: {report.summary()}\n")
+            return 0 if report.added else 2
         if args.action == "demo":
             from .demo_dataset import make_demo_dataset
 
@@ -402,12 +413,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         config = version.load_settings()
         from .progress import Reporter
-        from .trainer import prepare_items
+        from .trainer import load_reg_items, prepare_items
 
-        items = prepare_items(version, config, Reporter())
+        items = prepare_items(version, config, Reporter())  # the class pictures too
         repeats = config.repeats or ds.auto_repeats(len(items))
-        steps = -(-len(items) * repeats // config.batch_size)
-        out.write(f"{len(items)} images, {repeats} repeats, about {steps} steps per epoch\n")
+        n_reg = len(load_reg_items(version))
+        seen = len(items) * repeats * (2 if n_reg else 1)  # as many class pictures per epoch as training ones
+        steps = -(-seen // config.batch_size)
+        classes = f" and {n_reg} class images" if n_reg else ""
+        out.write(f"{len(items)} images{classes}, {repeats} repeats, about {steps} steps per epoch\n")
         return 0
     if args.command == "settings":
         version = store.version(args.project, args.version)

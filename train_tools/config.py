@@ -105,6 +105,11 @@ class TrainConfig:
                            choices=CAPTION_MODES, advanced=True)
     trigger_word: str = _f("", "Trigger word", "Put first in every caption; empty = the project name.",
                            advanced=True)
+    reg_caption: str = _f("", "Class caption", "Caption of the regularisation (class) pictures that have no .txt "
+                          "of their own, e.g. 'a photo of a cat'; never gets the trigger word.", advanced=True)
+    prior_loss_weight: float = _f(1.0, "Prior loss weight", "How much the regularisation (class) pictures count "
+                                  "in the loss; 1 = as much as the training pictures.", ss="ss_prior_loss_weight",
+                                  min=0.0, max=100.0, advanced=True)
     captioner: str = _f("none", "Automatic captioner", "Caption pictures automatically when preparing: wd14 = "
                         "booru tags (anime), blip = a short sentence (photos), deepbooru = the WebUI's own tagger "
                         "(in the WebUI only); combined with uploaded captions "

@@ -23,7 +23,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from .loader import LoadedModel
     from .store import Version
+    from .trainer import Conditioning
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ SAMPLES_PER_EPOCH = 2
 # WebUI extra-network tags; the standalone previewer applies the LoRA itself, so typed tags are dropped.
 _EXTRA_NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 _EPOCH_IN_NAME = re.compile(r"-(\d{6})(?:-interrupted)?$")
+# The text-encoder part of a kohya key: lora_te (SD1/SD2) or lora_te1 / lora_te2 (SDXL).
+_TE_PREFIX = re.compile(r"^(lora_te\d?)_")
 
 
 # ====================================================================== settings
@@ -256,7 +259,9 @@ def _scheduler_for(name: str, base_config: Any) -> Any:
     """
     import diffusers
 
-    config = dict(base_config)
+    # Without the "_" keys: diffusers' ``_use_default_values`` would make the new scheduler drop every setting
+    # the base one left at its default, the two below included.
+    config = {key: value for key, value in dict(base_config).items() if not key.startswith("_")}
     config.update(steps_offset=1, timestep_spacing="linspace")
     table: dict[str, tuple[str, dict[str, Any]]] = {
         "Euler a": ("EulerAncestralDiscreteScheduler", {}),
@@ -276,6 +281,27 @@ def _scheduler_for(name: str, base_config: Any) -> Any:
     return getattr(diffusers, cls_name).from_config(config)
 
 
+def _sd_pipeline(model: LoadedModel) -> Any:
+    """SD1/SD2's pipeline on our modules; no safety checker (the pictures are the user's own LoRA)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+        scheduler=_scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+
+
+def _sdxl_pipeline(model: LoadedModel) -> Any:
+    """SDXL's pipeline on our modules; its size conditioning (``add_time_ids``) is what the pictures need, the
+    prompt is encoded by ``DiffusersPreviewer.encode``. No watermark: it needs a package the hosts lack."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
+        tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet,
+        scheduler=_scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config), add_watermarker=False)
+
+
 @dataclass
 class _LoraLayer:
     down: Any  # torch.Tensor, float32 on the layer's device
@@ -284,28 +310,32 @@ class _LoraLayer:
 
 
 class DiffusersPreviewer:
-    """The run's checkpoint in a diffusers ``StableDiffusionPipeline``; LoRA files merged into the weights.
+    """The run's checkpoint in a diffusers ``StableDiffusionPipeline`` (SD1, SD2, SD2-v) or
+    ``StableDiffusionXLPipeline`` (SDXL); LoRA files merged into the weights.
 
     Merging keeps a copy of every weight a LoRA touches, so switching files or weights restores the exact
     original before adding the next update: "no LoRA" and weight 0 give the base model's picture bit for bit.
-    The prompt is encoded by our own code as the trainer does (75-token chunks, clip skip for SD1), so it
-    matches what the LoRA was trained on on every transformers version.
+    The prompt is encoded by our own code as the trainer does (75-token chunks, clip skip for SD1; for SDXL
+    both encoders' penultimate layers side by side and the second's pooled output), so it matches what the
+    LoRA was trained on on every transformers version. The pipeline stops at the latents and the VAE, kept
+    in float32, decodes them: a half-precision VAE overflows (SDXL's above all) into black pictures.
     """
 
     def __init__(self, model: LoadedModel, *, clip_skip: int = 1, device: str | torch.device | None = None) -> None:
         import torch
-        from diffusers import StableDiffusionPipeline
 
-        if len(model.text_encoders) != 1:
-            raise UserError(f"Previews of {model.family.upper()} checkpoints are not supported yet outside the "
-                            "WebUI; use an SD1 or SD2 checkpoint.")
+        from .lora_format import FAMILIES
+
+        if model.family not in FAMILIES or len(model.text_encoders) not in (1, 2):
+            raise UserError(f"Previews of {model.family.upper()} checkpoints are not supported outside the WebUI; "
+                            "use an SD1, SD2 or SDXL checkpoint.")
         self.model = model
         self.clip_skip = int(clip_skip)
         self.device = torch.device(device) if device is not None else next(model.unet.parameters()).device
-        self.pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-            scheduler=_scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        self.is_sdxl = len(model.text_encoders) == 2
+        if model.vae.dtype != torch.float32:
+            model.vae.float()  # it only decodes here; the previewer owns this copy of the model
+        self.pipe = _sdxl_pipeline(model) if self.is_sdxl else _sd_pipeline(model)
         self.pipe.set_progress_bar_config(disable=True)
         self._sampler = DEFAULT_SAMPLER
         self._layers: dict[str, nn.Module] | None = None
@@ -354,11 +384,12 @@ class DiffusersPreviewer:
 
         from .lora_format import read_lora
 
-        tensors, _meta = read_lora(path)
+        tensors, meta = read_lora(path)
         groups: dict[str, dict[str, Any]] = {}
         for key, tensor in tensors.items():
             name, _, part = key.partition(".")
             groups.setdefault(name, {})[part] = tensor
+        self._check_family(path, meta, groups)
         layers = self.layers()
         out: dict[str, _LoraLayer] = {}
         unmatched = 0
@@ -382,6 +413,19 @@ class DiffusersPreviewer:
             log.warning("%d layer(s) of %s do not fit %s and are left out of the previews.", unmatched, path.name,
                         self.model.path.name)
         return out
+
+    def _check_family(self, path: Path, meta: dict[str, str], names: Iterable[str]) -> None:
+        """Refuse a LoRA of the other kind (SDXL vs SD1/SD2) before merging: the tiny and some real layers have
+        the same shapes in both, so a wrong file would otherwise be merged in part, silently."""
+        from .lora_format import FAMILIES
+
+        own = set(FAMILIES[self.model.family].text_encoder_prefixes)
+        foreign = {m.group(1) for n in names if (m := _TE_PREFIX.match(n)) and m.group(1) not in own}
+        version = str(meta.get("ss_base_model_version", "")).strip().lower()
+        if foreign or (version and version.startswith("sdxl") != self.is_sdxl):
+            kind = "SDXL" if self.is_sdxl else "SD1/SD2"
+            raise UserError(f"{path.name} was trained for another kind of model than {self.model.path.name} "
+                            f"({kind}): preview it with the checkpoint it was trained on.")
 
     def apply_lora(self, lora: Path | None, weight: float) -> None:
         """Make the model's weights base + ``lora`` at ``weight`` (None or 0: the base model exactly)."""
@@ -411,37 +455,30 @@ class DiffusersPreviewer:
         self._applied = (lora, weight)
 
     # ------------------------------------------------------------------ pictures
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states for ``prompts``, all padded to the same number of 77-token chunks."""
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The UNet's text conditioning for ``prompts``, all padded to the same number of 77-token chunks.
+
+        The trainer's recipe (``Trainer.encode_text``): SD1 with clip skip, SD2 as is; SDXL both encoders'
+        penultimate layers side by side and the second's pooled projection of the first chunk.
+        """
         import torch
 
-        from .trainer import text_transformer
+        from .text_encoding import encode_ids, token_rows
+        from .trainer import Conditioning
 
-        tok = self.model.tokenizers[0]
-        te = self.model.text_encoders[0]
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        ids = [tok(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
-        chunks = max(1, *(math.ceil(len(i) / 75) for i in ids))
-        rows = []
-        for row_ids in ids:
-            row: list[int] = []
-            for c in range(chunks):
-                body = [bos] + row_ids[75 * c: 75 * (c + 1)] + [eos]
-                row += body + [pad] * (77 - len(body))
-            rows.append(row)
-        tokens = torch.tensor(rows, dtype=torch.long, device=self.device)
-        use_skip = self.model.family == "sd1" and self.clip_skip > 1
-        hidden = []
+        ids = [[tok(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
+               for tok in self.model.tokenizers]
+        chunks = max(1, *(math.ceil(len(i) / 75) for per_tok in ids for i in per_tok))
+        clip_skip = self.clip_skip if self.model.family == "sd1" else 1
+        hidden: list[torch.Tensor] = []
+        pooled: torch.Tensor | None = None
         with torch.no_grad():
-            for chunk in tokens.split(77, dim=1):
-                if use_skip:
-                    h = te(chunk, output_hidden_states=True).hidden_states[-self.clip_skip]
-                    h = text_transformer(te).final_layer_norm(h)
-                else:
-                    h = te(chunk)[0]
+            for te, tok, tok_ids in zip(self.model.text_encoders, self.model.tokenizers, ids, strict=True):
+                tokens = token_rows(tok, tok_ids, chunks).to(self.device)
+                h, p = encode_ids(te, tokens, sdxl=self.is_sdxl, clip_skip=clip_skip)
                 hidden.append(h)
-        return torch.cat(hidden, dim=1)
+                pooled = p if p is not None else pooled
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def generate(self, settings: PreviewSettings, lora: Path | None, weight: float) -> Image.Image:
         import torch
@@ -455,12 +492,42 @@ class DiffusersPreviewer:
         prompt = _EXTRA_NETWORK_TAG.sub("", settings.prompt).strip()
         if prompt != settings.prompt.strip():
             log.info("Extra-network tags in the preview prompt are ignored; the LoRA is applied by the previewer.")
-        embeds = self.encode([prompt, settings.negative_prompt])
+        cond = self.encode([prompt, settings.negative_prompt])
         generator = torch.Generator("cpu").manual_seed(int(settings.seed))
-        result = self.pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:],
-                           num_inference_steps=settings.steps, guidance_scale=settings.cfg_scale,
-                           width=settings.width, height=settings.height, generator=generator, output_type="pil")
-        return result.images[0].convert("RGB")
+        args: dict[str, Any] = {
+            "prompt_embeds": cond.hidden[:1], "negative_prompt_embeds": cond.hidden[1:],
+            "num_inference_steps": settings.steps, "guidance_scale": settings.cfg_scale,
+            "width": settings.width, "height": settings.height, "generator": generator, "output_type": "latent"}
+        if self.is_sdxl:
+            args.update(self._sdxl_args(cond, settings))
+        return self.decode(self.pipe(**args).images)
+
+    def _sdxl_args(self, cond: Conditioning, settings: PreviewSettings) -> dict[str, Any]:
+        """SDXL's extra pipeline inputs: the pooled embeddings and the size conditioning of an uncropped
+        picture of the asked size (as ``trainer.sdxl_time_ids`` and the WebUI make it)."""
+        import torch
+
+        if cond.pooled is None:
+            raise UserError(f"The second text encoder of {self.model.path.name} gave no pooled output; "
+                            "use a standard SDXL checkpoint.")
+        negative_hidden, negative_pooled = cond.hidden[1:], cond.pooled[1:]
+        if not settings.negative_prompt.strip():
+            # An empty negative prompt is no text at all for SDXL, as in the WebUI and diffusers.
+            negative_hidden, negative_pooled = torch.zeros_like(negative_hidden), torch.zeros_like(negative_pooled)
+        size = (settings.height, settings.width)
+        return {"negative_prompt_embeds": negative_hidden, "pooled_prompt_embeds": cond.pooled[:1],
+                "negative_pooled_prompt_embeds": negative_pooled, "original_size": size,
+                "crops_coords_top_left": (0, 0), "target_size": size}
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """The first picture of ``latents`` through the float32 VAE."""
+        import torch
+
+        vae = self.model.vae
+        with torch.no_grad():
+            scaled = latents[:1].to(self.device, torch.float32) / vae.config.scaling_factor
+            image = vae.decode(scaled, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0].convert("RGB")
 
     def close(self) -> None:
         """Give the memory back (the UI makes a previewer per grid)."""

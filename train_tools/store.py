@@ -5,6 +5,8 @@ Layout, as the original Train Tools tab had it::
     <data dir>/outputs/train_tools/projects/<project>/versions/<version>/
         dataset/        the user's original uploads, never modified
         prepared/       what training reads: one image + one .txt caption per item
+        reg/            optional regularisation (class) pictures, as uploaded, never modified
+        prepared_reg/   the class pictures prepared for training (no trigger word in their captions)
         settings.json   the version's TrainConfig
         trains/<run>/   one folder per training run: LoRA files, the run's settings and captions snapshot
 
@@ -81,6 +83,16 @@ class Version:
     @property
     def prepared_dir(self) -> Path:
         return self.path / "prepared"
+
+    @property
+    def reg_dir(self) -> Path:
+        """The regularisation (class) pictures as uploaded, never modified; optional."""
+        return self.path / "reg"
+
+    @property
+    def prepared_reg_dir(self) -> Path:
+        """The class pictures prepared like ``prepared/``, but captioned without the trigger word."""
+        return self.path / "prepared_reg"
 
     @property
     def settings_path(self) -> Path:

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,12 @@ from .fileio import sha256_file, write_json
 from .progress import Reporter, StepInfo, StopFlag
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
 from .store import Version
+from .text_encoding import encode_ids, text_transformer, token_rows
 
 log = logging.getLogger(__name__)
+
+REG_CAPTIONS = "reg_captions.json"  # the run's snapshot of its class pictures' captions (beside captions.json)
+REG_PREFIX = "reg/"  # class pictures in a training state's picture list
 
 
 @dataclass
@@ -77,12 +81,57 @@ def prepare_version(version: Version, config: TrainConfig, *, host: Any = None,
     options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
     auto_caption = captioner_from_config(config, models_dir=models_dir, host=host)
     try:
-        return ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, progress,
-                                  auto_caption=auto_caption)
+        report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, progress,
+                                    auto_caption=auto_caption)
     finally:
         close = getattr(auto_caption, "close", None)
         if callable(close):
             close()  # a host's captioner frees its model (the WebUI's DeepBooru, BLIP)
+    reg_report = prepare_reg(version, config, progress)
+    if reg_report is not None:
+        report.refused += [ds.Refusal(f"class picture {r.name}", r.reason) for r in reg_report.refused]
+    return report
+
+
+class FixedCaption:
+    """The caption of class pictures that came without a .txt: the ``reg_caption`` setting, whatever the picture.
+
+    It takes the place of an automatic captioner in ``prepare_dataset``; its repr names the text, so the
+    prepared folder's manifest notices a changed setting and rewrites those captions.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = " ".join(str(text or "").split())
+
+    def __call__(self, image: Any) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"FixedCaption({self.text!r})"
+
+
+def reg_prepare_options(config: TrainConfig) -> ds.PrepareOptions:
+    """The training pictures' options for the class pictures, but for the captions: a class picture's own .txt
+    or else ``reg_caption``, and never the trigger word (class pictures show the class, not the subject)."""
+    options = ds.PrepareOptions.from_config(config)
+    options.caption_mode = "use"
+    options.trigger_word = ""
+    return options
+
+
+def prepare_reg(version: Version, config: TrainConfig, progress: Callable[[int, int], None] | None = None
+                ) -> ds.PrepareReport | None:
+    """Bring ``prepared_reg/`` up to date with ``reg/`` (the optional class pictures); None when the version has
+    neither. A ``reg/`` emptied by the user empties ``prepared_reg/`` too."""
+    if not version.reg_dir.is_dir() and not version.prepared_reg_dir.is_dir():
+        return None
+    return ds.prepare_dataset(version.reg_dir, version.prepared_reg_dir, reg_prepare_options(config), progress,
+                              auto_caption=FixedCaption(config.reg_caption))
+
+
+def load_reg_items(version: Version) -> list[ds.DatasetItem]:
+    """The prepared class pictures of ``version`` (none when it has no regularisation pictures)."""
+    return ds.load_items(version.prepared_reg_dir)
 
 
 def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None
@@ -96,12 +145,6 @@ def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, 
         raise UserError(f"Version '{version.name}' of '{version.project}' has no usable images; add pictures "
                         "with 'python -m train_tools dataset add' or the Upload Dataset button.")
     return items
-
-
-def text_transformer(te: torch.nn.Module) -> torch.nn.Module:
-    """The CLIP transformer inside a text encoder: transformers 5 dropped the ``text_model`` wrapper of
-    CLIPTextModel (the projection variant keeps it), the WebUI hosts' 4.x has it everywhere."""
-    return getattr(te, "text_model", te)
 
 
 @dataclass
@@ -160,6 +203,103 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     return ", ".join(t for t in head + tail if t)
 
 
+class RegularisedBatchSampler:
+    """Batches of training and regularisation (class) items, every batch within one bucket.
+
+    ``items`` holds the training items first (``n_train`` of them), then the class items. Each epoch sees every
+    training item ``repeats`` times plus as many class items (kohya repeats the class pictures to match the
+    training pictures x repeats): they are drawn in turn from one seeded order of the class pictures, each epoch
+    going on where the last one stopped, so a large class set is used evenly over the run and a small one is
+    repeated. The order depends only on (seed, epoch), so a resumed run sees the same batches. Where the drawn
+    class pictures fall into other buckets, an epoch may hold a batch more or less than the one before.
+    """
+
+    def __init__(self, items: Sequence[ds.DatasetItem], n_train: int, batch_size: int, *, seed: int = 0,
+                 repeats: int = 1) -> None:
+        if batch_size < 1:
+            raise UserError(f"Batch size must be at least 1; got {batch_size}.")
+        if repeats < 1:
+            raise UserError(f"Repeats must be at least 1; got {repeats}.")
+        if not 0 < n_train < len(items):
+            raise ValueError("RegularisedBatchSampler needs training items and class items.")
+        self.batch_size, self.seed, self.repeats, self.n_train = batch_size, seed, repeats, n_train
+        self.epoch = 0
+        self.sizes = [tuple(item.size) for item in items]
+        self.buckets = sorted(set(self.sizes))
+        self.train_buckets: dict[tuple[int, ...], list[int]] = {}
+        for index in range(n_train):
+            self.train_buckets.setdefault(self.sizes[index], []).append(index)
+        self.reg_order = list(range(n_train, len(items)))
+        random.Random(f"{seed}:class-pictures").shuffle(self.reg_order)
+        self.per_epoch = n_train * repeats  # class items per epoch
+        # _prefix[size][i]: how many of reg_order[:i] are of that bucket (counts per epoch without drawing).
+        self._prefix: dict[tuple[int, ...], list[int]] = {size: [0] for size in self.buckets}
+        for index in self.reg_order:
+            for size, prefix in self._prefix.items():
+                prefix.append(prefix[-1] + (self.sizes[index] == size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def reg_draws(self, epoch: int) -> list[int]:
+        """The class items of ``epoch`` (1-based), in the order drawn."""
+        n = len(self.reg_order)
+        start = (epoch - 1) * self.per_epoch % n
+        return [self.reg_order[(start + k) % n] for k in range(self.per_epoch)]
+
+    def _reg_counts(self, epoch: int) -> dict[tuple[int, ...], int]:
+        n = len(self.reg_order)
+        start = (epoch - 1) * self.per_epoch % n
+        laps, rest = divmod(self.per_epoch, n)
+        counts = {}
+        for size, prefix in self._prefix.items():
+            end = start + rest
+            part = prefix[end] - prefix[start] if end <= n else prefix[n] - prefix[start] + prefix[end - n]
+            counts[size] = laps * prefix[n] + part
+        return counts
+
+    def batch_count(self, epoch: int) -> int:
+        """How many batches ``epoch`` has (without drawing them)."""
+        reg = self._reg_counts(epoch)
+        return sum(-(-(len(self.train_buckets.get(size, [])) * self.repeats + reg[size]) // self.batch_size)
+                   for size in self.buckets)
+
+    def __len__(self) -> int:
+        return self.batch_count(self.epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        reg: dict[tuple[int, ...], list[int]] = {}
+        for index in self.reg_draws(self.epoch):
+            reg.setdefault(self.sizes[index], []).append(index)
+        batches: list[list[int]] = []
+        for size in self.buckets:
+            train: list[int] = []
+            for _ in range(self.repeats):  # each repeat its own permutation, as BucketBatchSampler does
+                order = list(self.train_buckets.get(size, []))
+                rng.shuffle(order)
+                train.extend(order)
+            pool = _riffle(train, reg.get(size, []), rng)
+            batches.extend(pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size))
+        rng.shuffle(batches)
+        return iter(batches)
+
+
+def _riffle(first: list[int], second: list[int], rng: random.Random) -> list[int]:
+    """A random interleaving of two lists that keeps the order within each (every interleaving equally likely)."""
+    out: list[int] = []
+    i = j = 0
+    while i < len(first) or j < len(second):
+        left = len(first) - i
+        if rng.randrange(left + len(second) - j) < left:
+            out.append(first[i])
+            i += 1
+        else:
+            out.append(second[j])
+            j += 1
+    return out
+
+
 class Trainer:
     """One training run. ``run()`` does everything; the steps are separate methods so tests can look inside."""
 
@@ -203,8 +343,14 @@ class Trainer:
         set_seed(cfg.seed)
 
         with self.accelerator.main_process_first():  # one process writes prepared/, the others then read it
-            self.items = self._resumed_items(prepare_items(self.version, cfg, self.reporter, host=self.host))
+            items = prepare_items(self.version, cfg, self.reporter, host=self.host)
+            self.items, self.reg_items = self._resumed_items(items, load_reg_items(self.version))
+        # Indices below len(items) are training pictures, the rest class pictures (caches and batches use both).
+        self.all_items = self.items + self.reg_items
         self.repeats = cfg.repeats or ds.auto_repeats(len(self.items))
+        if self.reg_items:
+            self.reporter.message(f"{len(self.reg_items)} class pictures (regularisation), prior loss weight "
+                                  f"{cfg.prior_loss_weight:g}")
 
         self.reporter.message(f"Loading {self.checkpoint.name}")
         self.model = load_model(self.checkpoint, device="cpu", dtype=torch.float32)
@@ -262,9 +408,13 @@ class Trainer:
 
         from .optim import make_lr_scheduler, make_optimizer
 
-        self.sampler = ds.BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
-        self.batches_per_epoch = self._local_batch_count()
-        self.total_steps = self.batches_per_epoch * cfg.epochs
+        if self.reg_items:
+            self.sampler: Any = RegularisedBatchSampler(self.all_items, len(self.items), cfg.batch_size,
+                                                        seed=cfg.seed, repeats=self.repeats)
+        else:
+            self.sampler = ds.BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
+        self.batches_per_epoch = self._local_batch_count(1)
+        self.total_steps = sum(self._local_batch_count(epoch) for epoch in range(1, cfg.epochs + 1))
         optimizer = make_optimizer(cfg.optimizer, params, cfg.learning_rate, device=self.device)
         # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
         ticks = self.accelerator.num_processes
@@ -318,8 +468,12 @@ class Trainer:
             te.to("cpu")
         torch.cuda.empty_cache()
 
-    def _local_batch_count(self) -> int:
-        n = len(self.sampler)
+    def _local_batch_count(self, epoch: int) -> int:
+        """The batches each process trains in ``epoch`` (the same in every epoch without class pictures)."""
+        if isinstance(self.sampler, RegularisedBatchSampler):
+            n = self.sampler.batch_count(epoch)
+        else:
+            n = len(self.sampler)
         return n // self.accelerator.num_processes if self.accelerator.num_processes > 1 else n
 
     # ------------------------------------------------------------------ caches
@@ -328,26 +482,32 @@ class Trainer:
         """Encode every image (and its mirror with flip augmentation) once: the VAE never runs per step.
 
         With ``cache_latents`` on (the default) the encoded pictures are also kept in ``prepared/.latents/``
-        (see ``latent_cache``), so a later run or a restart encodes only new or changed pictures; with several
-        processes the main one encodes and writes first and the others read. ``latent_encodes`` counts the VAE
-        calls of this run.
+        (see ``latent_cache``; class pictures in ``prepared_reg/.latents/``), so a later run or a restart encodes
+        only new or changed pictures; with several processes the main one encodes and writes first and the
+        others read. ``latent_encodes`` counts the VAE calls of this run.
         """
         import contextlib
 
         from .latent_cache import LatentDiskCache, vae_identity
 
         acc = self.accelerator
-        disk = (LatentDiskCache(self.version.prepared_dir, vae_identity(self.model.vae), self.config.resolution)
-                if self.config.cache_latents else None)
+        # One disk cache per prepared folder: prepared/ and, with class pictures, prepared_reg/.
+        folders = [self.version.prepared_dir] + ([self.version.prepared_reg_dir] if self.reg_items else [])
+        disks: dict[Path, LatentDiskCache] = {}
+        if self.config.cache_latents:
+            vae_id = vae_identity(self.model.vae)
+            disks = {folder: LatentDiskCache(folder, vae_id, self.config.resolution) for folder in folders}
         flips = (False, True) if self.config.flip_aug else (False,)
         self.latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self.latent_encodes = 0
         vae: torch.nn.Module | None = None
-        shas: set[str] = set()
-        with acc.main_process_first() if disk is not None else contextlib.nullcontext():
-            for item in self.items:
+        shas: dict[Path, set[str]] = {folder: set() for folder in folders}
+        with acc.main_process_first() if disks else contextlib.nullcontext():
+            for index, item in enumerate(self.all_items):
+                folder = folders[int(index >= len(self.items))]
+                disk = disks.get(folder)
                 sha = sha256_file(item.image)
-                shas.add(sha)
+                shas[folder].add(sha)
                 pixels: torch.Tensor | None = None
                 entry = []
                 for flip in flips:
@@ -364,9 +524,10 @@ class Trainer:
                             disk.store(sha, item.size, flip, *cached)
                     entry.append(cached)
                 self.latent_cache.append(entry)
-        if disk is not None and acc.is_main_process:
-            disk.prune(shas)
-        total = len(self.items) * len(flips)
+        if acc.is_main_process:
+            for folder, cache in disks.items():
+                cache.prune(shas[folder])
+        total = len(self.all_items) * len(flips)
         self.reporter.message(f"Latents: {total - self.latent_encodes} of {total} from the cache, "
                               f"{self.latent_encodes} encoded")
         self.scaling_factor = float(self.model.vae.config.scaling_factor)
@@ -380,7 +541,7 @@ class Trainer:
         """Every caption through the frozen text encoder(s) once (batch of one each, kept on the CPU)."""
         out = []
         with self.accelerator.autocast():
-            for item in self.items:
+            for item in self.all_items:
                 out.append(self.encode_text([item.caption]).to("cpu"))
         return out
 
@@ -392,18 +553,9 @@ class Trainer:
         """
         tok = tokenizer if tokenizer is not None else self.tokenizer
         chunks = self.config.max_token_length // 75
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        rows = []
-        for caption in captions:
-            ids = tok(caption, add_special_tokens=False, truncation=False)["input_ids"][: 75 * chunks]
-            row: list[int] = []
-            for c in range(chunks):
-                part = ids[75 * c: 75 * (c + 1)]
-                body = [bos] + part + [eos]
-                row += body + [pad] * (77 - len(body))
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.long)
+        ids = [tok(caption, add_special_tokens=False, truncation=False)["input_ids"][: 75 * chunks]
+               for caption in captions]
+        return token_rows(tok, ids, chunks)
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The captions as the UNet's text conditioning, the way the WebUI encodes prompts.
@@ -414,29 +566,15 @@ class Trainer:
         """
         hidden: list[torch.Tensor] = []
         pooled: torch.Tensor | None = None
+        sdxl = len(self.tes) > 1
+        clip_skip = self.config.clip_skip if self.use_clip_skip and not sdxl else 1
         for te, tok in zip(self.tes, self.tokenizers):
             ids = self.tokenize(captions, tok).to(self.device)
-            chunks = []
-            for index, chunk in enumerate(ids.split(77, dim=1)):
-                h, p = self._encode_chunk(te, chunk)
-                chunks.append(h)
-                if index == 0 and p is not None:
-                    pooled = p
-            hidden.append(torch.cat(chunks, dim=1))
-        return Conditioning(torch.cat(hidden, dim=-1), pooled)
-
-    def _encode_chunk(self, te: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states, pooled projection or None) of one 77-token chunk through one encoder."""
-        if len(self.tes) > 1:
-            # SDXL: the penultimate layer of both encoders without the final layer norm (clip skip does not
-            # apply, as in the WebUI); the projection model also gives the pooled text embedding.
-            out = te(ids, output_hidden_states=True)
-            return out.hidden_states[-2], getattr(out, "text_embeds", None)
-        if self.use_clip_skip and self.config.clip_skip > 1:
-            out = te(ids, output_hidden_states=True)
             base = self.accelerator.unwrap_model(te) if hasattr(self, "accelerator") else te
-            return text_transformer(base).final_layer_norm(out.hidden_states[-self.config.clip_skip]), None
-        return te(ids)[0], None
+            h, p = encode_ids(te, ids, sdxl=sdxl, clip_skip=clip_skip, base=base)
+            hidden.append(h)
+            pooled = p if p is not None else pooled
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def latents_for(self, indices: list[int], rng: random.Random, generator: torch.Generator | None) -> torch.Tensor:
         out = []
@@ -448,13 +586,23 @@ class Trainer:
         return torch.stack(out).to(self.device) * self.scaling_factor
 
     def captions_for(self, indices: list[int], rng: random.Random) -> list[str]:
-        caps = [self.items[i].caption for i in indices]
+        caps = [self.all_items[i].caption for i in indices]
         if self.config.shuffle_caption:
             caps = [shuffle_caption(c, self.config.keep_tokens, rng) for c in caps]
         return caps
 
+    def loss_weights(self, indices: list[int]) -> torch.Tensor | None:
+        """Each item's weight in the batch loss: 1 for a training picture, ``prior_loss_weight`` for a class
+        picture; None (all 1) when the run has no class pictures."""
+        if not self.reg_items:
+            return None
+        n = len(self.items)
+        weights = [self.config.prior_loss_weight if i >= n else 1.0 for i in indices]
+        return torch.tensor(weights, dtype=torch.float32, device=self.device)
+
     def loss(self, latents: torch.Tensor, text: Conditioning | torch.Tensor, noise: torch.Tensor,
-             timesteps: torch.Tensor) -> torch.Tensor:
+             timesteps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's mean loss; ``weights`` (one per item, see ``loss_weights``) scale each item's part."""
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
         cond = text if isinstance(text, Conditioning) else Conditioning(text)
@@ -474,6 +622,8 @@ class Trainer:
             weight = torch.clamp(snr, max=self.config.min_snr_gamma)
             weight = weight / (snr + 1) if self.model.prediction_type == "v_prediction" else weight / snr
             loss = loss * weight
+        if weights is not None:
+            loss = loss * weights.to(loss.device)
         return loss.mean()
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -497,7 +647,7 @@ class Trainer:
             with torch.no_grad():
                 cond = self.encode_text(self.captions_for(indices, rng))
         if self.needs_time_ids:
-            cond.time_ids = torch.tensor([sdxl_time_ids(self.items[i]) for i in indices], dtype=torch.float32)
+            cond.time_ids = torch.tensor([sdxl_time_ids(self.all_items[i]) for i in indices], dtype=torch.float32)
         return cond.to(self.device)
 
     @torch.no_grad()
@@ -581,7 +731,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             batches = list(self.sampler)
             if acc.num_processes > 1:
-                batches = batches[: self.batches_per_epoch * acc.num_processes][acc.process_index::acc.num_processes]
+                local = self._local_batch_count(epoch)
+                batches = batches[: local * acc.num_processes][acc.process_index::acc.num_processes]
             # The order depends only on (seed, epoch): a resumed run skips the batches it already trained.
             done = start_batch if epoch == start_epoch else 0
             for indices in batches[done:]:
@@ -590,7 +741,7 @@ class Trainer:
                     text = self.text_for(indices, rng)
                     noise = self.sample_noise(latents, gen)
                     timesteps = self.sample_timesteps(len(indices), gen)
-                    loss = self.loss(latents, text, noise, timesteps)
+                    loss = self.loss(latents, text, noise, timesteps, self.loss_weights(indices))
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
@@ -691,6 +842,8 @@ class Trainer:
         write_json(run_dir / "settings.json", {**self.config.to_dict(), "base_model_path": str(self.checkpoint),
                                                "repeats_used": self.repeats})
         write_json(run_dir / "captions.json", {item.image.name: item.caption for item in self.items})
+        if self.reg_items:
+            write_json(run_dir / REG_CAPTIONS, {item.image.name: item.caption for item in self.reg_items})
 
     def save(self, path: Path, epoch: int, step: int) -> Path | None:
         acc = self.accelerator
@@ -718,6 +871,11 @@ class Trainer:
             training_finished_at=time.time(),
             bucket_info=ds.bucket_info(self.items),
         )
+        # kohya's names for the class pictures; ss_tag_frequency and ss_dataset_dirs stay the training pictures'.
+        reg_folder = f"1_{self.config.reg_caption.strip() or 'reg'}"
+        reg_dirs = {reg_folder: {"n_repeats": 1, "img_count": len(self.reg_items)}} if self.reg_items else {}
+        metadata["ss_reg_dataset_dirs"] = json.dumps(reg_dirs)
+        metadata["ss_num_reg_images"] = str(len(self.reg_items))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.config.save_precision]
         save_lora(path, tensors, metadata, dtype=dtype)
         self.reporter.saved(path, epoch)
@@ -741,23 +899,37 @@ class Trainer:
             self._write_run_snapshot(run_dir)
         return run_dir
 
-    def _resumed_items(self, items: list[ds.DatasetItem]) -> list[ds.DatasetItem]:
-        """A resumed run trains on the pictures it began with and their captions of then (its snapshot)."""
+    def _item_names(self, items: list[ds.DatasetItem] | None = None,
+                    reg_items: list[ds.DatasetItem] | None = None) -> list[str]:
+        """The pictures of the run as its state lists them: the training pictures, then the class pictures
+        prefixed with ``reg/`` (a run without class pictures lists what it always did)."""
+        items = self.items if items is None else items
+        reg_items = self.reg_items if reg_items is None else reg_items
+        return [item.image.name for item in items] + [f"{REG_PREFIX}{item.image.name}" for item in reg_items]
+
+    def _resumed_items(self, items: list[ds.DatasetItem], reg_items: list[ds.DatasetItem]
+                       ) -> tuple[list[ds.DatasetItem], list[ds.DatasetItem]]:
+        """A resumed run trains on the pictures (and class pictures) it began with and their captions of then
+        (its snapshot)."""
         point = self.resume
         if point is None:
-            return items
-        names = [item.image.name for item in items]
+            return items, reg_items
+        names = self._item_names(items, reg_items)
         if point.state is not None and point.state.items and names != point.state.items:
             raise UserError(f"The pictures of {self.version.project} / {self.version.name} changed since run "
                             f"{point.run_dir.name} began ({len(point.state.items)} then, {len(names)} now), so it "
                             "cannot go on as it was; start a new run.")
-        snapshot = point.run_dir / "captions.json"
-        if not snapshot.is_file():
+        return (self._snapshot_captions(items, point.run_dir / "captions.json"),
+                self._snapshot_captions(reg_items, point.run_dir / REG_CAPTIONS))
+
+    @staticmethod
+    def _snapshot_captions(items: list[ds.DatasetItem], snapshot: Path) -> list[ds.DatasetItem]:
+        if not items or not snapshot.is_file():
             return items
         try:
             captions = json.loads(snapshot.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"The captions of run {point.run_dir.name} are damaged ({exc}); start a new run."
+            raise UserError(f"The captions of run {snapshot.parent.name} are damaged ({exc}); start a new run."
                             ) from exc
         return [dataclasses.replace(item, caption=str(captions.get(item.image.name, item.caption)))
                 for item in items]
@@ -792,7 +964,7 @@ class Trainer:
             epoch=epoch, batch=batch, step=step, kind=kind, finished=finished, config=self.config.to_dict(),
             base_model_path=str(self.checkpoint), base_sha256=self.base_sha256, started_at=self.started_at,
             files=[f.name for f in files if f is not None], losses=list(losses),
-            items=[item.image.name for item in self.items],
+            items=self._item_names(),
             lora={name: p.detach().to("cpu", copy=True) for name, p in self._lora_weights().items()},
             optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else None, rng=rngs)

@@ -60,6 +60,26 @@ def core_add_originals(paths: Sequence[Path], version: Version) -> str:
     return str(report.summary())
 
 
+def core_add_reg(paths: Sequence[Path], version: Version) -> str:
+    """Class (regularisation) pictures go to the version's ``reg/``, beside, never into, its dataset."""
+    from . import dataset as ds
+
+    report = ds.add_originals(list(paths), version.reg_dir)
+    return f"Class pictures: {report.summary()}"
+
+
+def core_reg_count(version: Version) -> int:
+    """How many class pictures the version has: the prepared ones, or the uploaded ones before preparing."""
+    prepared = version.prepared_reg_dir
+    count = sum(1 for p in prepared.glob("*.png") if not p.name.startswith(".")) if prepared.is_dir() else 0
+    if count:
+        return count
+    folder = version.reg_dir
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in ds_image_suffixes() and p.is_file())
+
+
 def core_prepare(version: Version, config: TrainConfig, host: Any = None) -> str:
     from .trainer import prepare_version
 
@@ -171,9 +191,12 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
     if items:
         gallery = [(str(item.image), str(item.caption)) for item in items]
         n = len(items)
+        n_reg = core_reg_count(version)
         repeats = config.repeats or core_auto_repeats(n)
-        per_epoch = math.ceil(n * repeats / config.batch_size)
-        line = (f"{n} images, {repeats} repeats, {per_epoch} steps per epoch "
+        # Class pictures add as many items per epoch as the training pictures x repeats.
+        per_epoch = math.ceil(n * repeats * (2 if n_reg else 1) / config.batch_size)
+        classes = f" and {n_reg} class images" if n_reg else ""
+        line = (f"{n} images{classes}, {repeats} repeats, {per_epoch} steps per epoch "
                 f"({per_epoch * config.epochs} steps for {config.epochs} epochs).")
         if _newest_mtime(originals) > _newest_mtime([i.image for i in items]):
             line += " New pictures were added since: press Update Dataset."
@@ -509,6 +532,18 @@ class TabLogic:
         gallery, line = dataset_view(v, v.load_settings())
         return [None, gallery, line, message_html(summary, "ok")]
 
+    def upload_reg(self, files: Any, project: str | None, version: str | None) -> list[Any]:
+        """Regularisation (class) pictures: kept apart from the dataset, prepared with it by Update Dataset."""
+        v = self.require_version(project, version)
+        named = uploaded_files(files)
+        if not named:
+            raise UserError("No files arrived; drop class pictures (and .txt captions) on Regularisation images.")
+        with tempfile.TemporaryDirectory(prefix="train_tools_upload_reg_") as tmp:
+            paths = stage_with_original_names(named, Path(tmp))
+            summary = core_add_reg(paths, v)
+        gallery, line = dataset_view(v, v.load_settings())
+        return [None, gallery, line, message_html(f"{summary} Press Update Dataset to prepare them.", "ok")]
+
     def add_demo_pictures(self, project: str | None, version: str | None) -> list[Any]:
         v = self.require_version(project, version)
         n = core_demo_pictures(v)
@@ -816,6 +851,8 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
             with gr.Column(scale=1):
                 c["upload"] = gr.File(label="Upload Dataset (images and .txt captions)", file_count="multiple",
                                       file_types=["image", ".txt"], elem_id="train_tools_upload")
+                c["upload_reg"] = gr.File(label="Regularisation images (optional)", file_count="multiple",
+                                          file_types=["image", ".txt"], height=120, elem_id="train_tools_upload_reg")
                 with gr.Row():
                     c["update_dataset"] = gr.Button("Update Dataset", variant="primary",
                                                     elem_id="train_tools_update_dataset")
@@ -927,6 +964,8 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
     wire(c["version"].input, logic.open_version, pv, version_outputs)
     wire(c["upload"].upload, logic.upload, [c["upload"], *pv],
          [c["upload"], c["gallery"], c["dataset_info"], msg])
+    wire(c["upload_reg"].upload, logic.upload_reg, [c["upload_reg"], *pv],
+         [c["upload_reg"], c["gallery"], c["dataset_info"], msg])
     if "demo_pictures" in c:
         wire(c["demo_pictures"].click, logic.add_demo_pictures, pv, [c["gallery"], c["dataset_info"], msg])
     wire(c["update_dataset"].click, logic.update_dataset, [*pv, *setting_inputs], [*dataset_outputs, msg])

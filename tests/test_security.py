@@ -459,3 +459,24 @@ def test_the_app_refuses_requests_without_the_login_and_serves_only_project_file
         assert _get(f"{file_route}{lock}", opener) == 403
     finally:
         demo.close()
+
+
+def test_one_unusable_upload_name_does_not_refuse_the_others(tmp_path: Path):
+    """A 300-character (or NUL-bearing) name among good pictures: that file is named as refused, the rest land."""
+    from PIL import Image
+
+    import train_tools.ui as ui
+    from train_tools.jobs import JobManager
+
+    logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
+    logic.create_project("p")
+    logic.create_version("p", "v1")
+    version = logic.store.version("p", "v1")
+    files = []
+    for i, name in enumerate(["good.png", "y" * 300 + ".png", "evil\x00.png", "also good.png"]):
+        path = tmp_path / f"upload-{i}.png"
+        Image.new("RGB", (64, 64), (40 * i, 10, 10)).save(path)
+        files.append({"path": str(path), "orig_name": name})
+    _cleared, _gallery, _line, message = logic.upload(files, "p", "v1")
+    assert sorted(p.name for p in ui.original_images(version)) == ["also good.png", "good.png"]
+    assert "2" in message and "tt-error" not in message

@@ -973,14 +973,20 @@ def add_originals(paths: Sequence[Path], originals: Path) -> AddReport:
     captions: list[Path] = []
     for path in files:
         name = _nfc(path.name)
-        if _caption_parts(name) is not None:
-            captions.append(path)
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            _add_image(path, originals, report, hashes, used_stems, final_stem)
-        else:
-            report.refused.append(Refusal(name, "not a picture or a .txt caption"))
+        try:
+            if _caption_parts(name) is not None:
+                captions.append(path)
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                _add_image(path, originals, report, hashes, used_stems, final_stem)
+            else:
+                report.refused.append(Refusal(name, "not a picture or a .txt caption"))
+        except UserError as exc:  # a name that cannot be stored (too long, ...): that file only, not the batch
+            report.refused.append(Refusal(name, str(exc)))
     for path in captions:
-        _add_caption(path, originals, report, final_stem)
+        try:
+            _add_caption(path, originals, report, final_stem)
+        except UserError as exc:
+            report.refused.append(Refusal(_nfc(path.name), str(exc)))
     log.info("%s", report.summary())
     return report
 

@@ -526,11 +526,9 @@ class TabLogic:
         named = uploaded_files(files)
         if not named:
             raise UserError("No files arrived; drop images (and .txt captions) on Upload Dataset.")
-        with tempfile.TemporaryDirectory(prefix="train_tools_upload_") as tmp:
-            paths = stage_with_original_names(named, Path(tmp))
-            summary = core_add_originals(paths, v)
+        summary, kind = add_uploaded(named, lambda paths: core_add_originals(paths, v))
         gallery, line = dataset_view(v, v.load_settings())
-        return [None, gallery, line, message_html(summary, "ok")]
+        return [None, gallery, line, message_html(summary, kind)]
 
     def upload_reg(self, files: Any, project: str | None, version: str | None) -> list[Any]:
         """Regularisation (class) pictures: kept apart from the dataset, prepared with it by Update Dataset."""
@@ -538,11 +536,9 @@ class TabLogic:
         named = uploaded_files(files)
         if not named:
             raise UserError("No files arrived; drop class pictures (and .txt captions) on Regularisation images.")
-        with tempfile.TemporaryDirectory(prefix="train_tools_upload_reg_") as tmp:
-            paths = stage_with_original_names(named, Path(tmp))
-            summary = core_add_reg(paths, v)
+        summary, kind = add_uploaded(named, lambda paths: core_add_reg(paths, v))
         gallery, line = dataset_view(v, v.load_settings())
-        return [None, gallery, line, message_html(f"{summary} Press Update Dataset to prepare them.", "ok")]
+        return [None, gallery, line, message_html(f"{summary} Press Update Dataset to prepare them.", kind)]
 
     def add_demo_pictures(self, project: str | None, version: str | None) -> list[Any]:
         v = self.require_version(project, version)
@@ -790,15 +786,36 @@ def uploaded_files(value: Any) -> list[tuple[Path, str]]:
     return out
 
 
-def stage_with_original_names(files: list[tuple[Path, str]], folder: Path) -> list[Path]:
-    """Paths whose names are the user's own (images and .txt captions pair by name); copies only if needed."""
+def add_uploaded(named: list[tuple[Path, str]], add: Callable[[list[Path]], str]) -> tuple[str, str]:
+    """Stage uploaded files under their own names and ``add`` them; (summary, message kind)."""
+    refused: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="train_tools_upload_") as tmp:
+        paths = stage_with_original_names(named, Path(tmp), refused)
+        summary = add(paths) if paths else "Nothing added."
+    if refused:
+        summary += f" Refused {len(refused)} file name(s): " + "; ".join(refused)
+    return summary, "warn" if refused else "ok"
+
+
+def stage_with_original_names(files: list[tuple[Path, str]], folder: Path,
+                              refused: list[str] | None = None) -> list[Path]:
+    """Paths whose names are the user's own (images and .txt captions pair by name); copies only if needed.
+
+    A name that cannot be stored (too long for the disk, a NUL, ``..``) is left out, with its reason added to
+    ``refused``: one bad name never refuses the other pictures of an upload.
+    """
     out = []
     for path, orig in files:
         if path.name == orig:
             out.append(path)
             continue
-        target = folder / orig
-        fileio.write_with(target, lambda tmp, p=path: shutil.copyfile(p, tmp))
+        try:
+            target = folder / orig
+            fileio.write_with(target, lambda tmp, p=path: shutil.copyfile(p, tmp))
+        except (UserError, ValueError) as exc:
+            shown = orig if len(orig) <= 40 else orig[:37] + "..."
+            (refused if refused is not None else []).append(f"{shown!r}: {exc}")
+            continue
         out.append(target)
     return out
 

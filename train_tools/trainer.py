@@ -29,7 +29,7 @@ from .fileio import sha256_file, write_json
 from .progress import Reporter, StepInfo, StopFlag
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
 from .store import Version
-from .text_encoding import encode_ids, text_transformer, token_rows
+from .text_encoding import encode_ids, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +386,7 @@ class Trainer:
             m.unet.enable_gradient_checkpointing()
             if self.train_te:
                 for te in self.tes:
-                    te.gradient_checkpointing_enable()
-                    text_transformer(te).embeddings.requires_grad_(True)  # keeps checkpointed grads flowing
+                    enable_te_checkpointing(te)
         if self.train_te:
             # Training mode for every encoder, not only the first: transformers checkpoints only in training
             # mode (CLIP has no dropout, so the outputs are the same either way).
@@ -1046,6 +1045,21 @@ def out_of_memory_advice(config: TrainConfig) -> str:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def enable_te_checkpointing(te: torch.nn.Module) -> None:
+    """Gradient checkpointing of a text encoder whose only trainable weights are its LoRA layers.
+
+    Non-reentrant checkpointing where transformers offers the choice (4.35+): gradients reach the LoRA weights
+    inside each block without anything else needing a gradient. Older ones (A1111 pins 4.30) checkpoint
+    reentrantly, which passes no gradient through a block whose input does not require one: the embeddings'
+    output is made to require it (no embedding weight becomes trainable).
+    """
+    try:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except TypeError:
+        te.gradient_checkpointing_enable()
+        te.enable_input_require_grads()
 
 
 def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -227,3 +227,19 @@ def test_gradient_checkpointing_learns_the_same_lora(tmp_path: Path, demo_ckpt: 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_a_learning_rate_list_trains_one_run_per_value(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
+    store = make_version(tmp_path, demo_pictures)
+    rc = main(["--data-dir", str(tmp_path), "train", "p", "v1", "--ckpt", str(demo_ckpt), *TINY,
+               "--set", "epochs=1", "--set", "optimizer=AdamW", "--set", "learning_rate=1e-3,2e-3"])
+    assert rc == 0
+    runs = store.version("p", "v1").runs()
+    assert len(runs) == 2
+    rates = []
+    for run in runs:
+        with safe_open(str(run / "p-v1.safetensors"), "pt") as f:
+            rates.append(float(f.metadata()["ss_learning_rate"]))
+    assert sorted(rates) == [1e-3, 2e-3]
+    # The version keeps the first value as its setting (a list is not a setting).
+    assert store.version("p", "v1").load_settings().learning_rate == 1e-3

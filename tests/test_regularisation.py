@@ -18,9 +18,11 @@ from safetensors import safe_open
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.dataset import DatasetItem, add_originals, load_items
+from train_tools.preparation import prepare_version
 from train_tools.progress import RecordingReporter, StopFlag
+from train_tools.sampler import RegularisedBatchSampler
 from train_tools.store import Store, Version
-from train_tools.trainer import Conditioning, RegularisedBatchSampler, Trainer, prepare_version
+from train_tools.trainer import Conditioning, Trainer
 
 TRIGGER = "sks"
 CLASS_CAPTION = "a photo of a shape"

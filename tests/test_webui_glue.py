@@ -239,8 +239,8 @@ def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
 
     from train_tools.config import TrainConfig
     from train_tools.dataset import load_items
+    from train_tools.preparation import prepare_version
     from train_tools.store import Store
-    from train_tools.trainer import prepare_version
     from train_tools.webui_host import WebuiHost
 
     host = WebuiHost()

@@ -412,8 +412,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             out.write(f"added {len(paths)} demo pictures to {version.originals_dir}\n")
             return 0
         config = version.load_settings()
+        from .preparation import load_reg_items, prepare_items
         from .progress import Reporter
-        from .trainer import load_reg_items, prepare_items
 
         items = prepare_items(version, config, Reporter())  # the class pictures too
         repeats = config.repeats or ds.auto_repeats(len(items))

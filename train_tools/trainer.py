@@ -14,7 +14,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,10 @@ from . import dataset as ds
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import sha256_file, write_json
+from .preparation import load_reg_items, prepare_items
 from .progress import Reporter, StepInfo, StopFlag
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
+from .sampler import RegularisedBatchSampler
 from .store import Version
 from .text_encoding import encode_ids, token_rows
 
@@ -69,82 +70,6 @@ def pick_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def prepare_version(version: Version, config: TrainConfig, *, host: Any = None,
-                    progress: Callable[[int, int], None] | None = None) -> ds.PrepareReport:
-    """Bring ``prepared/`` up to date with the originals and the settings (captioner included): the one way
-    the command line, the tab and the trainer prepare a version, so they always agree on the captions."""
-    from .captioners import captioner_from_config
-
-    models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
-    options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
-    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host)
-    try:
-        report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, progress,
-                                    auto_caption=auto_caption)
-    finally:
-        close = getattr(auto_caption, "close", None)
-        if callable(close):
-            close()  # a host's captioner frees its model (the WebUI's DeepBooru, BLIP)
-    reg_report = prepare_reg(version, config, progress)
-    if reg_report is not None:
-        report.refused += [ds.Refusal(f"class picture {r.name}", r.reason) for r in reg_report.refused]
-    return report
-
-
-class FixedCaption:
-    """The caption of class pictures that came without a .txt: the ``reg_caption`` setting, whatever the picture.
-
-    It takes the place of an automatic captioner in ``prepare_dataset``; its repr names the text, so the
-    prepared folder's manifest notices a changed setting and rewrites those captions.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.text = " ".join(str(text or "").split())
-
-    def __call__(self, image: Any) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return f"FixedCaption({self.text!r})"
-
-
-def reg_prepare_options(config: TrainConfig) -> ds.PrepareOptions:
-    """The training pictures' options for the class pictures, but for the captions: a class picture's own .txt
-    or else ``reg_caption``, and never the trigger word (class pictures show the class, not the subject)."""
-    options = ds.PrepareOptions.from_config(config)
-    options.caption_mode = "use"
-    options.trigger_word = ""
-    return options
-
-
-def prepare_reg(version: Version, config: TrainConfig, progress: Callable[[int, int], None] | None = None
-                ) -> ds.PrepareReport | None:
-    """Bring ``prepared_reg/`` up to date with ``reg/`` (the optional class pictures); None when the version has
-    neither. A ``reg/`` emptied by the user empties ``prepared_reg/`` too."""
-    if not version.reg_dir.is_dir() and not version.prepared_reg_dir.is_dir():
-        return None
-    return ds.prepare_dataset(version.reg_dir, version.prepared_reg_dir, reg_prepare_options(config), progress,
-                              auto_caption=FixedCaption(config.reg_caption))
-
-
-def load_reg_items(version: Version) -> list[ds.DatasetItem]:
-    """The prepared class pictures of ``version`` (none when it has no regularisation pictures)."""
-    return ds.load_items(version.prepared_reg_dir)
-
-
-def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None
-                  ) -> list[ds.DatasetItem]:
-    """Bring ``prepared/`` up to date with the originals and the settings, and read it."""
-    report = prepare_version(version, config, host=host)
-    for refusal in report.refused:
-        reporter.message(f"skipped {refusal}")
-    items = ds.load_items(version.prepared_dir)
-    if not items:
-        raise UserError(f"Version '{version.name}' of '{version.project}' has no usable images; add pictures "
-                        "with 'python -m train_tools dataset add' or the Upload Dataset button.")
-    return items
 
 
 @dataclass
@@ -201,103 +126,6 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
     return ", ".join(t for t in head + tail if t)
-
-
-class RegularisedBatchSampler:
-    """Batches of training and regularisation (class) items, every batch within one bucket.
-
-    ``items`` holds the training items first (``n_train`` of them), then the class items. Each epoch sees every
-    training item ``repeats`` times plus as many class items (kohya repeats the class pictures to match the
-    training pictures x repeats): they are drawn in turn from one seeded order of the class pictures, each epoch
-    going on where the last one stopped, so a large class set is used evenly over the run and a small one is
-    repeated. The order depends only on (seed, epoch), so a resumed run sees the same batches. Where the drawn
-    class pictures fall into other buckets, an epoch may hold a batch more or less than the one before.
-    """
-
-    def __init__(self, items: Sequence[ds.DatasetItem], n_train: int, batch_size: int, *, seed: int = 0,
-                 repeats: int = 1) -> None:
-        if batch_size < 1:
-            raise UserError(f"Batch size must be at least 1; got {batch_size}.")
-        if repeats < 1:
-            raise UserError(f"Repeats must be at least 1; got {repeats}.")
-        if not 0 < n_train < len(items):
-            raise ValueError("RegularisedBatchSampler needs training items and class items.")
-        self.batch_size, self.seed, self.repeats, self.n_train = batch_size, seed, repeats, n_train
-        self.epoch = 0
-        self.sizes = [tuple(item.size) for item in items]
-        self.buckets = sorted(set(self.sizes))
-        self.train_buckets: dict[tuple[int, ...], list[int]] = {}
-        for index in range(n_train):
-            self.train_buckets.setdefault(self.sizes[index], []).append(index)
-        self.reg_order = list(range(n_train, len(items)))
-        random.Random(f"{seed}:class-pictures").shuffle(self.reg_order)
-        self.per_epoch = n_train * repeats  # class items per epoch
-        # _prefix[size][i]: how many of reg_order[:i] are of that bucket (counts per epoch without drawing).
-        self._prefix: dict[tuple[int, ...], list[int]] = {size: [0] for size in self.buckets}
-        for index in self.reg_order:
-            for size, prefix in self._prefix.items():
-                prefix.append(prefix[-1] + (self.sizes[index] == size))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def reg_draws(self, epoch: int) -> list[int]:
-        """The class items of ``epoch`` (1-based), in the order drawn."""
-        n = len(self.reg_order)
-        start = (epoch - 1) * self.per_epoch % n
-        return [self.reg_order[(start + k) % n] for k in range(self.per_epoch)]
-
-    def _reg_counts(self, epoch: int) -> dict[tuple[int, ...], int]:
-        n = len(self.reg_order)
-        start = (epoch - 1) * self.per_epoch % n
-        laps, rest = divmod(self.per_epoch, n)
-        counts = {}
-        for size, prefix in self._prefix.items():
-            end = start + rest
-            part = prefix[end] - prefix[start] if end <= n else prefix[n] - prefix[start] + prefix[end - n]
-            counts[size] = laps * prefix[n] + part
-        return counts
-
-    def batch_count(self, epoch: int) -> int:
-        """How many batches ``epoch`` has (without drawing them)."""
-        reg = self._reg_counts(epoch)
-        return sum(-(-(len(self.train_buckets.get(size, [])) * self.repeats + reg[size]) // self.batch_size)
-                   for size in self.buckets)
-
-    def __len__(self) -> int:
-        return self.batch_count(self.epoch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(f"{self.seed}:{self.epoch}")
-        reg: dict[tuple[int, ...], list[int]] = {}
-        for index in self.reg_draws(self.epoch):
-            reg.setdefault(self.sizes[index], []).append(index)
-        batches: list[list[int]] = []
-        for size in self.buckets:
-            train: list[int] = []
-            for _ in range(self.repeats):  # each repeat its own permutation, as BucketBatchSampler does
-                order = list(self.train_buckets.get(size, []))
-                rng.shuffle(order)
-                train.extend(order)
-            pool = _riffle(train, reg.get(size, []), rng)
-            batches.extend(pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size))
-        rng.shuffle(batches)
-        return iter(batches)
-
-
-def _riffle(first: list[int], second: list[int], rng: random.Random) -> list[int]:
-    """A random interleaving of two lists that keeps the order within each (every interleaving equally likely)."""
-    out: list[int] = []
-    i = j = 0
-    while i < len(first) or j < len(second):
-        left = len(first) - i
-        if rng.randrange(left + len(second) - j) < left:
-            out.append(first[i])
-            i += 1
-        else:
-            out.append(second[j])
-            j += 1
-    return out
 
 
 class Trainer:

@@ -81,7 +81,7 @@ def core_reg_count(version: Version) -> int:
 
 
 def core_prepare(version: Version, config: TrainConfig, host: Any = None) -> str:
-    from .trainer import prepare_version
+    from .preparation import prepare_version
 
     report = prepare_version(version, config, host=host)
     refused = list(getattr(report, "refused", []) or [])

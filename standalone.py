@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("TRAIN_TOOLS_VENV", ROOT / ".venv"))
 TORCH = os.environ.get("TRAIN_TOOLS_TORCH", "2.13.0")
 OPEN_CLIP = "open-clip-torch==2.20.0"
+HOST_TEST_TOOLS = ("pytest", "onnx")  # onnx builds the tiny WD14 tagger of tests/test_captioners.py
 log = logging.getLogger("standalone")
 
 
@@ -92,7 +93,8 @@ def ensure_host_env(pins: Path) -> Path:
     constraints). ``freeze-before-install.txt`` keeps the host's own state for tests/test_install.py."""
     venv_dir = ROOT / f".venv-{pins.stem}"
     digest = hashlib.sha256(pins.read_bytes() + (ROOT / "requirements.txt").read_bytes()
-                            + (ROOT / "install.py").read_bytes() + TORCH.encode()).hexdigest()
+                            + (ROOT / "install.py").read_bytes() + (TORCH + " ".join(HOST_TEST_TOOLS)).encode()
+                            ).hexdigest()
     stamp = venv_dir / ".train_tools_host_env"
     if stamp.exists() and stamp.read_text() == digest and venv_python(venv_dir).exists():
         return venv_dir
@@ -108,7 +110,8 @@ def ensure_host_env(pins: Path) -> Path:
     subprocess.check_call([str(venv_python(venv_dir)), str(ROOT / "install.py")], cwd=ROOT, env=env)
     constraints = venv_dir / "freeze-after-install.txt"
     constraints.write_text(freeze(venv_dir))
-    pip("install", "-q", "pytest", "-c", str(constraints), venv_dir=venv_dir)
+    # The test tools (not the browser one), held to what is installed: nothing of the host changes.
+    pip("install", "-q", *HOST_TEST_TOOLS, "-c", str(constraints), venv_dir=venv_dir)
     stamp.write_text(digest)
     return venv_dir
 

@@ -102,9 +102,16 @@ def shot(page: object, name: str) -> None:
 
 
 def set_number(page: object, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input").first  # type: ignore[attr-defined]
-    box.fill(value)
-    box.press("Tab")
+    """Type a value as a user does (then Tab), and make sure the field holds it: a field of a just-opened
+    accordion can be re-rendered under the typing, in which case it is typed again."""
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first  # type: ignore[attr-defined]
+    for _ in range(5):
+        box.fill(value)
+        box.press("Tab")
+        time.sleep(0.2)
+        if box.input_value() == value:
+            return
+    sync_api.expect(box).to_have_value(value)
 
 
 def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None:
@@ -182,9 +189,7 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             set_number(page, "train_tools_preview_steps", "2")
             set_number(page, "train_tools_preview_width", "64")
             set_number(page, "train_tools_preview_height", "64")
-            weights = page.locator("#train_tools_preview_weights textarea, #train_tools_preview_weights input").first
-            weights.fill("0.5, 1")
-            weights.press("Tab")
+            set_number(page, "train_tools_preview_weights", "0.5, 1")
             page.locator("#train_tools_generate_previews").click()
             expect(message).to_contain_text("Generating previews", timeout=60_000)
             grid_img = page.locator("#train_tools_preview_grid img").first

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from tests.helpers_models import assert_same_weights, expanded, save_safetensors
+from tests.stand_ins import MakesAFile
 from train_tools import tokenizers as toks
 from train_tools.checkpoint import (
     detect_family,
@@ -190,21 +191,12 @@ def test_vae_file_passed_as_checkpoint(tmp_path: Path, demo_sd1: Path):
         load_model(path)
 
 
-class _MakesAFile:
-    """Unpickling this calls open(marker, "w"): it would create the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (open, (self.marker, "w"))
-
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, demo_sd1: Path, container: str):
     marker = tmp_path / "pwned.txt"
-    payload = {"state_dict": {"model.diffusion_model.x": torch.zeros(2)}, "evil": _MakesAFile(marker)}
+    payload = {"state_dict": {"model.diffusion_model.x": torch.zeros(2)}, "evil": MakesAFile(marker)}
     ckpt = tmp_path / "evil.ckpt"
     if container == "torch.save":
         torch.save(payload, ckpt)

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from tests.webui_formula import apply_kohya_lora
 from train_tools import previews
 from train_tools.cli import main
@@ -42,7 +42,6 @@ from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.store import Store
 from train_tools.trainer import Trainer
 
-FAKE = Path(__file__).resolve().parent / "fake_webui"
 SETTINGS = PreviewSettings(prompt="p, a red circle", negative_prompt="blurry", seed=7, steps=2, cfg_scale=5.0,
                            sampler="Euler a", width=64, height=64, weights=(0.5, 1.0))
 
@@ -365,16 +364,11 @@ def test_cli_preview_then_install(trained, tmp_path, capsys: pytest.CaptureFixtu
 
 
 # ---------------------------------------------------------------------------------------------- WebUI
-def _purge() -> None:
-    for name in list(sys.modules):
-        if name == "modules" or name.startswith("modules.") or name == "launch":
-            del sys.modules[name]
-
 
 @pytest.fixture()
 def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
-    _purge()
-    monkeypatch.syspath_prepend(str(FAKE))
+    purge_fake_webui()
+    monkeypatch.syspath_prepend(str(FAKE_WEBUI))
     from modules import paths_internal, processing, sd_models, shared
 
     data = tmp_path / "webui"
@@ -386,7 +380,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.Sim
     sd_models.list_models()
     shared.opts.CLIP_stop_at_last_layers = 1
     yield types.SimpleNamespace(data=data, sd_dir=sd_dir, processing=processing, shared=shared, sd_models=sd_models)
-    _purge()
+    purge_fake_webui()
 
 
 def test_webui_previews_use_its_txt2img_with_the_lora_in_its_folder(trained, webui):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests import fixtures_training
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.dataset import DatasetItem, add_originals, load_items
@@ -28,6 +29,12 @@ TRIGGER = "sks"
 CLASS_CAPTION = "a photo of a shape"
 
 
+# The shared fixtures, found by pytest under these names.
+one_thread = fixtures_training.one_thread
+demo_ckpt = fixtures_training.demo_ckpt
+pictures = fixtures_training.pictures
+
+
 def tiny_config(**changes: Any) -> TrainConfig:
     base: dict[str, Any] = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=2,
                                 network_alpha=1.0, repeats=1, batch_size=1, epochs=2, save_every_n_epochs=1,
@@ -35,32 +42,6 @@ def tiny_config(**changes: Any) -> TrainConfig:
                                 mixed_precision="no", trigger_word=TRIGGER, reg_caption=CLASS_CAPTION)
     base.update(changes)
     return TrainConfig(**base)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """One torch thread: faster on a busy 2-core machine, and the results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_model import build_demo_checkpoint
-
-    return build_demo_checkpoint(tmp_path_factory.mktemp("models") / "demo.safetensors")
-
-
-@pytest.fixture(scope="module")
-def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_dataset import make_demo_dataset
-
-    folder = tmp_path_factory.mktemp("pictures")
-    make_demo_dataset(folder, n=2)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def class_pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.stand_ins import MakesAFile
 from train_tools import devicelock
 from train_tools.errors import UserError
 from train_tools.host import StandaloneHost
@@ -38,15 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*")} if folder.exists() else set()
 
-
-class _MakesAFile:
-    """Unpickling this calls open(marker, "w"): it would create the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (open, (self.marker, "w"))
 
 
 # ---------------------------------------------------------------------- untrusted files
@@ -60,7 +52,7 @@ def test_a_malicious_checkpoint_runs_nothing_and_says_why(tmp_path: Path, suffix
 
     marker = tmp_path / "pwned.txt"
     path = tmp_path / f"evil{suffix}"
-    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(2)}, "evil": _MakesAFile(marker)}, path)
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(2)}, "evil": MakesAFile(marker)}, path)
     with pytest.raises(UserError) as info:
         load_model(path)
     assert not marker.exists()
@@ -78,7 +70,7 @@ def test_a_malicious_training_state_runs_nothing(tmp_path: Path, container: str)
     run = tmp_path / "run"
     path = state_dir(run) / "step-00000004-save.state"
     path.parent.mkdir(parents=True)
-    payload = {"format": 1, "step": 4, "evil": _MakesAFile(marker)}
+    payload = {"format": 1, "step": 4, "evil": MakesAFile(marker)}
     if container == "torch.save":
         torch.save(payload, path)
     else:

@@ -14,25 +14,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from train_tools.errors import UserError
 from train_tools.jobs import FINISHED, INTERRUPTED, JobManager
 from train_tools.progress import StepInfo
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE = Path(__file__).resolve().parent / "fake_webui"
 
-
-def _purge() -> None:
-    for name in list(sys.modules):
-        if name == "modules" or name.startswith("modules.") or name == "launch":
-            del sys.modules[name]
 
 
 @pytest.fixture()
 def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The stand-in WebUI with a data folder of its own, two checkpoints, and --ckpt-dir/--lora-dir unset."""
-    _purge()
-    monkeypatch.syspath_prepend(str(FAKE))
+    purge_fake_webui()
+    monkeypatch.syspath_prepend(str(FAKE_WEBUI))
     from modules import call_queue, devices, paths_internal, script_callbacks, sd_models, shared
 
     data = tmp_path / "webui"
@@ -46,7 +41,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.Sim
     script_callbacks.clear()
     yield types.SimpleNamespace(data=data, sd_dir=sd_dir, call_queue=call_queue, devices=devices,
                                 script_callbacks=script_callbacks, sd_models=sd_models, shared=shared)
-    _purge()
+    purge_fake_webui()
 
 
 def load_glue() -> types.ModuleType:
@@ -60,7 +55,7 @@ def load_glue() -> types.ModuleType:
 def test_importing_the_script_is_light_and_registers_tab_and_settings(tmp_path: Path):
     # A fresh interpreter, as at WebUI start: the script must not pull in torch, diffusers or gradio.
     code = ("import sys, importlib.util\n"
-            f"sys.path.insert(0, {str(FAKE)!r})\n"
+            f"sys.path.insert(0, {str(FAKE_WEBUI)!r})\n"
             f"spec = importlib.util.spec_from_file_location('glue', {str(ROOT / 'scripts' / 'train_tools_tab.py')!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "from modules import script_callbacks as sc\n"

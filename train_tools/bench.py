@@ -357,10 +357,8 @@ class BenchReporter(Reporter):
         log.debug("%s", text)
 
 
-@contextlib.contextmanager
-def _timed_function(module: Any, name: str, sink: list[float]) -> Iterator[None]:
-    """Time every call of ``module.name`` (a module-level function looked up at call time)."""
-    original = getattr(module, name)
+def _timing(original: Callable[..., Any], sink: list[float]) -> Callable[..., Any]:
+    """``original`` that appends the seconds of each call to ``sink``."""
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -369,7 +367,14 @@ def _timed_function(module: Any, name: str, sink: list[float]) -> Iterator[None]
         finally:
             sink.append(time.perf_counter() - start)
 
-    setattr(module, name, timed)
+    return timed
+
+
+@contextlib.contextmanager
+def _timed_function(module: Any, name: str, sink: list[float]) -> Iterator[None]:
+    """Time every call of ``module.name`` (a module-level function looked up at call time)."""
+    original = getattr(module, name)
+    setattr(module, name, _timing(original, sink))
     try:
         yield
     finally:
@@ -377,16 +382,7 @@ def _timed_function(module: Any, name: str, sink: list[float]) -> Iterator[None]
 
 
 def _timed_method(obj: Any, name: str, sink: list[float]) -> None:
-    original = getattr(obj, name)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sink.append(time.perf_counter() - start)
-
-    setattr(obj, name, timed)
+    setattr(obj, name, _timing(getattr(obj, name), sink))
 
 
 # ---------------------------------------------------------------------------------------------- one run

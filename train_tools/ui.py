@@ -522,23 +522,23 @@ class TabLogic:
                 message_html(f"Created version '{version.name}' of '{project}'.", "ok")]
 
     def upload(self, files: Any, project: str | None, version: str | None) -> list[Any]:
-        v = self.require_version(project, version)
-        named = uploaded_files(files)
-        if not named:
-            raise UserError("No files arrived; drop images (and .txt captions) on Upload Dataset.")
-        summary, kind = add_uploaded(named, lambda paths: core_add_originals(paths, v))
-        gallery, line = dataset_view(v, v.load_settings())
-        return [None, gallery, line, message_html(summary, kind)]
+        return self._upload(files, project, version, core_add_originals, "images (and .txt captions) on Upload "
+                            "Dataset")
 
     def upload_reg(self, files: Any, project: str | None, version: str | None) -> list[Any]:
         """Regularisation (class) pictures: kept apart from the dataset, prepared with it by Update Dataset."""
+        return self._upload(files, project, version, core_add_reg, "class pictures (and .txt captions) on "
+                            "Regularisation images", then=" Press Update Dataset to prepare them.")
+
+    def _upload(self, files: Any, project: str | None, version: str | None,
+                add: Callable[[list[Path], Version], str], where: str, then: str = "") -> list[Any]:
         v = self.require_version(project, version)
         named = uploaded_files(files)
         if not named:
-            raise UserError("No files arrived; drop class pictures (and .txt captions) on Regularisation images.")
-        summary, kind = add_uploaded(named, lambda paths: core_add_reg(paths, v))
+            raise UserError(f"No files arrived; drop {where}.")
+        summary, kind = add_uploaded(named, lambda paths: add(paths, v))
         gallery, line = dataset_view(v, v.load_settings())
-        return [None, gallery, line, message_html(f"{summary} Press Update Dataset to prepare them.", kind)]
+        return [None, gallery, line, message_html(summary + then, kind)]
 
     def add_demo_pictures(self, project: str | None, version: str | None) -> list[Any]:
         v = self.require_version(project, version)

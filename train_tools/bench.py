@@ -515,11 +515,22 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
 
 
 def _channels_last_after_prepare(trainer: Any) -> None:
+    from .flat_params import views_intact
+
     original = trainer.prepare
 
     def prepare() -> None:
         original()
+        # The frozen weights only: the LoRA weights stay views of their flat tensors (flat_params.py), which
+        # are laid out in the weights' logical order anyway.
+        kept = [(p, p.data, p.grad.data if p.grad is not None else None) for p in trainer.trainable]
         trainer.accelerator.unwrap_model(trainer.model.unet).to(memory_format=torch.channels_last)
+        for p, data, grad in kept:
+            p.data = data
+            if grad is not None:
+                p.grad.data = grad
+        if trainer.flat and not all(views_intact(f) for f in trainer.optimized):
+            raise RuntimeError("channels_last moved a LoRA weight out of its flat tensor.")
 
     trainer.prepare = prepare
 

@@ -266,7 +266,9 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         if key.endswith(".alpha"):
             prepared[key] = tensor.detach().to("cpu", torch.float32).reshape(())
         else:
-            prepared[key] = tensor.detach().to("cpu", dtype).contiguous()
+            # A copy: trained weights are views of one flat tensor (flat_params.py), and safetensors refuses
+            # tensors that share memory.
+            prepared[key] = tensor.detach().to("cpu", dtype, copy=True).contiguous()
         if not torch.isfinite(prepared[key]).all():
             raise UserError(
                 f"The LoRA weights are not finite ({key}); training diverged: lower the learning rate, or save "

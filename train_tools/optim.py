@@ -24,6 +24,11 @@ EIGHT_BIT = ("AdamW8bit", "Lion8bit")
 # while keeping the launches few.
 FOREACH_CHUNK = {"cpu": 1 << 16}
 FOREACH_CHUNK_OTHER = 1 << 24
+# A tensor above this many weights (a flat LoRA, see flat_params.py) is updated in pieces of this size. On a
+# CPU one op over a piece this large runs on every thread; smaller pieces pay that start-up per op, larger
+# ones fall out of the cache between ops (flat SD1.5 LoRA at rank 32, 13.6 M weights, cold caches, 2-core AMD
+# EPYC: 12.2 ms in pieces of 64 K, 6.9 ms of 256 K, 5.6 ms of 1 M, 20.4 ms whole; 16.3 ms as 384 tensors).
+SPLIT_ABOVE = {"cpu": 1 << 20}
 
 
 class ForeachLion(torch.optim.Optimizer):
@@ -73,8 +78,9 @@ class ForeachLion(torch.optim.Optimizer):
         wd = group["weight_decay"]
         if self.decoupled_wd:
             wd /= self._init_lr
-        for (device, _), (params, grads, exp_avgs) in self._by_device_and_dtype(group).items():
+        for (device, _), tensors in self._by_device_and_dtype(group).items():
             limit = FOREACH_CHUNK.get(device.type, FOREACH_CHUNK_OTHER)
+            params, grads, exp_avgs = _split_large(*tensors, limit=SPLIT_ABOVE.get(device.type, limit))
             for chunk in _chunks([p.numel() for p in params], limit):
                 _lion_foreach(params[chunk], grads[chunk], exp_avgs[chunk], lr=lr, wd=wd, beta1=beta1,
                               beta2=beta2)
@@ -97,6 +103,23 @@ class ForeachLion(torch.optim.Optimizer):
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
         return buckets
+
+
+def _split_large(*lists: list[torch.Tensor], limit: int) -> tuple[list[torch.Tensor], ...]:
+    """The parallel lists (weights, gradients, states: one shape per position) with every position whose
+    tensors hold more than ``limit`` values cut into flat views of at most ``limit`` values, so that a flat
+    LoRA (see flat_params.py) is also updated in cache-sized chunks. Updating the views updates the tensors."""
+    if all(t.numel() <= limit for t in lists[0]):
+        return lists
+    out: tuple[list[torch.Tensor], ...] = tuple([] for _ in lists)
+    for same in zip(*lists):
+        if same[0].numel() <= limit or not all(t.is_contiguous() for t in same):
+            for kept, t in zip(out, same):
+                kept.append(t)
+        else:
+            for kept, t in zip(out, same):
+                kept.extend(t.view(-1).split(limit))
+    return out
 
 
 def _chunks(sizes: list[int], limit: int) -> list[slice]:

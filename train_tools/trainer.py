@@ -159,6 +159,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from .flat_params import ELEMENTWISE_OPTIMIZERS, flatten_groups, views_intact
         from .loader import load_model
         from .network import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 
@@ -242,31 +243,43 @@ class Trainer:
             self.sampler = ds.BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
         self.batches_per_epoch = self._local_batch_count(1)
         self.total_steps = sum(self._local_batch_count(epoch) for epoch in range(1, cfg.epochs + 1))
+        if self.train_te:
+            self._freeze_unreachable_te_lora()
+        if cfg.torch_compile:
+            m.unet.compile()  # in place: the module, its parameter names and the saved LoRA stay the same
+        # The models first: accelerate may move (copy) their weights, e.g. to "cpu:0" under DDP on CPUs.
+        trained_tes = self.tes if self.train_te else []
+        models = self.accelerator.prepare(m.unet, *trained_tes)
+        models = list(models) if isinstance(models, (tuple, list)) else [models]
+        m.unet = models[0]
+        if self.train_te:
+            self.tes = models[1:]
+            self.te = self.tes[0]
+        # What the optimizer, the clipping and the zeroing see: one contiguous tensor per group for the
+        # elementwise optimizers (see flat_params.py), else the LoRA weights themselves.
+        self.flat = cfg.optimizer in ELEMENTWISE_OPTIMIZERS
+        if self.flat:
+            params = flatten_groups(params)
+        self.optimized = [p for g in params for p in g["params"]]
         optimizer = make_optimizer(cfg.optimizer, params, cfg.learning_rate, device=self.device)
         # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
         ticks = self.accelerator.num_processes
         lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps * ticks,
                                          total_steps=self.total_steps * ticks)
-        if cfg.torch_compile:
-            m.unet.compile()  # in place: the module, its parameter names and the saved LoRA stay the same
-        if self.train_te and self.accelerator.num_processes > 1:
-            self._freeze_unreachable_te_lora()
-        trained_tes = self.tes if self.train_te else []
-        prepared = self.accelerator.prepare(m.unet, *trained_tes, optimizer, lr_scheduler)
-        m.unet, self.optimizer, self.lr_scheduler = prepared[0], prepared[-2], prepared[-1]
-        if self.train_te:
-            self.tes = list(prepared[1:-2])
-            self.te = self.tes[0]
+        self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, lr_scheduler)
         self.noise_scheduler = m.noise_scheduler
+        if self.flat and not all(views_intact(f) for f in self.optimized):
+            raise RuntimeError("A LoRA weight left its flat tensor while the model was prepared; it would not train.")
         self.prepared = True
 
     def _freeze_unreachable_te_lora(self) -> None:
-        """Freeze the text-encoder LoRA weights that no gradient can reach, before DDP wraps the encoders.
+        """Freeze the text-encoder LoRA weights that no gradient can reach, before the optimizer is built.
 
         The UNet reads an inner layer of the encoder (clip skip, SDXL's penultimate layer), so the LoRA of the
-        layers after it never gets a gradient, and DDP, which waits for one per trainable weight, stops at the
-        second step. One probe through the encoders finds them; frozen, they keep their starting values, as
-        they would anyway, and the saved file is unchanged.
+        layers after it never gets a gradient: DDP, which waits for one per trainable weight, would stop at the
+        second step, and in a flat group (flat_params.py) they would get zeros, which AdamW's weight decay still
+        moves. One probe through the encoders finds them; frozen, they keep their starting values, as they
+        would anyway, and the saved file is unchanged.
         """
         from .network import lora_parameters
 
@@ -283,7 +296,7 @@ class Trainer:
         for p in unreachable:
             p.requires_grad_(False)
         if unreachable:
-            log.info("%d text-encoder LoRA tensors get no gradient (layers after the one used); frozen for DDP.",
+            log.info("%d text-encoder LoRA tensors get no gradient (layers after the one used); frozen.",
                      len(unreachable))
 
     def _release_text_encoders(self) -> None:
@@ -571,10 +584,11 @@ class Trainer:
                     loss = self.loss(latents, text, noise, timesteps, self.loss_weights(indices))
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
-                        acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                        acc.clip_grad_norm_(self.optimized, cfg.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    # Flat gradients are zeroed in place: the weights' gradients are views of them.
+                    self.optimizer.zero_grad(set_to_none=not self.flat)
                 step += 1
                 done += 1
                 value = float(loss.detach())
@@ -816,7 +830,11 @@ class Trainer:
         with torch.no_grad():
             for name, param in weights.items():
                 param.copy_(state.lora[name].to(param.device, param.dtype))
-        self.optimizer.load_state_dict(state.optimizer)
+        try:
+            self.optimizer.load_state_dict(state.optimizer)
+        except ValueError as exc:  # another layout of the optimizer's weights (e.g. from before flat_params.py)
+            raise UserError(f"The optimizer state of run {run} does not fit this version of Train Tools; start a "
+                            "new run.") from exc
         self.lr_scheduler.load_state_dict(state.scheduler)
         scaler = getattr(acc, "scaler", None)
         if scaler is not None and state.scaler:
@@ -838,7 +856,7 @@ class Trainer:
         if acc is not None and hasattr(acc, "free_memory"):
             acc.free_memory()
         for name in ("model", "optimizer", "lr_scheduler", "latent_cache", "cached_text", "tes", "te",
-                     "trainable", "noise_scheduler", "unet"):
+                     "trainable", "optimized", "noise_scheduler", "unet"):
             if name in self.__dict__:
                 setattr(self, name, None)
         self.prepared = False

@@ -9,7 +9,8 @@ tab and the command line) and prints one table:
 * a per-phase breakdown of a step (data, text encoder, UNet forward, backward, optimizer), taken over a few
   extra steps with the phases timed one by one (synchronising the GPU at each boundary, so these steps are
   not part of the steady-state figure);
-* the bound: the same UNet (with the same LoRA, precision and checkpointing) doing only forward + backward
+* the bound: the same UNet (with the same LoRA, precision and checkpointing) doing only forward + backward,
+  one step of it between every two timed training steps,
   on the same inputs, and the trainer's step time over it, which is the trainer's overhead;
 * on a GPU, the model FLOPs of a step (``torch.utils.flop_counter``, without the recomputation of gradient
   checkpointing) and the achieved fraction of the GPU's dense bf16/fp16 peak (MFU) when the GPU is known.
@@ -322,8 +323,8 @@ class PhaseTimer:
         self.wrap(trainer, "text_for", "text encoder")
         self.wrap(trainer, "loss", "UNet forward")
         self.wrap(trainer.accelerator, "backward", "backward")
-        self.wrap(trainer.accelerator, "clip_grad_norm_", "optimizer")
-        self.wrap(trainer.optimizer, "step", "optimizer")
+        self.wrap(trainer, "clip_gradients", "optimizer")
+        self.wrap(trainer, "optimizer_step", "optimizer")
         self.wrap(trainer.optimizer, "zero_grad", "optimizer")
         self.wrap(trainer.lr_scheduler, "step", "optimizer")
 
@@ -340,7 +341,8 @@ class BenchReporter(Reporter):
     """Stamps every step, switches the phase timers on after the timed steps."""
 
     def __init__(self, on_step: Callable[[int], None]) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[float] = []  # when each step ended
+        self.resumed: list[float] = []  # when the trainer got control back after it (``on_step`` excluded)
         self.on_step = on_step
 
     def start(self, total_steps: int, total_epochs: int) -> None:
@@ -349,6 +351,11 @@ class BenchReporter(Reporter):
     def step(self, info: StepInfo) -> None:
         self.stamps.append(time.perf_counter())
         self.on_step(info.step)
+        self.resumed.append(time.perf_counter())
+
+    def step_seconds(self, step: int) -> float:
+        """Seconds of training step ``step`` (1-based) alone, without what ``on_step`` did before it."""
+        return self.stamps[step - 1] - self.resumed[step - 2]
 
     def saved(self, path: Path, epoch: int) -> None:
         log.debug("saved %s", path.name)
@@ -448,8 +455,17 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     timer = PhaseTimer(device)
     trainer_box: list[Any] = []
 
+    bare: list[float] = []
+
     def on_step(step: int) -> None:
-        if step == timed_end:
+        # Between two training steps, one bare UNet step on the inputs of the step just done: the bound is
+        # measured interleaved with the steps it bounds, so both see the same machine (on a shared CPU the
+        # load moves by more than the overhead between a run and one taken after it).
+        if step < timed_end:
+            seconds = bare_step_between(trainer_box[0], captured["args"], device)
+            if step >= spec.warmup:
+                bare.append(seconds)
+        elif step == timed_end:
             timer.install(trainer_box[0])
 
     reporter = BenchReporter(on_step)
@@ -492,19 +508,17 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     result.load_s = sum(load_times)
     result.latents_s = sum(latent_times)
     result.text_cache_s = sum(text_times)
-    steady = [b - a for a, b in zip(stamps[spec.warmup - 1:timed_end - 1], stamps[spec.warmup:timed_end])]
-    result.step_s = (stamps[timed_end - 1] - stamps[spec.warmup - 1]) / spec.steps
+    steady = [reporter.step_seconds(step) for step in range(spec.warmup + 1, timed_end + 1)]
+    result.step_s = statistics.fmean(steady)
     result.step_median_s = statistics.median(steady)
     result.step_max_s = max(steady)
     phase_steps = result.phase_steps_run = total - timed_end
     result.instrumented_step_ms = (stamps[-1] - stamps[timed_end - 1]) / phase_steps * 1000
     result.phases_ms = {name: seconds / phase_steps * 1000 for name, seconds in timer.totals.items()}
 
+    result.bare_step_s, result.bare_median_s = statistics.fmean(bare), statistics.median(bare)
     unet = trainer.accelerator.unwrap_model(trainer.model.unet)
     inputs = _bare_inputs(captured["args"], trainer.weight_dtype)
-    bare = bare_step_times(unet, inputs, trainer.accelerator.autocast, trainer.trainable, device,
-                           warmup=spec.warmup, steps=spec.steps)
-    result.bare_step_s, result.bare_median_s = statistics.fmean(bare), statistics.median(bare)
     try:
         result.flops_per_step = count_flops(unet, inputs, trainer.accelerator.autocast, trainer.trainable)
     except (RuntimeError, NotImplementedError) as exc:  # an op the counter cannot follow: no FLOPs, no MFU
@@ -567,24 +581,31 @@ def _bare_step(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any]
         p.grad = None
 
 
-def bare_step_times(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any],
-                    params: Sequence[torch.nn.Parameter], device: torch.device, *, warmup: int, steps: int
-                    ) -> list[float]:
-    """Seconds of each UNet forward + backward alone: no data, no text encoder, no optimizer, no bookkeeping.
+def bare_step_between(trainer: Any, args: Sequence[Any], device: torch.device) -> float:
+    """Seconds of one UNet forward + backward alone on ``args`` (a training step's inputs): no data, no text
+    encoder, no optimizer, no bookkeeping. Run between two training steps, it leaves no trace on the next:
+    the gradients it made are cleared as the trainer clears its own (in place when they are flat), and the
+    weights are not touched.
 
-    Synchronised after every step, as the trainer is (it reads the loss of every step).
+    Synchronised at the end, as the trainer is (it reads the loss of every step).
     """
-    unet.train()
-    for _ in range(warmup):
-        _bare_step(unet, x, autocast, params)
+    unet = trainer.accelerator.unwrap_model(trainer.model.unet)
+    inputs = _bare_inputs(args, trainer.weight_dtype)
     _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _bare_step(unet, x, autocast, params)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    start = time.perf_counter()
+    with trainer.accelerator.autocast():
+        pred = unet(inputs.noisy, inputs.timesteps, inputs.hidden, added_cond_kwargs=inputs.added).sample
+    F.mse_loss(pred.float(), inputs.target.float()).backward()
+    del pred  # the graph's nodes are freed here, inside the time, as the trainer frees its own in its step
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if trainer.flat:
+        for flat in trainer.optimized:
+            flat.grad.zero_()
+    else:
+        for p in trainer.trainable:
+            p.grad = None
+    return seconds
 
 
 def count_flops(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any],

@@ -15,16 +15,23 @@ from train_tools.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_cpu_tiny_preset_runs_and_prints_the_tables(tmp_path: Path):
+@pytest.mark.parametrize("flags, title", [
+    ([], "sd1 tiny · 128x128 · batch 2"),
+    # channels_last converts the frozen UNet and leaves the flat LoRA weights in place; --no-flat keeps the
+    # LoRA weights separate (what the layout gives is measured against it).
+    (["--channels-last"], "channels_last"),
+    (["--no-flat"], "LoRA weights as separate tensors"),
+])
+def test_cpu_tiny_preset_runs_and_prints_the_tables(tmp_path: Path, flags: list[str], title: str):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "train_tools.bench", "--preset", "cpu-tiny", "--steps", "3",
-                           "--warmup", "1", "--phase-steps", "1", "--work-dir", str(tmp_path)],
+                           "--warmup", "1", "--phase-steps", "1", "--work-dir", str(tmp_path), *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     for header in ("| metric | value |", "| steps/s (steady state) |", "| images/s |", "| time to first step |",
                    "| peak memory | process RSS", "| bare UNet fwd+bwd (bound) |", "| trainer overhead |",
-                   "| model FLOPs/step |", "| phase | ms/step | share |", "sd1 tiny · 128x128 · batch 2"):
+                   "| model FLOPs/step |", "| phase | ms/step | share |", title):
         assert header in out, header
     for phase in PHASES:
         assert f"| {phase} |" in out, phase

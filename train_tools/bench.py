@@ -93,6 +93,7 @@ class BenchSpec:
     channels_last: bool = False
     train_text_encoder: bool = False
     network_dim: int = 128
+    flat: bool = True  # LoRA weights laid out flat for the optimizers that allow it (flat_params.py)
     device: str = "cpu"
 
     @property
@@ -101,7 +102,8 @@ class BenchSpec:
                  _precision_label(self.mixed_precision),
                  f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}", self.optimizer]
         parts += [flag for flag, on in (("torch.compile", self.compile), ("channels_last", self.channels_last),
-                                        ("text encoder trained", self.train_text_encoder)) if on]
+                                        ("text encoder trained", self.train_text_encoder),
+                                        ("LoRA weights as separate tensors", not self.flat)) if on]
         return " · ".join(parts)
 
 
@@ -477,6 +479,8 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     start = time.perf_counter()
     trainer = Trainer(version, bench_config(spec, repeats), ckpt, reporter=reporter, device=spec.device,
                       run_name="bench")
+    if not spec.flat:  # the trainer reads the list when it builds its optimizer
+        trainer.prepare = _without_flat_layout(trainer.prepare)
     trainer_box.append(trainer)
     captured: dict[str, Any] = {}
     original_loss = trainer.loss
@@ -526,6 +530,20 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     if not spec.train_text_encoder:
         result.notes.append("text encoder frozen: its outputs are cached before the first step")
     trainer.release_memory()
+
+
+def _without_flat_layout(prepare: Callable[[], None]) -> Callable[[], None]:
+    from . import flat_params
+
+    def separate() -> None:
+        kept = flat_params.ELEMENTWISE_OPTIMIZERS
+        flat_params.ELEMENTWISE_OPTIMIZERS = ()
+        try:
+            prepare()
+        finally:
+            flat_params.ELEMENTWISE_OPTIMIZERS = kept
+
+    return separate
 
 
 def _channels_last_after_prepare(trainer: Any) -> None:
@@ -755,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the text encoder (default: frozen, its outputs cached)")
     p.add_argument("--network-dim", type=int)
+    p.add_argument("--flat", action=argparse.BooleanOptionalAction, default=None,
+                   help="lay the LoRA weights out in one tensor per group where the optimizer allows it (default; "
+                        "--no-flat keeps them separate, to measure what the layout gives)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "train_tools_bench",
                    help="where the models are kept between runs (default: %(default)s)")
@@ -769,7 +790,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BenchSpec]:
     if preset.startswith("gpu") and not device.startswith("cuda"):
         raise UserError(f"The {preset} preset needs a CUDA GPU; use --preset cpu-tiny on this machine.")
     names = ("family", "size", "resolution", "batch", "gradient_checkpointing", "optimizer", "mixed_precision",
-             "steps", "warmup", "phase_steps", "compile", "channels_last", "train_text_encoder", "network_dim")
+             "steps", "warmup", "phase_steps", "compile", "channels_last", "train_text_encoder", "network_dim", "flat")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     overrides["device"] = device
     specs = apply_overrides(preset_specs(preset, device), overrides)

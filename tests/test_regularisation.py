@@ -140,7 +140,9 @@ def test_cli_add_reg_and_prepare_captions_without_trigger_word(tmp_path: Path, p
     assert main([*base, "dataset", "add-reg", "p", "v1", str(tmp_path / "missing")]) == 2
 
     assert main([*base, "dataset", "update", "p", "v1"]) == 0
-    assert "2 images and 3 class images" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "2 images and 3 class images" in printed.out
+    assert "Preparing pictures" in printed.err and "3/3" in printed.err  # the terminal bar, to the class pictures
     assert {p.name: p.read_bytes() for p in version.reg_dir.iterdir()} == originals  # originals untouched
     train = load_items(version.prepared_dir)
     reg = load_items(version.prepared_reg_dir)

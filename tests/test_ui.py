@@ -110,7 +110,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     upload.write_bytes(b"x")
     monkeypatch.setattr(ui, "core_add_originals", lambda paths, v: f"added {len(paths)}")
     monkeypatch.setattr(ui, "core_add_reg", lambda paths, v: f"added {len(paths)} class pictures")
-    monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None: "")
+    monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None, report_progress=None: "")
     monkeypatch.setattr(ui, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui, "training_work", lambda *a: fake_work())
     monkeypatch.setattr(ui, "preview_work", lambda *a: fake_work())
@@ -141,6 +141,9 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
         args = [current.get(id(c), getattr(c, "value", None)) for c in fn.inputs]
         if "evt" in inspect.signature(fn.fn).parameters:  # a select event: Gradio adds the event data
             args.append(types.SimpleNamespace(index=0))
+        for i, param in enumerate(inspect.signature(fn.fn).parameters.values()):
+            if isinstance(param.default, gr.Progress):  # Gradio puts its progress bar at that place
+                args.insert(i, lambda *a, **k: None)
         out = fn.fn(*args)
         if inspect.isgenerator(out):  # Gradio 3 wraps an ``every=`` event in an endless generator
             out = next(out)
@@ -276,10 +279,27 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
     assert cleared is None and "tt-ok" in message
     assert len(ui.original_images(version)) == 3
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128)
-    gallery, line, tags, message = logic.update_dataset("猫 cat", "v1", *values_of(config))
+    heard: list[tuple[str, int, int]] = []
+    gallery, line, tags, message = logic.update_dataset("猫 cat", "v1", *values_of(config),
+                                                        progress=lambda *a: heard.append(a))
     assert line.startswith("3 images"), line
     # The uploaded caption is used, after the trigger word (the project's name when none is set).
     assert any(caption == "猫 cat, my caption" for _, caption in gallery), gallery
+    # The progress bar heard each picture (no captioner: nothing to download).
+    assert heard == [("Preparing pictures", i, 3) for i in (1, 2, 3)]
+
+
+def test_progress_bar_only_where_the_page_still_launches_without_a_queue(host):
+    """Update Dataset draws a progress bar in Gradio 4+ (always queued); in Gradio 3 a bar would stop the WebUI
+    from starting with --no-gradio-queue, so there is none."""
+    tab = ui.build_tab(host, JobManager())
+    tracking = [fn for fn in _functions(tab) if getattr(fn, "tracks_progress", False)]
+    if ui.gradio_major() >= 4:
+        assert [getattr(fn, "name", "") for fn in tracking] == ["update_dataset"]
+    else:
+        assert tracking == []
+        tab.enable_queue = False  # what A1111 does with --no-gradio-queue
+        tab.validate_queue_settings()
 
 
 # ---------------------------------------------------------------------- training job, progress, results

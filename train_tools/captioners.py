@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from .errors import UserError
+from .progress import ProgressFn
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Captioner = Callable[[Image.Image], str]
-ProgressFn = Callable[[int, int], None]
 
 DEFAULT_WD14_REPO = "SmilingWolf/wd-v1-4-moat-tagger-v2"
 DEFAULT_BLIP_REPO = "Salesforce/blip-image-captioning-base"

@@ -6,25 +6,27 @@ agree on the captions. Light: no torch, so the tab can call it before any traini
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from . import dataset as ds
 from .config import TrainConfig
 from .errors import UserError
-from .progress import Reporter
+from .progress import ProgressFn, Reporter
 from .store import Version
 
 
-def prepare_version(version: Version, config: TrainConfig, *, host: Any = None,
-                    progress: Callable[[int, int], None] | None = None) -> ds.PrepareReport:
+def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, progress: ProgressFn | None = None,
+                    download: ProgressFn | None = None) -> ds.PrepareReport:
     """Bring ``prepared/`` up to date with the originals and the settings (captioner included): the one way
-    the command line, the tab and the trainer prepare a version, so they always agree on the captions."""
+    the command line, the tab and the trainer prepare a version, so they always agree on the captions.
+
+    ``progress`` hears (pictures done, pictures) of the training pictures, then of the class pictures;
+    ``download`` (bytes done, bytes) while a captioner's model is downloaded, the first time it is used."""
     from .captioners import captioner_from_config
 
     models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
     options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
-    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host)
+    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host, progress=download)
     try:
         report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, progress,
                                     auto_caption=auto_caption)
@@ -64,7 +66,7 @@ def reg_prepare_options(config: TrainConfig) -> ds.PrepareOptions:
     return options
 
 
-def prepare_reg(version: Version, config: TrainConfig, progress: Callable[[int, int], None] | None = None
+def prepare_reg(version: Version, config: TrainConfig, progress: ProgressFn | None = None
                 ) -> ds.PrepareReport | None:
     """Bring ``prepared_reg/`` up to date with ``reg/`` (the optional class pictures); None when the version has
     neither. A ``reg/`` emptied by the user empties ``prepared_reg/`` too."""
@@ -79,10 +81,11 @@ def load_reg_items(version: Version) -> list[ds.DatasetItem]:
     return ds.load_items(version.prepared_reg_dir)
 
 
-def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None
-                  ) -> list[ds.DatasetItem]:
-    """Bring ``prepared/`` up to date with the originals and the settings, and read it."""
-    report = prepare_version(version, config, host=host)
+def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None,
+                  progress: ProgressFn | None = None, download: ProgressFn | None = None) -> list[ds.DatasetItem]:
+    """Bring ``prepared/`` up to date with the originals and the settings, and read it (``progress`` and
+    ``download`` as in ``prepare_version``)."""
+    report = prepare_version(version, config, host=host, progress=progress, download=download)
     for refusal in report.refused:
         reporter.message(f"skipped {refusal}")
     items = ds.load_items(version.prepared_dir)

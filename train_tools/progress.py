@@ -10,10 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+# How long work other than training reports: (done, total) as it goes, e.g. pictures prepared or bytes
+# downloaded.
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -102,6 +108,30 @@ class TerminalReporter(Reporter):
             super().message(text)
 
     def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class TerminalBar:
+    """A ``ProgressFn`` that draws a tqdm bar in the terminal, made at the first report (so a step that turns
+    out to have nothing to do, such as a download already done, draws none)."""
+
+    def __init__(self, desc: str, unit: str = "it", unit_scale: bool = False) -> None:
+        self.desc, self.unit, self.unit_scale = desc, unit, unit_scale
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, unit_scale=self.unit_scale,
+                             dynamic_ncols=True)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -80,10 +80,19 @@ def core_reg_count(version: Version) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in ds_image_suffixes() and p.is_file())
 
 
-def core_prepare(version: Version, config: TrainConfig, host: Any = None) -> str:
+def core_prepare(version: Version, config: TrainConfig, host: Any = None,
+                 report_progress: Callable[[str, int, int], None] | None = None) -> str:
+    """Prepare ``version``; ``report_progress`` hears (what, done, total) for the pictures and for a captioner's
+    first download."""
     from .preparation import prepare_version
 
-    report = prepare_version(version, config, host=host)
+    def reporting(what: str) -> Callable[[int, int], None] | None:
+        if report_progress is None:
+            return None
+        return lambda done, total: report_progress(what, done, total)
+
+    report = prepare_version(version, config, host=host, progress=reporting("Preparing pictures"),
+                             download=reporting("Downloading the captioner (first use only)"))
     refused = list(getattr(report, "refused", []) or [])
     return f"Skipped {len(refused)}: " + "; ".join(str(r) for r in refused[:5]) if refused else ""
 
@@ -546,13 +555,15 @@ class TabLogic:
         gallery, line = dataset_view(v, v.load_settings())
         return [gallery, line, message_html(f"Added {n} demo pictures; press Update Dataset.", "ok")]
 
-    def update_dataset(self, project: str | None, version: str | None, *values: Any) -> list[Any]:
+    def update_dataset(self, project: str | None, version: str | None, *values: Any,
+                       progress: Callable[[str, int, int], None] | None = None) -> list[Any]:
+        """Prepare the version's pictures with the settings shown; ``progress`` hears (what, done, total)."""
         v = self.require_version(project, version)
         config = settings_from_values(values)
         v.save_settings(config)
         if not original_images(v):
             raise UserError("There are no pictures to prepare: drop 10-20 images on Upload Dataset first.")
-        skipped = core_prepare(v, config, self.host)
+        skipped = core_prepare(v, config, self.host, progress)
         gallery, line = dataset_view(v, config)
         return [gallery, line, tags_html(core_tag_counts(v)), message_html(f"Dataset updated. {skipped}".strip(),
                                                                            "ok")]
@@ -985,7 +996,8 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
          [c["upload_reg"], c["gallery"], c["dataset_info"], msg])
     if "demo_pictures" in c:
         wire(c["demo_pictures"].click, logic.add_demo_pictures, pv, [c["gallery"], c["dataset_info"], msg])
-    wire(c["update_dataset"].click, logic.update_dataset, [*pv, *setting_inputs], [*dataset_outputs, msg])
+    wire(c["update_dataset"].click, with_progress(logic.update_dataset), [*pv, *setting_inputs],
+         [*dataset_outputs, msg])
     def select_picture(project: str | None, version: str | None, evt: gr.SelectData) -> list[Any]:
         # Gradio fills ``evt`` from the type hint; it carries the clicked picture's index.
         return logic.select_picture(project, version, getattr(evt, "index", None))
@@ -1086,6 +1098,31 @@ def guarded(fn: Callable[..., list[Any]], outputs: list[Any], msg: Any) -> Calla
 def on_page_load(root: gr.Blocks, fn: Callable[..., list[Any]], outputs: list[Any]) -> None:
     """Run ``fn`` on every page load. ``Blocks.load`` exists in every Gradio; nested tabs' loads fire too."""
     root.load(fn, inputs=None, outputs=outputs)
+
+
+def gradio_major() -> int:
+    try:
+        return int(str(gr.__version__).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def with_progress(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
+    """``fn(*inputs, progress=report)`` as an event function: Gradio draws a progress bar over the event's
+    outputs while ``report(what, done, total)`` is called. Gradio 3 refuses to launch a page with such a bar
+    when its queue is off (A1111's --no-gradio-queue), so there ``fn`` gets no ``progress`` and no bar."""
+    if gradio_major() < 4:
+        return fn
+
+    def event(progress: Any = gr.Progress(), *inputs: Any) -> list[Any]:
+        # Gradio passes its bar for a parameter whose default is a gr.Progress, at that parameter's place.
+        def report(what: str, done: int, total: int) -> None:
+            progress((done, total), desc=what)
+
+        return fn(*inputs, progress=report)
+
+    event.__name__ = getattr(fn, "__name__", "event")
+    return event
 
 
 def poll_every(root: gr.Blocks, seconds: float, fn: Callable[..., list[Any]], inputs: list[Any],

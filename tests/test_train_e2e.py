@@ -120,6 +120,9 @@ def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictu
     assert "interrupted" in result.files[0].name
     assert [s.step for s in reporter.steps] == [1, 2]
     assert reporter.total_steps == 5 * 4  # 4 batches per epoch, see above
+    # The pictures were not prepared before: the trainer prepared them and said how far it was.
+    n = len(list(store.version("p", "v1").prepared_dir.glob("*.png")))
+    assert n and reporter.tasks == [("Preparing pictures", n, n, "")]
 
 
 def test_same_seed_same_lora(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):

@@ -110,7 +110,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     upload.write_bytes(b"x")
     monkeypatch.setattr(ui, "core_add_originals", lambda paths, v: f"added {len(paths)}")
     monkeypatch.setattr(ui, "core_add_reg", lambda paths, v: f"added {len(paths)} class pictures")
-    monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None, report_progress=None: "")
+    monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None, task=None: "")
     monkeypatch.setattr(ui, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui, "training_work", lambda *a: fake_work())
     monkeypatch.setattr(ui, "preview_work", lambda *a: fake_work())
@@ -286,7 +286,7 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
     # The uploaded caption is used, after the trigger word (the project's name when none is set).
     assert any(caption == "猫 cat, my caption" for _, caption in gallery), gallery
     # The progress bar heard each picture (no captioner: nothing to download).
-    assert heard == [("Preparing pictures", i, 3) for i in (1, 2, 3)]
+    assert heard == [("Preparing pictures", i, 3, "") for i in (1, 2, 3)]
 
 
 def test_progress_bar_only_where_the_page_still_launches_without_a_queue(host):
@@ -435,6 +435,43 @@ def test_progress_html_and_chart_follow_the_numbers():
     assert ui.loss_chart_svg([0.5]) == ""
     idle = ui.progress_html(JobManager().status())
     assert 'data-state="idle"' in idle
+
+
+def test_the_bar_shows_preparing_before_the_first_step():
+    """Begin Train on pictures not prepared yet: the bar follows the preparing, then the steps."""
+    import threading
+
+    preparing, training, go_on, finish = (threading.Event() for _ in range(4))
+
+    def work(reporter, stop):
+        reporter.task("Downloading the captioner (first use only)", 150_000_000, 300_000_000, "B")
+        reporter.task("Preparing pictures", 3, 12)
+        preparing.set()
+        go_on.wait(10)
+        reporter.start(4, 1)
+        reporter.step(StepInfo(1, 4, 1, 1, 0.5, 0.5, 1e-4, 2.0, 3.0))
+        training.set()
+        finish.wait(10)
+        return types.SimpleNamespace(interrupted=False)
+
+    jobs = JobManager()
+    jobs.start(work)
+    assert preparing.wait(10)
+    status = jobs.status()
+    assert (status.task, status.task_done, status.task_total) == ("Preparing pictures", 3, 12)
+    assert status.fraction == pytest.approx(0.25)
+    html = ui.progress_html(status)
+    assert "Preparing pictures 3/12" in html and "width:25.0%" in html
+    go_on.set()
+    assert training.wait(10)
+    status = jobs.status()
+    html = ui.progress_html(status)
+    assert status.fraction == pytest.approx(0.25) and "step 1/4" in html and "Preparing" not in html
+    finish.set()
+    jobs.wait(10)
+    rec = jobs.current.reporter
+    assert rec.tasks == [("Downloading the captioner (first use only)", 150_000_000, 300_000_000, "B"),
+                         ("Preparing pictures", 3, 12, "")]
 
 
 # ---------------------------------------------------------------------- the standalone app and its command line

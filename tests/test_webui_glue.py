@@ -17,7 +17,7 @@ import pytest
 from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from train_tools.errors import UserError
 from train_tools.jobs import FINISHED, INTERRUPTED, JobManager
-from train_tools.progress import StepInfo
+from train_tools.progress import StepInfo, StopFlag
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,6 +166,11 @@ def test_training_runs_in_the_gpu_queue_with_the_model_moved_off_and_back(webui)
     assert (state.sampling_step, state.sampling_steps) == (3, 3)
     assert "step 3/3" in state.textinfo
     assert host.device() == "cpu"  # the WebUI's device
+    # Preparing before training moves the WebUI's bar too.
+    sink = host.progress_sink(StopFlag())
+    sink.task("Downloading the captioner (first use only)", 2_500_000, 10_000_000, "B")
+    assert (state.sampling_step, state.sampling_steps) == (2_500_000, 10_000_000)
+    assert state.textinfo == "Downloading the captioner (first use only) 2.5/10.0 MB"
 
 
 def test_no_model_loaded_means_nothing_is_unloaded_or_loaded(webui):

@@ -413,15 +413,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         config = version.load_settings()
         from .preparation import load_reg_items, prepare_items
-        from .progress import Reporter, TerminalBar
+        from .progress import TerminalReporter
 
-        pictures = TerminalBar("Preparing pictures", unit="picture")
-        download = TerminalBar("Downloading the captioner", unit="B", unit_scale=True)
-        try:
-            items = prepare_items(version, config, Reporter(), progress=pictures, download=download)  # + classes
-        finally:
-            download.close()
-            pictures.close()
+        items = prepare_items(version, config, TerminalReporter())  # the class pictures too
         repeats = config.repeats or ds.auto_repeats(len(items))
         n_reg = len(load_reg_items(version))
         seen = len(items) * repeats * (2 if n_reg else 1)  # as many class pictures per epoch as training ones

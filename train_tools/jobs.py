@@ -47,6 +47,10 @@ class JobStatus:
     message: str = ""
     files: list[Path] = field(default_factory=list)
     elapsed_s: float = 0.0
+    task: str = ""  # work before the first step (preparing pictures, a download), and how far it is
+    task_done: int = 0
+    task_total: int = 0
+    task_unit: str = ""
 
     @property
     def active(self) -> bool:
@@ -56,7 +60,9 @@ class JobStatus:
     def fraction(self) -> float:
         if self.state == FINISHED:
             return 1.0
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+        if self.total_steps and (self.step or not self.task_total):
+            return min(1.0, self.step / self.total_steps)
+        return min(1.0, self.task_done / self.task_total) if self.task_total else 0.0
 
 
 class Job:
@@ -179,6 +185,7 @@ class JobManager:
         rec = job.reporter
         steps = list(rec.steps)  # copy first: the training thread appends meanwhile
         last = steps[-1] if steps else None
+        task = rec.tasks[-1] if rec.tasks else ("", 0, 0, "")
         end = job.ended or time.time()
         return JobStatus(
             state=job.state,
@@ -195,6 +202,7 @@ class JobManager:
             message=job.message if job.state != RUNNING else _running_message(rec),
             files=list(rec.saved_files),
             elapsed_s=end - job.started,
+            task=task[0], task_done=task[1], task_total=task[2], task_unit=task[3],
         )
 
 

@@ -11,30 +11,39 @@ from typing import Any
 from . import dataset as ds
 from .config import TrainConfig
 from .errors import UserError
-from .progress import ProgressFn, Reporter
+from .progress import ProgressFn, Reporter, TaskFn
 from .store import Version
 
+# What preparing reports to a Reporter's ``task`` (the tab's bar, the terminal's, the WebUI's).
+PREPARING = "Preparing pictures"
+PREPARING_CLASS = "Preparing class pictures"
+DOWNLOADING = "Downloading the captioner (first use only)"
 
-def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, progress: ProgressFn | None = None,
-                    download: ProgressFn | None = None) -> ds.PrepareReport:
+
+def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, task: TaskFn | None = None
+                    ) -> ds.PrepareReport:
     """Bring ``prepared/`` up to date with the originals and the settings (captioner included): the one way
     the command line, the tab and the trainer prepare a version, so they always agree on the captions.
 
-    ``progress`` hears (pictures done, pictures) of the training pictures, then of the class pictures;
-    ``download`` (bytes done, bytes) while a captioner's model is downloaded, the first time it is used."""
+    ``task`` (a ``Reporter.task``) hears (what, done, total, unit) as it goes: the pictures, the class
+    pictures, and the bytes of a captioner's model while it is downloaded, the first time it is used."""
     from .captioners import captioner_from_config
+
+    def reporting(what: str, unit: str = "") -> ProgressFn | None:
+        return None if task is None else (lambda done, total: task(what, done, total, unit))
 
     models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
     options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
-    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host, progress=download)
+    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host,
+                                         progress=reporting(DOWNLOADING, "B"))
     try:
-        report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, progress,
+        report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, reporting(PREPARING),
                                     auto_caption=auto_caption)
     finally:
         close = getattr(auto_caption, "close", None)
         if callable(close):
             close()  # a host's captioner frees its model (the WebUI's DeepBooru, BLIP)
-    reg_report = prepare_reg(version, config, progress)
+    reg_report = prepare_reg(version, config, reporting(PREPARING_CLASS))
     if reg_report is not None:
         report.refused += [ds.Refusal(f"class picture {r.name}", r.reason) for r in reg_report.refused]
     return report
@@ -81,11 +90,11 @@ def load_reg_items(version: Version) -> list[ds.DatasetItem]:
     return ds.load_items(version.prepared_reg_dir)
 
 
-def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None,
-                  progress: ProgressFn | None = None, download: ProgressFn | None = None) -> list[ds.DatasetItem]:
-    """Bring ``prepared/`` up to date with the originals and the settings, and read it (``progress`` and
-    ``download`` as in ``prepare_version``)."""
-    report = prepare_version(version, config, host=host, progress=progress, download=download)
+def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None
+                  ) -> list[ds.DatasetItem]:
+    """Bring ``prepared/`` up to date with the originals and the settings, and read it; the reporter hears
+    the progress (``Reporter.task``) and the pictures that could not be used."""
+    report = prepare_version(version, config, host=host, task=reporter.task)
     for refusal in report.refused:
         reporter.message(f"skipped {refusal}")
     items = ds.load_items(version.prepared_dir)

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # How long work other than training reports: (done, total) as it goes, e.g. pictures prepared or bytes
 # downloaded.
 ProgressFn = Callable[[int, int], None]
+# The same with what is being done and its unit ("" or "B" for bytes): ``Reporter.task``.
+TaskFn = Callable[[str, int, int, str], None]
 
 
 @dataclass
@@ -72,8 +74,21 @@ class Reporter:
     def message(self, text: str) -> None:
         log.info("%s", text)
 
+    def task(self, what: str, done: int, total: int, unit: str = "") -> None:
+        """Progress of work before the first step: pictures prepared, a captioner's download (``unit`` "B":
+        bytes). Called as it goes, ``done`` reaching ``total`` at the end."""
+        if done >= total:
+            log.info("%s: %s", what, task_amount(done, total, unit))
+
     def finish(self) -> None:
         pass
+
+
+def task_amount(done: int, total: int, unit: str = "") -> str:
+    """'3/20', or '12.0/300.0 MB' for bytes."""
+    if unit == "B":
+        return f"{done / 1e6:.1f}/{total / 1e6:.1f} MB"
+    return f"{done}/{total}"
 
 
 class TerminalReporter(Reporter):
@@ -81,10 +96,23 @@ class TerminalReporter(Reporter):
 
     def __init__(self) -> None:
         self._bar = None
+        self._tasks: dict[str, TerminalBar] = {}
+
+    def task(self, what: str, done: int, total: int, unit: str = "") -> None:
+        bar = self._tasks.get(what)
+        if bar is None:
+            bar = self._tasks[what] = TerminalBar(what, unit=unit or "it", unit_scale=unit == "B")
+        bar(done, total)
+        if done >= total:
+            bar.close()
+            del self._tasks[what]
 
     def start(self, total_steps: int, total_epochs: int) -> None:
         from tqdm.auto import tqdm
 
+        for bar in self._tasks.values():
+            bar.close()
+        self._tasks.clear()
         super().start(total_steps, total_epochs)
         self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
@@ -146,10 +174,18 @@ class RecordingReporter(Reporter):
     steps: list[StepInfo] = field(default_factory=list)
     saved_files: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    tasks: list[tuple[str, int, int, str]] = field(default_factory=list)  # the last report of each task
     finished: bool = False
 
     def start(self, total_steps: int, total_epochs: int) -> None:
         self.total_steps, self.total_epochs = total_steps, total_epochs
+
+    def task(self, what: str, done: int, total: int, unit: str = "") -> None:
+        report = (what, done, total, unit)
+        if self.tasks and self.tasks[-1][0] == what:
+            self.tasks[-1] = report
+        else:
+            self.tasks.append(report)
 
     def step(self, info: StepInfo) -> None:
         self.steps.append(info)
@@ -183,6 +219,10 @@ class MultiReporter(Reporter):
     def message(self, text: str) -> None:
         for r in self.reporters:
             r.message(text)
+
+    def task(self, what: str, done: int, total: int, unit: str = "") -> None:
+        for r in self.reporters:
+            r.task(what, done, total, unit)
 
     def finish(self) -> None:
         for r in self.reporters:

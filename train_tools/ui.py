@@ -31,6 +31,7 @@ from .host import DEMO_CHOICE, DEMO_FILE_NAME, Host, require_checkpoint_choice
 from .jobs import FAILED, FINISHED, INTERRUPTED, JOBS, RUNNING, JobManager, JobStatus, training_work
 from .previews import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
 from .previews import SAMPLERS as PREVIEW_SAMPLERS
+from .progress import TaskFn, task_amount
 from .store import Store, Version, projects_root
 
 log = logging.getLogger(__name__)
@@ -80,19 +81,11 @@ def core_reg_count(version: Version) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in ds_image_suffixes() and p.is_file())
 
 
-def core_prepare(version: Version, config: TrainConfig, host: Any = None,
-                 report_progress: Callable[[str, int, int], None] | None = None) -> str:
-    """Prepare ``version``; ``report_progress`` hears (what, done, total) for the pictures and for a captioner's
-    first download."""
+def core_prepare(version: Version, config: TrainConfig, host: Any = None, task: TaskFn | None = None) -> str:
+    """Prepare ``version``; ``task`` hears its progress (see ``prepare_version``)."""
     from .preparation import prepare_version
 
-    def reporting(what: str) -> Callable[[int, int], None] | None:
-        if report_progress is None:
-            return None
-        return lambda done, total: report_progress(what, done, total)
-
-    report = prepare_version(version, config, host=host, progress=reporting("Preparing pictures"),
-                             download=reporting("Downloading the captioner (first use only)"))
+    report = prepare_version(version, config, host=host, task=task)
     refused = list(getattr(report, "refused", []) or [])
     return f"Skipped {len(refused)}: " + "; ".join(str(r) for r in refused[:5]) if refused else ""
 
@@ -384,6 +377,8 @@ def progress_html(status: JobStatus) -> str:
         return '<div class="tt-progress" data-state="idle"><div class="tt-info">Not training.</div></div>'
     percent = 100.0 * status.fraction
     parts = []
+    if status.task and not status.step and status.state == RUNNING:  # preparing, before the first step
+        parts.append(f"{status.task} {task_amount(status.task_done, status.task_total, status.task_unit)}")
     if status.total_steps:
         parts.append(f"step {status.step}/{status.total_steps}")
     if status.total_epochs:
@@ -556,8 +551,8 @@ class TabLogic:
         return [gallery, line, message_html(f"Added {n} demo pictures; press Update Dataset.", "ok")]
 
     def update_dataset(self, project: str | None, version: str | None, *values: Any,
-                       progress: Callable[[str, int, int], None] | None = None) -> list[Any]:
-        """Prepare the version's pictures with the settings shown; ``progress`` hears (what, done, total)."""
+                       progress: TaskFn | None = None) -> list[Any]:
+        """Prepare the version's pictures with the settings shown; ``progress`` hears how far it is."""
         v = self.require_version(project, version)
         config = settings_from_values(values)
         v.save_settings(config)
@@ -1109,15 +1104,15 @@ def gradio_major() -> int:
 
 def with_progress(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
     """``fn(*inputs, progress=report)`` as an event function: Gradio draws a progress bar over the event's
-    outputs while ``report(what, done, total)`` is called. Gradio 3 refuses to launch a page with such a bar
+    outputs while ``report(what, done, total, unit)`` (a ``TaskFn``) is called. Gradio 3 refuses to launch a page with such a bar
     when its queue is off (A1111's --no-gradio-queue), so there ``fn`` gets no ``progress`` and no bar."""
     if gradio_major() < 4:
         return fn
 
     def event(progress: Any = gr.Progress(), *inputs: Any) -> list[Any]:
         # Gradio passes its bar for a parameter whose default is a gr.Progress, at that parameter's place.
-        def report(what: str, done: int, total: int) -> None:
-            progress((done, total), desc=what)
+        def report(what: str, done: int, total: int, unit: str = "") -> None:
+            progress((done, total), desc=what, unit="bytes" if unit == "B" else "steps")
 
         return fn(*inputs, progress=report)
 

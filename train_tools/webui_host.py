@@ -90,6 +90,15 @@ class WebuiReporter(Reporter):
         self._state().textinfo = text
         self._check_interrupt()
 
+    def task(self, what: str, done: int, total: int, unit: str = "") -> None:
+        """Preparing pictures or downloading a captioner, before training: the WebUI's bar shows it."""
+        from .progress import task_amount
+
+        state = self._state()
+        state.sampling_steps, state.sampling_step = total, done
+        state.textinfo = f"{what} {task_amount(done, total, unit)}"
+        self._check_interrupt()
+
 
 class WebuiHost(Host):
     """Paths, checkpoints, GPU queue, model unloading and progress from the WebUI's own modules."""

@@ -286,8 +286,15 @@ def test_a_run_with_class_pictures_resumes_to_the_same_lora(tmp_path: Path, demo
 
     # A changed set of class pictures cannot go on as it was.
     stop2 = StopFlag()
-    stop2.request()
-    halted = Trainer(version, config, demo_ckpt, device="cpu", run_name="halted", stop=stop2).run()
+
+    class StopAtOne(RecordingReporter):
+        def step(self, info):  # type: ignore[no-untyped-def]
+            super().step(info)
+            stop2.request()
+
+    halted = Trainer(version, config, demo_ckpt, device="cpu", run_name="halted", stop=stop2,
+                     reporter=StopAtOne()).run()
+    assert halted.interrupted and halted.steps == 1
     (version.reg_dir / "demo_01.png").unlink()
     from train_tools.errors import UserError
 

@@ -125,6 +125,35 @@ def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictu
     assert n and reporter.tasks == [("Preparing pictures", n, n, "")]
 
 
+def test_interrupt_while_preparing_stops_before_anything_is_trained(tmp_path: Path, demo_ckpt: Path,
+                                                                   demo_pictures: Path,
+                                                                   caplog: pytest.LogCaptureFixture):
+    from train_tools.cli import _report_result
+
+    version = make_version(tmp_path, demo_pictures).version("p", "v1")
+    stop = StopFlag()
+
+    class StopsAtTheFirstPicture(RecordingReporter):
+        def task(self, what, done, total, unit=""):  # type: ignore[no-untyped-def]
+            super().task(what, done, total, unit)
+            stop.request()  # the Interrupt button, pressed while the pictures are being prepared
+
+    reporter = StopsAtTheFirstPicture()
+    result = Trainer(version, tiny_config(epochs=1), demo_ckpt, reporter=reporter, stop=stop, device="cpu").run()
+    assert result.interrupted and result.run_dir is None and result.steps == 0 and result.files == []
+    n = len([p for p in version.originals_dir.iterdir() if p.suffix == ".png"])
+    assert n > 1 and reporter.tasks == [("Preparing pictures", 1, n, "")]  # it stopped at the first picture
+    assert not reporter.steps and "nothing was trained" in reporter.messages[-1]
+    assert not version.trains_dir.is_dir() or not any(version.trains_dir.iterdir())  # no run folder
+    with caplog.at_level(logging.WARNING):
+        assert _report_result(result, version) is True
+    assert "Stopped before training began" in caplog.text
+    # The next run prepares the rest and trains.
+    again = Trainer(version, tiny_config(epochs=1), demo_ckpt, device="cpu").run()
+    assert not again.interrupted and again.final_file is not None and again.final_file.is_file()
+    assert len(list(version.prepared_dir.glob("*.png"))) == n
+
+
 def test_same_seed_same_lora(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
     store = make_version(tmp_path, demo_pictures)
     version = store.version("p", "v1")

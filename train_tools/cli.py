@@ -239,6 +239,9 @@ def _hold_device(version: Version, device: str | None) -> AbstractContextManager
 
 def _report_result(result: Any, version: Version) -> bool:
     """Log the run's folder and files; True when it was interrupted."""
+    if result.run_dir is None:
+        log.warning("Stopped before training began; nothing was saved.")
+        return True
     log.info("Run folder: %s", result.run_dir)
     for path in result.files:
         log.info("  %s", path.name)

@@ -11,7 +11,7 @@ from typing import Any
 from . import dataset as ds
 from .config import TrainConfig
 from .errors import UserError
-from .progress import ProgressFn, Reporter, TaskFn
+from .progress import ProgressFn, Reporter, StopFlag, Stopped, TaskFn
 from .store import Version
 
 # What preparing reports to a Reporter's ``task`` (the tab's bar, the terminal's, the WebUI's).
@@ -90,11 +90,20 @@ def load_reg_items(version: Version) -> list[ds.DatasetItem]:
     return ds.load_items(version.prepared_reg_dir)
 
 
-def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None
-                  ) -> list[ds.DatasetItem]:
+def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None,
+                  stop: StopFlag | None = None) -> list[ds.DatasetItem]:
     """Bring ``prepared/`` up to date with the originals and the settings, and read it; the reporter hears
-    the progress (``Reporter.task``) and the pictures that could not be used."""
-    report = prepare_version(version, config, host=host, task=reporter.task)
+    the progress (``Reporter.task``) and the pictures that could not be used.
+
+    A ``stop`` requested meanwhile raises ``Stopped`` at the next picture (or downloaded chunk). What was
+    done is kept on disk; the next preparation redoes what its manifest does not vouch for."""
+
+    def task(what: str, done: int, total: int, unit: str = "") -> None:
+        reporter.task(what, done, total, unit)
+        if stop is not None and stop.requested:
+            raise Stopped
+
+    report = prepare_version(version, config, host=host, task=task)
     for refusal in report.refused:
         reporter.message(f"skipped {refusal}")
     items = ds.load_items(version.prepared_dir)

@@ -42,6 +42,12 @@ class StepInfo:
                 f"loss {self.avg_loss:.4f}, {self.steps_per_s:.2f} it/s, ETA {eta}")
 
 
+class Stopped(BaseException):
+    """Raised from a progress report when a stop was asked for: work before training (preparing pictures, a
+    captioner's download) ends there, before anything is trained. A BaseException, as KeyboardInterrupt is,
+    so that the ``except Exception`` around one download or one picture does not swallow it."""
+
+
 class StopFlag:
     """Set to ask running work to stop after its current step."""
 

@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .fileio import sha256_file, write_json
 from .preparation import load_reg_items, prepare_items
-from .progress import Reporter, StepInfo, StopFlag
+from .progress import Reporter, StepInfo, StopFlag, Stopped
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
 from .sampler import RegularisedBatchSampler
 from .store import Version
@@ -40,7 +40,7 @@ REG_PREFIX = "reg/"  # class pictures in a training state's picture list
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Path | None  # None: stopped before the run began (while preparing the pictures)
     files: list[Path]
     steps: int
     epochs_done: int
@@ -172,7 +172,7 @@ class Trainer:
         set_seed(cfg.seed)
 
         with self.accelerator.main_process_first():  # one process writes prepared/, the others then read it
-            items = prepare_items(self.version, cfg, self.reporter, host=self.host)
+            items = prepare_items(self.version, cfg, self.reporter, host=self.host, stop=self.stop)
             self.items, self.reg_items = self._resumed_items(items, load_reg_items(self.version))
         # Indices below len(items) are training pictures, the rest class pictures (caches and batches use both).
         self.all_items = self.items + self.reg_items
@@ -564,7 +564,12 @@ class Trainer:
         if point is not None and point.finished:
             return self._finished_result(point)
         if not self.prepared:
-            self.prepare()
+            try:
+                self.prepare()
+            except Stopped:  # Interrupt while the pictures were being prepared: nothing trained, nothing saved
+                self.reporter.message("Stopped while preparing the pictures; nothing was trained.")
+                self.reporter.finish()
+                return TrainResult(None, [], 0, 0, True)
         cfg, acc = self.config, self.accelerator
         run_dir = self._open_run_dir()
         from .loader import file_sha256  # remembered per file: a 7 GB checkpoint is hashed once, not per run

@@ -113,12 +113,15 @@ class TerminalReporter(Reporter):
             bar.close()
             del self._tasks[what]
 
-    def start(self, total_steps: int, total_epochs: int) -> None:
-        from tqdm.auto import tqdm
-
+    def _close_tasks(self) -> None:
         for bar in self._tasks.values():
             bar.close()
         self._tasks.clear()
+
+    def start(self, total_steps: int, total_epochs: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._close_tasks()
         super().start(total_steps, total_epochs)
         self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
@@ -142,6 +145,7 @@ class TerminalReporter(Reporter):
             super().message(text)
 
     def finish(self) -> None:
+        self._close_tasks()  # a run stopped while preparing has no training bar, but a task's
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -51,10 +51,15 @@ def new_version(folder: Path, pictures: Path) -> Version:
     return version
 
 
-def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def trained_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Relative difference of the LoRA "up" weights (B), which start at zero: all of them is training, so a
+    run that trained nothing, or something else, differs by 1 or more."""
     assert a.keys() == b.keys() and a
-    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a)
-    den = sum(float(b[k].float().norm() ** 2) for k in b)
+    keys = [k for k in a if "lora_up" in k]
+    assert keys
+    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in keys)
+    den = sum(float(b[k].float().norm() ** 2) for k in keys)
+    assert den > 0
     return (num / den) ** 0.5
 
 
@@ -72,8 +77,9 @@ def test_mixed_precision_trains_the_same_lora_flat_or_separate(tmp_path: Path, d
     a, b = load_file(str(flat_result.final_file)), load_file(str(separate_result.final_file))
     assert all(torch.isfinite(t).all() for t in a.values())
     assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_up" in k)  # B moved off zero
-    # GPU kernels are not bit-reproducible from run to run (atomics in the backward), so: close, not equal.
-    assert relative_difference(a, b) < 1e-2
+    # GPU kernels are not bit-reproducible from run to run (atomics in the backward), and AdamW's first steps
+    # amplify that where a gradient is near zero, so: close, not equal.
+    assert trained_difference(a, b) < 0.1
     assert flat_result.losses == pytest.approx(separate_result.losses, rel=1e-2, abs=1e-3)
 
 
@@ -179,4 +185,4 @@ def test_resume_with_the_fp16_gradient_scaler(tmp_path: Path, demo_ckpt: Path, p
     resumed = Trainer(version, config, demo_ckpt, device=DEVICE, resume_from=first.run_dir).run()
     assert resumed.steps == straight.steps and not resumed.interrupted
     assert resumed.losses[:3] == first.losses
-    assert relative_difference(load_file(str(resumed.final_file)), load_file(str(straight.final_file))) < 1e-2
+    assert trained_difference(load_file(str(resumed.final_file)), load_file(str(straight.final_file))) < 0.1

@@ -59,8 +59,8 @@ def test_peak_rates_only_for_known_gpus(name: str, expected: tuple[str, float] |
 def test_presets_and_overrides():
     parse = build_parser().parse_args
     sd15 = specs_from_args(parse(["--preset", "gpu-sd15", "--device", "cuda"]))
-    assert sorted((s.batch, s.gradient_checkpointing) for s in sd15) == [(1, False), (1, True), (4, False),
-                                                                           (4, True)]
+    assert sorted((s.batch, s.gradient_checkpointing, s.optimizer) for s in sd15) == [
+        (1, False, "Lion"), (1, True, "AdamW8bit"), (1, True, "Lion"), (4, False, "Lion"), (4, True, "Lion")]
     assert {(s.family, s.size, s.resolution) for s in sd15} == {("sd1", "full", 512)}
     assert all(s.mixed_precision in ("bf16", "fp16") for s in sd15)
     sdxl = specs_from_args(parse(["--preset", "gpu-sdxl", "--device", "cuda"]))

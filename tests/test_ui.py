@@ -457,6 +457,8 @@ def test_the_bar_shows_preparing_before_the_first_step():
     jobs = JobManager()
     jobs.start(work)
     assert preparing.wait(10)
+    assert "before training begins" in jobs.stop()  # Interrupt now: the run would end at the next picture
+    jobs.current.stop.clear()
     status = jobs.status()
     assert (status.task, status.task_done, status.task_total) == ("Preparing pictures", 3, 12)
     assert status.fraction == pytest.approx(0.25)

@@ -165,6 +165,8 @@ class JobManager:
         if job is None or job.state not in (WAITING, RUNNING):
             return "Nothing is training."
         job.stop.request()
+        if not job.reporter.steps and not job.label.startswith("previews"):
+            return "Stopping before training begins (at the next picture being prepared); nothing will be saved."
         return "Stopping after the current step; what was learned so far will be saved."
 
     def wait(self, timeout: float | None = None) -> JobStatus:

@@ -23,7 +23,8 @@ from train_tools.preparation import prepare_version
 from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.sampler import RegularisedBatchSampler
 from train_tools.store import Store, Version
-from train_tools.trainer import Conditioning, Trainer
+from train_tools.text_encoding import Conditioning
+from train_tools.trainer import Trainer
 
 TRIGGER = "sks"
 CLASS_CAPTION = "a photo of a shape"

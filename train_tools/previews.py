@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from .loader import LoadedModel
     from .store import Version
-    from .trainer import Conditioning
+    from .text_encoding import Conditioning
 
 log = logging.getLogger(__name__)
 
@@ -463,8 +463,7 @@ class DiffusersPreviewer:
         """
         import torch
 
-        from .text_encoding import encode_ids, token_rows
-        from .trainer import Conditioning
+        from .text_encoding import Conditioning, encode_ids, token_rows
 
         ids = [[tok(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
                for tok in self.model.tokenizers]

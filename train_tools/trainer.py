@@ -30,7 +30,7 @@ from .progress import Reporter, StepInfo, StopFlag, Stopped
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
 from .sampler import RegularisedBatchSampler
 from .store import Version
-from .text_encoding import encode_ids, token_rows
+from .text_encoding import Conditioning, encode_ids, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +70,6 @@ def pick_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class Conditioning:
-    """What the UNet sees besides the noisy latents: the text encoders' hidden states (B, tokens, context)
-    and, for SDXL, the pooled text embedding (B, P) and the six size/crop numbers (B, 6) that go to the UNet
-    as ``added_cond_kwargs``."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Conditioning:
-        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return Conditioning(self.hidden.to(device), moved(self.pooled), moved(self.time_ids))
-
-    @staticmethod
-    def cat(parts: list[Conditioning]) -> Conditioning:
-        """One batch from several (e.g. the cached batches of one)."""
-        pooled = [p.pooled for p in parts if p.pooled is not None]
-        times = [p.time_ids for p in parts if p.time_ids is not None]
-        return Conditioning(torch.cat([p.hidden for p in parts]),
-                            torch.cat(pooled) if len(pooled) == len(parts) else None,
-                            torch.cat(times) if len(times) == len(parts) else None)
-
-    def added_cond_kwargs(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        """SDXL's extra UNet inputs, or None for a UNet that takes only the hidden states."""
-        if self.pooled is None and self.time_ids is None:
-            return None
-        if self.pooled is None or self.time_ids is None:
-            raise ValueError("An SDXL UNet needs both the pooled text embedding and the size/crop numbers.")
-        return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
 
 
 def sdxl_time_ids(item: ds.DatasetItem) -> list[float]:

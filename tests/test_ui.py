@@ -18,6 +18,7 @@ import gradio as gr
 import pytest
 
 import train_tools.ui as ui
+import train_tools.ui_html as ui_html
 from train_tools.config import TrainConfig, fields_info
 from train_tools.host import DEMO_CHOICE, DEMO_FILE_NAME, StandaloneHost
 from train_tools.jobs import FAILED, FINISHED, INTERRUPTED, OOM_ADVICE, JobManager
@@ -374,7 +375,7 @@ def test_second_start_is_refused_and_interrupt_stops_after_the_step(logic, monke
     assert "Stopping" in logic.interrupt()[0]
     status = logic.jobs.wait(10)
     assert status.state == INTERRUPTED and status.step < 500
-    assert 'data-state="interrupted"' in ui.progress_html(status)
+    assert 'data-state="interrupted"' in ui_html.progress_html(status)
     assert "Nothing is training" in logic.interrupt()[0]
 
 
@@ -386,7 +387,7 @@ def test_failures_reach_the_page_with_advice(tmp_path):
     jobs.start(fake_work(fail=ValueError("boom")))
     status = jobs.wait(10)
     assert status.state == FAILED and "ValueError: boom" in status.message
-    html = ui.progress_html(status)
+    html = ui_html.progress_html(status)
     assert "tt-error" in html and "boom" in html
 
 
@@ -409,7 +410,7 @@ def test_results_list_and_copy_to_lora_folder(logic):
     files = ui.list_results(version)
     assert [f.path for f in files] == [new, old]  # newest run first
     assert (files[0].epoch, files[0].steps, files[0].size) == ("2", "96", new.stat().st_size)
-    html = ui.results_html(files)
+    html = ui_html.results_html(files)
     assert "&lt;lora:猫 cat-v1-000002:0.8&gt;" in html and "20240101-000000" in html
 
     (message,) = logic.copy_to_lora("猫 cat", "v1", files[0].choice)
@@ -427,13 +428,13 @@ def test_progress_html_and_chart_follow_the_numbers():
     jobs = JobManager()
     jobs.start(fake_work(steps=1000))
     status = jobs.wait(10)
-    html = ui.progress_html(status)
+    html = ui_html.progress_html(status)
     assert 'data-step="1000"' in html and 'data-total="1000"' in html and "epoch 2/2" in html
-    svg = ui.loss_chart_svg(status.losses)
+    svg = ui_html.loss_chart_svg(status.losses)
     raw = svg.split("class=\"tt-raw\"")[1].split("points=\"")[1].split("\"")[0]
-    assert len(raw.split()) <= ui.MAX_CHART_POINTS
-    assert ui.loss_chart_svg([0.5]) == ""
-    idle = ui.progress_html(JobManager().status())
+    assert len(raw.split()) <= ui_html.MAX_CHART_POINTS
+    assert ui_html.loss_chart_svg([0.5]) == ""
+    idle = ui_html.progress_html(JobManager().status())
     assert 'data-state="idle"' in idle
 
 
@@ -462,12 +463,12 @@ def test_the_bar_shows_preparing_before_the_first_step():
     status = jobs.status()
     assert (status.task, status.task_done, status.task_total) == ("Preparing pictures", 3, 12)
     assert status.fraction == pytest.approx(0.25)
-    html = ui.progress_html(status)
+    html = ui_html.progress_html(status)
     assert "Preparing pictures 3/12" in html and "width:25.0%" in html
     go_on.set()
     assert training.wait(10)
     status = jobs.status()
-    html = ui.progress_html(status)
+    html = ui_html.progress_html(status)
     assert status.fraction == pytest.approx(0.25) and "step 1/4" in html and "Preparing" not in html
     finish.set()
     jobs.wait(10)

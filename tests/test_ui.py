@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 import pytest
 
+import train_tools.gradio_compat as gradio_compat
 import train_tools.ui as ui
 import train_tools.ui_html as ui_html
 from train_tools.config import TrainConfig, fields_info
@@ -295,7 +296,7 @@ def test_progress_bar_only_where_the_page_still_launches_without_a_queue(host):
     from starting with --no-gradio-queue, so there is none."""
     tab = ui.build_tab(host, JobManager())
     tracking = [fn for fn in _functions(tab) if getattr(fn, "tracks_progress", False)]
-    if ui.gradio_major() >= 4:
+    if gradio_compat.gradio_major() >= 4:
         assert [getattr(fn, "name", "") for fn in tracking] == ["update_dataset"]
     else:
         assert tracking == []

@@ -17,10 +17,12 @@ import torch
 from PIL import Image, ImageFile
 
 from tests.image_zoo import GREEN, ORANGE, bomb_png, noisy_rgb, write_zoo
+from train_tools import buckets
 from train_tools import dataset as ds
 from train_tools.config import TrainConfig
 from train_tools.demo_dataset import make_demo_dataset
 from train_tools.errors import UserError
+from train_tools.sampler import BucketBatchSampler
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -64,7 +66,7 @@ def test_every_usable_zoo_picture_is_prepared_upright_in_its_bucket(zoo_run):
             assert im.format == "PNG" and im.mode == "RGB" and im.size == item.size, name
             picture = im.convert("RGB")
         assert item.source_size == expect.size, name
-        assert item.size == ds.choose_bucket(*expect.size, options), name
+        assert item.size == buckets.choose_bucket(*expect.size, options), name
         w, h = item.size
         assert w % 64 == 0 and h % 64 == 0 and w <= expect.size[0] and h <= expect.size[1], name  # no upscale
         sw, sh = expect.size
@@ -227,7 +229,7 @@ def test_buckets_keep_the_budget_the_step_and_the_aspect_ratio(options):
     for _ in range(400):
         w = rng.randint(64, 3000)
         h = max(64, min(3000, round(w * rng.uniform(1 / 2.3, 2.3))))
-        bw, bh = ds.choose_bucket(w, h, options)
+        bw, bh = buckets.choose_bucket(w, h, options)
         assert bw % 64 == 0 and bh % 64 == 0 and bw >= 64 and bh >= 64
         assert bw * bh <= budget, (w, h, bw, bh)
         scale = max(bw / w, bh / h)
@@ -261,7 +263,7 @@ def test_fit_to_bucket_crops_the_centre_only(tmp_path):
     # Columns coloured by x: after fitting 300x200 into 256x192 (crop < one step), the middle stays the middle.
     arr = np.zeros((200, 300, 3), dtype=np.uint8)
     arr[:, :, 0] = np.linspace(0, 255, 300, dtype=np.uint8)[None, :]
-    out = ds.fit_to_bucket(Image.fromarray(arr), (256, 192))
+    out = buckets.fit_to_bucket(Image.fromarray(arr), (256, 192))
     assert out.size == (256, 192)
     row = np.asarray(out)[96, :, 0].astype(int)
     assert abs(row[128] - 128) <= 4 and row[0] < 20 and row[-1] > 235
@@ -417,7 +419,7 @@ def test_load_items_flip_tensor_and_metadata(tmp_path):
     assert tensor.shape == (3, normal.height, normal.width) and tensor.dtype == torch.float32
     assert tensor.min() == -1.0 and tensor.max() == 1.0 and tensor[0, 0, 0] == 1.0 and tensor[1, 0, 0] == -1.0
     assert ds.tag_frequency(flipped) == {"red": 2, "left": 1, "noise": 1}
-    info = ds.bucket_info(items)
+    info = buckets.bucket_info(items)
     assert sorted((b["resolution"], b["count"]) for b in info["buckets"].values()) == [
         ([128, 128], 1), ([192, 128], 1)]
     assert set(info["buckets"]) == {"0", "1"} and info["mean_img_ar_error"] == pytest.approx(0.0)
@@ -456,7 +458,7 @@ def sizes_items(sizes: list[tuple[int, int]]) -> list[ds.DatasetItem]:
 
 def test_sampler_batches_one_bucket_and_each_item_repeats_times():
     items = sizes_items([(512, 512)] * 5 + [(640, 384)] * 3 + [(384, 640)])
-    sampler = ds.BucketBatchSampler(items, 2, seed=7, repeats=3)
+    sampler = BucketBatchSampler(items, 2, seed=7, repeats=3)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 8 + 5 + 2
     for batch in batches:
@@ -469,16 +471,16 @@ def test_sampler_is_deterministic_per_seed_and_epoch():
     items = sizes_items([(512, 512)] * 12 + [(576, 448)] * 6)
 
     def run(seed: int, epoch: int) -> list[list[int]]:
-        sampler = ds.BucketBatchSampler(items, 3, seed=seed, repeats=2)
+        sampler = BucketBatchSampler(items, 3, seed=seed, repeats=2)
         sampler.set_epoch(epoch)
         return list(sampler)
 
     assert run(1, 0) == run(1, 0) and run(1, 4) == run(1, 4)
     assert run(1, 0) != run(1, 1) and run(1, 0) != run(2, 0)
-    ordered = list(ds.BucketBatchSampler(items, 4, seed=0, repeats=1, shuffle=False))
+    ordered = list(BucketBatchSampler(items, 4, seed=0, repeats=1, shuffle=False))
     assert ordered[0] == [0, 1, 2, 3]
     with pytest.raises(UserError):
-        ds.BucketBatchSampler(items, 0, seed=0, repeats=1)
+        BucketBatchSampler(items, 0, seed=0, repeats=1)
 
 
 # ---------------------------------------------------------------------- adding originals, demo pictures

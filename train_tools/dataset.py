@@ -4,7 +4,7 @@
 lossless PNG of its aspect-ratio bucket plus one ``.txt`` caption; it never touches the originals, refuses bad
 files one by one with a reason, and only redoes what changed (a manifest in ``prepared/`` remembers what each
 prepared file was made from). The trainer then reads ``load_items`` and batches them with
-``BucketBatchSampler`` so that each batch holds pictures of one size.
+``sampler.BucketBatchSampler`` so that each batch holds pictures of one size (``buckets.py``).
 
 Prepared images are PNG because they are encoded once and read many times: a lossy format would add its
 artefacts to what the LoRA learns, and the disk cost of a few dozen PNGs is small.
@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import threading
 import unicodedata
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageColor
 
 from . import fileio
+from .buckets import choose_bucket, fit_to_bucket
 from .config import CAPTION_MODES, TrainConfig
 from .errors import UserError
 
@@ -205,87 +205,6 @@ class DatasetItem:
 
 class _Refused(Exception):
     """Internal: the file cannot be used; the message is the reason shown to the user."""
-
-
-# ====================================================================== buckets
-
-def choose_bucket(width: int, height: int, options: PrepareOptions) -> tuple[int, int]:
-    """The (w, h) a picture of ``width`` x ``height`` is trained at.
-
-    The largest size within the pixel budget (``resolution``²) whose sides are multiples of ``bucket_step``
-    within [min_bucket_reso, max_bucket_reso] and that the picture fills after an aspect-preserving resize
-    with a crop of less than one step. With ``bucket_no_upscale`` the picture is never enlarged, and a small
-    one (fewer pixels than the budget, or a side under min_bucket_reso) gets its own smaller bucket, sides down
-    to one step. Pictures of extreme aspect ratio that fit no bucket get the nearest-ratio bucket and lose
-    more to the crop.
-    """
-    step = options.bucket_step
-    if not options.enable_bucket:
-        side = max(step, options.resolution // step * step)
-        return side, side
-    budget = options.resolution ** 2
-    res_side = max(step, options.resolution // step * step)
-    lo = max(step, min(-(-options.min_bucket_reso // step) * step, res_side))
-    hi = max(lo, options.max_bucket_reso // step * step)
-    cap_w, cap_h = (width, height) if options.bucket_no_upscale else (hi, hi)
-    small = options.bucket_no_upscale and (width * height < budget or min(width, height) < lo)
-    ranges = [lo, step] if small and lo > step else [lo]
-    for low in ranges:
-        fits = _fitting_buckets(width, height, step, budget, low, hi, cap_w, cap_h)
-        if fits:
-            return max(fits, key=lambda b: (b[0] * b[1], -_ratio_error(b, width, height), b[0]))
-    for low in ranges:
-        near = _nearest_ratio_bucket(width, height, step, budget, low, hi, cap_w, cap_h)
-        if near:
-            return near
-    return step, step
-
-
-def _fitting_buckets(w: int, h: int, step: int, budget: int, lo: int, hi: int, cap_w: int, cap_h: int
-                     ) -> list[tuple[int, int]]:
-    """Buckets the picture fills after resizing one side exactly and cropping the other by under a step."""
-    out = []
-    for bw in range(lo, min(hi, cap_w) + 1, step):
-        bh = bw * h // w // step * step
-        if lo <= bh <= min(hi, cap_h) and bw * bh <= budget:
-            out.append((bw, bh))
-    for bh in range(lo, min(hi, cap_h) + 1, step):
-        bw = bh * w // h // step * step
-        if lo <= bw <= min(hi, cap_w) and bw * bh <= budget:
-            out.append((bw, bh))
-    return out
-
-
-def _nearest_ratio_bucket(w: int, h: int, step: int, budget: int, lo: int, hi: int, cap_w: int, cap_h: int
-                          ) -> tuple[int, int] | None:
-    best: tuple[int, int] | None = None
-    best_key: tuple[float, int] | None = None
-    for bw in range(lo, min(hi, cap_w) + 1, step):
-        for bh in range(lo, min(hi, cap_h) + 1, step):
-            if bw * bh > budget:
-                continue
-            key = (round(_ratio_error((bw, bh), w, h), 9), -bw * bh)
-            if best_key is None or key < best_key:
-                best, best_key = (bw, bh), key
-    return best
-
-
-def _ratio_error(bucket: tuple[int, int], w: int, h: int) -> float:
-    return abs(math.log(bucket[0] / bucket[1]) - math.log(w / h))
-
-
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Resize keeping the aspect ratio so the bucket is covered, then crop the centre to exactly the bucket.
-
-    One resampling step (``resize`` with a source box) keeps it sharp and exact.
-    """
-    w, h = image.size
-    bw, bh = bucket
-    scale = max(bw / w, bh / h)
-    box_w, box_h = bw / scale, bh / scale
-    left, top = (w - box_w) / 2, (h - box_h) / 2
-    return image.resize((bw, bh), Image.Resampling.LANCZOS, box=(left, top, left + box_w, top + box_h),
-                        reducing_gap=3.0)
 
 
 # ====================================================================== reading one original
@@ -863,64 +782,6 @@ def tag_frequency(items: Sequence[DatasetItem]) -> dict[str, int]:
             continue
         counts.update(t.strip() for t in item.caption.split(",") if t.strip())
     return dict(counts)
-
-
-def bucket_info(items: Sequence[DatasetItem]) -> dict[str, Any]:
-    """The buckets and how many items each holds, plus the mean aspect-ratio error (kohya's ``ss_bucket_info``).
-
-    The error is |bucket ratio - original ratio| averaged over items whose original size is known.
-    """
-    counts = Counter(tuple(item.size) for item in items)
-    buckets = {str(i): {"resolution": [w, h], "count": counts[(w, h)]} for i, (w, h) in enumerate(sorted(counts))}
-    errors = [abs(item.size[0] / item.size[1] - item.source_size[0] / item.source_size[1])
-              for item in items if item.source_size]
-    return {"buckets": buckets, "mean_img_ar_error": float(sum(errors) / len(errors)) if errors else 0.0}
-
-
-class BucketBatchSampler:
-    """Batches of item indices in which every picture has the same size (its bucket).
-
-    Each item appears ``repeats`` times per epoch; the order depends only on (seed, epoch), so a resumed run
-    sees the same batches. Each repeat of a bucket is its own permutation, so an item rarely shares a batch
-    with itself.
-    """
-
-    def __init__(self, items: Sequence[DatasetItem], batch_size: int, *, seed: int = 0, repeats: int = 1,
-                 shuffle: bool = True) -> None:
-        if batch_size < 1:
-            raise UserError(f"Batch size must be at least 1; got {batch_size}.")
-        if repeats < 1:
-            raise UserError(f"Repeats must be at least 1; got {repeats}.")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.repeats = repeats
-        self.shuffle = shuffle
-        self.epoch = 0
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(tuple(item.size), []).append(index)
-        self.buckets = [groups[size] for size in sorted(groups)]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return sum(-(-len(b) * self.repeats // self.batch_size) for b in self.buckets)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(f"{self.seed}:{self.epoch}")
-        batches: list[list[int]] = []
-        for bucket in self.buckets:
-            pool: list[int] = []
-            for _ in range(self.repeats):
-                order = list(bucket)
-                if self.shuffle:
-                    rng.shuffle(order)
-                pool.extend(order)
-            batches.extend(pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size))
-        if self.shuffle:
-            rng.shuffle(batches)
-        return iter(batches)
 
 
 # ====================================================================== adding originals

@@ -1,7 +1,5 @@
-"""Batches with regularisation (class) pictures: training and class items mixed, every batch within one bucket.
-
-Runs without class pictures use ``dataset.BucketBatchSampler``; this one adds the class pictures kohya-style.
-"""
+"""Batches of item indices, every batch within one bucket (one picture size): ``BucketBatchSampler`` for a
+run's pictures, ``RegularisedBatchSampler`` when class pictures are mixed in, kohya-style."""
 
 from __future__ import annotations
 
@@ -10,6 +8,52 @@ from collections.abc import Iterator, Sequence
 
 from . import dataset as ds
 from .errors import UserError
+
+
+class BucketBatchSampler:
+    """Batches of item indices in which every picture has the same size (its bucket).
+
+    Each item appears ``repeats`` times per epoch; the order depends only on (seed, epoch), so a resumed run
+    sees the same batches. Each repeat of a bucket is its own permutation, so an item rarely shares a batch
+    with itself.
+    """
+
+    def __init__(self, items: Sequence[ds.DatasetItem], batch_size: int, *, seed: int = 0, repeats: int = 1,
+                 shuffle: bool = True) -> None:
+        if batch_size < 1:
+            raise UserError(f"Batch size must be at least 1; got {batch_size}.")
+        if repeats < 1:
+            raise UserError(f"Repeats must be at least 1; got {repeats}.")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.repeats = repeats
+        self.shuffle = shuffle
+        self.epoch = 0
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(tuple(item.size), []).append(index)
+        self.buckets = [groups[size] for size in sorted(groups)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return sum(-(-len(b) * self.repeats // self.batch_size) for b in self.buckets)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        batches: list[list[int]] = []
+        for bucket in self.buckets:
+            pool: list[int] = []
+            for _ in range(self.repeats):
+                order = list(bucket)
+                if self.shuffle:
+                    rng.shuffle(order)
+                pool.extend(order)
+            batches.extend(pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size))
+        if self.shuffle:
+            rng.shuffle(batches)
+        return iter(batches)
 
 
 class RegularisedBatchSampler:

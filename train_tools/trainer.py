@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from . import dataset as ds
+from .buckets import bucket_info
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import sha256_file, write_json
 from .preparation import load_reg_items, prepare_items
 from .progress import Reporter, StepInfo, StopFlag, Stopped
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
-from .sampler import RegularisedBatchSampler
+from .sampler import BucketBatchSampler, RegularisedBatchSampler
 from .store import Version
 from .text_encoding import Conditioning, encode_ids, token_rows
 
@@ -206,7 +207,7 @@ class Trainer:
             self.sampler: Any = RegularisedBatchSampler(self.all_items, len(self.items), cfg.batch_size,
                                                         seed=cfg.seed, repeats=self.repeats)
         else:
-            self.sampler = ds.BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
+            self.sampler = BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
         self.batches_per_epoch = self._local_batch_count(1)
         self.total_steps = sum(self._local_batch_count(epoch) for epoch in range(1, cfg.epochs + 1))
         if self.train_te:
@@ -708,7 +709,7 @@ class Trainer:
             steps=step,
             training_started_at=self.started_at,
             training_finished_at=time.time(),
-            bucket_info=ds.bucket_info(self.items),
+            bucket_info=bucket_info(self.items),
         )
         # kohya's names for the class pictures; ss_tag_frequency and ss_dataset_dirs stay the training pictures'.
         reg_folder = f"1_{self.config.reg_caption.strip() or 'reg'}"

@@ -123,12 +123,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:
+        """Everything before the first step: the pictures, the model with its LoRA, the caches, the batches
+        and the optimizer. Called by ``run``; callable first (tests, the benchmark) to look inside."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-
-        from .flat_params import ELEMENTWISE_OPTIMIZERS, flatten_groups, views_intact
-        from .loader import load_model
-        from .network import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 
         cfg = self.config
         self.started_at = time.time()
@@ -136,8 +134,21 @@ class Trainer:
         precision = resolve_precision(cfg.mixed_precision, device)
         self.accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
         self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         set_seed(cfg.seed)
+        self._prepare_pictures()
+        params = self._load_model_with_lora()
+        self.cache_latents()
+        self.cached_text = self.cache_text() if not self.train_te and not cfg.shuffle_caption else None
+        if self.cached_text is not None:
+            self._release_text_encoders()
+        self._plan_batches()
+        self._build_optimizer(params)
+        self.prepared = True
 
+    def _prepare_pictures(self) -> None:
+        """The version's pictures (and class pictures) prepared with the run's settings, and read."""
+        cfg = self.config
         with self.accelerator.main_process_first():  # one process writes prepared/, the others then read it
             items = prepare_items(self.version, cfg, self.reporter, host=self.host, stop=self.stop)
             self.items, self.reg_items = self._resumed_items(items, load_reg_items(self.version))
@@ -148,10 +159,15 @@ class Trainer:
             self.reporter.message(f"{len(self.reg_items)} class pictures (regularisation), prior loss weight "
                                   f"{cfg.prior_loss_weight:g}")
 
+    def _load_model_with_lora(self) -> list[dict[str, Any]]:
+        """Load the checkpoint, freeze it, attach the LoRA; the optimizer's param groups (UNet, text encoder)."""
+        from .loader import load_model
+        from .network import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
+
+        cfg = self.config
         self.reporter.message(f"Loading {self.checkpoint.name}")
         self.model = load_model(self.checkpoint, device="cpu", dtype=torch.float32)
         m = self.model
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         m.unet.requires_grad_(False)
         m.vae.requires_grad_(False)
         for te in m.text_encoders:
@@ -195,14 +211,11 @@ class Trainer:
             # and for SDXL (both encoders' penultimate layers are used).
             log.info("Clip skip %d is ignored for %s checkpoints, as the WebUI does.", cfg.clip_skip,
                      m.family.upper())
+        return params
 
-        self.cache_latents()
-        self.cached_text = self.cache_text() if not self.train_te and not cfg.shuffle_caption else None
-        if self.cached_text is not None:
-            self._release_text_encoders()
-
-        from .optim import make_lr_scheduler, make_optimizer
-
+    def _plan_batches(self) -> None:
+        """The sampler of each epoch's batches and the run's step count."""
+        cfg = self.config
         if self.reg_items:
             self.sampler: Any = RegularisedBatchSampler(self.all_items, len(self.items), cfg.batch_size,
                                                         seed=cfg.seed, repeats=self.repeats)
@@ -210,6 +223,13 @@ class Trainer:
             self.sampler = BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
         self.batches_per_epoch = self._local_batch_count(1)
         self.total_steps = sum(self._local_batch_count(epoch) for epoch in range(1, cfg.epochs + 1))
+
+    def _build_optimizer(self, params: list[dict[str, Any]]) -> None:
+        """The models handed to accelerate, then the optimizer and schedule over ``params``."""
+        from .flat_params import ELEMENTWISE_OPTIMIZERS, flatten_groups, views_intact
+        from .optim import make_lr_scheduler, make_optimizer
+
+        cfg, m = self.config, self.model
         if self.train_te:
             self._freeze_unreachable_te_lora()
         if cfg.torch_compile:
@@ -237,7 +257,6 @@ class Trainer:
         self.noise_scheduler = m.noise_scheduler
         if self.flat and not all(views_intact(f) for f in self.optimized):
             raise RuntimeError("A LoRA weight left its flat tensor while the model was prepared; it would not train.")
-        self.prepared = True
 
     def _freeze_unreachable_te_lora(self) -> None:
         """Freeze the text-encoder LoRA weights that no gradient can reach, before the optimizer is built.

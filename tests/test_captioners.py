@@ -267,6 +267,26 @@ def test_download_once_into_the_models_folder_with_progress(tmp_path, monkeypatc
         cap.make_captioner("wd14", models_dir=tmp_path / "other", allow_download=True)
 
 
+def test_a_stop_during_the_download_is_not_a_download_failure(tmp_path, monkeypatch):
+    """Interrupt while the model downloads: the stop goes through (it is no "download failed" message)."""
+    import huggingface_hub
+
+    from train_tools.progress import Stopped
+
+    def fake_download(repo_id, filename, *, local_dir=None, tqdm_class=None, **kwargs):
+        with tqdm_class(total=100, disable=True) as bar:
+            bar.update(10)
+        raise AssertionError("the download went on after the stop")
+
+    def stop_asked(done: int, total: int) -> None:
+        raise Stopped
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(Stopped):
+        cap.make_captioner("wd14", models_dir=tmp_path / "models", repo=REPO, allow_download=True,
+                           progress=stop_asked)
+
+
 def test_make_captioner_kinds_and_host_hook(tmp_path):
     assert cap.make_captioner("none", models_dir=tmp_path) is None
     with pytest.raises(UserError, match="must be one of"):

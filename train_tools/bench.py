@@ -594,12 +594,12 @@ def _bare_inputs(args: Sequence[Any], dtype: torch.dtype) -> BareInputs:
 
 
 def _bare_step(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any],
-               params: Sequence[torch.nn.Parameter], forward: Callable[..., Any] | None = None) -> None:
+               forward: Callable[..., Any] | None = None) -> None:
+    """One UNet forward + backward on ``x``; the gradients it leaves are the caller's to clear."""
     with autocast():
         pred = (forward or unet)(x.noisy, x.timesteps, x.hidden, added_cond_kwargs=x.added).sample
     F.mse_loss(pred.float(), x.target.float()).backward()
-    for p in params:
-        p.grad = None
+    del pred  # the graph's nodes are freed here, as the trainer frees its own within its step
 
 
 def bare_step_between(trainer: Any, args: Sequence[Any], device: torch.device) -> float:
@@ -614,10 +614,7 @@ def bare_step_between(trainer: Any, args: Sequence[Any], device: torch.device) -
     inputs = _bare_inputs(args, trainer.weight_dtype)
     _sync(device)
     start = time.perf_counter()
-    with trainer.accelerator.autocast():
-        pred = unet(inputs.noisy, inputs.timesteps, inputs.hidden, added_cond_kwargs=inputs.added).sample
-    F.mse_loss(pred.float(), inputs.target.float()).backward()
-    del pred  # the graph's nodes are freed here, inside the time, as the trainer frees its own in its step
+    _bare_step(unet, inputs, trainer.accelerator.autocast)
     _sync(device)
     seconds = time.perf_counter() - start
     if trainer.flat:
@@ -643,7 +640,9 @@ def count_flops(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any
         unet.disable_gradient_checkpointing()
     try:
         with FlopCounterMode(display=False) as counter:
-            _bare_step(unet, x.first(1), autocast, params, forward=unet.forward)
+            _bare_step(unet, x.first(1), autocast, forward=unet.forward)
+        for p in params:
+            p.grad = None
     finally:
         if checkpointing:
             unet.enable_gradient_checkpointing()

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from tests import fixtures_training
-from train_tools import flat_params, optim
+from train_tools import optim
 from train_tools.config import TrainConfig
 from train_tools.flat_params import ELEMENTWISE_OPTIMIZERS, flatten_group, flatten_groups, views_intact
 from train_tools.optim import make_optimizer
@@ -158,7 +158,8 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {key: fh.get_tensor(key) for key in fh.keys()}
 
 
-def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig) -> tuple[Path, Trainer]:
+def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True
+               ) -> tuple[Path, Trainer]:
     from train_tools.dataset import add_originals
 
     store = Store(data_dir)
@@ -166,6 +167,7 @@ def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig) 
     version = store.create_version("p", "v1")
     add_originals([pictures], version.originals_dir)
     trainer = Trainer(version, config, ckpt, device="cpu")
+    trainer.flat_layout = flat_layout
     result = trainer.run()
     assert result.final_file is not None
     return result.final_file, trainer
@@ -173,8 +175,7 @@ def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig) 
 
 @pytest.mark.parametrize("optimizer, max_grad_norm", [("AdamW", 1e-3), ("Lion", 0.0)])
 def test_the_trainer_trains_the_same_lora_flat_or_not(tmp_path: Path, demo_ckpt: Path, pictures: Path,
-                                                      optimizer: str, max_grad_norm: float,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      optimizer: str, max_grad_norm: float) -> None:
     # UNet and text encoder (two groups), clip skip 2 (the last text layer's LoRA gets no gradient).
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=2, network_alpha=1.0,
                          repeats=2, batch_size=1, epochs=2, optimizer=optimizer, save_precision="fp32",
@@ -182,8 +183,8 @@ def test_the_trainer_trains_the_same_lora_flat_or_not(tmp_path: Path, demo_ckpt:
                          max_grad_norm=max_grad_norm, learning_rate=1e-3, text_encoder_lr=5e-4)
     flat_file, flat_trainer = train_once(tmp_path / "flat", pictures, demo_ckpt, config)
     assert flat_trainer.flat and len(flat_trainer.optimized) == 2  # one flat tensor per group
-    monkeypatch.setattr(flat_params, "ELEMENTWISE_OPTIMIZERS", ())
-    separate_file, separate_trainer = train_once(tmp_path / "separate", pictures, demo_ckpt, config)
+    separate_file, separate_trainer = train_once(tmp_path / "separate", pictures, demo_ckpt, config,
+                                                 flat_layout=False)
     assert not separate_trainer.flat and len(separate_trainer.optimized) > 2
     flat, separate = lora_tensors(flat_file), lora_tensors(separate_file)
     assert flat.keys() == separate.keys() and any(".lora_te_" in k or k.startswith("lora_te") for k in flat)

@@ -482,8 +482,7 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     start = time.perf_counter()
     trainer = Trainer(version, bench_config(spec, repeats), ckpt, reporter=reporter, device=spec.device,
                       run_name="bench")
-    if not spec.flat:  # the trainer reads the list when it builds its optimizer
-        trainer.prepare = _without_flat_layout(trainer.prepare)
+    trainer.flat_layout = spec.flat
     trainer_box.append(trainer)
     captured: dict[str, Any] = {}
     original_loss = trainer.loss
@@ -533,20 +532,6 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     if not spec.train_text_encoder:
         result.notes.append("text encoder frozen: its outputs are cached before the first step")
     trainer.release_memory()
-
-
-def _without_flat_layout(prepare: Callable[[], None]) -> Callable[[], None]:
-    from . import flat_params
-
-    def separate() -> None:
-        kept = flat_params.ELEMENTWISE_OPTIMIZERS
-        flat_params.ELEMENTWISE_OPTIMIZERS = ()
-        try:
-            prepare()
-        finally:
-            flat_params.ELEMENTWISE_OPTIMIZERS = kept
-
-    return separate
 
 
 def _channels_last_after_prepare(trainer: Any) -> None:

@@ -119,6 +119,9 @@ class Trainer:
         self.requested_device = device
         self.run_name = run_name
         self.output_name = config.output_name or version.default_output_name
+        # Lay the LoRA weights out flat where the optimizer allows it (flat_params.py); off only to measure or
+        # test what the layout changes.
+        self.flat_layout = True
         self.prepared = False
 
     # ------------------------------------------------------------------ set-up
@@ -244,7 +247,7 @@ class Trainer:
             self.te = self.tes[0]
         # What the optimizer, the clipping and the zeroing see: one contiguous tensor per group for the
         # elementwise optimizers (see flat_params.py), else the LoRA weights themselves.
-        self.flat = cfg.optimizer in ELEMENTWISE_OPTIMIZERS
+        self.flat = self.flat_layout and cfg.optimizer in ELEMENTWISE_OPTIMIZERS
         if self.flat:
             params = flatten_groups(params)
         self.optimized = [p for g in params for p in g["params"]]

@@ -1,5 +1,5 @@
 """Fixtures of the tests that train the tiny demo model many times (resume, regularisation): import them into a
-test module's namespace to use them there."""
+test module's namespace to use them there; and the reporter that presses Interrupt at a given step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from train_tools.progress import RecordingReporter, StepInfo, StopFlag
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +36,17 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pictures")
     make_demo_dataset(folder, n=2)
     return folder
+
+
+class StopsAtStep(RecordingReporter):
+    """Records like ``RecordingReporter`` and requests ``stop`` once step ``at`` is done, as the Interrupt button
+    pressed during that step would."""
+
+    def __init__(self, stop: StopFlag, at: int) -> None:
+        super().__init__()
+        self.stop, self.at = stop, at
+
+    def step(self, info: StepInfo) -> None:
+        super().step(info)
+        if info.step == self.at:
+            self.stop.request()

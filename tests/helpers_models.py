@@ -37,3 +37,15 @@ def assert_same_weights(expected: nn.Module, actual: nn.Module) -> int:
 def expanded(shape: tuple[int, ...] | torch.Size, value: float = 0.0) -> torch.Tensor:
     """A tensor of ``shape`` that takes no memory (for detection tests that only look at shapes)."""
     return torch.tensor(value).expand(*shape)
+
+
+def lora_layer_count(model: nn.Module) -> int:
+    """How many layers of ``model`` carry a LoRA (what a loaded LoRA file attached to it)."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def lora_file_layer_count(tensors: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many layers a kohya-layout LoRA file holds under ``prefix`` (one ``.alpha`` per layer)."""
+    return sum(key.startswith(prefix + "_") and key.endswith(".alpha") for key in tensors)

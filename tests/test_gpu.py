@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests import fixtures_training
+from tests.fixtures_training import StopsAtStep
 from train_tools import flat_params
 from train_tools.config import TrainConfig
 from train_tools.optim import ForeachLion, make_optimizer
-from train_tools.progress import RecordingReporter, StopFlag
+from train_tools.progress import StopFlag
 from train_tools.resume import latest_state
 from train_tools.store import Store, Version
 from train_tools.trainer import Trainer
@@ -173,14 +174,8 @@ def test_resume_with_the_fp16_gradient_scaler(tmp_path: Path, demo_ckpt: Path, p
     straight = Trainer(version, config, demo_ckpt, device=DEVICE, run_name="straight").run()
     stop = StopFlag()
 
-    class StopsAtThree(RecordingReporter):
-        def step(self, info):  # type: ignore[no-untyped-def]
-            super().step(info)
-            if info.step == 3:
-                stop.request()
-
     first = Trainer(version, config, demo_ckpt, device=DEVICE, run_name="stopped", stop=stop,
-                    reporter=StopsAtThree()).run()
+                    reporter=StopsAtStep(stop, 3)).run()
     assert first.interrupted and first.steps == 3
     stopped_state = latest_state(first.run_dir)
     assert stopped_state is not None and stopped_state.scaler and stopped_state.scaler["scale"] > 0

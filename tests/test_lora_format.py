@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tests.helpers_models import lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
 from train_tools import fileio
 from train_tools.config import TrainConfig
@@ -147,14 +148,8 @@ def test_diffusers_loads_every_key_and_agrees(trained: dict, tmp_path: Path) -> 
     pipe.load_lora_weights(str(trained["path"].parent), weight_name=trained["path"].name)  # raises on any
     # key it cannot map
 
-    def layers(model: torch.nn.Module) -> int:
-        return sum(isinstance(m, LoraLayer) for m in model.modules())
-
-    def keys(prefix: str) -> int:
-        return sum(k.startswith(prefix + "_") and k.endswith(".alpha") for k in tensors)
-
-    assert layers(pipe.unet) == keys("lora_unet") > 0
-    assert layers(pipe.text_encoder) == keys("lora_te") > 0
+    assert lora_layer_count(pipe.unet) == lora_file_layer_count(tensors, "lora_unet") > 0
+    assert lora_layer_count(pipe.text_encoder) == lora_file_layer_count(tensors, "lora_te") > 0
     for got, want in zip(run(pipe.unet, pipe.text_encoder, trained["inputs"]), trained["lora_out"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # Order matters: diffusers cannot undo a fuse at scale 0 (it cannot divide the scale back out).

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from tests.fixtures_training import StopsAtStep
 from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from tests.webui_formula import apply_kohya_lora
 from train_tools import previews
@@ -226,13 +227,7 @@ def test_a_lora_of_another_model_is_refused(trained, previewer, tmp_path):
 def test_stop_keeps_the_pictures_made(trained, previewer):
     stop = StopFlag()
 
-    class StopAfterTwo(RecordingReporter):
-        def step(self, info):  # type: ignore[no-untyped-def]
-            super().step(info)
-            if info.step == 2:
-                stop.request()
-
-    path = generate_grid(trained.run_dir, previewer, SETTINGS, reporter=StopAfterTwo(), stop=stop)
+    path = generate_grid(trained.run_dir, previewer, SETTINGS, reporter=StopsAtStep(stop, 2), stop=stop)
     info = grid_info_for(path)
     assert info.interrupted and len(info.cells) == 2
     assert path.is_file() and all(c.image.is_file() for c in info.cells)

@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 
 from tests import fixtures_training
+from tests.fixtures_training import StopsAtStep
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.dataset import DatasetItem, add_originals, load_items
 from train_tools.preparation import prepare_version
-from train_tools.progress import RecordingReporter, StopFlag
+from train_tools.progress import StopFlag
 from train_tools.sampler import RegularisedBatchSampler
 from train_tools.store import Store, Version
 from train_tools.text_encoding import Conditioning
@@ -269,14 +270,8 @@ def test_a_run_with_class_pictures_resumes_to_the_same_lora(tmp_path: Path, demo
 
     stop = StopFlag()
 
-    class StopAtThree(RecordingReporter):
-        def step(self, info):  # type: ignore[no-untyped-def]
-            super().step(info)
-            if info.step == 3:
-                stop.request()
-
     first = Trainer(version, config, demo_ckpt, device="cpu", run_name="stopped", stop=stop,
-                    reporter=StopAtThree()).run()
+                    reporter=StopsAtStep(stop, 3)).run()
     assert first.interrupted and first.steps == 3
     resumed = Trainer(version, config, demo_ckpt, device="cpu", resume_from=first.run_dir).run()
     assert resumed.steps == straight.steps and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
@@ -288,13 +283,8 @@ def test_a_run_with_class_pictures_resumes_to_the_same_lora(tmp_path: Path, demo
     # A changed set of class pictures cannot go on as it was.
     stop2 = StopFlag()
 
-    class StopAtOne(RecordingReporter):
-        def step(self, info):  # type: ignore[no-untyped-def]
-            super().step(info)
-            stop2.request()
-
     halted = Trainer(version, config, demo_ckpt, device="cpu", run_name="halted", stop=stop2,
-                     reporter=StopAtOne()).run()
+                     reporter=StopsAtStep(stop2, 1)).run()
     assert halted.interrupted and halted.steps == 1
     (version.reg_dir / "demo_01.png").unlink()
     from train_tools.errors import UserError

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from tests import fixtures_training
+from tests.fixtures_training import StopsAtStep
 from train_tools import fileio
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
@@ -141,13 +142,7 @@ def test_resume_refuses_a_changed_picture_set_and_a_other_base_model(tmp_path: P
     version = make_version(tmp_path, pictures, config)
     stop = StopFlag()
 
-    class StopAtThree(RecordingReporter):
-        def step(self, info):  # type: ignore[no-untyped-def]
-            super().step(info)
-            if info.step == 3:
-                stop.request()
-
-    run = Trainer(version, config, demo_ckpt, device="cpu", stop=stop, reporter=StopAtThree()).run().run_dir
+    run = Trainer(version, config, demo_ckpt, device="cpu", stop=stop, reporter=StopsAtStep(stop, 3)).run().run_dir
     other = build_demo_checkpoint(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(UserError, match="not the base model run"):
         Trainer(version, config, other, device="cpu", resume_from=run).run()

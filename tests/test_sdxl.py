@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from tests.helpers_models import lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
 from train_tools import checkpoint as checkpoint_mod
 from train_tools.checkpoint import detect_checkpoint_family, read_state_dict
@@ -142,15 +142,9 @@ def test_diffusers_sdxl_pipeline_loads_every_key_and_agrees_with_the_webui(cli_l
     # key it cannot map.
     pipe.load_lora_weights(str(cli_lora.parent), weight_name=cli_lora.name)
 
-    def layers(model: torch.nn.Module) -> int:
-        return sum(isinstance(mod, LoraLayer) for mod in model.modules())
-
-    def keys(prefix: str) -> int:
-        return sum(k.startswith(prefix + "_") and k.endswith(".alpha") for k in tensors)
-
-    assert layers(pipe.unet) == keys("lora_unet") > 0
-    assert layers(pipe.text_encoder) == keys("lora_te1") > 0
-    assert layers(pipe.text_encoder_2) == keys("lora_te2") > 0
+    assert lora_layer_count(pipe.unet) == lora_file_layer_count(tensors, "lora_unet") > 0
+    assert lora_layer_count(pipe.text_encoder) == lora_file_layer_count(tensors, "lora_te1") > 0
+    assert lora_layer_count(pipe.text_encoder_2) == lora_file_layer_count(tensors, "lora_te2") > 0
 
     gen = torch.Generator().manual_seed(3)
     ids = pipe.tokenizer("a red circle on a blue field", return_tensors="pt").input_ids

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests import fixtures_training
+from tests.fixtures_training import StopsAtStep
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.progress import RecordingReporter, StopFlag
@@ -20,11 +22,7 @@ TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_
         "--set", "network_dim=4", "--set", "network_alpha=2", "--set", "repeats=1", "--set", "batch_size=2"]
 
 
-@pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_model import build_demo_checkpoint
-
-    return build_demo_checkpoint(tmp_path_factory.mktemp("models") / "demo.safetensors")
+demo_ckpt = fixtures_training.demo_ckpt  # the shared fixture, found by pytest under this name
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +104,7 @@ def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictu
     store = make_version(tmp_path, demo_pictures)
     stop = StopFlag()
 
-    class StopAfterTwo(RecordingReporter):
-        def step(self, info):  # type: ignore[no-untyped-def]
-            super().step(info)
-            if info.step == 2:
-                stop.request()
-
-    reporter = StopAfterTwo()
+    reporter = StopsAtStep(stop, 2)
     result = Trainer(store.version("p", "v1"), tiny_config(epochs=5), demo_ckpt, reporter=reporter, stop=stop,
                      device="cpu").run()
     assert result.interrupted and result.steps == 2

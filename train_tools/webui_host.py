@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .cli import resolve_checkpoint
 from .errors import UserError
 from .host import Host
-from .progress import Reporter, StepInfo, StopFlag
+from .progress import Reporter, StepInfo, StopFlag, task_amount
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -92,8 +92,6 @@ class WebuiReporter(Reporter):
 
     def task(self, what: str, done: int, total: int, unit: str = "") -> None:
         """Preparing pictures or downloading a captioner, before training: the WebUI's bar shows it."""
-        from .progress import task_amount
-
         state = self._state()
         state.sampling_steps, state.sampling_step = total, done
         state.textinfo = f"{what} {task_amount(done, total, unit)}"

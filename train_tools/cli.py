@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from .config import fields_info, parse_assignments
-from .errors import UserError
+from .errors import UserError, from_os_error
 from .store import Store, Version
 
 log = logging.getLogger("train_tools")
@@ -39,13 +39,17 @@ def default_ckpt_dirs(data_dir: Path) -> list[Path]:
     return [data_dir / "models" / "Stable-diffusion"]
 
 
-def resolve_checkpoint(base_model: str, ckpt_dirs: Sequence[Path]) -> Path:
-    """A checkpoint path from a path, a file name or a bare name in the checkpoint folders."""
+def resolve_checkpoint(base_model: str, ckpt_dirs: Sequence[Path], *, any_path: bool = True) -> Path:
+    """A checkpoint path from a path, a file name or a bare name in the checkpoint folders.
+
+    ``any_path=False`` (the tab, which a web request can reach) takes only files inside the checkpoint folders:
+    a request must not make the server open any file on the disk.
+    """
     if not base_model:
         raise UserError("No base model chosen: pass --ckpt PATH, or --set base_model=NAME_OR_PATH "
                         "(try 'python -m train_tools demo-checkpoint demo.safetensors' for a tiny demo model).")
     direct = Path(base_model).expanduser()
-    if direct.is_file():
+    if any_path and direct.is_file():
         return direct.resolve()
     name = base_model.split(" [")[0]  # WebUI titles look like "name.safetensors [hash]"
     for folder in ckpt_dirs:
@@ -452,12 +456,30 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _end_progress_bars() -> None:
+    """Close the terminal's progress bars a failing command left drawn, so the error starts on a line of its
+    own instead of being glued to the end of a bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except UserError as exc:
+        _end_progress_bars()
         log.error("Error: %s", exc)
         return 2
+    except OSError as exc:
+        friendly = from_os_error(exc)
+        if friendly is None:
+            raise
+        _end_progress_bars()
+        log.error("Error: %s", friendly)
+        return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         log.error("Aborted.")
         return 130

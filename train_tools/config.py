@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from .errors import UserError
+from .names import MAX_COMPONENT_BYTES, check_name
 
 OPTIMIZERS = ("Lion", "AdamW", "AdamW8bit", "Lion8bit", "SGDNesterov", "Prodigy", "AdaFactor")
 LR_SCHEDULERS = (
@@ -216,6 +217,13 @@ class TrainConfig:
             raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{self.background_color}'.")
         if self.max_token_length not in (75, 150, 225):
             raise UserError("Setting 'max_token_length' must be 75, 150 or 225.")
+        if not self.output_name.strip():
+            self.output_name = ""
+        else:
+            # The one setting that becomes a file name; how long it may be depends on the version's folder
+            # (``Version.check_settings``).
+            self.output_name = check_name(self.output_name, "output name (setting 'output_name')",
+                                          max_bytes=MAX_COMPONENT_BYTES)
 
     def ss_metadata(self) -> dict[str, str]:
         """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings)."""

@@ -824,7 +824,7 @@ def add_originals(paths: Sequence[Path], originals: Path) -> AddReport:
     different existing caption is refused, so an edited caption is never lost.
     """
     originals = Path(originals)
-    originals.mkdir(parents=True, exist_ok=True)
+    fileio.make_dirs(originals)
     report = AddReport()
     files = _walk(paths, report)
     existing = [p for p in originals.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
@@ -848,7 +848,7 @@ def add_originals(paths: Sequence[Path], originals: Path) -> AddReport:
             _add_caption(path, originals, report, final_stem)
         except UserError as exc:
             report.refused.append(Refusal(_nfc(path.name), str(exc)))
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the caller shows the summary (the CLI prints it, the tab displays it)
     return report
 
 

@@ -5,34 +5,40 @@ Every file the project writes (LoRA files, settings, captions, prepared images) 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, from_os_error
 
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
 
-    On any error the temporary file is removed and ``target`` is left as it was. A full disk and a file name
-    the file system cannot hold become a UserError that says so; other errors pass through unchanged.
+    On any error the temporary file is removed and ``target`` is left as it was. A full disk, a folder that may
+    not be written and a file name the file system cannot hold become a UserError that says so
+    (``errors.from_os_error``); other errors pass through unchanged. The file gets the permissions the
+    user's umask gives.
     """
     target = Path(target)
     _check_file_name(target)
     tmp: Path | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         yield tmp
+        # mkstemp makes the file 0600; the finished file gets what the user's umask gives (0644 usually), as
+        # any program's new file would, so a WebUI or a file server running as another user can read it. Set
+        # after the writer ran: some writers replace the file instead of writing into it.
+        os.chmod(tmp, FILE_MODE & ~current_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -41,10 +47,43 @@ def atomic_path(target: Path) -> Iterator[Path]:
     except BaseException as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        friendly = _friendly_error(exc, target)
+        friendly = from_os_error(exc, target)
         if friendly is not None:
             raise friendly from exc
         raise
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p``; a folder that may not be written becomes a sentence instead of a traceback."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        friendly = from_os_error(exc, path)
+        if friendly is None:
+            raise
+        raise friendly from exc
+
+
+#: The mode of a new file before the umask is applied (what ``open(..., "w")`` uses).
+FILE_MODE = 0o666
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux's /proc), since setting
+    it to read it back would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 #: The suffix of the temporary files above; a kill between writing and renaming can leave one behind (hidden,
@@ -58,20 +97,6 @@ def _check_file_name(target: Path) -> None:
     if name in ("", ".", "..") or "\x00" in str(target):
         shown = name.replace("\x00", "\\0") or str(target)
         raise UserError(f"'{shown}' is not a usable file name; rename the file and try again.")
-
-
-def _friendly_error(exc: BaseException, target: Path) -> UserError | None:
-    """A UserError for the write failures a user can fix: a full disk, a name too long for the file system."""
-    if isinstance(exc, UserError):
-        return None
-    code = getattr(exc, "errno", None)
-    text = str(exc)
-    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or "No space left on device" in text:
-        return UserError(f"The disk is full while writing {target.name}; free some space and try again "
-                         "(earlier files are intact).")
-    if code == errno.ENAMETOOLONG:
-        return UserError(f"The file name '{target.name[:60]}...' is too long for this disk; use a shorter name.")
-    return None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -50,7 +50,7 @@ class Host:
 
     def resolve_checkpoint(self, choice: str) -> Path:
         """The checkpoint file for a dropdown choice; a UserError says what to do when there is none."""
-        return resolve_checkpoint(choice, self.ckpt_dirs)
+        return resolve_checkpoint(choice, self.ckpt_dirs, any_path=False)
 
     # ------------------------------------------------------------------ training
     def device(self) -> str | None:

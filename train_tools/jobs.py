@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, from_os_error
 from .progress import MultiReporter, RecordingReporter, Reporter, StopFlag
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,10 @@ class JobManager:
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the page, not die in a thread
                 job.error = exc
                 job.state, job.message = FAILED, describe_failure(exc)
-                log.exception("Training failed")
+                if from_os_error(exc) is None:  # a read-only folder or a full disk is the user's to fix: no trace
+                    log.exception("Training failed")
+                else:
+                    log.error("Train Tools: %s", job.message)
             else:
                 interrupted = bool(getattr(job.result, "interrupted", False)) or (
                     isinstance(job.result, list) and any(getattr(r, "interrupted", False) for r in job.result))
@@ -222,6 +225,9 @@ def describe_failure(exc: BaseException) -> str:
     text = str(exc)
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
         return OOM_ADVICE
+    friendly = from_os_error(exc)
+    if friendly is not None:
+        return str(friendly)
     return f"Training failed: {type(exc).__name__}: {text} (the console has the details)."
 
 

@@ -29,12 +29,14 @@ from PIL import Image
 from . import fileio
 from .errors import UserError
 from .lora_format import LEGACY_HASH_END, LEGACY_HASH_START, read_lora, tensor_buffer
-from .store import check_name
+from .names import MAX_COMPONENT_BYTES, TEMP_FILE_EXTRA, check_name
 
 log = logging.getLogger(__name__)
 
 COVER_MAX_SIDE = 512  # the embedded cover is a thumbnail: the WebUI reads every file's header when listing
 PREVIEW_SUFFIX = ".preview.png"
+#: The longest installed name: room for ``<name>-99.preview.png`` and its temporary twin.
+INSTALL_NAME_BYTES = MAX_COMPONENT_BYTES - TEMP_FILE_EXTRA - len(f"-99{PREVIEW_SUFFIX}")
 # Files that would make the card show another picture or other metadata for <name> (A1111 looks for
 # <name>.<ext> first, then <name>.preview.<ext>), or that are another network called <name>.
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -64,7 +66,7 @@ def install_lora(file: Path, lora_dir: Path, *, weight: float, activation_text: 
         weight = float(weight)
     except (TypeError, ValueError):
         raise UserError(f"The preferred weight must be a number; got {weight!r}.") from None
-    base_name = check_name(name or file.stem, "LoRA name")
+    base_name = check_name(name or file.stem, "LoRA name", max_bytes=INSTALL_NAME_BYTES)
     target_name = base_name if overwrite else free_name(lora_dir, base_name)
     target = lora_dir / f"{target_name}.safetensors"
 

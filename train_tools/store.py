@@ -10,8 +10,9 @@ Layout, as the original Train Tools tab had it::
         settings.json   the version's TrainConfig
         trains/<run>/   one folder per training run: LoRA files, the run's settings and captions snapshot
 
-Any name a person types works (Japanese, emoji, spaces); names that could leave the data dir or that Windows
-cannot store are refused with a sentence saying why.
+Any name a person types works (Japanese, emoji, spaces); names that could leave the data dir, that a disk
+or Windows cannot store, or that would clash with an existing one are refused with a sentence saying why
+(``names.py``).
 """
 
 from __future__ import annotations
@@ -19,46 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import fileio
 from .config import TrainConfig
 from .errors import UserError
+from .names import MAX_NAME_BYTES, check_name, check_run_paths, check_unique
+
+__all__ = ["MAX_NAME_BYTES", "Store", "Version", "check_name", "projects_root"]
 
 log = logging.getLogger(__name__)
-
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {
-    f"LPT{i}" for i in range(1, 10)}
-_FORBIDDEN_CHARS = set('/\\<>:"|?*')
-MAX_NAME_BYTES = 120  # leaves room under the 255-byte file-name limit for "<project>-<version>-000001.safetensors"
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """Return the normalised ``name`` or raise a UserError that says what is wrong with it."""
-    if not isinstance(name, str):
-        raise UserError(f"The {what} must be text.")
-    name = unicodedata.normalize("NFC", name).strip()
-    if not name:
-        raise UserError(f"The {what} is empty; type a name.")
-    if "\x00" in name or any(unicodedata.category(c) == "Cc" for c in name):
-        raise UserError(f"The {what} contains a control character; use letters, digits and spaces.")
-    if name in (".", "..") or name.startswith(".."):
-        raise UserError(f"The {what} '{name}' could point outside the project folder; choose another name.")
-    bad = sorted(c for c in set(name) if c in _FORBIDDEN_CHARS)
-    if bad:
-        raise UserError(f"The {what} '{name}' contains {' '.join(bad)}, which cannot be used in a folder name.")
-    if name.endswith("."):
-        raise UserError(f"The {what} '{name}' ends with a dot, which Windows cannot store; remove it.")
-    if name.split(".")[0].upper().rstrip() in _WINDOWS_RESERVED:
-        raise UserError(f"The {what} '{name}' is reserved by Windows; choose another name.")
-    if name.startswith("."):
-        raise UserError(f"The {what} '{name}' starts with a dot, which hides it; remove the dot.")
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise UserError(f"The {what} is too long; use at most {MAX_NAME_BYTES // 3}-{MAX_NAME_BYTES} characters.")
-    return name
-
 
 def projects_root(data_dir: Path) -> Path:
     return Path(data_dir) / "outputs" / "train_tools" / "projects"
@@ -116,8 +88,19 @@ class Version:
                             "from the defaults.") from exc
         return TrainConfig.from_dict(data)
 
-    def save_settings(self, config: TrainConfig) -> None:
+    def output_name(self, config: TrainConfig) -> str:
+        """The LoRA files' name: the ``output_name`` setting, else ``<project>-<version>``."""
+        return config.output_name or self.default_output_name
+
+    def check_settings(self, config: TrainConfig) -> None:
+        """Validate ``config`` and refuse an output name with which this version's runs could not save."""
         config.validate()
+        what = "output name (setting 'output_name')" if config.output_name else (
+            f"project and version name together ('{self.default_output_name}', the LoRA files' name)")
+        check_run_paths(self.path, self.output_name(config), what)
+
+    def save_settings(self, config: TrainConfig) -> None:
+        self.check_settings(config)
         fileio.write_json(self.settings_path, config.to_dict())
 
     def runs(self) -> list[Path]:
@@ -133,7 +116,8 @@ class Version:
         while candidate.exists():
             candidate = self.trains_dir / f"{base}-{n}"
             n += 1
-        candidate.mkdir(parents=True)
+        fileio.make_dirs(candidate.parent)
+        candidate.mkdir()
         return candidate
 
 
@@ -161,7 +145,10 @@ class Store:
         path = self._project_dir(name)
         if path.exists():
             raise UserError(f"A project named '{name}' already exists.")
-        (path / "versions").mkdir(parents=True)
+        check_unique(name, self.projects(), "project name")
+        # The shortest version name must fit beside it (a version's files are checked when it is created).
+        check_run_paths(path / "versions" / "v1", f"{name}-v1", "project name")
+        fileio.make_dirs(path / "versions")
         log.info("Created project %s", name)
         return name
 
@@ -180,9 +167,11 @@ class Store:
         path = project_dir / "versions" / name
         if path.exists():
             raise UserError(f"Project '{project}' already has a version named '{name}'.")
-        for sub in ("dataset", "prepared", "trains"):
-            (path / sub).mkdir(parents=True)
+        check_unique(name, self.versions(project), "version name")
         v = Version(project, name, path)
+        v.check_settings(TrainConfig())  # before any folder: names too long to save a LoRA are refused here
+        for sub in ("dataset", "prepared", "trains"):
+            fileio.make_dirs(path / sub)
         v.save_settings(TrainConfig())
         log.info("Created version %s of project %s", name, project)
         return v

@@ -26,6 +26,7 @@ from .buckets import bucket_info
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import sha256_file, write_json
+from .names import check_name
 from .preparation import load_reg_items, prepare_items
 from .progress import Reporter, StepInfo, StopFlag, Stopped
 from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
@@ -110,7 +111,11 @@ class Trainer:
             if self.resume.config.to_dict() != config.to_dict():
                 log.info("Resuming %s with the settings it began with.", self.resume.run_dir.name)
             config = self.resume.config
-        config.validate()
+        # Every name that reaches a file is checked before any work: the output name (also a resumed run's, as
+        # its snapshot may have been edited), its length beside the version's folder, and the run's name.
+        version.check_settings(config)
+        if run_name is not None:
+            check_name(run_name, "run name")
         self.version = version
         self.config = config
         self.checkpoint = Path(checkpoint)
@@ -118,7 +123,7 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.requested_device = device
         self.run_name = run_name
-        self.output_name = config.output_name or version.default_output_name
+        self.output_name = version.output_name(config)
         # Lay the LoRA weights out flat where the optimizer allows it (flat_params.py); off only to measure or
         # test what the layout changes.
         self.flat_layout = True

@@ -25,7 +25,7 @@ import gradio as gr
 
 from . import fileio
 from .config import TrainConfig, fields_info
-from .errors import UserError
+from .errors import UserError, from_os_error
 from .gradio_compat import on_page_load, poll_every, with_progress
 from .host import DEMO_CHOICE, DEMO_FILE_NAME, Host, require_checkpoint_choice
 from .jobs import JOBS, JobManager, training_work
@@ -557,7 +557,10 @@ class TabLogic:
         v = self.require_version(project, version)
         if not isinstance(chosen, dict) or not chosen.get("grid"):
             raise UserError("Click a picture of the preview grid first: its file and weight are installed.")
-        cell = grid_info_for(Path(chosen["grid"])).cell(int(chosen["row"]), int(chosen["col"]))
+        grid = Path(str(chosen["grid"])).resolve()
+        if v.trains_dir.resolve() not in grid.parents:  # the page's state, but a request may bring any path
+            raise UserError("That grid is not one of this version's runs; generate the previews again.")
+        cell = grid_info_for(grid).cell(int(chosen["row"]), int(chosen["col"]))
         if cell is None:
             raise UserError("That grid is gone; generate the previews again.")
         target = install_cell(cell, self.host.lora_dir, activation_text=trigger_word(v.load_settings(), v.project))
@@ -952,8 +955,13 @@ def guarded(fn: Callable[..., list[Any]], outputs: list[Any], msg: Any) -> Calla
         except UserError as exc:
             text, kind = str(exc), "error"
         except Exception as exc:  # noqa: BLE001 - a bug must not leave the page without an answer
-            log.exception("Train Tools: %s failed", getattr(fn, "__name__", "event"))
-            text, kind = f"Something went wrong: {type(exc).__name__}: {exc} (the console has the details).", "error"
+            friendly = from_os_error(exc)  # a read-only folder, a full disk: a sentence, not a bug report
+            if friendly is not None:
+                text = str(friendly)
+            else:
+                log.exception("Train Tools: %s failed", getattr(fn, "__name__", "event"))
+                text = f"Something went wrong: {type(exc).__name__}: {exc} (the console has the details)."
+            kind = "error"
         out: list[Any] = [gr.update() for _ in all_outputs]
         if msg_index is not None:
             out[msg_index] = message_html(text, kind)

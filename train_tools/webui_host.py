@@ -137,7 +137,7 @@ class WebuiHost(Host):
         if info is not None and getattr(info, "filename", None) and Path(info.filename).is_file():
             return Path(info.filename)
         try:
-            return resolve_checkpoint(choice, self.ckpt_dirs)
+            return resolve_checkpoint(choice, self.ckpt_dirs, any_path=False)
         except UserError:
             raise UserError(f"The base model '{choice}' is not in the WebUI's checkpoint list any more; press the "
                             "refresh button beside 'Train base model' and choose again.") from None

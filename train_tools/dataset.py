@@ -824,7 +824,7 @@ def add_originals(paths: Sequence[Path], originals: Path) -> AddReport:
     different existing caption is refused, so an edited caption is never lost.
     """
     originals = Path(originals)
-    fileio.make_dirs(originals)
+    fileio.check_writable(originals)  # a read-only folder: one sentence, not one refusal per picture
     report = AddReport()
     files = _walk(paths, report)
     existing = [p for p in originals.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

@@ -22,11 +22,11 @@ def from_os_error(exc: BaseException, target: Path | str | None = None) -> UserE
     """The sentence for a file-system error a user can fix (a read-only or foreign folder, a full disk, a name
     too long for the disk); None for any other error, which stays what it is.
 
-    ``target`` is the file being written when the error does not name one itself.
+    ``target`` is the file or folder being written; without it, the one the error names.
     """
     if isinstance(exc, UserError) or not isinstance(exc, OSError):
         return None
-    where = exc.filename or target
+    where = target if target is not None else exc.filename
     shown = str(where) if where is not None else "a file"
     if exc.errno in _NOT_WRITABLE or isinstance(exc, PermissionError):
         return UserError(f"Cannot write {shown}: the folder is read-only or belongs to another user. Choose a data "

@@ -64,6 +64,22 @@ def make_dirs(path: Path) -> None:
         raise friendly from exc
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse up front, with a sentence, a folder that cannot be written (made if missing), before a batch of
+    work that would otherwise fail file by file. Tries a real file: permission bits do not tell the whole story
+    (read-only mounts, ACLs, root)."""
+    make_dirs(folder)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        friendly = from_os_error(exc, folder)
+        if friendly is None:
+            raise
+        raise friendly from exc
+    os.close(fd)
+    os.unlink(name)
+
+
 #: The mode of a new file before the umask is applied (what ``open(..., "w")`` uses).
 FILE_MODE = 0o666
 

@@ -197,7 +197,7 @@ def _start_fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             self.version, self.stop = version, kwargs["stop"]
 
         def run(self):  # type: ignore[no-untyped-def]
-            with devicelock.hold(devicelock.lock_dir_for(self.version.path), None, "fake run"):
+            with devicelock.hold(self.version.data_dir, None, "fake run"):
                 with lock:
                     seen["running"] += 1
                     seen["runs"] += 1
@@ -290,13 +290,12 @@ with devicelock.hold(sys.argv[2], "cpu", "the other process"):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_the_lock_sees_other_processes_and_a_killed_holder_frees_it(tmp_path: Path):
-    folder = tmp_path / "outputs" / "train_tools"
-    stale = devicelock.lock_path(folder, "cpu")
-    stale.parent.mkdir(parents=True)
+    folder = tmp_path / "data"  # the data dir of the runs; the lock itself is machine-wide
+    stale = devicelock.lock_path("cpu")
     stale.write_text(json.dumps({"pid": 2 ** 22 + 12345, "started": 0, "label": "long gone"}) + "\n")
     # A lock file left by a dead run blocks nothing.
     with devicelock.hold(folder, "cpu", "me"):
-        assert devicelock.holder(folder, "cuda:0") is None
+        assert devicelock.holder("cuda:0") is None
     child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), str(folder)], stdout=subprocess.PIPE,
                              text=True)
     try:
@@ -304,8 +303,8 @@ def test_the_lock_sees_other_processes_and_a_killed_holder_frees_it(tmp_path: Pa
         with pytest.raises(devicelock.DeviceBusy, match=rf"cpu device is busy with the other process \(process "
                                                         rf"{child.pid}"):
             devicelock.acquire(folder, "cpu", "me")
-        assert devicelock.holder(folder, "cpu")["pid"] == child.pid  # type: ignore[index]
-        assert devicelock.holder(folder, "cuda:1") is None  # another device is free
+        assert devicelock.holder("cpu")["pid"] == child.pid  # type: ignore[index]
+        assert devicelock.holder("cuda:1") is None  # another device is free
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
@@ -430,7 +429,7 @@ def test_the_app_refuses_requests_without_the_login_and_serves_only_project_file
         checkpoint = host.ckpt_dirs[0] / "model.safetensors"
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(b"weights")
-        lock = devicelock.lock_path(host.data_dir / "outputs" / "train_tools", "cpu")
+        lock = devicelock.lock_path("cpu")
         lock.write_text("{}\n")
         file_route = f"{base}/gradio_api/file="
 

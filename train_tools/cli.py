@@ -20,8 +20,8 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -234,11 +234,15 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
     return 0
 
 
-def _hold_device(version: Version, device: str | None) -> AbstractContextManager[Path]:
-    """One run per device: refused with a message naming the run that holds it (see devicelock.py)."""
-    from .devicelock import hold, lock_dir_for
+@contextmanager
+def _hold_device(version: Version, device: str | None) -> Iterator[Path]:
+    """One run per device, machine-wide, and one writer per version, for all the runs of the command:
+    refused with a message naming the run that holds either (see devicelock.py)."""
+    from .devicelock import hold, hold_version
 
-    return hold(lock_dir_for(version.path), device, f"{version.project} / {version.name} (command line)")
+    label = f"{version.project} / {version.name} (command line)"
+    with hold(version.data_dir, device, label) as path, hold_version(version.path, label):
+        yield path
 
 
 def _report_result(result: Any, version: Version) -> bool:
@@ -419,10 +423,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             out.write(f"added {len(paths)} demo pictures to {version.originals_dir}\n")
             return 0
         config = version.load_settings()
+        from .devicelock import hold_version
         from .preparation import load_reg_items, prepare_items
         from .progress import TerminalReporter
 
-        items = prepare_items(version, config, TerminalReporter())  # the class pictures too
+        # Never under a run of this version: it reads prepared/ while this rewrites it.
+        with hold_version(version.path, f"{version.project} / {version.name} (dataset update, command line)"):
+            items = prepare_items(version, config, TerminalReporter())  # the class pictures too
         repeats = config.repeats or ds.auto_repeats(len(items))
         n_reg = len(load_reg_items(version))
         seen = len(items) * repeats * (2 if n_reg else 1)  # as many class pictures per epoch as training ones

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,25 +248,40 @@ def finish_message(job: Job) -> str:
 JOBS = JobManager()
 
 
+def _ensure_free(version: Any, device: str | None) -> None:
+    """DeviceBusy now, for the page, when another run holds the device (machine-wide) or the version."""
+    from .devicelock import ensure_file_free, ensure_free, version_lock_path
+
+    ensure_free(version.data_dir, device)
+    ensure_file_free(version_lock_path(version.path), f"version {version.project} / {version.name}",
+                     version.data_dir)
+
+
+@contextmanager
+def _hold(version: Any, device: str | None) -> Iterator[None]:
+    """The device and the version for all the runs of a job, so no run or dataset update slips in between."""
+    from .devicelock import hold, hold_version
+
+    label = f"{version.project} / {version.name} (Train Tools tab)"
+    with hold(version.data_dir, device, label), hold_version(version.path, label):
+        yield
+
+
 def training_work(version: Any, configs: list[Any], checkpoint: Path, device: str | None,
                   host: Any = None) -> Work:
     """The work of Begin Train: one Trainer run per config (a learning-rate list gives several).
 
     Refused at once (a UserError for the page) when another run, of this process or another (a second
-    browser tab, the command line), holds the device or the version; the work itself holds the device lock
-    for all its runs, so nothing can slip in between them.
+    browser tab, the command line, another data dir), holds the device or the version; the work itself holds
+    both for all its runs, so no run nor dataset update can slip in between them.
     """
-    from .devicelock import VERSION_LOCK_NAME, ensure_file_free, ensure_free, lock_dir_for
-
-    ensure_free(lock_dir_for(version.path), device)
-    ensure_file_free(Path(version.path) / VERSION_LOCK_NAME, f"version {version.project} / {version.name}")
+    _ensure_free(version, device)
 
     def work(reporter: Reporter, stop: StopFlag) -> list[Any]:
-        from .devicelock import hold
         from .trainer import Trainer  # torch and diffusers load here, in the job, not when the tab is built
 
         results = []
-        with hold(lock_dir_for(version.path), device, f"{version.project} / {version.name} (Train Tools tab)"):
+        with _hold(version, device):
             for config in configs:
                 result = Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device,
                                  host=host).run()
@@ -284,11 +300,9 @@ def resume_work(version: Any, run_dir: Path, checkpoint: Path | None, device: st
     ``checkpoint`` None means the base model the run began with: its recorded path, else its name through
     ``resolve`` (the host's ``resolve_checkpoint``).
     """
-    from .devicelock import VERSION_LOCK_NAME, ensure_file_free, ensure_free, lock_dir_for
     from .resume import resume_inputs
 
-    ensure_free(lock_dir_for(version.path), device)
-    ensure_file_free(Path(version.path) / VERSION_LOCK_NAME, f"version {version.project} / {version.name}")
+    _ensure_free(version, device)
     config, base_model_path = resume_inputs(Path(run_dir), version.load_settings())
     if checkpoint is None:
         if base_model_path and Path(base_model_path).is_file():
@@ -300,10 +314,9 @@ def resume_work(version: Any, run_dir: Path, checkpoint: Path | None, device: st
                             "was not found; put it back in the checkpoint folder to resume.")
 
     def work(reporter: Reporter, stop: StopFlag) -> list[Any]:
-        from .devicelock import hold
         from .trainer import Trainer
 
-        with hold(lock_dir_for(version.path), device, f"{version.project} / {version.name} (Train Tools tab)"):
+        with _hold(version, device):
             return [Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device,
                             resume_from=Path(run_dir), host=host).run()]
 

@@ -6,10 +6,12 @@ agree on the captions. Light: no torch, so the tab can call it before any traini
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import dataset as ds
 from .config import TrainConfig
+from .devicelock import hold_version
 from .errors import UserError
 from .progress import ProgressFn, Reporter, StopFlag, Stopped, TaskFn
 from .store import Version
@@ -27,10 +29,19 @@ def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, 
 
     ``task`` (a ``Reporter.task``) hears (what, done, total, unit) as it goes: the pictures, the class
     pictures, and the bytes of a captioner's model while it is downloaded, the first time it is used."""
-    from .captioners import captioner_from_config
 
     def reporting(what: str, unit: str = "") -> ProgressFn | None:
         return None if task is None else (lambda done, total: task(what, done, total, unit))
+
+    # One writer of prepared/ at a time: never under a run of this version (which reads it), nor beside
+    # another update. The run, the command line and the tab already hold it (the lock is re-entrant).
+    with hold_version(version.path, f"{version.project} / {version.name} (preparing its pictures)"):
+        return _prepare_version(version, config, host=host, reporting=reporting)
+
+
+def _prepare_version(version: Version, config: TrainConfig, *, host: Any,
+                     reporting: Callable[..., ProgressFn | None]) -> ds.PrepareReport:
+    from .captioners import captioner_from_config
 
     models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
     options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)

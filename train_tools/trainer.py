@@ -533,10 +533,10 @@ class Trainer:
         Any failure frees the model and the GPU memory first, so the WebUI keeps working; running out of
         memory becomes a UserError naming what to lower or turn on.
         """
-        from .devicelock import hold, hold_version, lock_dir_for
+        from .devicelock import hold, hold_version
 
         label = f"{self.version.project} / {self.version.name}"
-        with hold(lock_dir_for(self.version.path), self.requested_device, label), \
+        with hold(self.version.data_dir, self.requested_device, label), \
                 hold_version(self.version.path, label):
             out_of_memory = False
             try:

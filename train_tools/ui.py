@@ -429,10 +429,14 @@ class TabLogic:
         """Prepare the version's pictures with the settings shown; ``progress`` hears how far it is."""
         v = self.require_version(project, version)
         config = settings_from_values(values)
-        v.save_settings(config)
-        if not original_images(v):
-            raise UserError("There are no pictures to prepare: drop 10-20 images on Upload Dataset first.")
-        skipped = core_prepare(v, config, self.host, progress)
+        from .devicelock import hold_version
+
+        # Refused (the busy sentence) while a run trains this version: it reads prepared/, this rewrites it.
+        with hold_version(v.path, f"{v.project} / {v.name} (Update Dataset, Train Tools tab)"):
+            v.save_settings(config)
+            if not original_images(v):
+                raise UserError("There are no pictures to prepare: drop 10-20 images on Upload Dataset first.")
+            skipped = core_prepare(v, config, self.host, progress)
         gallery, line = dataset_view(v, config)
         return [gallery, line, tags_html(core_tag_counts(v)), message_html(f"Dataset updated. {skipped}".strip(),
                                                                            "ok")]

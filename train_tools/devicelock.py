@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, from_os_error
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +318,13 @@ def _open(path: Path) -> tuple[int, bool]:
     writable = True
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o666)
-    except PermissionError:
+    except PermissionError as denied:
         writable = False  # another user's file: it can still be locked (flock needs no write access)
         try:
             fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError:
+            # No lock file, and its folder may not be written (a read-only data dir): say that.
+            raise from_os_error(denied, path.parent) or _unusable(path, str(denied)) from denied
         except OSError as exc:
             raise _unusable(path, exc.strerror or str(exc)) from exc
     except OSError as exc:  # a link (ELOOP), a folder in its place...

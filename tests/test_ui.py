@@ -562,3 +562,70 @@ def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_u
     assert Path(target).name == "p1.png" and caption == "tt, crimson, shiny cube"
     # The originals' own captions are never changed by edits of the training set.
     assert (version.originals_dir / "p0.txt").read_text(encoding="utf-8") == "red, ball"
+
+
+def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new_run(logic, monkeypatch):
+    """As the page does it: poll every second, feeding back the File choice and what was seen. The second
+    run's first poll comes before it saved anything (its folder holds nothing yet); when it has saved, the
+    File choice is its last-saved file, and Copy to Lora folder copies that one."""
+    import threading
+
+    version = make_version(logic)
+    (version.originals_dir / "a.png").write_bytes(b"x")
+    ckpt = logic.host.ckpt_dirs[0] / "mine.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    name = "猫 cat-v1"
+
+    def saving_work(run: str, payload: bytes, gate: threading.Event | None = None):
+        def work(reporter, stop):
+            reporter.start(2, 2)
+            if gate is not None:
+                assert gate.wait(10)
+            for epoch in (1, 2):  # the trainer's names: an epoch file, then the final file
+                reporter.step(StepInfo(epoch, 2, epoch, 2, 0.5, 0.5, 1e-4, 4.0, 0.0))
+                file = version.trains_dir / run / (f"{name}-{epoch:06d}.safetensors" if epoch == 1
+                                                   else f"{name}.safetensors")
+                reporter.saved(fake_lora(file, {"ss_epoch": str(epoch), "ss_steps": str(epoch)},
+                                         payload=payload * 8), epoch)
+            return [types.SimpleNamespace(interrupted=False)]
+
+        return work
+
+    gate = threading.Event()
+    works = [saving_work("20240101-000000", b"\1"), saving_work("20240102-000000", b"\2", gate)]
+    monkeypatch.setattr(ui, "training_work", lambda *a: works.pop(0))
+    values = values_of(TrainConfig(base_model="mine.safetensors"))
+    page = {"choice": None, "seen": None}
+
+    def poll() -> str:
+        _progress, results, choices, _grid, _grid_path, page["seen"] = logic.poll(
+            "猫 cat", "v1", page["choice"], page["seen"])
+        if is_update(choices) and "value" in choices:
+            assert choices["value"] in choices["choices"]
+            page["choice"] = choices["value"]
+        return results if isinstance(results, str) else ""
+
+    logic.begin_train("猫 cat", "v1", *values)
+    assert logic.jobs.wait(10).state == FINISHED
+    poll()
+    assert page["choice"] == f"20240101-000000/{name}.safetensors"  # the final file, not epoch 1
+
+    logic.begin_train("猫 cat", "v1", *values)
+    poll()  # running, nothing saved yet
+    assert page["choice"] == f"20240101-000000/{name}.safetensors"
+    gate.set()
+    assert logic.jobs.wait(10).state == FINISHED
+    results = poll()
+    assert results.index("20240102-000000") < results.index("20240101-000000")  # the table: new run first
+    assert page["choice"] == f"20240102-000000/{name}.safetensors"
+    poll()
+    assert page["choice"] == f"20240102-000000/{name}.safetensors"
+
+    logic.copy_to_lora("猫 cat", "v1", page["choice"])
+    assert (logic.host.lora_dir / f"{name}.safetensors").read_bytes() == \
+        (version.trains_dir / "20240102-000000" / f"{name}.safetensors").read_bytes()
+    # Opening the version again, or the results refresh button, offers the same newest file first.
+    assert update_value(logic.refresh_results("猫 cat", "v1")[1]) == page["choice"]
+    view = logic.open_version("猫 cat", "v1")
+    assert any(is_update(o) and o.get("value") == page["choice"] for o in view)

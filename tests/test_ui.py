@@ -548,7 +548,7 @@ def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_u
         (version.originals_dir / f"p{i}.txt").write_text(caption, encoding="utf-8")
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, trigger_word="tt")
     _gallery, _line, tags, _msg = logic.update_dataset("猫 cat", "v1", *values_of(config))
-    assert 'data-tag="red"' in tags and "red <b>2</b>" in tags
+    assert 'data-tag="red"' in tags and ("red", "2") in tag_chips(tags)
 
     logic.save_caption("猫 cat", "v1", str(version.prepared_dir / "p1.png"), "tt,  red, shiny cube")
     _gallery, _line, tags, msg = logic.remove_tag("猫 cat", "v1", "ball")
@@ -629,3 +629,55 @@ def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new
     assert update_value(logic.refresh_results("猫 cat", "v1")[1]) == page["choice"]
     view = logic.open_version("猫 cat", "v1")
     assert any(is_update(o) and o.get("value") == page["choice"] for o in view)
+
+
+def tag_chips(markup: str) -> list[tuple[str, str]]:
+    """(tag, count) of each chip of ``tags_html``, read from their own elements."""
+    from html.parser import HTMLParser
+
+    chips: list[tuple[str, str]] = []
+
+    class Reader(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.field: str | None = None
+            self.name = ""
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            cls = dict(attrs).get("class") or ""
+            self.field = "name" if "tt-tag-name" in cls else "count" if "tt-count" in cls else None
+
+        def handle_data(self, data: str) -> None:
+            if self.field == "name":
+                self.name = data
+            elif self.field == "count":
+                chips.append((self.name, data))
+            self.field = None
+
+    Reader().feed(markup)
+    return chips
+
+
+def test_the_tag_list_shows_each_tag_and_its_count_apart_with_or_without_the_stylesheet():
+    """Seen in A1111 1.10 and the standalone app: 'simple shapes 12my cat 12square picture 6'. Each tag is
+    a list item of its own with its count in a separate badge, laid out by inline styles (which reach the
+    chips in every host) and by style.css."""
+    import re
+
+    counts = [("simple shapes", 12), ("my cat", 12), ("square picture", 6), ("<b>bold</b> & co", 1)]
+    markup = ui_html.tags_html(counts)
+    assert tag_chips(markup) == [("simple shapes", "12"), ("my cat", "12"), ("square picture", "6"),
+                                 ("<b>bold</b> & co", "1")]  # shown as text, not as markup
+    assert "<b>bold</b>" not in markup and "4 tags" in markup
+    items = re.findall(r"<li class=\"tt-tag\"[^>]*>", markup)
+    assert len(items) == 4
+    for item in items:  # a chip apart from the next one even where no stylesheet applies
+        style = re.search(r'style="([^"]*)"', item).group(1)
+        assert "display:inline-flex" in style and "border:" in style and "padding:" in style
+    list_style = re.search(r'<ul class="tt-tag-list" style="([^"]*)"', markup).group(1)
+    assert "display:flex" in list_style and "gap:" in list_style and "list-style:none" in list_style
+    css = (Path(ui.__file__).resolve().parent.parent / "style.css").read_text(encoding="utf-8")
+    assert "#tab_train_tools ul.tt-tag-list" in css and "li.tt-tag" in css
+    long = ui_html.tags_html([(f"tag{i}", 1) for i in range(85)], limit=80)
+    assert len(tag_chips(long)) == 80 and "and 5 more" in long
+    assert "No tags yet" in ui_html.tags_html([])

@@ -190,3 +190,48 @@ def test_no_network_warning_for_this_computer_only_or_with_a_login(monkeypatch: 
     assert not [w for w in launch["warnings_before"] if "anyone on your network" in w]
     if "--auth" in argv:
         assert callable(launch["auth"]) and launch["auth"]("ann", "s3cret") and not launch["auth"]("ann", "x")
+
+
+def test_logins_sent_all_at_once_from_one_address_are_checked_one_at_a_time():
+    """Many logins fired at once would all find the count below the limit; the middleware lets one through per
+    address while it is being checked and refuses the others (429), and a late answer still counts."""
+    import asyncio
+
+    from train_tools.app import LoginThrottle, LoginThrottleMiddleware
+
+    checked: list[str] = []
+
+    async def gradio_login(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        checked.append(scope["client"][0])
+        await asyncio.sleep(0.05)  # a slow check: the others arrive meanwhile
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"detail": "Incorrect credentials."}'})
+
+    throttle = LoginThrottle(free_tries=3, first_wait_s=60.0)
+    middleware = LoginThrottleMiddleware(gradio_login, throttle)
+
+    async def attempt(address: str, method: str = "POST", path: str = "/login") -> int:
+        answers: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            answers.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": method, "path": path, "client": (address, 50000)}
+        await middleware(scope, receive, send)
+        return int(answers[0]["status"])
+
+    async def burst() -> list[int]:
+        return list(await asyncio.gather(*(attempt("10.0.0.9") for _ in range(20)), attempt("10.0.0.10")))
+
+    statuses = asyncio.run(burst())
+    assert statuses[:20].count(400) == 1 and statuses[:20].count(429) == 19 and statuses[20] == 400
+    assert checked.count("10.0.0.9") == 1
+    # One at a time they are all checked, until the free tries are used up.
+    assert asyncio.run(attempt("10.0.0.9")) == 400 and asyncio.run(attempt("10.0.0.9")) == 400
+    assert asyncio.run(attempt("10.0.0.9")) == 429 and checked.count("10.0.0.9") == 3
+    # Only the login is held back: the address's other requests go on to Gradio (which asks for the cookie).
+    assert throttle.wait_left("10.0.0.9") > 0
+    assert asyncio.run(attempt("10.0.0.9", "GET", "/config")) == 400 and checked.count("10.0.0.9") == 4

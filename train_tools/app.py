@@ -194,6 +194,7 @@ class LoginThrottle:
     forget_after_s: float = 3600.0
     clock: Callable[[], float] = time.monotonic
     _by_address: dict[str, _Failures] = field(default_factory=dict, repr=False)
+    _checking: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def wait_left(self, address: str) -> float:
@@ -201,6 +202,24 @@ class LoginThrottle:
         with self._lock:
             entry = self._by_address.get(address)
             return max(0.0, entry.wait_until - self.clock()) if entry else 0.0
+
+    def begin(self, address: str) -> float:
+        """Before a login from ``address`` is checked: 0 and the address marked busy until ``end``, or the
+        seconds it must wait. One login at a time per address: many sent at once would all find the count
+        below the limit."""
+        with self._lock:
+            entry = self._by_address.get(address)
+            wait = max(0.0, entry.wait_until - self.clock()) if entry else 0.0
+            if wait > 0:
+                return wait
+            if address in self._checking:
+                return 1.0
+            self._checking.add(address)
+            return 0.0
+
+    def end(self, address: str) -> None:
+        with self._lock:
+            self._checking.discard(address)
 
     def failed(self, address: str) -> tuple[int, float]:
         """Record a wrong login from ``address``: (its failures in a row, the seconds it must now wait; 0 while
@@ -248,7 +267,7 @@ class LoginThrottleMiddleware:
             return
         client = scope.get("client")
         address = str(client[0]) if client else "unknown"
-        wait = self.throttle.wait_left(address)
+        wait = self.throttle.begin(address)
         if wait > 0:
             await self._refuse(send, wait)
             return
@@ -257,12 +276,20 @@ class LoginThrottleMiddleware:
         async def watch(message: Message) -> None:
             if message.get("type") == "http.response.start":
                 status.append(int(message.get("status", 0)))
+                # Counted before the answer goes out, so the next login from there sees this one's count.
+                self._count(address, status[0])
+                self.throttle.end(address)
             await send(message)
 
-        await self.app(scope, receive, watch)
-        if status and status[0] < 300:
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.throttle.end(address)
+
+    def _count(self, address: str, status: int) -> None:
+        if status < 300:
             self.throttle.succeeded(address)
-        elif status and status[0] in (400, 401, 403):
+        elif status in (400, 401, 403):
             count, wait = self.throttle.failed(address)
             if wait > 0:
                 log.warning("Train Tools: %d wrong logins in a row from %s; logins from there are refused for "

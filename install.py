@@ -3,7 +3,8 @@
 Rules, because an extension's installer is the usual way users' WebUIs break:
 - only packages from requirements.txt that are NOT installed at all are installed; an installed package is
   never upgraded or downgraded, even if it is older than requirements.txt asks (a warning says so);
-- the host's own stack (torch, torchvision, xformers, gradio) is never touched;
+- the host's own stack (torch, torchvision, xformers, gradio) is never touched, and nothing the host would then
+  import at every start with a warning of its own is added (bitsandbytes: see NOT_IN_WEBUI);
 - no git, no network unless something is missing, and nothing but a few metadata look-ups when all is there.
 """
 
@@ -25,6 +26,14 @@ HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements.txt"
 # The WebUI owns these; installing or upgrading any of them is how extensions break WebUIs.
 NEVER_INSTALL = {"torch", "torchvision", "torchaudio", "xformers", "gradio", "gradio-client"}
+
+# In requirements.txt for the standalone app, never installed into a WebUI by this file. bitsandbytes: only the
+# 8-bit optimizers use it, and once it is installed the WebUI's own libraries import it at every start, before
+# any extension runs (transformers 4.30's modeling_utils in A1111, peft in Forge); on CPUs with AVX512-BF16
+# its recent releases then print "Failed to load CPU gemm_4bit_forward from kernels-community ..." at every
+# WebUI start. Where the WebUI has it already, it is used; otherwise choosing an 8-bit optimizer says how to
+# add it.
+NOT_IN_WEBUI = {"bitsandbytes"}
 
 # Newer releases of these declare requirements that an old host satisfies on paper but not in fact (checked
 # in an A1111 1.10 environment, transformers 4.30.2 + accelerate 0.21.0: diffusers 0.32-0.37 fail to import
@@ -134,7 +143,7 @@ def missing_requirements(path: Path = REQUIREMENTS) -> list[str]:
     """Requirement strings (``name>=x``) for the packages requirements.txt lists that are not installed."""
     missing = []
     for name, spec, marker in parse_requirements(path.read_text(encoding="utf-8")):
-        if normalize(name) in NEVER_INSTALL or not marker_applies(marker):
+        if normalize(name) in NEVER_INSTALL | NOT_IN_WEBUI or not marker_applies(marker):
             continue
         if is_installed(name):
             version = installed_version(name)

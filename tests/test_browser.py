@@ -139,6 +139,14 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             expect(info).to_contain_text("12 pictures uploaded", timeout=60_000)
             page.locator("#train_tools_update_dataset").click()
             expect(info).to_contain_text("12 images", timeout=120_000)
+            # The tag list: one chip per tag, apart from the next, its count in a badge of its own (it read
+            # "a yellow ball 6picture 0 1..." where the tab's stylesheet did not reach it).
+            chips = page.locator("#train_tools_tags li.tt-tag")
+            expect(chips.first).to_be_visible()
+            assert chips.count() >= 2
+            first, second = chips.nth(0).bounding_box(), chips.nth(1).bounding_box()
+            assert second["x"] >= first["x"] + first["width"] + 3 or second["y"] >= first["y"] + first["height"]
+            assert chips.nth(0).locator(".tt-count").inner_text().strip().isdigit()
             shot(page, "02-dataset")
 
             # Tiny settings: 12 images x 8 repeats / batch 2 = 48 steps per epoch (one bucket), 2 epochs, a file per
@@ -177,10 +185,14 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             results = page.locator("#train_tools_results")
             expect(results).to_contain_text(f"{PROJECT}-v1.safetensors")
             expect(results).to_contain_text(f"{PROJECT}-v1-000001.safetensors")
+            # The File choice is the run's last-saved file, the final one; Copy to Lora folder copies that.
+            run = next((data / "outputs").rglob(f"{PROJECT}-v1.safetensors")).parent.name
+            expect(page.locator("#train_tools_result_file input").first).to_have_value(
+                f"{run}/{PROJECT}-v1.safetensors")
             page.locator("#train_tools_copy_lora").click()
             expect(message).to_contain_text("Copied", timeout=60_000)
             copied = sorted((data / "models" / "Lora").glob("*.safetensors"))
-            assert [p.name for p in copied] == [f"{PROJECT}-v1-000001.safetensors"]
+            assert [p.name for p in copied] == [f"{PROJECT}-v1.safetensors"]
             assert copied[0].stat().st_size > 1000
             shot(page, "06-copied")
 

@@ -174,3 +174,38 @@ def test_a_gpu_build_of_onnxruntime_counts_as_onnxruntime(install, monkeypatch, 
     assert install.install(reqs) == [] and calls == []
     monkeypatch.setattr(install, "installed_version", lambda name: None if "onnxruntime" in name else real(name))
     assert install.install(reqs) == ["onnxruntime>=1.16"]
+
+
+def test_bitsandbytes_is_not_added_to_a_webui_but_the_rest_still_is(install, monkeypatch, tmp_path):
+    """Once installed, bitsandbytes is imported by the WebUI's own libraries at every start (before any
+    extension can quiet it) and prints 'Failed to load CPU gemm_4bit_forward' on CPUs with AVX512-BF16: the
+    extension must not be what put it there. The standalone app still lists it (requirements.txt)."""
+    calls = record_pip(monkeypatch, install)
+    real = install.installed_version
+    gone = {"bitsandbytes", "prodigyopt"}
+    monkeypatch.setattr(install, "installed_version", lambda name: None if install.normalize(name) in gone
+                        else real(name))
+    assert install.install(ROOT / "requirements.txt") == ["prodigyopt>=1.0"]
+    assert [c[0][1] for c in calls] == ["prodigyopt>=1.0"]
+    assert any(name == "bitsandbytes" for name, _spec, _marker in
+               install.parse_requirements((ROOT / "requirements.txt").read_text(encoding="utf-8")))
+
+
+def test_the_quieted_bitsandbytes_notice_is_that_one_line_only(caplog):
+    """Where Train Tools is imported first (the app, the CLI), the missing-kernel notice is dropped; every
+    other bitsandbytes message, from that logger too, still shows."""
+    import logging
+
+    import train_tools  # noqa: F401 - installs the filter
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels`", "No module named 'kernels'")
+        logger.warning("something else went wrong in the CPU backend")
+        logging.getLogger("bitsandbytes.cextension").warning("The installed version of bitsandbytes was compiled "
+                                                             "without GPU support.")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("gemm_4bit_forward" in m for m in messages)
+    assert "something else went wrong in the CPU backend" in messages
+    assert any("compiled without GPU support" in m for m in messages)

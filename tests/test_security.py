@@ -393,7 +393,7 @@ def test_serve_binds_loopback_serves_only_the_projects_and_passes_the_login(tmp_
     assert local["allowed_paths"] == [str(projects_root(host.data_dir))]
     if "blocked_paths" in local:
         assert set(local["blocked_paths"]) == {str(tmp_path / "ckpts"), str(tmp_path / "loras")}
-    assert network["server_name"] == "0.0.0.0" and network["auth"] == [("u", "p")]
+    assert network["server_name"] == "0.0.0.0" and network["auth"]("u", "p") and not network["auth"]("u", "x")
 
 
 def _free_port() -> int:

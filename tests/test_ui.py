@@ -548,7 +548,7 @@ def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_u
         (version.originals_dir / f"p{i}.txt").write_text(caption, encoding="utf-8")
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, trigger_word="tt")
     _gallery, _line, tags, _msg = logic.update_dataset("猫 cat", "v1", *values_of(config))
-    assert 'data-tag="red"' in tags and "red <b>2</b>" in tags
+    assert 'data-tag="red"' in tags and ("red", "2") in tag_chips(tags)
 
     logic.save_caption("猫 cat", "v1", str(version.prepared_dir / "p1.png"), "tt,  red, shiny cube")
     _gallery, _line, tags, msg = logic.remove_tag("猫 cat", "v1", "ball")
@@ -562,3 +562,122 @@ def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_u
     assert Path(target).name == "p1.png" and caption == "tt, crimson, shiny cube"
     # The originals' own captions are never changed by edits of the training set.
     assert (version.originals_dir / "p0.txt").read_text(encoding="utf-8") == "red, ball"
+
+
+def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new_run(logic, monkeypatch):
+    """As the page does it: poll every second, feeding back the File choice and what was seen. The second
+    run's first poll comes before it saved anything (its folder holds nothing yet); when it has saved, the
+    File choice is its last-saved file, and Copy to Lora folder copies that one."""
+    import threading
+
+    version = make_version(logic)
+    (version.originals_dir / "a.png").write_bytes(b"x")
+    ckpt = logic.host.ckpt_dirs[0] / "mine.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    name = "猫 cat-v1"
+
+    def saving_work(run: str, payload: bytes, gate: threading.Event | None = None):
+        def work(reporter, stop):
+            reporter.start(2, 2)
+            if gate is not None:
+                assert gate.wait(10)
+            for epoch in (1, 2):  # the trainer's names: an epoch file, then the final file
+                reporter.step(StepInfo(epoch, 2, epoch, 2, 0.5, 0.5, 1e-4, 4.0, 0.0))
+                file = version.trains_dir / run / (f"{name}-{epoch:06d}.safetensors" if epoch == 1
+                                                   else f"{name}.safetensors")
+                reporter.saved(fake_lora(file, {"ss_epoch": str(epoch), "ss_steps": str(epoch)},
+                                         payload=payload * 8), epoch)
+            return [types.SimpleNamespace(interrupted=False)]
+
+        return work
+
+    gate = threading.Event()
+    works = [saving_work("20240101-000000", b"\1"), saving_work("20240102-000000", b"\2", gate)]
+    monkeypatch.setattr(ui, "training_work", lambda *a: works.pop(0))
+    values = values_of(TrainConfig(base_model="mine.safetensors"))
+    page = {"choice": None, "seen": None}
+
+    def poll() -> str:
+        _progress, results, choices, _grid, _grid_path, page["seen"] = logic.poll(
+            "猫 cat", "v1", page["choice"], page["seen"])
+        if is_update(choices) and "value" in choices:
+            assert choices["value"] in choices["choices"]
+            page["choice"] = choices["value"]
+        return results if isinstance(results, str) else ""
+
+    logic.begin_train("猫 cat", "v1", *values)
+    assert logic.jobs.wait(10).state == FINISHED
+    poll()
+    assert page["choice"] == f"20240101-000000/{name}.safetensors"  # the final file, not epoch 1
+
+    logic.begin_train("猫 cat", "v1", *values)
+    poll()  # running, nothing saved yet
+    assert page["choice"] == f"20240101-000000/{name}.safetensors"
+    gate.set()
+    assert logic.jobs.wait(10).state == FINISHED
+    results = poll()
+    assert results.index("20240102-000000") < results.index("20240101-000000")  # the table: new run first
+    assert page["choice"] == f"20240102-000000/{name}.safetensors"
+    poll()
+    assert page["choice"] == f"20240102-000000/{name}.safetensors"
+
+    logic.copy_to_lora("猫 cat", "v1", page["choice"])
+    assert (logic.host.lora_dir / f"{name}.safetensors").read_bytes() == \
+        (version.trains_dir / "20240102-000000" / f"{name}.safetensors").read_bytes()
+    # Opening the version again, or the results refresh button, offers the same newest file first.
+    assert update_value(logic.refresh_results("猫 cat", "v1")[1]) == page["choice"]
+    view = logic.open_version("猫 cat", "v1")
+    assert any(is_update(o) and o.get("value") == page["choice"] for o in view)
+
+
+def tag_chips(markup: str) -> list[tuple[str, str]]:
+    """(tag, count) of each chip of ``tags_html``, read from their own elements."""
+    from html.parser import HTMLParser
+
+    chips: list[tuple[str, str]] = []
+
+    class Reader(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.field: str | None = None
+            self.name = ""
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            cls = dict(attrs).get("class") or ""
+            self.field = "name" if "tt-tag-name" in cls else "count" if "tt-count" in cls else None
+
+        def handle_data(self, data: str) -> None:
+            if self.field == "name":
+                self.name = data
+            elif self.field == "count":
+                chips.append((self.name, data))
+            self.field = None
+
+    Reader().feed(markup)
+    return chips
+
+
+def test_the_tag_list_shows_each_tag_and_its_count_apart_with_or_without_the_stylesheet():
+    """Seen in A1111 1.10 and the standalone app: 'simple shapes 12my cat 12square picture 6'. Each tag is
+    a list item of its own with its count in a separate badge, laid out by inline styles (which reach the
+    chips in every host) and by style.css."""
+    import re
+
+    counts = [("simple shapes", 12), ("my cat", 12), ("square picture", 6), ("<b>bold</b> & co", 1)]
+    markup = ui_html.tags_html(counts)
+    assert tag_chips(markup) == [("simple shapes", "12"), ("my cat", "12"), ("square picture", "6"),
+                                 ("<b>bold</b> & co", "1")]  # shown as text, not as markup
+    assert "<b>bold</b>" not in markup and "4 tags" in markup
+    items = re.findall(r"<li class=\"tt-tag\"[^>]*>", markup)
+    assert len(items) == 4
+    for item in items:  # a chip apart from the next one even where no stylesheet applies
+        style = re.search(r'style="([^"]*)"', item).group(1)
+        assert "display:inline-flex" in style and "border:" in style and "padding:" in style
+    list_style = re.search(r'<ul class="tt-tag-list" style="([^"]*)"', markup).group(1)
+    assert "display:flex" in list_style and "gap:" in list_style and "list-style:none" in list_style
+    css = (Path(ui.__file__).resolve().parent.parent / "style.css").read_text(encoding="utf-8")
+    assert "#tab_train_tools ul.tt-tag-list" in css and "li.tt-tag" in css
+    long = ui_html.tags_html([(f"tag{i}", 1) for i in range(85)], limit=80)
+    assert len(tag_chips(long)) == 80 and "and 5 more" in long
+    assert "No tags yet" in ui_html.tags_html([])

@@ -195,8 +195,9 @@ def _make_8bit(name: str, groups: list[dict[str, Any]], lr: float, device: torch
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise UserError(f"The {name} optimizer needs bitsandbytes; install it with "
-                        "'pip install bitsandbytes' or choose AdamW or Lion.") from exc
+        raise UserError(f"The {name} optimizer needs bitsandbytes, which is not installed here (Train Tools does "
+                        "not add it to a WebUI): choose AdamW or Lion, or run 'pip install bitsandbytes' with "
+                        "this Python.") from exc
     if device.type != "cuda":
         failure = _bnb_failure(name, device.type)
         if failure is not None:

@@ -222,16 +222,27 @@ def read_lora_info(path: Path) -> dict[str, str]:
 
 
 def list_results(version: Version | None) -> list[ResultFile]:
-    """Every LoRA file of every run, newest run first."""
+    """Every LoRA file of every run, newest run first and, within a run, the last-saved file first (the final
+    file, then the epochs before it), so the first entry is always the newest LoRA."""
     if version is None:
         return []
     out: list[ResultFile] = []
     for run in reversed(version.runs()):
-        for path in sorted(run.glob("*.safetensors")):
+        for path in sorted(run.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
             meta = read_lora_info(path)
             out.append(ResultFile(run.name, path, path.stat().st_size, meta.get("ss_epoch", ""),
                                   meta.get("ss_steps", "")))
     return out
+
+
+def saved_choice(files: list[ResultFile], saved: Sequence[Path]) -> str | None:
+    """The results choice of the last of ``saved`` (a job's saved files) that ``files`` lists, else None."""
+    by_path = {f.path.resolve(): f.choice for f in files}
+    for path in reversed(saved):
+        choice = by_path.get(Path(path).resolve())
+        if choice is not None:
+            return choice
+    return None
 
 
 def result_path(version: Version, choice: str) -> Path:
@@ -618,7 +629,12 @@ class TabLogic:
             v = self.version_or_none(project, version)
             files = list_results(v)
             results = results_html(files)
-            if choice not in [f.choice for f in files] or (old is not None and old[0] != key[0]):
+            # A file saved or a job ended: the File choice moves to the job's last-saved LoRA (what Copy to Lora
+            # folder should copy); a job that saved nothing of this version's (previews) leaves it alone.
+            newest = saved_choice(files, status.files)
+            if newest is not None:
+                choice = newest
+            elif choice not in [f.choice for f in files]:
                 choice = files[0].choice if files else None
             choices = gr.update(choices=[f.choice for f in files], value=choice)
             grid, grid_path = grid_view(v, choice)

@@ -68,14 +68,34 @@ def family_line(family: str) -> str:
     return f"Detected: **{FAMILY_NAMES[family]}**" if family in FAMILY_NAMES else ""
 
 
+# The tag list's look is inline as well as in style.css: in A1111 1.10 and the standalone app the chips read
+# "simple shapes 12my cat 12" wherever the stylesheet does not reach them.
+_TAG_LIST_STYLE = "list-style:none;margin:0.3em 0;padding:0;display:flex;flex-wrap:wrap;gap:6px"
+_TAG_STYLE = ("display:inline-flex;align-items:center;gap:6px;margin:0;padding:1px 3px 1px 10px;"
+              "border:1px solid rgba(128,128,128,.45);border-radius:999px;line-height:1.6")
+_COUNT_STYLE = ("min-width:1.6em;padding:0 6px;border-radius:999px;background:rgba(128,128,128,.22);"
+                "text-align:center;font-weight:600;font-variant-numeric:tabular-nums")
+
+
 def tags_html(counts: list[tuple[str, int]], limit: int = 80) -> str:
-    """The dataset's tags with their counts, most frequent first (what ``ss_tag_frequency`` will record)."""
+    """The dataset's tags with their counts, most frequent first (what ``ss_tag_frequency`` will record).
+
+    One list item per tag, the tag and its count in separate elements: a chip with the count in a badge, and
+    still one tag and its count per line where no style applies at all (a screen reader, a text browser).
+    """
     if not counts:
         return '<div class="tt-tags tt-empty">No tags yet: prepare the dataset first.</div>'
-    chips = "".join(f'<span class="tt-tag" data-tag="{html.escape(tag)}">{html.escape(tag)} <b>{n}</b></span>'
-                    for tag, n in counts[:limit])
-    more = f'<span class="tt-more">and {len(counts) - limit} more</span>' if len(counts) > limit else ""
-    return f'<div class="tt-tags">{chips}{more}</div>'
+    chips = "".join(
+        f'<li class="tt-tag" data-tag="{html.escape(tag)}" style="{_TAG_STYLE}" '
+        f'title="{html.escape(tag)}: in {n} {"picture" if n == 1 else "pictures"}">'
+        f'<span class="tt-tag-name">{html.escape(tag)}</span> <span class="tt-count" style="{_COUNT_STYLE}">{n}</span>'
+        f'</li>'
+        for tag, n in counts[:limit])
+    more = (f'<li class="tt-more" style="margin:0;padding:1px 6px;opacity:.75">and {len(counts) - limit} more</li>'
+            if len(counts) > limit else "")
+    head = (f'<div class="tt-tags-head" style="font-size:.9em;opacity:.8">{len(counts)} '
+            f'{"tag" if len(counts) == 1 else "tags"}, each with the number of pictures whose caption has it:</div>')
+    return f'<div class="tt-tags">{head}<ul class="tt-tag-list" style="{_TAG_LIST_STYLE}">{chips}{more}</ul></div>'
 
 
 def fmt_time(seconds: float) -> str:

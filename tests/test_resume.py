@@ -195,10 +195,13 @@ def test_the_tab_resumes_through_its_job_manager(tmp_path: Path, demo_ckpt: Path
 
 # ---------------------------------------------------------------------- kill -9 at random moments
 
-def _cli(argv: list[str]) -> None:
-    """A training process: exactly what ``python -m train_tools ...`` runs, with its exit status."""
+def _cli(argv: list[str], lock_dir: str | None = None) -> None:
+    """A training process: exactly what ``python -m train_tools ...`` runs, with its exit status; ``lock_dir``
+    gives it device locks of its own (as if it ran on a computer of its own)."""
     from train_tools.cli import main
 
+    if lock_dir is not None:
+        os.environ["TRAIN_TOOLS_LOCK_DIR"] = lock_dir
     sys.exit(main(argv))
 
 
@@ -338,10 +341,12 @@ def test_kill_9_at_random_moments_leaves_whole_files_and_resume_finishes_the_sam
         assert _half_files(folder) == [], (trial, wait)
         assert sorted(p.name for p in (folder / "outputs/train_tools/projects/p/versions/v1/dataset").iterdir()) \
             == sorted(p.name for p in (template / "outputs/train_tools/projects/p/versions/v1/dataset").iterdir())
-        # Resume it in the background while the next trial trains (a different data dir: no lock shared).
+        # Resume it in the background while the next trial trains: device locks are machine-wide, so the resume
+        # gets a lock folder of its own, as if on a second computer.
         if resumed:
             finish(*resumed.pop())
-        resume = forkserver.Process(target=_cli, args=(["--data-dir", str(folder), *train_args, "--resume"],))
+        resume = forkserver.Process(target=_cli, args=(["--data-dir", str(folder), *train_args, "--resume"],
+                                                       str(folder / "locks")))
         resume.start()
         resumed.append((folder, resume))
     finish(*resumed.pop())

@@ -270,8 +270,8 @@ DAMAGE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "batch far past the end": (_set("batch", 10**9),
                                "batch 1000000000 is past the end of epoch 2, which has 2 batches"),
     "batch one past the end": (_set("batch", 3), "batch 3 is past the end of epoch 2, which has 2 batches"),
-    "negative batch": (_set("batch", -1), "none can be below"),
-    "epoch 0": (_set("epoch", 0), "none can be below"),
+    "negative batch": (_set("batch", -1), "its batch is -1, below 0"),
+    "epoch 0": (_set("epoch", 0), "its epoch is 0, below 1"),
     "epoch past the run": (_set("epoch", 9), "epoch 9 is past the end of the run, which has 2 epochs"),
     "losses cut short": (lambda o: o.update(losses=o["losses"][:1]), "it holds 1 losses for 3 steps"),
     "step not where the batch ends": (lambda o: o.update(batch=2), "step 3 is not where batch 2 of epoch 2 ends"),
@@ -337,6 +337,23 @@ def test_a_hostile_captions_snapshot_of_a_run_is_one_sentence(stopped: tuple[Ver
     shutil.rmtree(run)
 
 
+def test_the_command_line_refuses_a_state_past_the_end_with_a_sentence(stopped: tuple[Version, Path],
+                                                                       caplog: pytest.LogCaptureFixture):
+    """Before, batch=10**9 'finished' the run with exit status 0, skipping the rest of its epoch."""
+    from train_tools.cli import main
+
+    version, _run = stopped
+    run = copy_run(stopped)
+    edit_state(run, _set("batch", 10**9))
+    before = snapshot_of(run)
+    data = Path(version.path).parents[5]
+    with caplog.at_level("INFO"):
+        assert main(["--data-dir", str(data), "train", "p", "v1", "--resume", run.name, "--device", "cpu"]) == 2
+    assert "batch 1000000000 is past the end of epoch 2, which has 2 batches" in caplog.text
+    assert "Traceback" not in caplog.text and snapshot_of(run) == before
+    shutil.rmtree(run)
+
+
 # Edits that make the file no state at all: the newest state that loads is used instead (the run loses the steps
 # after it, not its LoRA); with no other state left, a sentence.
 BROKEN: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
@@ -347,6 +364,7 @@ BROKEN: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "step far past": (_set("step", 10**9), "it says step 1000000000 (interrupt) but is named for step 3"),
     "losses as text": (_set("losses", "low"), "its losses is 'low', not a list of numbers"),
     "kind unknown": (_set("kind", "nap"), "its kind is 'nap'"),
+    "kind a list": (_set("kind", ["final"]), "its kind is a list of 1"),
     "lora as a list": (_set("lora", [1, 2]), "its lora is a list of 2, not a table of tensors"),
     "renamed": (_set("step", 2), "it says step 2 (interrupt) but is named for step 3"),
     "nested deep": (lambda o: o["config"].__setitem__("preview_prompt", _nested(50)), "nested more than 16"),

@@ -21,6 +21,11 @@ because every file goes through ``fileio``'s write-to-a-temporary-name-then-rena
 
 The file is ``torch.save`` of plain tensors, numbers, strings, lists and dicts only, and is read back with
 ``torch.load(weights_only=True)``: a state file, like any file a person might be handed, can never run code.
+A damaged or hand-edited one is checked before anything resumes: the type of every field when it is read
+(``load_state``; a newest state that fails this gives way to the one before it), whether it holds together when
+the run is opened (``consistency_problem``), and whether it fits the run, its batches, LoRA, optimizer, schedule
+and generators, before the trainer restores it (``fit_problem``). What fails is one sentence, never a traceback
+and never a run that "finishes" having skipped its work.
 """
 
 from __future__ import annotations
@@ -239,13 +244,13 @@ def _type_problem(obj: dict[str, Any]) -> str | None:
         if not _is_int(obj[key]):
             return f"its {key} is {_shown(obj[key])}, not a whole number"
     checks: list[tuple[str, bool, str]] = [
-        ("kind", obj["kind"] in _KIND_ORDER, f"one of {', '.join(_KIND_ORDER)}"),
+        ("kind", isinstance(obj["kind"], str) and obj["kind"] in _KIND_ORDER, f"one of {', '.join(_KIND_ORDER)}"),
         ("finished", isinstance(obj["finished"], bool), "true or false"),
         ("config", isinstance(obj["config"], dict) and all(isinstance(k, str) for k in obj["config"]),
          "a table of settings"),
         ("base_model_path", isinstance(obj["base_model_path"], str), "a file path"),
         ("base_sha256", obj["base_sha256"] is None or (isinstance(obj["base_sha256"], str)
-                                                       and re.fullmatch(r"[0-9a-f]{64}", obj["base_sha256"])),
+                                                       and bool(re.fullmatch(r"[0-9a-f]{64}", obj["base_sha256"]))),
          "a sha256"),
         ("started_at", _is_number(obj["started_at"]) and obj["started_at"] >= 0, "a time"),
         ("files", _is_str_list(obj["files"]), "a list of file names"),
@@ -397,8 +402,9 @@ def consistency_problem(state: TrainState, config: TrainConfig) -> str | None:
     """What in ``state`` (of a run with ``config``) contradicts itself, or None. What needs the run's batches
     and model is ``fit_problem``'s."""
     epochs = config.epochs
-    if state.epoch < 1 or state.batch < 0 or state.step < 0:
-        return f"epoch {state.epoch}, batch {state.batch}, step {state.step}: none can be below 1, 0, 0"
+    for what, value, least in (("epoch", state.epoch, 1), ("batch", state.batch, 0), ("step", state.step, 0)):
+        if value < least:
+            return f"its {what} is {value}, below {least}"
     if state.epoch > epochs + 1:
         return f"epoch {state.epoch} is past the end of the run, which has {epochs} epochs"
     ends = state.epoch == epochs + 1

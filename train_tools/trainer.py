@@ -874,14 +874,19 @@ class Trainer:
                               ticks=acc.num_processes)
         if problem:
             raise damaged(Path(run), problem)
-        with torch.no_grad():
-            for name, param in weights.items():
-                param.copy_(state.lora[name].to(param.device, param.dtype))
-        self.optimizer.load_state_dict(state.optimizer)
-        self.lr_scheduler.load_state_dict(state.scheduler)
-        if scaler is not None and state.scaler:
-            scaler.load_state_dict(state.scaler)
-        restore_rng(state.rng[acc.process_index], rng, gen)
+        try:  # the checks above leave nothing for these to refuse; should one still, it is the state's damage
+            with torch.no_grad():
+                for name, param in weights.items():
+                    param.copy_(state.lora[name].to(param.device, param.dtype))
+            self.optimizer.load_state_dict(state.optimizer)
+            self.lr_scheduler.load_state_dict(state.scheduler)
+            if scaler is not None and state.scaler:
+                scaler.load_state_dict(state.scaler)
+            restore_rng(state.rng[acc.process_index], rng, gen)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
+            if is_out_of_memory(exc):
+                raise
+            raise damaged(Path(run), f"{type(exc).__name__} while restoring it") from exc
         self.started_at = state.started_at
 
     def _finished_result(self, point: ResumePoint) -> TrainResult:

@@ -7,7 +7,6 @@ and no pickle is ever allowed to run code.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import struct
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import fileio
 from .errors import UserError
 from .model_configs import SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, spec
 
@@ -73,9 +73,10 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             raise _not_safetensors(path)
         raw = fh.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _not_safetensors(path) from None
+        header = fileio.parse_json(raw)
+    except fileio.JSONProblem as exc:  # not UTF-8, not JSON, or nested too deep to be a real header
+        raise UserError(f"{path.name} is not a valid .safetensors file (its header {exc}); download the model "
+                        "again.") from None
     if not isinstance(header, dict):
         raise _not_safetensors(path)
     end = 0

@@ -416,11 +416,11 @@ def read_caption_edits(prepared: Path) -> dict[str, Any]:
     the dataset-wide ``remove`` / ``rename`` operations, which also apply to pictures added later."""
     path = Path(prepared) / EDITS_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = fileio.read_json(path, "ignoring the edits", what="The caption edits file")
     except FileNotFoundError:
         data = {}
-    except (OSError, ValueError) as exc:
-        log.warning("The caption edits file is unreadable (%s); ignoring the edits.", exc)
+    except UserError as exc:
+        log.warning("%s", exc)
         data = {}
     data = data if isinstance(data, dict) else {}
     captions = data.get("captions")
@@ -526,11 +526,11 @@ def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
 def _read_manifest(prepared: Path) -> dict[str, Any]:
     path = prepared / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = fileio.read_json(path, "preparing everything again", what="The prepared-dataset manifest")
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        log.warning("The prepared-dataset manifest is unreadable (%s); preparing everything again.", exc)
+    except UserError as exc:
+        log.warning("%s", exc)
         return {}
     return data if isinstance(data, dict) else {}
 

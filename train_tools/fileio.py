@@ -174,3 +174,95 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- reading JSON a person may have edited
+
+#: Deeper than any JSON this project writes (settings are flat, a safetensors header two levels deep): a
+#: deeper file is damaged or hostile, and code that walks it (copying, comparing, saving) would recurse.
+MAX_JSON_DEPTH = 32
+#: Larger than any settings, run or preview file this project writes.
+MAX_JSON_BYTES = 64 << 20
+_BOMS = ((b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+class JSONProblem(ValueError):
+    """What is wrong with some JSON bytes, said in a few words (``parse_json`` raises it)."""
+
+
+def parse_json(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode UTF-8 JSON ``data`` (a leading UTF-8 byte order mark, as Windows Notepad writes, is accepted).
+
+    Raises JSONProblem when the bytes are not UTF-8, not JSON (NaN and Infinity included: JSON has no such
+    numbers), or nested deeper than ``max_depth``; never RecursionError.
+    """
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            raise JSONProblem(f"is not UTF-8 text (it is saved as {encoding})")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JSONProblem(f"is not UTF-8 text (byte {exc.start} is not UTF-8)") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise JSONProblem(f"is nested more than {max_depth} levels deep") from None
+    except JSONProblem:
+        raise
+    except ValueError as exc:  # json.JSONDecodeError
+        raise JSONProblem(f"is not valid JSON ({exc})") from None
+    if nesting_depth(value) > max_depth:
+        raise JSONProblem(f"is nested more than {max_depth} levels deep")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 64:  # Python refuses 4300 digits with a message about its own settings; say it plainly
+        raise JSONProblem(f"is not valid JSON (it has a number {len(text)} digits long)")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONProblem(f"is not valid JSON ({name} is not a number JSON has)")
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep dicts, lists and tuples nest in ``value`` (a number or string: 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def read_json(path: Path, fix: str, *, what: str = "The file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON in ``path``, a file a person may have edited, moved or damaged.
+
+    Anything wrong with it (unreadable, too large, not UTF-8, not JSON, nested too deep) is a UserError
+    "<what> <path> <problem>; <fix>." A missing file raises FileNotFoundError, so callers decide what that
+    means (often: the defaults).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise UserError(f"{what} {path} cannot be read ({reason}); {fix}.") from exc
+    if len(data) > max_bytes:
+        raise UserError(f"{what} {path} is larger than {max_bytes >> 20} MB, far more than it should be; {fix}.")
+    try:
+        return parse_json(data)
+    except JSONProblem as exc:
+        raise UserError(f"{what} {path} {exc}; {fix}.") from None

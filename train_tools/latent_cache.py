@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .fileio import write_with
+from .fileio import remove_stale_temp_files, write_with
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,13 @@ class LatentDiskCache:
         tensors = {"mean": mean.detach().float().cpu().contiguous(), "std": std.detach().float().cpu().contiguous()}
         meta = self._meta(image_sha, size, flip)
         write_with(self.path_for(image_sha, size, flip), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the half-written entries a killed run left (``.<name>.<random>.tmp``); returns what went.
+
+        Only while nothing writes here: the caller holds the version, so no other run encodes into it.
+        """
+        return remove_stale_temp_files(self.folder)
 
     def prune(self, image_shas: set[str]) -> int:
         """Delete the entries of pictures that are no longer in the prepared folder; returns how many."""

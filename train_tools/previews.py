@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import math
 import random
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from PIL import Image, ImageDraw, ImageFont
 
 from . import fileio
+from .fileio import read_json
 from .config import TrainConfig
 from .errors import UserError
 from .progress import Reporter, StepInfo, StopFlag, TerminalReporter
@@ -166,11 +166,11 @@ def run_config(run_dir: Path) -> TrainConfig:
     """The settings a run was trained with (its own snapshot; keys this version does not know are skipped)."""
     path = Path(run_dir) / "settings.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, "train a new run to preview", what="The run's settings file")
     except FileNotFoundError:
         return TrainConfig()
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"The run's settings file {path} is damaged ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"The run's settings file {path} is not a table of settings; train a new run to preview.")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
 
@@ -178,11 +178,11 @@ def run_config(run_dir: Path) -> TrainConfig:
 def run_checkpoint(run_dir: Path) -> Path | None:
     """The base checkpoint a run recorded, if that file still exists."""
     try:
-        data = json.loads((Path(run_dir) / "settings.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = read_json(Path(run_dir) / "settings.json", "choose the base model")
+    except (OSError, UserError):
         return None
-    recorded = data.get("base_model_path")
-    if recorded and Path(recorded).is_file():
+    recorded = data.get("base_model_path") if isinstance(data, dict) else None
+    if isinstance(recorded, str) and recorded and Path(recorded).is_file():
         return Path(recorded)
     return None
 
@@ -597,22 +597,22 @@ class GridInfo:
     @classmethod
     def load(cls, json_path: Path) -> GridInfo:
         json_path = Path(json_path)
-        try:
-            data = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"The preview grid description {json_path} cannot be read ({exc}); make the previews "
-                            "again.") from exc
+        data = read_json(json_path, "make the previews again", what="The preview grid description")
         folder = json_path.parent
         run_dir = folder.parent.parent
-        cells = [GridCell(row=c["row"], col=c["col"], epoch=c["epoch"],
-                          file=run_dir / c["file"] if c.get("file") else None, weight=c.get("weight"),
-                          image=folder / c["path"]) for c in data["cells"]]
-        layout = data["layout"]
-        return cls(json_path=json_path, image=folder.parent / data["grid"],
-                   settings=PreviewSettings.from_dict(data["settings"]), columns=list(layout["columns"]),
-                   rows=list(layout["rows"]), left=layout["left"], top=layout["top"],
-                   cell_width=layout["cell_width"], cell_height=layout["cell_height"], cells=cells,
-                   interrupted=bool(data.get("interrupted", False)))
+        try:  # a hand-edited or damaged description: a sentence, and no path that leads out of the run
+            cells = [GridCell(row=int(c["row"]), col=int(c["col"]), epoch=int(c["epoch"]),
+                              file=run_dir / _plain_name(c["file"]) if c.get("file") else None,
+                              weight=c.get("weight"), image=folder / _plain_name(c["path"])) for c in data["cells"]]
+            layout = data["layout"]
+            return cls(json_path=json_path, image=folder.parent / _plain_name(data["grid"]),
+                       settings=PreviewSettings.from_dict(data["settings"]), columns=list(layout["columns"]),
+                       rows=list(layout["rows"]), left=int(layout["left"]), top=int(layout["top"]),
+                       cell_width=max(1, int(layout["cell_width"])), cell_height=max(1, int(layout["cell_height"])),
+                       cells=cells, interrupted=bool(data.get("interrupted", False)))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise UserError(f"The preview grid description {json_path} is damaged ({type(exc).__name__}); make the "
+                            "previews again.") from None
 
     def cell(self, row: int, col: int) -> GridCell | None:
         return next((c for c in self.cells if c.row == row and c.col == col), None)
@@ -624,6 +624,13 @@ class GridInfo:
         if x < self.left or y < self.top or col >= len(self.columns) or row >= len(self.rows):
             return None
         return self.cell(row, col)
+
+
+def _plain_name(name: Any) -> str:
+    """A file name inside the folder it is read from (what grid.json holds); ValueError for anything else."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"{name!r} is not a plain file name")
+    return name
 
 
 def generate_grid(run_dir: Path, previewer: Previewer, settings: PreviewSettings, *,

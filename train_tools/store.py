@@ -17,7 +17,6 @@ or Windows cannot store, or that would clash with an existing one are refused wi
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -82,10 +81,10 @@ class Version:
         if not self.settings_path.exists():
             return TrainConfig()
         try:
-            data = json.loads(self.settings_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"The settings file {self.settings_path} is damaged ({exc}); delete it to start "
-                            "from the defaults.") from exc
+            data = fileio.read_json(self.settings_path, "fix it (as UTF-8 JSON) or delete it to start from the "
+                                    "defaults", what="The settings file")
+        except FileNotFoundError:
+            return TrainConfig()
         return TrainConfig.from_dict(data)
 
     def output_name(self, config: TrainConfig) -> str:

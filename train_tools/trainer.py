@@ -25,7 +25,7 @@ from . import dataset as ds
 from .buckets import bucket_info
 from .config import TrainConfig
 from .errors import UserError
-from .fileio import sha256_file, write_json
+from .fileio import read_json, sha256_file, write_json
 from .names import check_name
 from .preparation import load_reg_items, prepare_items
 from .progress import Reporter, StepInfo, StopFlag, Stopped
@@ -128,6 +128,7 @@ class Trainer:
         # test what the layout changes.
         self.flat_layout = True
         self.prepared = False
+        self.holds_version = False  # True inside ``run``: no other run uses the version's folders meanwhile
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -361,6 +362,9 @@ class Trainer:
         if acc.is_main_process:
             for folder, cache in disks.items():
                 cache.prune(shas[folder])
+                if self.holds_version:  # no other run can be writing there: a killed run's leftovers can go
+                    for path in cache.remove_leftovers():
+                        log.info("Removed %s, half-written when a run stopped.", path.name)
         total = len(self.all_items) * len(flips)
         self.reporter.message(f"Latents: {total - self.latent_encodes} of {total} from the cache, "
                               f"{self.latent_encodes} encoded")
@@ -539,6 +543,7 @@ class Trainer:
         with hold(self.version.data_dir, self.requested_device, label), \
                 hold_version(self.version.path, label):
             out_of_memory = False
+            self.holds_version = True
             try:
                 return self._train()
             except BaseException as exc:
@@ -547,6 +552,8 @@ class Trainer:
                     raise
                 log.error("Out of memory: %s", str(exc))  # str: a logged exception would keep its tensors alive
                 out_of_memory = True
+            finally:
+                self.holds_version = False
             # Outside the except block: the error and its traceback (which holds the step's tensors) are gone.
             if out_of_memory:
                 self.release_memory()
@@ -565,7 +572,6 @@ class Trainer:
                 self.reporter.finish()
                 return TrainResult(None, [], 0, 0, True)
         cfg, acc = self.config, self.accelerator
-        run_dir = self._open_run_dir()
         from .loader import file_sha256  # remembered per file: a 7 GB checkpoint is hashed once, not per run
 
         self.base_sha256 = file_sha256(self.checkpoint) if acc.is_main_process else None
@@ -576,8 +582,12 @@ class Trainer:
         step = 0
         start_epoch, start_batch = 1, 0
         state = point.state if point is not None else None
-        if state is not None:
+        if point is not None and point.started_at is not None:
+            self.started_at = point.started_at  # the run's LoRA files keep the time it began
+        if state is not None:  # checked against the run, then restored, before anything in the run changes
             self._restore_state(state, rng, gen)
+        run_dir = self._open_run_dir()
+        if state is not None:
             step, start_epoch, start_batch = state.step, state.epoch, state.batch
             files = [run_dir / name for name in state.files if (run_dir / name).is_file()]
             losses = list(state.losses)
@@ -707,7 +717,7 @@ class Trainer:
     def _write_run_snapshot(self, run_dir: Path) -> None:
         """The run keeps its own copy of settings and captions, so later edits cannot change what it was."""
         write_json(run_dir / "settings.json", {**self.config.to_dict(), "base_model_path": str(self.checkpoint),
-                                               "repeats_used": self.repeats})
+                                               "repeats_used": self.repeats, "started_at": self.started_at})
         write_json(run_dir / "captions.json", {item.image.name: item.caption for item in self.items})
         if self.reg_items:
             write_json(run_dir / REG_CAPTIONS, {item.image.name: item.caption for item in self.reg_items})
@@ -793,11 +803,10 @@ class Trainer:
     def _snapshot_captions(items: list[ds.DatasetItem], snapshot: Path) -> list[ds.DatasetItem]:
         if not items or not snapshot.is_file():
             return items
-        try:
-            captions = json.loads(snapshot.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"The captions of run {snapshot.parent.name} are damaged ({exc}); start a new run."
-                            ) from exc
+        captions = read_json(snapshot, "start a new run", what=f"The captions of run {snapshot.parent.name},")
+        if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
+            raise UserError(f"The captions of run {snapshot.parent.name}, {snapshot}, are not a table of captions; "
+                            "start a new run.")
         return [dataclasses.replace(item, caption=str(captions.get(item.image.name, item.caption)))
                 for item in items]
 
@@ -839,13 +848,18 @@ class Trainer:
 
     def _restore_state(self, state: Any, rng: random.Random, gen: torch.Generator) -> None:
         """Put the weights, optimizer, schedule and generators back where the state left them."""
-        from .resume import restore_rng
+        from .resume import capture_rng, damaged, fit_problem, restore_rng
 
         acc = self.accelerator
         run = self.resume.run_dir.name if self.resume is not None else "the run"
         if self.base_sha256 and state.base_sha256 and self.base_sha256 != state.base_sha256:
+            began = Path(state.base_model_path).name
+            if began == self.checkpoint.name:
+                raise UserError(f"{self.checkpoint.name} is not the base model run {run} began with: the file "
+                                "has the same name, but its content changed since (its sha256 differs); put the "
+                                "original file back to resume the run, or start a new run.")
             raise UserError(f"{self.checkpoint.name} is not the base model run {run} began with "
-                            f"({Path(state.base_model_path).name}); choose that checkpoint to resume it.")
+                            f"({began}); choose that checkpoint to resume it.")
         if len(state.rng) != acc.num_processes:
             raise UserError(f"Run {run} was trained by {len(state.rng)} processes; resume it with as many GPUs "
                             f"(this is {acc.num_processes}).")
@@ -853,19 +867,31 @@ class Trainer:
         if weights.keys() != state.lora.keys():
             raise UserError(f"The training state of run {run} does not fit this model and these settings; start "
                             "a new run.")
-        with torch.no_grad():
-            for name, param in weights.items():
-                param.copy_(state.lora[name].to(param.device, param.dtype))
-        try:
-            self.optimizer.load_state_dict(state.optimizer)
-        except ValueError as exc:  # another layout of the optimizer's weights (e.g. from before flat_params.py)
+        layout = _optimizer_layout(state.optimizer)
+        if layout is not None and layout != _optimizer_layout(self.optimizer.state_dict()):
+            # another layout of the optimizer's weights (e.g. from before flat_params.py)
             raise UserError(f"The optimizer state of run {run} does not fit this version of Train Tools; start a "
-                            "new run.") from exc
-        self.lr_scheduler.load_state_dict(state.scheduler)
+                            "new run.")
         scaler = getattr(acc, "scaler", None)
-        if scaler is not None and state.scaler:
-            scaler.load_state_dict(state.scaler)
-        restore_rng(state.rng[acc.process_index], rng, gen)
+        batch_counts = [self._local_batch_count(epoch) for epoch in range(1, self.config.epochs + 1)]
+        problem = fit_problem(state, batch_counts=batch_counts, weights=weights, optimizer=self.optimizer,
+                              scheduler=self.lr_scheduler, scaler=scaler, rng_now=capture_rng(rng, gen),
+                              ticks=acc.num_processes)
+        if problem:
+            raise damaged(Path(run), problem)
+        try:  # the checks above leave nothing for these to refuse; should one still, it is the state's damage
+            with torch.no_grad():
+                for name, param in weights.items():
+                    param.copy_(state.lora[name].to(param.device, param.dtype))
+            self.optimizer.load_state_dict(state.optimizer)
+            self.lr_scheduler.load_state_dict(state.scheduler)
+            if scaler is not None and state.scaler:
+                scaler.load_state_dict(state.scaler)
+            restore_rng(state.rng[acc.process_index], rng, gen)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
+            if is_out_of_memory(exc):
+                raise
+            raise damaged(Path(run), f"{type(exc).__name__} while restoring it") from exc
         self.started_at = state.started_at
 
     def _finished_result(self, point: ResumePoint) -> TrainResult:
@@ -945,6 +971,15 @@ def _fp32(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     for p in params:
         p.data = p.data.float()
     return params
+
+
+def _optimizer_layout(state: Any) -> list[int] | None:
+    """How many weights each group of an optimizer's state holds; None when it is no optimizer state at all."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        return None
+    return [len(group["params"]) for group in groups]
 
 
 def train(version: Version, config: TrainConfig, checkpoint: Path, **kwargs: Any) -> TrainResult:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import shutil
@@ -311,10 +310,13 @@ class TabLogic:
 
     def remembered(self) -> tuple[str | None, str | None]:
         try:
-            data = json.loads(self.ui_state_path.read_text(encoding="utf-8"))
-            return data.get("project"), data.get("version")
-        except (OSError, ValueError, AttributeError):
+            data = fileio.read_json(self.ui_state_path, "it is ignored")
+        except (OSError, UserError):
             return None, None
+        if not isinstance(data, dict):
+            return None, None
+        project, version = data.get("project"), data.get("version")
+        return (project if isinstance(project, str) else None), (version if isinstance(version, str) else None)
 
     # -------------------------------------------------------------- lookups
     def version_or_none(self, project: str | None, version: str | None) -> Version | None:

@@ -129,14 +129,15 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
                         lambda c, lora_dir, **k: lora_dir / c.file.name)
     tab = ui.build_tab(host, logic.jobs)
     comps = tab.train_tools.components
+    grid_png = str(version.trains_dir / "run1" / "previews" / "grid-1.png")  # a grid of the version's run
     # Values a user would have on the page.
     current = {id(comps["project"]): "p", id(comps["version"]): "v1", id(comps["new_project"]): "q",
                id(comps["new_version"]): "v2", id(comps["result_file"]): "run1/p-v1.safetensors",
                id(comps["upload"]): [str(upload)], id(comps["upload_reg"]): [str(upload)],
                id(comps["setting_base_model"]): "mine.safetensors",
                id(comps["caption_target"]): str(version.originals_dir / "a.png"), id(comps["caption"]): "a  red\nball",
-               id(comps["tag"]): "red", id(comps["tag_new"]): "blue", id(comps["grid_path"]): "grid.png",
-               id(comps["preview_cell"]): {"grid": "grid.png", "row": 0, "col": 1}}
+               id(comps["tag"]): "red", id(comps["tag_new"]): "blue", id(comps["grid_path"]): grid_png,
+               id(comps["preview_cell"]): {"grid": grid_png, "row": 0, "col": 1}}
     functions = _functions(tab)
     assert len(functions) >= 15
     for fn in functions:

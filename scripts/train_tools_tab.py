@@ -19,13 +19,13 @@ if str(EXTENSION_ROOT) not in sys.path:
     # The WebUI puts the extension folder on sys.path while importing scripts; some loaders do not.
     sys.path.insert(0, str(EXTENSION_ROOT))
 
-from train_tools import webui_host  # noqa: E402 - needs the path above
+from train_tools.hosts import webui as webui_host
 
 log = logging.getLogger("train_tools")
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
-    from train_tools.ui import build_tab
+    from train_tools.ui.tab import build_tab
 
     return [(build_tab(webui_host.WebuiHost()), "Train Tools", "train_tools")]
 

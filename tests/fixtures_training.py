@@ -24,14 +24,14 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.models.demo_model import build_demo_checkpoint
 
     return build_demo_checkpoint(tmp_path_factory.mktemp("models") / "demo.safetensors")
 
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_dataset import make_demo_dataset
+    from train_tools.data.demo_dataset import make_demo_dataset
 
     folder = tmp_path_factory.mktemp("pictures")
     make_demo_dataset(folder, n=2)

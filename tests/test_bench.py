@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train_tools.bench import PHASES, build_parser, peak_tflops, specs_from_args
+from train_tools.bench.speed import PHASES, build_parser, peak_tflops, specs_from_args
 from train_tools.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ])
 def test_cpu_tiny_preset_runs_and_prints_the_tables(tmp_path: Path, flags: list[str], title: str):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train_tools.bench", "--preset", "cpu-tiny", "--steps", "3",
+    proc = subprocess.run([sys.executable, "-m", "train_tools.bench.speed", "--preset", "cpu-tiny", "--steps", "3",
                            "--warmup", "1", "--phase-steps", "1", "--work-dir", str(tmp_path), *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,8 +78,8 @@ def test_presets_and_overrides():
 
 
 def test_stand_in_tokenizer_has_the_real_size():
-    from train_tools.bench import _stand_in_tokenizer
-    from train_tools.tokenizers import REAL_VOCAB_SIZE
+    from train_tools.bench.speed import _stand_in_tokenizer
+    from train_tools.models.tokenizers import REAL_VOCAB_SIZE
 
     tok = _stand_in_tokenizer("!")
     assert len(tok) == REAL_VOCAB_SIZE

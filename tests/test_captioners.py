@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train_tools import captioners as cap
-from train_tools import dataset as ds
+from train_tools.data import captioners as cap
+from train_tools.data import dataset as ds
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 
@@ -298,7 +298,7 @@ def test_make_captioner_kinds_and_host_hook(tmp_path):
 
     assert cap.make_captioner("deepbooru", models_dir=tmp_path, host=FakeHost())(solid(RED)) == "host deepbooru 64"
     assert cap.make_captioner("blip", models_dir=tmp_path, host=FakeHost())(solid(RED)) == "host blip 64"
-    from train_tools.host import StandaloneHost
+    from train_tools.hosts.base import StandaloneHost
 
     assert StandaloneHost(tmp_path).captioner("blip") is None
 
@@ -404,7 +404,7 @@ def test_blip_found_in_the_models_folder_and_offline_error(tmp_path, tiny_blip, 
 
 
 def test_benchmark_prints_its_table(capsys, tmp_path):
-    from train_tools import bench_dataset
+    from train_tools.bench import dataset as bench_dataset
 
     build_tagger_files(cap.wd14_folder(tmp_path, REPO))
     assert bench_dataset.main(["-n", "3", "--models-dir", str(tmp_path), "--repo", REPO]) == 0

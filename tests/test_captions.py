@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train_tools import captions
-from train_tools import dataset as ds
+from train_tools.data import captions
+from train_tools.data import dataset as ds
 from train_tools.errors import UserError
 
 COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers_models import assert_same_weights, save_safetensors, tiny_models
-from train_tools.convert import (
+from train_tools.models.convert import (
     ComponentStateDicts,
     components_from_models,
     diffusers_to_original,
@@ -17,8 +17,8 @@ from train_tools.convert import (
     original_to_diffusers,
 )
 from train_tools.errors import UserError
-from train_tools.loader import load_model
-from train_tools.model_configs import build_text_encoders, build_unet, build_vae, spec
+from train_tools.models.loader import load_model
+from train_tools.models.configs import build_text_encoders, build_unet, build_vae, spec
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd2"])
@@ -259,7 +259,7 @@ def test_full_size_layout_agrees_with_diffusers_own_single_file_reader(family: s
     read our original-layout dict back to exactly our diffusers names and shapes. Each tensor is one
     distinct number broadcast to its full shape, so SDXL at full size costs no memory."""
     sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
-    from train_tools.convert import normalize_text_encoder_keys
+    from train_tools.models.convert import normalize_text_encoder_keys
 
     model_spec = spec(family)
     counter = iter(range(1, 1_000_000))

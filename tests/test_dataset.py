@@ -17,12 +17,12 @@ import torch
 from PIL import Image, ImageFile
 
 from tests.image_zoo import GREEN, ORANGE, bomb_png, noisy_rgb, write_zoo
-from train_tools import buckets
-from train_tools import dataset as ds
+from train_tools.data import buckets
+from train_tools.data import dataset as ds
 from train_tools.config import TrainConfig
-from train_tools.demo_dataset import make_demo_dataset
+from train_tools.data.demo_dataset import make_demo_dataset
 from train_tools.errors import UserError
-from train_tools.sampler import BucketBatchSampler
+from train_tools.data.sampler import BucketBatchSampler
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -37,7 +37,7 @@ def _worker(data_dir: Path, ckpt: Path, out_dir: Path) -> int:
     from safetensors.torch import save_file
 
     from train_tools import cli, progress
-    from train_tools.trainer import Trainer
+    from train_tools.training.trainer import Trainer
 
     trainers: list[Trainer] = []
     record: dict[str, list] = {"hashes": [], "lrs": [], "batches": [], "epochs": []}
@@ -101,8 +101,8 @@ def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) 
     from safetensors.torch import load_file
 
     from train_tools.cli import main
-    from train_tools.demo_dataset import make_demo_dataset
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.data.demo_dataset import make_demo_dataset
+    from train_tools.models.demo_model import build_demo_checkpoint
     from train_tools.store import Store
 
     ckpt = build_demo_checkpoint(tmp_path / "demo.safetensors")

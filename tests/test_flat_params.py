@@ -12,12 +12,12 @@ import torch
 from safetensors import safe_open
 
 from tests import fixtures_training
-from train_tools import optim
+from train_tools.training import optim
 from train_tools.config import TrainConfig
-from train_tools.flat_params import ELEMENTWISE_OPTIMIZERS, flatten_group, flatten_groups, views_intact
-from train_tools.optim import make_optimizer
+from train_tools.training.flat_params import ELEMENTWISE_OPTIMIZERS, flatten_group, flatten_groups, views_intact
+from train_tools.training.optim import make_optimizer
 from train_tools.store import Store
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 one_thread = fixtures_training.one_thread
 demo_ckpt = fixtures_training.demo_ckpt
@@ -160,7 +160,7 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True
                ) -> tuple[Path, Trainer]:
-    from train_tools.dataset import add_originals
+    from train_tools.data.dataset import add_originals
 
     store = Store(data_dir)
     store.create_project("p")

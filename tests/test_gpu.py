@@ -2,7 +2,7 @@
 fp16's gradient scaler, the optimizers' CUDA paths, a real out-of-memory stop, and resuming with a scaler.
 
 Skipped without a GPU (CI has none). On a GPU machine: ``python -m pytest tests/test_gpu.py``, then the
-benchmarks (``python -m train_tools.bench --preset gpu-sd15``, see BENCHMARKS.md).
+benchmarks (``python -m train_tools.bench.speed --preset gpu-sd15``, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 
 from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
-from train_tools import flat_params
+from train_tools.training import flat_params
 from train_tools.config import TrainConfig
-from train_tools.optim import ForeachLion, make_optimizer
+from train_tools.training.optim import ForeachLion, make_optimizer
 from train_tools.progress import StopFlag
-from train_tools.resume import latest_state
+from train_tools.training.resume import latest_state
 from train_tools.store import Store, Version
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,7 +43,7 @@ def gpu_config(**changes: Any) -> TrainConfig:
 
 
 def new_version(folder: Path, pictures: Path) -> Version:
-    from train_tools.dataset import add_originals
+    from train_tools.data.dataset import add_originals
 
     store = Store(folder)
     store.create_project("p")
@@ -141,7 +141,7 @@ def test_eight_bit_optimizers_train_on_the_gpu(name: str) -> None:
 
 def test_a_real_out_of_memory_stops_with_advice_and_frees_the_gpu(tmp_path: Path, demo_ckpt: Path,
                                                                   pictures: Path, monkeypatch: pytest.MonkeyPatch):
-    from train_tools.jobs import FAILED, FINISHED, JobManager, training_work
+    from train_tools.ui.jobs import FAILED, FINISHED, JobManager, training_work
 
     version = new_version(tmp_path, pictures)
     config = gpu_config(epochs=1)

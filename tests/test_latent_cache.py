@@ -12,21 +12,21 @@ from PIL import Image
 
 from train_tools.cli import main
 from train_tools.config import TrainConfig
-from train_tools.latent_cache import CACHE_DIR_NAME
+from train_tools.data.latent_cache import CACHE_DIR_NAME
 from train_tools.store import Store, Version
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.models.demo_model import build_demo_checkpoint
 
     return build_demo_checkpoint(tmp_path_factory.mktemp("models") / "demo.safetensors")
 
 
 @pytest.fixture
 def version(tmp_path: Path) -> Version:
-    from train_tools.demo_dataset import make_demo_dataset
+    from train_tools.data.demo_dataset import make_demo_dataset
 
     pictures = tmp_path / "pictures"
     make_demo_dataset(pictures, n=3)

@@ -17,16 +17,16 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from tests.helpers_models import assert_same_weights, expanded, save_safetensors
 from tests.stand_ins import MakesAFile
-from train_tools import tokenizers as toks
-from train_tools.checkpoint import (
+from train_tools.models import tokenizers as toks
+from train_tools.models.checkpoint import (
     detect_family,
     detect_structure,
     read_state_dict,
     unet_predicts_v,
 )
-from train_tools.demo_model import build_demo_checkpoint
+from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.errors import UserError
-from train_tools.loader import file_sha256, load_model
+from train_tools.models.loader import file_sha256, load_model
 
 UNET = "model.diffusion_model."
 MID_K = UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
@@ -113,7 +113,7 @@ def test_sd2_without_yaml_is_probed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     path = build_demo_checkpoint(tmp_path / "sd2.safetensors", family="sd2")
     path.with_suffix(".yaml").unlink()
     calls = []
-    import train_tools.loader as loader_mod
+    import train_tools.models.loader as loader_mod
 
     def fake_probe(unet: torch.nn.Module) -> bool:
         calls.append(type(unet).__name__)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from lion_pytorch import Lion
 
-from train_tools import optim
+from train_tools.training import optim
 from train_tools.config import OPTIMIZERS
 from train_tools.errors import UserError
-from train_tools.optim import EIGHT_BIT, ForeachLion, make_lr_scheduler, make_optimizer
+from train_tools.training.optim import EIGHT_BIT, ForeachLion, make_lr_scheduler, make_optimizer
 
 SHAPES = [(7,), (4, 5), (3, 2, 3, 3), (1,), (6, 1)]
 

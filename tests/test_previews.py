@@ -24,13 +24,13 @@ from safetensors import safe_open
 from tests.fixtures_training import StopsAtStep
 from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from tests.webui_formula import apply_kohya_lora
-from train_tools import previews
+from train_tools.previews import previews
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
-from train_tools.lora_format import file_tensor_hashes, read_lora
-from train_tools.lora_install import USER_METADATA_KEYS, install_lora
-from train_tools.previews import (
+from train_tools.networks.lora_format import file_tensor_hashes, read_lora
+from train_tools.networks.install import USER_METADATA_KEYS, install_lora
+from train_tools.previews.previews import (
     BASE_LABEL,
     DiffusersPreviewer,
     GridInfo,
@@ -41,7 +41,7 @@ from train_tools.previews import (
 )
 from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.store import Store
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 SETTINGS = PreviewSettings(prompt="p, a red circle", negative_prompt="blurry", seed=7, steps=2, cfg_scale=5.0,
                            sampler="Euler a", width=64, height=64, weights=(0.5, 1.0))
@@ -51,8 +51,8 @@ SETTINGS = PreviewSettings(prompt="p, a red circle", negative_prompt="blurry", s
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     """A version 'p'/'v1' with one tiny run of two epochs (one LoRA file each), and the demo checkpoint."""
-    from train_tools.demo_dataset import make_demo_dataset
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.data.demo_dataset import make_demo_dataset
+    from train_tools.models.demo_model import build_demo_checkpoint
 
     root = tmp_path_factory.mktemp("previews")
     ckpt = build_demo_checkpoint(root / "models" / "demo.safetensors")
@@ -190,7 +190,7 @@ def test_weights_change_the_picture_and_a_seed_repeats_it(trained, previewer, ba
 
 
 def test_merged_weights_follow_the_webui_formula(trained, previewer):
-    from train_tools.loader import load_model
+    from train_tools.models.loader import load_model
 
     weight = 0.7
     previewer.apply_lora(trained.files[0], weight)
@@ -379,7 +379,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.Sim
 
 
 def test_webui_previews_use_its_txt2img_with_the_lora_in_its_folder(trained, webui):
-    from train_tools.webui_host import PREVIEW_SUBDIR, WebuiHost
+    from train_tools.hosts.webui import PREVIEW_SUBDIR, WebuiHost
 
     host = WebuiHost()
     checkpoint = webui.sd_dir / "base.safetensors"
@@ -421,7 +421,7 @@ def test_webui_previews_use_its_txt2img_with_the_lora_in_its_folder(trained, web
 
 
 def test_webui_previewer_says_when_the_webui_made_nothing(trained, webui):
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     previewer = WebuiHost().make_previewer(None)
     webui.shared.state.interrupted = True

@@ -20,10 +20,10 @@ from PIL import Image
 
 from tests.webui_formula import apply_kohya_lora
 from train_tools.config import TrainConfig
-from train_tools.dataset import DatasetItem
+from train_tools.data.dataset import DatasetItem
 from train_tools.errors import UserError
-from train_tools.lora_format import read_lora
-from train_tools.previews import (
+from train_tools.networks.lora_format import read_lora
+from train_tools.previews.previews import (
     BASE_LABEL,
     SAMPLERS,
     DiffusersPreviewer,
@@ -32,7 +32,7 @@ from train_tools.previews import (
     grid_info_for,
 )
 from train_tools.store import Store
-from train_tools.trainer import Trainer, sdxl_time_ids
+from train_tools.training.trainer import Trainer, sdxl_time_ids
 
 FAMILIES = ("sd2", "sd2v", "sdxl")
 PROMPT = "p, a red circle"
@@ -56,8 +56,8 @@ def _train(family: str, store: Store, root: Path) -> types.SimpleNamespace:
     """One epoch at 64 px with both parts trained (so every key prefix of the family is in the file) and a
     high learning rate, so the LoRA visibly moves the pictures. The trainer's own text conditioning of the
     preview prompts is taken before training, while its LoRA (B = 0) still leaves the encoders as they are."""
-    from train_tools.demo_dataset import make_demo_dataset
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.data.demo_dataset import make_demo_dataset
+    from train_tools.models.demo_model import build_demo_checkpoint
 
     ckpt = build_demo_checkpoint(root / f"{family}.safetensors", family=family)
     store.create_project(family)
@@ -169,7 +169,7 @@ def test_sdxl_unet_gets_the_size_numbers_and_pooled_text(runs, previewers) -> No
 
 
 def test_sdxl_merge_follows_the_webui_formula_for_every_key(runs, previewers) -> None:
-    from train_tools.loader import load_model
+    from train_tools.models.loader import load_model
 
     run, previewer = runs["sdxl"], previewers["sdxl"]
     tensors, _ = read_lora(run.file)
@@ -204,7 +204,7 @@ def test_a_lora_of_the_other_kind_is_refused(runs, previewers) -> None:
 
 def test_half_precision_model_decodes_with_a_float32_vae(runs) -> None:
     """The GPU loads the model in half precision; the VAE is kept in float32 (SDXL's overflows in fp16)."""
-    from train_tools.loader import load_model
+    from train_tools.models.loader import load_model
 
     model = load_model(runs["sdxl"].ckpt, dtype=torch.bfloat16)
     with DiffusersPreviewer(model, device="cpu") as previewer:

@@ -19,13 +19,13 @@ from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
 from train_tools.cli import main
 from train_tools.config import TrainConfig
-from train_tools.dataset import DatasetItem, add_originals, load_items
-from train_tools.preparation import prepare_version
+from train_tools.data.dataset import DatasetItem, add_originals, load_items
+from train_tools.data.preparation import prepare_version
 from train_tools.progress import StopFlag
-from train_tools.sampler import RegularisedBatchSampler
+from train_tools.data.sampler import RegularisedBatchSampler
 from train_tools.store import Store, Version
-from train_tools.text_encoding import Conditioning
-from train_tools.trainer import Trainer
+from train_tools.training.text_encoding import Conditioning
+from train_tools.training.trainer import Trainer
 
 TRIGGER = "sks"
 CLASS_CAPTION = "a photo of a shape"
@@ -48,7 +48,7 @@ def tiny_config(**changes: Any) -> TrainConfig:
 @pytest.fixture(scope="module")
 def class_pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three class pictures (other shapes than the training ones); the first keeps its own caption."""
-    from train_tools.demo_dataset import make_demo_dataset
+    from train_tools.data.demo_dataset import make_demo_dataset
 
     folder = tmp_path_factory.mktemp("class_pictures")
     make_demo_dataset(folder, n=3, seed=7)
@@ -166,9 +166,9 @@ def test_cli_add_reg_and_prepare_captions_without_trigger_word(tmp_path: Path, p
 
 
 def test_the_tab_takes_class_pictures_and_counts_them(tmp_path: Path, pictures: Path, class_pictures: Path):
-    from train_tools import ui
-    from train_tools.host import StandaloneHost
-    from train_tools.jobs import JobManager
+    from train_tools.ui import tab as ui
+    from train_tools.hosts.base import StandaloneHost
+    from train_tools.ui.jobs import JobManager
 
     logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     logic.create_project("p")

@@ -33,9 +33,9 @@ from train_tools import fileio
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.progress import RecordingReporter, StopFlag
-from train_tools.resume import latest_state, load_state, run_is_finished, state_dir, state_files
+from train_tools.training.resume import latest_state, load_state, run_is_finished, state_dir, state_files
 from train_tools.store import Store, Version
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 TRIALS = 20
 
@@ -55,7 +55,7 @@ def tiny_config(**changes: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 def make_version(data_dir: Path, pictures: Path, config: TrainConfig | None = None) -> Version:
-    from train_tools.dataset import add_originals
+    from train_tools.data.dataset import add_originals
 
     store = Store(data_dir)
     store.create_project("p")
@@ -136,7 +136,7 @@ def test_interrupted_then_resumed_equals_uninterrupted_despite_edits(tmp_path: P
 
 def test_resume_refuses_a_changed_picture_set_and_a_other_base_model(tmp_path: Path, demo_ckpt: Path,
                                                                    pictures: Path):
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.models.demo_model import build_demo_checkpoint
 
     config = tiny_config(epochs=2)
     version = make_version(tmp_path, pictures, config)
@@ -171,8 +171,8 @@ def test_resume_command_line_messages(tmp_path: Path, demo_ckpt: Path, pictures:
 
 def test_the_tab_resumes_through_its_job_manager(tmp_path: Path, demo_ckpt: Path, pictures: Path):
     """What a Resume button runs: ``jobs.resume_work`` finds the base model the run began with by itself."""
-    from train_tools.jobs import FINISHED, INTERRUPTED, JobManager, resume_work, training_work
-    from train_tools.resume import find_run
+    from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager, resume_work, training_work
+    from train_tools.training.resume import find_run
 
     config = tiny_config(epochs=2)
     version = make_version(tmp_path, pictures, config)
@@ -206,7 +206,7 @@ def _cli(argv: list[str], lock_dir: str | None = None) -> None:
 
 
 _PRELOAD = ["torch", "safetensors.torch", "transformers", "diffusers", "accelerate", "peft", "PIL.Image",
-            "train_tools.trainer", "train_tools.loader", "train_tools.cli", __name__]
+            "train_tools.training.trainer", "train_tools.models.loader", "train_tools.cli", __name__]
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +359,7 @@ def test_kill_9_at_random_moments_leaves_whole_files_and_resume_finishes_the_sam
 
 def test_out_of_memory_stops_frees_memory_and_the_next_run_works(tmp_path: Path, demo_ckpt: Path,
                                                                  pictures: Path, monkeypatch: pytest.MonkeyPatch):
-    from train_tools.jobs import FAILED, FINISHED, JobManager, training_work
+    from train_tools.ui.jobs import FAILED, FINISHED, JobManager, training_work
 
     version = make_version(tmp_path, pictures)
     config = tiny_config(epochs=1, batch_size=2)
@@ -440,7 +440,7 @@ def test_a_full_disk_during_training_keeps_earlier_files_and_the_run_resumes(
 
 
 def test_states_keep_the_newest_and_the_last_save(tmp_path: Path):
-    from train_tools.resume import FINAL, INTERRUPT, SAVE, TrainState, save_state
+    from train_tools.training.resume import FINAL, INTERRUPT, SAVE, TrainState, save_state
 
     def state(step: int, kind: str) -> TrainState:
         return TrainState(epoch=1, batch=step, step=step, kind=kind, finished=False, config={}, base_model_path="",

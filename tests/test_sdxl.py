@@ -14,19 +14,19 @@ from safetensors.torch import save_file
 
 from tests.helpers_models import lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
-from train_tools import checkpoint as checkpoint_mod
-from train_tools.checkpoint import detect_checkpoint_family, read_state_dict
+from train_tools.models import checkpoint as checkpoint_mod
+from train_tools.models.checkpoint import detect_checkpoint_family, read_state_dict
 from train_tools.cli import main
 from train_tools.config import TrainConfig
-from train_tools.dataset import DatasetItem
-from train_tools.demo_model import build_demo_checkpoint
+from train_tools.data.dataset import DatasetItem
+from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.errors import UserError
-from train_tools.loader import load_model
-from train_tools.lora_format import read_lora
-from train_tools.model_configs import FAMILIES, family_defaults, spec
-from train_tools.network import text_encoder_target_modules, unet_target_modules
+from train_tools.models.loader import load_model
+from train_tools.networks.lora_format import read_lora
+from train_tools.models.configs import FAMILIES, family_defaults, spec
+from train_tools.networks.lora import text_encoder_target_modules, unet_target_modules
 from train_tools.store import Store, Version
-from train_tools.trainer import Trainer, sdxl_time_ids
+from train_tools.training.trainer import Trainer, sdxl_time_ids
 
 TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=256",
         "--set", "network_dim=4", "--set", "network_alpha=4", "--set", "repeats=1", "--set", "batch_size=2"]
@@ -39,7 +39,7 @@ def xl_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Version]:
-    from train_tools.demo_dataset import make_demo_dataset
+    from train_tools.data.demo_dataset import make_demo_dataset
 
     data_dir = tmp_path_factory.mktemp("data")
     pictures = tmp_path_factory.mktemp("pictures")

@@ -30,7 +30,7 @@ import pytest
 from tests.stand_ins import MakesAFile
 from train_tools import devicelock
 from train_tools.errors import UserError
-from train_tools.host import StandaloneHost
+from train_tools.hosts.base import StandaloneHost
 from train_tools.store import Store, projects_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def files_under(folder: Path) -> set[Path]:
 def test_a_malicious_checkpoint_runs_nothing_and_says_why(tmp_path: Path, suffix: str):
     import torch
 
-    from train_tools.loader import load_model
+    from train_tools.models.loader import load_model
 
     marker = tmp_path / "pwned.txt"
     path = tmp_path / f"evil{suffix}"
@@ -64,7 +64,7 @@ def test_a_malicious_checkpoint_runs_nothing_and_says_why(tmp_path: Path, suffix
 def test_a_malicious_training_state_runs_nothing(tmp_path: Path, container: str):
     import torch
 
-    from train_tools.resume import latest_state, load_state, state_dir
+    from train_tools.training.resume import latest_state, load_state, state_dir
 
     marker = tmp_path / "pwned.txt"
     run = tmp_path / "run"
@@ -118,7 +118,7 @@ def test_a_project_folder_linked_outside_is_refused(tmp_path: Path):
 
 
 def test_a_run_name_cannot_leave_the_trains_folder(tmp_path: Path):
-    from train_tools.resume import find_run
+    from train_tools.training.resume import find_run
 
     store = Store(tmp_path / "data")
     store.create_project("p")
@@ -136,8 +136,8 @@ def test_uploaded_file_names_cannot_write_outside_the_version(tmp_path: Path):
     elsewhere) must neither land outside the version's ``dataset/`` nor overwrite anything."""
     from PIL import Image
 
-    import train_tools.ui as ui
-    from train_tools.jobs import JobManager
+    import train_tools.ui.tab as ui
+    from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(tmp_path / "data")
     logic = ui.TabLogic(host, JobManager())
@@ -187,7 +187,7 @@ def test_uploaded_file_names_cannot_write_outside_the_version(tmp_path: Path):
 
 def _start_fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A Trainer stand-in that runs until told to stop: the locks and jobs around it are the real ones."""
-    import train_tools.trainer as trainer_module
+    import train_tools.training.trainer as trainer_module
 
     seen: dict[str, Any] = {"running": 0, "most": 0, "runs": 0, "go": threading.Event()}
     lock = threading.Lock()
@@ -212,8 +212,8 @@ def _start_fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def _version_with_picture(data: Path) -> tuple[Any, Any, Path]:
-    import train_tools.ui as ui
-    from train_tools.jobs import JobManager
+    import train_tools.ui.tab as ui
+    from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(data)
     logic = ui.TabLogic(host, JobManager())
@@ -229,10 +229,10 @@ def _version_with_picture(data: Path) -> tuple[Any, Any, Path]:
 
 def test_two_begin_trains_at_once_run_exactly_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture):
-    import train_tools.ui as ui
+    import train_tools.ui.tab as ui
     from train_tools.cli import main
     from train_tools.config import TrainConfig
-    from train_tools.jobs import FINISHED, JobManager
+    from train_tools.ui.jobs import FINISHED, JobManager
 
     seen = _start_fake_trainer(monkeypatch)
     logic, version, ckpt = _version_with_picture(tmp_path / "data")
@@ -361,7 +361,7 @@ def test_the_later_processes_of_one_data_parallel_run_take_no_lock(tmp_path: Pat
 # ---------------------------------------------------------------------- the standalone app on the network
 
 def test_app_flags_default_to_this_computer_and_read_logins(tmp_path: Path):
-    from train_tools.app import build_parser, parse_auth
+    from train_tools.ui.app import build_parser, parse_auth
 
     assert build_parser().parse_args([]).listen == "127.0.0.1"
     assert build_parser().parse_args(["--listen"]).listen == "0.0.0.0"
@@ -381,7 +381,7 @@ def test_serve_binds_loopback_serves_only_the_projects_and_passes_the_login(tmp_
                                                                             monkeypatch: pytest.MonkeyPatch):
     import gradio as gr
 
-    from train_tools.app import serve
+    from train_tools.ui.app import serve
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.append(kw))
@@ -415,7 +415,7 @@ def test_the_app_refuses_requests_without_the_login_and_serves_only_project_file
 
     if int(gr.__version__.split(".")[0]) < 5:
         pytest.skip("Gradio < 5 cannot start its server in this test environment (its own template error)")
-    from train_tools.app import serve
+    from train_tools.ui.app import serve
 
     host = StandaloneHost(tmp_path / "data")
     port = _free_port()
@@ -456,8 +456,8 @@ def test_one_unusable_upload_name_does_not_refuse_the_others(tmp_path: Path):
     """A 300-character (or NUL-bearing) name among good pictures: that file is named as refused, the rest land."""
     from PIL import Image
 
-    import train_tools.ui as ui
-    from train_tools.jobs import JobManager
+    import train_tools.ui.tab as ui
+    from train_tools.ui.jobs import JobManager
 
     logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     logic.create_project("p")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from train_tools.host import StandaloneHost
+from train_tools.hosts.base import StandaloneHost
 
 USER, PASSWORD = "ann", "s3cret"
 
@@ -69,7 +69,7 @@ def test_wrong_logins_make_that_address_wait_and_a_right_login_works_afterwards(
         pytest.skip("Gradio < 5 cannot start its server in this test environment (its own template error)")
     if not _second_loopback_address_works():
         pytest.skip("this computer has no 127.0.0.2 to log in from as a second address")
-    from train_tools.app import LoginThrottle, serve
+    from train_tools.ui.app import LoginThrottle, serve
 
     port = _free_port()
     throttle = LoginThrottle(free_tries=3, first_wait_s=1.5)
@@ -102,7 +102,7 @@ def test_wrong_logins_make_that_address_wait_and_a_right_login_works_afterwards(
 
 
 def test_the_wait_doubles_with_each_further_failure_up_to_a_cap_and_is_per_address():
-    from train_tools.app import LoginThrottle
+    from train_tools.ui.app import LoginThrottle
 
     now = [1000.0]
     throttle = LoginThrottle(free_tries=3, first_wait_s=2.0, longest_wait_s=10.0, forget_after_s=60.0,
@@ -126,7 +126,7 @@ def test_the_wait_doubles_with_each_further_failure_up_to_a_cap_and_is_per_addre
 
 
 def test_the_login_check_compares_every_pair_in_constant_time(monkeypatch: pytest.MonkeyPatch):
-    import train_tools.app as app
+    import train_tools.ui.app as app
 
     check = app.login_checker([("ann", "s3cret"), ("bob", "pa:ss"), ("猫", "ключ")])
     assert check("ann", "s3cret") and check(" bob ", "pa:ss") and check("猫", "ключ")
@@ -152,7 +152,7 @@ def _serve_with_fake_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     before it (Gradio prints its URL line inside launch)."""
     import gradio as gr
 
-    from train_tools.app import main
+    from train_tools.ui.app import main
 
     launches: list[dict[str, Any]] = []
 
@@ -197,7 +197,7 @@ def test_logins_sent_all_at_once_from_one_address_are_checked_one_at_a_time():
     address while it is being checked and refuses the others (429), and a late answer still counts."""
     import asyncio
 
-    from train_tools.app import LoginThrottle, LoginThrottleMiddleware
+    from train_tools.ui.app import LoginThrottle, LoginThrottleMiddleware
 
     checked: list[str] = []
 

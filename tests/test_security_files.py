@@ -107,7 +107,7 @@ def read_only_data(tmp_path_factory: pytest.TempPathFactory, demo_ckpt: Path, pi
     store = Store(data)
     store.create_project("p")
     version = store.create_version("p", "v1")
-    from train_tools.dataset import add_originals
+    from train_tools.data.dataset import add_originals
 
     add_originals([pictures], version.originals_dir)
     shutil.copy(demo_ckpt, top / "demo.safetensors")
@@ -162,9 +162,9 @@ def test_the_tab_says_the_folder_is_read_only(tmp_path: Path, monkeypatch: pytes
     stood in for), the message is the same sentence, and the page keeps working."""
     import errno
 
-    import train_tools.ui as ui
-    from train_tools.host import StandaloneHost
-    from train_tools.jobs import JobManager
+    import train_tools.ui.tab as ui
+    from train_tools.hosts.base import StandaloneHost
+    from train_tools.ui.jobs import JobManager
 
     logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     logic.create_project("p")
@@ -181,7 +181,7 @@ def test_the_tab_says_the_folder_is_read_only(tmp_path: Path, monkeypatch: pytes
                      (logic.create_version, ("p", "v2"))]:
         out = ui.guarded(fn, [msg], msg)(*args)
         assert "Cannot write" in str(out[0]) and "read-only" in str(out[0]), out
-    from train_tools.jobs import describe_failure
+    from train_tools.ui.jobs import describe_failure
 
     assert describe_failure(PermissionError(errno.EROFS, "Read-only file system", "/x")).startswith(
         "Cannot write /x")

@@ -26,7 +26,7 @@ import pytest
 
 from train_tools import devicelock
 from train_tools.errors import UserError
-from train_tools.host import StandaloneHost
+from train_tools.hosts.base import StandaloneHost
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ def child() -> Iterator[Any]:
 
 def _fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A Trainer stand-in that holds the locks a real run holds and runs until ``go`` is set."""
-    import train_tools.trainer as trainer_module
+    import train_tools.training.trainer as trainer_module
 
     seen: dict[str, Any] = {"runs": 0, "go": threading.Event(), "running": threading.Event()}
 
@@ -107,8 +107,8 @@ def _data_dir_with_version(data: Path) -> tuple[Any, Any, Path]:
     """A data dir with project p, version v1 holding four real pictures, and a checkpoint file."""
     from PIL import Image
 
-    import train_tools.ui as ui
-    from train_tools.jobs import JobManager
+    import train_tools.ui.tab as ui
+    from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(data)
     logic = ui.TabLogic(host, JobManager())
@@ -131,7 +131,7 @@ def _config() -> Any:
 
 
 def _setting_values() -> list[Any]:
-    import train_tools.ui as ui
+    import train_tools.ui.tab as ui
 
     return [getattr(_config(), n) for n in ui.SETTING_FIELDS]
 
@@ -305,7 +305,7 @@ def test_a_run_of_this_data_dir_is_not_named_by_its_data_dir(tmp_path: Path, hol
 def test_dataset_update_is_refused_while_a_run_trains_the_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture):
     from train_tools.cli import main
-    from train_tools.jobs import FINISHED
+    from train_tools.ui.jobs import FINISHED
 
     seen = _fake_trainer(monkeypatch)
     data = tmp_path / "data"
@@ -330,7 +330,7 @@ def test_dataset_update_is_refused_while_a_run_trains_the_version(tmp_path: Path
 
 def test_training_is_refused_while_the_dataset_is_updated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture):
-    import train_tools.preparation as preparation
+    import train_tools.data.preparation as preparation
     from train_tools.cli import main
 
     seen = _fake_trainer(monkeypatch)
@@ -374,9 +374,9 @@ def test_no_update_slips_in_between_the_runs_of_a_learning_rate_list(way: str, t
                                                                       monkeypatch: pytest.MonkeyPatch):
     """Two learning rates run two Trainers; between them (the Trainer's own locks released) the version
     stays held by the job or the command, so an update cannot rewrite prepared/ under the second run."""
-    import train_tools.trainer as trainer_module
+    import train_tools.training.trainer as trainer_module
     from train_tools.cli import main
-    from train_tools.jobs import JobManager, training_work
+    from train_tools.ui.jobs import JobManager, training_work
 
     data = tmp_path / "data"
     _logic, version, ckpt = _data_dir_with_version(data)

@@ -19,7 +19,7 @@ from train_tools import names
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
-from train_tools.host import StandaloneHost
+from train_tools.hosts.base import StandaloneHost
 from train_tools.store import Store
 
 one_thread = fixtures_training.one_thread
@@ -152,8 +152,8 @@ def test_a_long_output_name_is_refused_before_preparing_not_at_the_first_save(tm
                                                                               pictures: Path):
     """Before: 120 + 120-byte names trained a whole epoch, then failed at the first save, and resume failed the
     same way. Now the trainer refuses before preparing a picture, whatever path the settings took."""
-    from train_tools.dataset import add_originals
-    from train_tools.trainer import Trainer
+    from train_tools.data.dataset import add_originals
+    from train_tools.training.trainer import Trainer
 
     store = Store(tmp_path / "data")
     store.create_project("p" * 110)
@@ -170,7 +170,7 @@ def test_a_long_output_name_is_refused_before_preparing_not_at_the_first_save(tm
 
 
 def test_the_command_line_still_takes_a_checkpoint_path(tmp_path: Path, demo_ckpt: Path):
-    from train_tools.cli import resolve_checkpoint
+    from train_tools.models.resolve import resolve_checkpoint
 
     assert resolve_checkpoint(str(demo_ckpt), []) == demo_ckpt.resolve()
     with pytest.raises(UserError, match="was not found"):
@@ -180,8 +180,8 @@ def test_the_command_line_still_takes_a_checkpoint_path(tmp_path: Path, demo_ckp
 # ---------------------------------------------------------------------- the tab and its HTTP API
 
 def _logic(tmp_path: Path) -> tuple[Any, Any, Path]:
-    import train_tools.ui as ui
-    from train_tools.jobs import JobManager
+    import train_tools.ui.tab as ui
+    from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(tmp_path / "data")
     logic = ui.TabLogic(host, JobManager())
@@ -196,7 +196,7 @@ def _logic(tmp_path: Path) -> tuple[Any, Any, Path]:
 
 
 def _values(**changes: Any) -> list[Any]:
-    import train_tools.ui as ui
+    import train_tools.ui.tab as ui
 
     config = TrainConfig(base_model="mine.safetensors")
     for key, value in changes.items():
@@ -266,7 +266,7 @@ def test_the_http_api_refuses_a_hostile_output_name_without_a_login(tmp_path: Pa
 
     if int(gr.__version__.split(".")[0]) < 5:
         pytest.skip("Gradio < 5 cannot start its server in this test environment (its own template error)")
-    from train_tools.app import serve
+    from train_tools.ui.app import serve
 
     logic, _version, _ckpt = _logic(tmp_path)
     (tmp_path / "outside").mkdir()

@@ -26,9 +26,9 @@ from tests.fixtures_training import StopsAtStep
 from train_tools import fileio
 from train_tools.errors import UserError
 from train_tools.progress import RecordingReporter, StopFlag
-from train_tools.resume import load_state, resume_point, run_started_at, state_dir, state_files
+from train_tools.training.resume import load_state, resume_point, run_started_at, state_dir, state_files
 from train_tools.store import Store, Version
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 one_thread = fixtures_training.one_thread
 demo_ckpt = fixtures_training.demo_ckpt
@@ -109,8 +109,8 @@ def test_read_json_says_what_else_can_be_wrong(tmp_path: Path):
 
 @pytest.mark.parametrize("name", ["latin-1", "deep", "not json", "list"])
 def test_a_hostile_run_snapshot_is_one_sentence(tmp_path: Path, name: str):
-    from train_tools.previews import run_checkpoint, run_config
-    from train_tools.resume import read_run_settings
+    from train_tools.previews.previews import run_checkpoint, run_config
+    from train_tools.training.resume import read_run_settings
 
     run = tmp_path / "data" / "trains" / "r1"
     run.mkdir(parents=True)
@@ -125,7 +125,7 @@ def test_a_hostile_run_snapshot_is_one_sentence(tmp_path: Path, name: str):
 
 
 def test_a_run_snapshot_with_a_byte_order_mark_is_read(tmp_path: Path):
-    from train_tools.resume import read_run_settings
+    from train_tools.training.resume import read_run_settings
 
     run = tmp_path / "r1"
     run.mkdir()
@@ -137,7 +137,7 @@ def test_a_run_snapshot_with_a_byte_order_mark_is_read(tmp_path: Path):
 
 @pytest.mark.parametrize("case", ["deep", "outside", "missing keys"])
 def test_a_hostile_preview_grid_description_is_one_sentence(tmp_path: Path, case: str):
-    from train_tools.previews import GridInfo
+    from train_tools.previews.previews import GridInfo
 
     path = tmp_path / "run" / "previews" / "grid-1" / "grid.json"
     path.parent.mkdir(parents=True)
@@ -159,7 +159,7 @@ def test_a_hostile_preview_grid_description_is_one_sentence(tmp_path: Path, case
 def test_a_hostile_remembered_version_is_forgotten(tmp_path: Path, content: bytes):
     from types import SimpleNamespace
 
-    from train_tools.ui import TabLogic
+    from train_tools.ui.tab import TabLogic
 
     path = tmp_path / "ui_state.json"
     path.write_bytes(content)
@@ -176,9 +176,9 @@ def _safetensors_with_header(path: Path, header: bytes, data: bytes = b"") -> Pa
 
 @pytest.mark.parametrize("where", ["metadata", "tensor"])
 def test_a_deeply_nested_safetensors_header_is_one_sentence(tmp_path: Path, where: str):
-    from train_tools.checkpoint import detect_checkpoint_family
-    from train_tools.loader import load_model
-    from train_tools.lora_format import read_lora
+    from train_tools.models.checkpoint import detect_checkpoint_family
+    from train_tools.models.loader import load_model
+    from train_tools.networks.lora_format import read_lora
 
     deep = b"[" * DEEP + b"]" * DEEP
     if where == "metadata":
@@ -206,7 +206,7 @@ def tiny_config(**changes: Any) -> Any:
 
 
 def _version(data: Path, pictures: Path | None = None) -> Version:
-    from train_tools.dataset import add_originals
+    from train_tools.data.dataset import add_originals
 
     store = Store(data)
     store.create_project("p")
@@ -457,7 +457,7 @@ def test_the_start_time_of_a_run_from_before_it_was_recorded_is_its_snapshots(tm
 
 def test_a_base_model_of_the_same_name_with_changed_content_says_so(stopped: tuple[Version, Path],
                                                                      tmp_path: Path):
-    from train_tools.demo_model import build_demo_checkpoint
+    from train_tools.models.demo_model import build_demo_checkpoint
 
     version, run = stopped
     copy = copy_run(stopped)
@@ -472,7 +472,7 @@ def test_a_base_model_of_the_same_name_with_changed_content_says_so(stopped: tup
 
 def test_half_written_latent_cache_entries_are_cleaned_by_the_next_run(stopped: tuple[Version, Path],
                                                                        demo_ckpt: Path):
-    from train_tools.latent_cache import CACHE_DIR_NAME
+    from train_tools.data.latent_cache import CACHE_DIR_NAME
 
     version, _run = stopped
     cache = version.prepared_dir / CACHE_DIR_NAME

@@ -16,7 +16,7 @@ from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.store import Store
-from train_tools.trainer import Trainer
+from train_tools.training.trainer import Trainer
 
 TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=256",
         "--set", "network_dim=4", "--set", "network_alpha=2", "--set", "repeats=1", "--set", "batch_size=2"]
@@ -27,7 +27,7 @@ demo_ckpt = fixtures_training.demo_ckpt  # the shared fixture, found by pytest u
 
 @pytest.fixture(scope="module")
 def demo_pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tools.demo_dataset import make_demo_dataset
+    from train_tools.data.demo_dataset import make_demo_dataset
 
     folder = tmp_path_factory.mktemp("pictures")
     make_demo_dataset(folder, n=6)
@@ -210,8 +210,8 @@ def test_samples_during_and_preview_grid_after_training(tmp_path: Path, demo_ckp
 
     from PIL import Image
 
-    from train_tools import previews
-    from train_tools.previews import latest_grid
+    from train_tools.previews import previews
+    from train_tools.previews.previews import latest_grid
 
     defaults = previews.default_settings
     # Fewer sampling steps and weights than a user's defaults: the same code, a tenth of the CPU time.

@@ -17,12 +17,12 @@ from typing import Any
 import gradio as gr
 import pytest
 
-import train_tools.gradio_compat as gradio_compat
-import train_tools.ui as ui
-import train_tools.ui_html as ui_html
+import train_tools.ui.gradio_compat as gradio_compat
+import train_tools.ui.tab as ui
+import train_tools.ui.html as ui_html
 from train_tools.config import TrainConfig, fields_info
-from train_tools.host import DEMO_CHOICE, DEMO_FILE_NAME, StandaloneHost
-from train_tools.jobs import FAILED, FINISHED, INTERRUPTED, OOM_ADVICE, JobManager
+from train_tools.hosts.base import DEMO_CHOICE, DEMO_FILE_NAME, StandaloneHost
+from train_tools.ui.jobs import FAILED, FINISHED, INTERRUPTED, OOM_ADVICE, JobManager
 from train_tools.progress import StepInfo
 
 
@@ -116,16 +116,16 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     monkeypatch.setattr(ui, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui, "training_work", lambda *a: fake_work())
     monkeypatch.setattr(ui, "preview_work", lambda *a: fake_work())
-    import train_tools.jobs
-    import train_tools.previews
-    import train_tools.resume
+    import train_tools.ui.jobs
+    import train_tools.previews.previews
+    import train_tools.training.resume
 
-    monkeypatch.setattr(train_tools.resume, "run_is_finished", lambda run: False)
-    monkeypatch.setattr(train_tools.jobs, "resume_work", lambda *a, **k: fake_work())
+    monkeypatch.setattr(train_tools.training.resume, "run_is_finished", lambda run: False)
+    monkeypatch.setattr(train_tools.ui.jobs, "resume_work", lambda *a, **k: fake_work())
     cell = types.SimpleNamespace(has_lora=True, file=version.trains_dir / "run1" / "p-v1.safetensors", weight=0.8)
     grid = types.SimpleNamespace(cell=lambda row, col: cell, cell_at=lambda x, y: cell)
-    monkeypatch.setattr(train_tools.previews, "grid_info_for", lambda path: grid)
-    monkeypatch.setattr(train_tools.previews, "install_cell",
+    monkeypatch.setattr(train_tools.previews.previews, "grid_info_for", lambda path: grid)
+    monkeypatch.setattr(train_tools.previews.previews, "install_cell",
                         lambda c, lora_dir, **k: lora_dir / c.file.name)
     tab = ui.build_tab(host, logic.jobs)
     comps = tab.train_tools.components
@@ -482,7 +482,7 @@ def test_the_bar_shows_preparing_before_the_first_step():
 # ---------------------------------------------------------------------- the standalone app and its command line
 
 def test_bare_command_and_app_command_open_the_app_with_their_flags(tmp_path, monkeypatch):
-    import train_tools.app as app
+    import train_tools.ui.app as app
     from train_tools.cli import main
 
     served: list[dict[str, Any]] = []
@@ -505,7 +505,7 @@ def test_bare_command_and_app_command_open_the_app_with_their_flags(tmp_path, mo
 
 
 def test_create_app_brings_the_tab_css_and_js(tmp_path):
-    from train_tools.app import create_app
+    from train_tools.ui.app import create_app
 
     demo, launch_kw = create_app(StandaloneHost(tmp_path))
     assert isinstance(demo, gr.Blocks) and demo.train_tools.logic.host.offer_demo
@@ -541,7 +541,7 @@ def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_u
     reads (load_items) follows, the tag list follows, and Update Dataset keeps the edits."""
     from PIL import Image
 
-    from train_tools.dataset import load_items
+    from train_tools.data.dataset import load_items
 
     version = make_version(logic)
     for i, caption in enumerate(["red, ball", "red, cube", "blue, ball"]):
@@ -677,7 +677,7 @@ def test_the_tag_list_shows_each_tag_and_its_count_apart_with_or_without_the_sty
         assert "display:inline-flex" in style and "border:" in style and "padding:" in style
     list_style = re.search(r'<ul class="tt-tag-list" style="([^"]*)"', markup).group(1)
     assert "display:flex" in list_style and "gap:" in list_style and "list-style:none" in list_style
-    css = (Path(ui.__file__).resolve().parent.parent / "style.css").read_text(encoding="utf-8")
+    css = (Path(__file__).resolve().parent.parent / "style.css").read_text(encoding="utf-8")
     assert "#tab_train_tools ul.tt-tag-list" in css and "li.tt-tag" in css
     long = ui_html.tags_html([(f"tag{i}", 1) for i in range(85)], limit=80)
     assert len(tag_chips(long)) == 80 and "and 5 more" in long

@@ -16,7 +16,7 @@ import pytest
 
 from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from train_tools.errors import UserError
-from train_tools.jobs import FINISHED, INTERRUPTED, JobManager
+from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager
 from train_tools.progress import StepInfo, StopFlag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_on_ui_settings_adds_options_in_a_train_tools_section(webui):
 
 
 def test_paths_come_from_the_webui_and_its_flags(webui, tmp_path):
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     host = WebuiHost()
     assert host.data_dir == webui.data.resolve()
@@ -116,7 +116,7 @@ def test_paths_come_from_the_webui_and_its_flags(webui, tmp_path):
 
 
 def test_checkpoints_listed_refreshed_and_resolved(webui):
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     host = WebuiHost()
     titles = host.list_checkpoints()
@@ -147,7 +147,7 @@ def _fake_work(calls: list[str], webui, steps: int = 3, sleep: float = 0.0):
 
 
 def test_training_runs_in_the_gpu_queue_with_the_model_moved_off_and_back(webui):
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     webui.sd_models.model_data.sd_model = types.SimpleNamespace(device="cuda")
     webui.sd_models.calls.clear()
@@ -174,7 +174,7 @@ def test_training_runs_in_the_gpu_queue_with_the_model_moved_off_and_back(webui)
 
 
 def test_no_model_loaded_means_nothing_is_unloaded_or_loaded(webui):
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     webui.sd_models.model_data.sd_model = None
     webui.sd_models.calls.clear()
@@ -185,7 +185,7 @@ def test_no_model_loaded_means_nothing_is_unloaded_or_loaded(webui):
 
 
 def test_the_webui_interrupt_button_stops_training(webui):
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     host = WebuiHost()
     jobs = JobManager()
@@ -202,8 +202,8 @@ def test_the_webui_interrupt_button_stops_training(webui):
 
 
 def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
-    import train_tools.ui as ui
-    from train_tools.webui_host import WebuiHost
+    import train_tools.ui.tab as ui
+    from train_tools.hosts.webui import WebuiHost
 
     seen = {}
 
@@ -238,10 +238,10 @@ def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
     from PIL import Image
 
     from train_tools.config import TrainConfig
-    from train_tools.dataset import load_items
-    from train_tools.preparation import prepare_version
+    from train_tools.data.dataset import load_items
+    from train_tools.data.preparation import prepare_version
     from train_tools.store import Store
-    from train_tools.webui_host import WebuiHost
+    from train_tools.hosts.webui import WebuiHost
 
     host = WebuiHost()
     store = Store(host.data_dir)

@@ -28,43 +28,10 @@ from typing import Any
 
 from .config import fields_info, parse_assignments
 from .errors import UserError, from_os_error
+from .models.resolve import default_ckpt_dirs, resolve_checkpoint
 from .store import Store, Version
 
 log = logging.getLogger("train_tools")
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-
-
-def default_ckpt_dirs(data_dir: Path) -> list[Path]:
-    return [data_dir / "models" / "Stable-diffusion"]
-
-
-def resolve_checkpoint(base_model: str, ckpt_dirs: Sequence[Path], *, any_path: bool = True) -> Path:
-    """A checkpoint path from a path, a file name or a bare name in the checkpoint folders.
-
-    ``any_path=False`` (the tab, which a web request can reach) takes only files inside the checkpoint folders:
-    a request must not make the server open any file on the disk.
-    """
-    if not base_model:
-        raise UserError("No base model chosen: pass --ckpt PATH, or --set base_model=NAME_OR_PATH "
-                        "(try 'python -m train_tools demo-checkpoint demo.safetensors' for a tiny demo model).")
-    direct = Path(base_model).expanduser()
-    if any_path and direct.is_file():
-        return direct.resolve()
-    name = base_model.split(" [")[0]  # WebUI titles look like "name.safetensors [hash]"
-    for folder in ckpt_dirs:
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in CHECKPOINT_SUFFIXES or not path.is_file():
-                continue
-            rel = path.relative_to(folder).as_posix()
-            if name in (path.name, path.stem, rel, rel.rsplit(".", 1)[0]):
-                return path.resolve()
-    where = ", ".join(str(d) for d in ckpt_dirs) or "no checkpoint folder"
-    raise UserError(f"Base model '{base_model}' was not found as a file or in {where}; give its full path with "
-                    "--ckpt or put it in the checkpoint folder (--ckpt-dir).")
-
 
 def _settings_help() -> str:
     lines = ["settings (--set key=value; defaults of the original Train Tools tab):"]
@@ -172,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("path", type=Path)
     dc.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
 
-    from .app import add_app_arguments
+    from .ui.app import add_app_arguments
 
     ap = sub.add_parser("app", help="open the Train Tools tab in a browser (the default with no command)")
     add_app_arguments(ap, with_paths=False)
@@ -209,7 +176,7 @@ class _CtrlC:
 
 def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> int:
     from .progress import StopFlag, TerminalReporter
-    from .trainer import Trainer
+    from .training.trainer import Trainer
 
     version = store.version(args.project, args.version)
     if args.resume is not None:
@@ -264,8 +231,8 @@ def _report_result(result: Any, version: Version) -> bool:
 def cmd_resume(args: argparse.Namespace, version: Version, ckpt_dirs: list[Path]) -> int:
     """``train P V --resume [RUN]``: continue a stopped run in its own folder, with its own settings."""
     from .progress import StopFlag, TerminalReporter
-    from .resume import find_run, resume_inputs, run_is_finished
-    from .trainer import Trainer
+    from .training.resume import find_run, resume_inputs, run_is_finished
+    from .training.trainer import Trainer
 
     if args.assignments:
         raise UserError("--set cannot change a resumed run: it keeps the settings it began with; start a new run "
@@ -301,7 +268,7 @@ def cmd_runs(version: Version) -> int:
 
 
 def cmd_preview(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> int:
-    from . import previews
+    from .previews import previews
     from .progress import StopFlag
 
     version = store.version(args.project, args.version)
@@ -346,8 +313,8 @@ def _version_lora_file(version: Version, choice: str) -> Path:
 
 
 def cmd_install(args: argparse.Namespace, store: Store) -> int:
-    from . import previews
-    from .lora_install import install_lora
+    from .previews import previews
+    from .networks.install import install_lora
 
     version = store.version(args.project, args.version)
     file = _version_lora_file(version, args.file)
@@ -375,7 +342,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(token in parser.command_names for token in argv) and not {"-h", "--help"} & set(argv):
         # No command: the app, which also takes the app's flags (--port, --listen, --lora-dir).
-        from .app import main as app_main
+        from .ui.app import main as app_main
 
         return app_main(argv)
     args = parser.parse_args(argv)
@@ -384,7 +351,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "app":
-        from .app import run_app
+        from .ui.app import run_app
 
         return run_app(args)
     store = Store(args.data_dir)
@@ -405,7 +372,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             out.writelines(f"{name}\n" for name in store.versions(args.project))
         return 0
     if args.command == "dataset":
-        from . import dataset as ds
+        from .data import dataset as ds
 
         version = store.version(args.project, args.version)
         if args.action == "add":
@@ -417,14 +384,14 @@ def run(argv: Sequence[str] | None = None) -> int:
             out.write(f"Class pictures: {report.summary()}\n")
             return 0 if report.added else 2
         if args.action == "demo":
-            from .demo_dataset import make_demo_dataset
+            from .data.demo_dataset import make_demo_dataset
 
             paths = make_demo_dataset(version.originals_dir)
             out.write(f"added {len(paths)} demo pictures to {version.originals_dir}\n")
             return 0
         config = version.load_settings()
         from .devicelock import hold_version
-        from .preparation import load_reg_items, prepare_items
+        from .data.preparation import load_reg_items, prepare_items
         from .progress import TerminalReporter
 
         # Never under a run of this version: it reads prepared/ while this rewrites it.
@@ -454,7 +421,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "install":
         return cmd_install(args, store)
     if args.command == "demo-checkpoint":
-        from .demo_model import build_demo_checkpoint
+        from .models.demo_model import build_demo_checkpoint
 
         path = build_demo_checkpoint(args.path, family=args.family)
         out.write(f"wrote {path}\n")

@@ -1,0 +1,149 @@
+"""Load a single-file Stable Diffusion checkpoint into diffusers/transformers modules, fully offline.
+
+The steps: read the file (safely), tell the family, choose the offline tokenizers, convert the keys, and put
+the tensors into modules built on the meta device (``load_state_dict(assign=True)``), so a checkpoint never
+needs a randomly initialised copy of itself in RAM beside the real weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from .checkpoint import detect_structure, read_state_dict, unet_predicts_v, yaml_says_v
+from .convert import match_model_keys, original_to_diffusers
+from ..errors import UserError
+from ..fileio import sha256_file
+from .configs import ModelSpec, build_scheduler, build_text_encoder, build_unet, build_vae, spec
+from .tokenizers import tokenizer_for
+
+log = logging.getLogger(__name__)
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass
+class LoadedModel:
+    family: str
+    spec: ModelSpec
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: DDPMScheduler
+    prediction_type: str
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): hashing a 7 GB checkpoint takes a while."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def instantiate(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, *,
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Put ``state_dict``'s tensors into ``model`` (built with empty weights) and check nothing is missing.
+
+    Tensors are moved/cast one at a time, in place in ``state_dict``, so each of the file's tensors is freed
+    as soon as its copy exists and the model never exists twice in memory (and diffusers'
+    ``ModelMixin.to(dtype=...)``, which warns on every call, is not needed).
+    """
+    if device is not None or dtype is not None:
+        for key in list(state_dict):
+            tensor = state_dict[key]
+            state_dict[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+            del tensor
+    state_dict = match_model_keys(state_dict, model)
+    try:
+        result = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()[:200]
+        raise UserError(f"The checkpoint's {what} weights do not fit the expected architecture ({first}); "
+                        "use a standard Stable Diffusion checkpoint.") from exc
+    # position_ids is a buffer some transformers versions save and others do not; it is always rebuilt.
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise ValueError(f"{what}: parameters left without weights: {still_empty[:5]}")
+    if device is not None:
+        model.to(device)  # the buffers that are not in a state dict (e.g. position ids)
+    return model.eval()
+
+
+def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               yaml_path: Path | None = None, tokenizer_dir: Path | None = None) -> LoadedModel:
+    """Everything the trainer needs from one checkpoint file (``.safetensors`` or ``.ckpt``).
+
+    ``yaml_path`` overrides the sidecar ``<stem>.yaml`` for SD2's v-prediction question; ``tokenizer_dir``
+    is a folder with the CLIP vocab.json/merges.txt for full-size models when none is cached.
+    """
+    path = Path(path)
+    start = time.perf_counter()
+    log.info("Reading %s", path.name)
+    sd = read_state_dict(path)
+    family, tiny = detect_structure(sd, path)
+    is_v = yaml_says_v(path, yaml_path)
+    if is_v and family != "sd2":
+        log.warning("%s asks for v-prediction, which is only supported for SD2 models; using epsilon.",
+                    path.name)
+        is_v = False
+    model_spec = spec("sd2v" if is_v else family, tiny)
+    log.info("%s is %s%s", path.name, model_spec.family.upper(), " (tiny test model)" if tiny else "")
+
+    components = original_to_diffusers(sd, model_spec)
+    del sd  # the component dicts share its tensors; nothing else refers to the file's dict
+    tokenizers = []
+    for te_spec, te_sd in zip(model_spec.text_encoders, components.text_encoders):
+        vocab = int(te_sd["text_model.embeddings.token_embedding.weight"].shape[0])
+        tokenizers.append(tokenizer_for(vocab, te_spec.pad_token, te_spec.tokenizer_kind, tokenizer_dir))
+
+    log.info("Building the UNet")
+    unet = instantiate(build_unet(model_spec, empty=True), components.unet, "UNet", device=device, dtype=dtype)
+    components.unet.clear()  # drop the file's copies (e.g. fp16) of tensors that were cast or moved
+    if family == "sd2" and is_v is None:
+        is_v = unet_predicts_v(unet)
+        log.info("No config beside %s; its UNet behaves like a %s model", path.name,
+                 "768-v (v-prediction)" if is_v else "512 (epsilon)")
+        if is_v:
+            # The 768-v config differs in settings only (sample size, attention upcast): rebuild, same tensors.
+            model_spec = spec("sd2v", tiny)
+            unet = instantiate(build_unet(model_spec, empty=True), dict(unet.state_dict()), "UNet")
+    log.info("Building the VAE")
+    vae = instantiate(build_vae(model_spec, empty=True), components.vae, "VAE", device=device, dtype=dtype)
+    components.vae.clear()
+    text_encoders = []
+    for i, (te_spec, te_sd) in enumerate(zip(model_spec.text_encoders, components.text_encoders)):
+        log.info("Building text encoder %d", i + 1)
+        text_encoders.append(instantiate(build_text_encoder(te_spec, empty=True), te_sd, f"text encoder {i + 1}",
+                                         device=device, dtype=dtype))
+        te_sd.clear()
+    log.info("Loaded %s in %.1f s", path.name, time.perf_counter() - start)
+    return LoadedModel(
+        family=model_spec.family,
+        spec=model_spec,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=build_scheduler(model_spec),
+        prediction_type=model_spec.prediction_type,
+        path=path,
+    )

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from train_tools import devicelock
+from train_tools import devicelock, devices
 from train_tools.errors import UserError
 from train_tools.hosts.base import StandaloneHost
 
@@ -155,8 +155,8 @@ def test_every_spelling_of_the_cpu_is_one_device_and_one_lock(spelling: str, mon
 @pytest.mark.parametrize("spelling", ["cuda", "cuda:0", "CUDA:0 ", " Cuda"])
 def test_cuda_and_cuda_0_are_one_gpu(spelling: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setattr(devicelock, "_cuda_count", lambda: 2)
-    monkeypatch.setattr(devicelock, "_gpu_uuid", lambda index: None)
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "_gpu_uuid", lambda index: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert devicelock.device_name(spelling) == "cuda:0"
     assert devicelock.lock_path(spelling) == devicelock.lock_path("cuda:0") != devicelock.lock_path("cuda:1")
@@ -174,8 +174,8 @@ def test_a_gpu_is_named_by_the_card_not_by_its_index_in_this_process(monkeypatch
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         return cards[int(visible.split(",")[index])] if visible else cards[index]
 
-    monkeypatch.setattr(devicelock, "_cuda_count", lambda: 2)
-    monkeypatch.setattr(devicelock, "_gpu_uuid", uuid)
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "_gpu_uuid", uuid)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     second_card, first_card = devicelock.lock_path("cuda:1"), devicelock.lock_path("cuda:0")
     assert cards[1] in second_card.name and second_card != first_card
@@ -183,7 +183,7 @@ def test_a_gpu_is_named_by_the_card_not_by_its_index_in_this_process(monkeypatch
     assert devicelock.lock_path("cuda:0") == devicelock.lock_path("cuda") == second_card
 
     # Without torch's UUIDs (no CUDA in this torch): the index before CUDA_VISIBLE_DEVICES renumbered it.
-    monkeypatch.setattr(devicelock, "_gpu_uuid", lambda index: None)
+    monkeypatch.setattr(devices, "_gpu_uuid", lambda index: None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
     renumbered = devicelock.lock_path("cuda:0")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
@@ -201,11 +201,11 @@ def test_a_nonsense_device_is_refused_with_a_sentence(nonsense: str):
 
 
 def test_a_gpu_this_computer_lacks_is_refused_with_a_sentence(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(devicelock, "_cuda_count", lambda: 1)
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 1)
     with pytest.raises(UserError, match=r"There is no GPU cuda:3: this computer has 1 \(cuda:0\); pick one"):
         devicelock.device_name("cuda:3")
     assert devicelock.device_name("cuda:0") == "cuda:0"
-    monkeypatch.setattr(devicelock, "_cuda_count", lambda: 4)
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 4)
     with pytest.raises(UserError, match=r"this computer has 4 \(cuda:0 to cuda:3\)"):
         devicelock.device_name("cuda:4")
 

@@ -36,55 +36,34 @@ The lock is re-entrant within one thread (the job takes it, then the trainer ins
 but not across threads: two jobs of one process are refused just like two processes. In a data-parallel run
 (several processes, one per GPU) the first process holds the locks for the run.
 
+Which device is which lives in ``devices.py``; opening, locking and reading a lock file in ``lockfile.py``.
+
 One version, one writer: ``hold_version`` locks ``<version>/.train.lock`` (in the version folder, which one
 data dir owns) for a run and for ``dataset update``, both of which write the version's ``prepared/``.
 """
 
 from __future__ import annotations
 
-import getpass
-import json
 import logging
 import os
-import re
 import stat
-import sys
 import tempfile
 import threading
-import time
-import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, from_os_error
+from .devices import device_key, device_name, env_int
+from .errors import UserError
+from .lockfile import LOCK_DIR_ENV, DeviceBusy, busy, open_lock_file, read_holder, try_lock, unlock, write_holder
 
 log = logging.getLogger(__name__)
 
-#: Set to a folder to keep the device locks there instead of the machine-wide folder.
-LOCK_DIR_ENV = "TRAIN_TOOLS_LOCK_DIR"
 SHARED_DIR_NAME = "train_tools-locks"
-
-#: Windows locks byte ranges and forbids reading a locked range: lock a byte far past the holder's line.
-_WIN_LOCK_OFFSET = 1 << 20
-#: The most of a holder's line that is read (anyone may write the shared files).
-_MAX_LINE = 4096
-_MAX_FIELD = 200
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_OPEN_FLAGS = _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-
-#: torch's device types; a name outside them is a typo (torch itself is asked when it is loaded).
-_DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "hip", "npu", "hpu", "mtia", "xla", "ipu", "vulkan",
-                           "privateuseone", "maia", "meta", "lazy", "ve", "fpga", "opengl", "opencl", "ideep",
-                           "mkldnn"})
-_SPELLING = re.compile(r"([a-z][a-z0-9_]*)(?::(\d{1,4}))?")
-
-
-class DeviceBusy(UserError):
-    """Another training run holds the device."""
+__all__ = ["LOCK_DIR_ENV", "SHARED_DIR_NAME", "DeviceBusy", "acquire", "device_name", "ensure_free", "hold", "holder",
+           "ensure_file_free", "hold_version", "lock_dir", "lock_path", "release", "version_lock_path"]
 
 
 @dataclass
@@ -96,112 +75,6 @@ class _Held:
 _registry_lock = threading.Lock()
 _held: dict[tuple[str, int], _Held] = {}  # (lock file, thread) -> the open locked file and its depth
 _warned: set[str] = set()
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
-# ---------------------------------------------------------------------- which device
-
-def _torch_knows(text: str) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return True
-
-
-def _parse(device: str) -> tuple[str, int | None]:
-    """(type, index) of a device string; a UserError with a sentence when it names no device."""
-    text = str(device).strip().lower()
-    match = _SPELLING.fullmatch(text)
-    if match is None or (match.group(1) not in _DEVICE_TYPES and not _torch_knows(text)):
-        shown = "".join(c for c in str(device).strip()[:40] if c.isprintable())
-        raise UserError(f"'{shown}' is not a device to train on; write cpu, cuda (the first GPU), cuda:1 (the "
-                        "second), mps (a Mac's GPU), or leave it empty to use the GPU when there is one.")
-    return match.group(1), int(match.group(2)) if match.group(2) is not None else None
-
-
-def _cuda_count() -> int | None:
-    """How many GPUs torch sees; None when it sees none (no CUDA build, no driver) or is not installed."""
-    try:
-        import torch
-
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else None
-    except (ImportError, RuntimeError, AssertionError):
-        return None
-
-
-def device_name(device: str | None) -> str:
-    """The device a run will use, spelled one way: ``cpu``, ``cuda:0``, ``cuda:1``, ``mps``...
-
-    ``None`` (or empty) means what the trainer would pick (the first CUDA GPU when there is one); a bare
-    ``cuda`` is the GPU of this process (``LOCAL_RANK`` under ``accelerate launch``). Every ``cpu:N`` is the
-    one CPU. A name that is no device, or a GPU this computer does not have, is a UserError.
-    """
-    if device is None or not str(device).strip():
-        try:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            device = "cpu"
-    kind, index = _parse(str(device))
-    if kind in ("cpu", "mps"):  # one of each per computer
-        return kind
-    if index is None:
-        index = _env_int("LOCAL_RANK", 0)
-    if kind == "cuda":
-        count = _cuda_count()
-        if count is not None and index >= count:
-            raise UserError(f"There is no GPU cuda:{index}: this computer has {count} (cuda:0"
-                            f"{f' to cuda:{count - 1}' if count > 1 else ''}); pick one of them.")
-    return f"{kind}:{index}"
-
-
-def _gpu_uuid(index: int) -> str | None:
-    """The UUID of the ``index``-th GPU this process sees, or None when torch cannot tell."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    except (ImportError, RuntimeError, AssertionError, AttributeError):
-        return None
-    return str(uuid) if uuid else None
-
-
-def physical_gpu(index: int) -> str:
-    """The card behind ``cuda:<index>`` of this process, the same in every process: ``uuid-<uuid>`` when
-    torch knows it, else its index before ``CUDA_VISIBLE_DEVICES`` renumbered it (or its UUID from there)."""
-    uuid = _gpu_uuid(index)
-    if uuid is None and "CUDA_VISIBLE_DEVICES" in os.environ:
-        visible = [entry.strip() for entry in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
-        if index < len(visible) and visible[index]:
-            entry = visible[index].lower()
-            if entry.isdigit():
-                return str(int(entry))
-            uuid = entry[4:] if entry.startswith("gpu-") else entry
-    if uuid is None:
-        return str(index)
-    return "uuid-" + re.sub(r"[^a-z0-9-]", "", uuid.lower())[:80]
-
-
-def device_key(device: str | None) -> str:
-    """The device as a file name: ``cpu``, ``mps``, ``cuda-uuid-<uuid>`` or ``cuda1``, ``xpu0``."""
-    name = device_name(device)
-    if name.startswith("cuda:"):
-        card = physical_gpu(int(name.split(":")[1]))
-        return f"cuda-{card}" if card.startswith("uuid-") else f"cuda{card}"
-    return re.sub(r"[^a-z0-9_]", "", name) or "cpu"
 
 
 # ---------------------------------------------------------------------- where the locks live
@@ -282,153 +155,6 @@ def lock_path(device: str | None) -> Path:
     return lock_dir() / f".gpu-{device_key(device)}.lock"
 
 
-# ---------------------------------------------------------------------- the lock file
-
-def _clean(value: Any) -> str:
-    """A field of a holder's line fit for a message: printable, one line, not too long."""
-    if value is None:
-        return ""
-    text = "".join(c for c in str(value) if not unicodedata.category(c).startswith("C"))
-    return text.strip()[:_MAX_FIELD]
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError, ImportError):
-        return ""
-
-
-def _program() -> str:
-    """What this process runs, as a person would name it: ``launch.py``, ``train_tools``, ``standalone.py``."""
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    return argv0.parent.name if argv0.name == "__main__.py" else argv0.name
-
-
-def _unusable(path: Path, reason: str) -> UserError:
-    return UserError(f"Train Tools cannot use the lock file {path} ({reason}); delete it, or set {LOCK_DIR_ENV} "
-                     "to a folder of your own, then try again.")
-
-
-def _open(path: Path) -> tuple[int, bool]:
-    """The lock file, created if missing (mode 0666, for the other users of the shared folder): (its file
-    descriptor, whether this process may write it). Never through a link, never anything but an ordinary
-    file with one name; it is not truncated here (the lock may be another's)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writable = True
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o666)
-    except PermissionError as denied:
-        writable = False  # another user's file: it can still be locked (flock needs no write access)
-        try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
-        except FileNotFoundError:
-            # No lock file, and its folder may not be written (a read-only data dir): say that.
-            raise from_os_error(denied, path.parent) or _unusable(path, str(denied)) from denied
-        except OSError as exc:
-            raise _unusable(path, exc.strerror or str(exc)) from exc
-    except OSError as exc:  # a link (ELOOP), a folder in its place...
-        raise _unusable(path, exc.strerror or str(exc)) from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-            raise _unusable(path, "it is not an ordinary file, or is a second name of another file")
-        if writable and os.name != "nt" and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o666:
-            os.fchmod(fd, 0o666)  # the umask took some of it; other users must be able to take it too
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, writable
-
-
-def _try_lock(fd: int) -> bool:
-    if os.name == "nt":
-        import msvcrt
-
-        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
-def _unlock(fd: int) -> None:
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _read_line(fd: int) -> dict[str, Any] | None:
-    """The holder's line (at most 4 KiB of it), or None when it is not one."""
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        info = json.loads(os.read(fd, _MAX_LINE).decode("utf-8", errors="replace").splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _write_line(fd: int, label: str, data_dir: Path | None) -> None:
-    line = {"pid": os.getpid(), "started": time.time(), "label": _clean(label),
-            "data_dir": str(data_dir) if data_dir is not None else None, "program": _program(), "user": _user()}
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(line) + "\n").encode("utf-8"))
-
-
-def _same_dir(a: str, b: Path) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, ValueError, RuntimeError):
-        return a == str(b)
-
-
-def _describe(info: dict[str, Any] | None, data_dir: Path | None = None) -> str:
-    """What holds the lock, as the holder wrote it; a plain phrase when the line cannot be read. Its data dir
-    and program are named when they are not ``data_dir`` (the asker's), its user when not this one."""
-    if not isinstance(info, dict):
-        return "another training run"
-    try:
-        pid = int(info["pid"])
-        started = float(info["started"])
-        fmt = "%H:%M:%S" if time.time() - started < 20 * 3600 else "%Y-%m-%d %H:%M"
-        since = time.strftime(fmt, time.localtime(started))
-    except (KeyError, TypeError, ValueError, OverflowError, OSError):
-        return "another training run"
-    parts = [f"process {pid}"]
-    user = _clean(info.get("user"))
-    if user and user != _user():
-        parts.append(f"user {user}")
-    other_dir = _clean(info.get("data_dir"))
-    if other_dir and (data_dir is None or not _same_dir(other_dir, data_dir)):
-        program = _clean(info.get("program"))
-        parts.append(f"{program} with data dir {other_dir}" if program else f"data dir {other_dir}")
-    parts.append(f"started {since}")
-    return f"{_clean(info.get('label')) or 'a training run'} ({', '.join(parts)})"
-
-
-def _busy(info: dict[str, Any] | None, what: str, data_dir: Path | None) -> DeviceBusy:
-    return DeviceBusy(f"{what[0].upper()}{what[1:]} is busy with {_describe(info, data_dir)}; wait for it to "
-                      "finish or stop it (Interrupt, or Ctrl-C in its terminal), then try again.")
-
-
 def _key(path: Path) -> tuple[str, int]:
     return str(path.resolve()), threading.get_ident()
 
@@ -445,13 +171,13 @@ def acquire_file(path: Path, label: str, what: str, data_dir: Path | None = None
         if held is not None:
             held.count += 1
             return path
-        fd, writable = _open(path)
-        if not _try_lock(fd):
-            info = _read_line(fd)
+        fd, writable = open_lock_file(path)
+        if not try_lock(fd):
+            info = read_holder(fd)
             os.close(fd)
-            raise _busy(info, what, data_dir)
+            raise busy(info, what, data_dir)
         if writable:
-            _write_line(fd, label, data_dir)
+            write_holder(fd, label, data_dir)
         else:
             _warn_once(f"The lock file {path} belongs to another user and cannot be written, so other runs "
                        "cannot be told what holds it; ask its owner or an administrator to delete it.")
@@ -470,16 +196,16 @@ def release(path: Path) -> None:
         if held.count > 0:
             return
         del _held[key]
-        _unlock(held.fd)
+        unlock(held.fd)
 
 
 def secondary_process() -> bool:
     """A second, third... process of one data-parallel run (``accelerate launch``, ``torchrun``): it is part of
     the run whose first process (rank 0) holds the locks, so it takes none (it would be refused by its own run,
     and the others would wait for it forever)."""
-    if _env_int("WORLD_SIZE", 1) <= 1:  # launchers always set it: a stray RANK alone must not skip the locks
+    if env_int("WORLD_SIZE", 1) <= 1:  # launchers always set it: a stray RANK alone must not skip the locks
         return False
-    return _env_int("RANK", 0) > 0 or _env_int("LOCAL_RANK", 0) > 0
+    return env_int("RANK", 0) > 0 or env_int("LOCAL_RANK", 0) > 0
 
 
 @contextmanager
@@ -528,13 +254,13 @@ def ensure_file_free(path: Path, what: str, data_dir: Path | None = None) -> Non
     with _registry_lock:
         held = _held.get(_key(path))
         if held is not None:
-            raise _busy(_read_line(held.fd), what, data_dir)
-        fd, _writable = _open(path)
-        if not _try_lock(fd):
-            info = _read_line(fd)
+            raise busy(read_holder(held.fd), what, data_dir)
+        fd, _writable = open_lock_file(path)
+        if not try_lock(fd):
+            info = read_holder(fd)
             os.close(fd)
-            raise _busy(info, what, data_dir)
-        _unlock(fd)
+            raise busy(info, what, data_dir)
+        unlock(fd)
 
 
 def ensure_free(data_dir: Path | None, device: str | None) -> None:
@@ -550,12 +276,12 @@ def holder(device: str | None) -> dict[str, Any] | None:
     with _registry_lock:
         held = next((h for (p, _t), h in _held.items() if p == str(path.resolve())), None)
         if held is not None:
-            return _read_line(held.fd) or {}
-        fd, _writable = _open(path)
-        if _try_lock(fd):
-            _unlock(fd)
+            return read_holder(held.fd) or {}
+        fd, _writable = open_lock_file(path)
+        if try_lock(fd):
+            unlock(fd)
             return None
-        info = _read_line(fd)
+        info = read_holder(fd)
         os.close(fd)
         return info or {}
 

@@ -1,9 +1,10 @@
 """Set up and run Train Tools outside the WebUI, with nothing but Python 3.10-3.12 installed.
 
     python standalone.py            # first run: creates .venv and installs; then opens the app
-    python standalone.py test       # same set-up plus the test tools, then runs the test suite, here and in
-                                    # one environment per WebUI host (tests/hosts/*.txt: the host's pins +
-                                    # what install.py adds); TRAIN_TOOLS_HOSTS=none skips those, =a1111 picks
+    python standalone.py test       # same set-up plus the test tools, then ruff and mypy, then the test suite,
+                                    # here and in one environment per WebUI host (tests/hosts/*.txt: the host's
+                                    # pins + what install.py adds); TRAIN_TOOLS_HOSTS=none skips those, =a1111
+                                    # picks one
     python standalone.py -- ARGS    # any command of 'python -m train_tools', e.g. -- train NAME v1
 
 The set-up is skipped when it is already done (a stamp file records what was installed). PyTorch is installed
@@ -134,6 +135,19 @@ def run_host_suites(pytest_args: list[str], env: dict[str, str]) -> int:
     return rc
 
 
+def check_code(env: dict[str, str]) -> int:
+    """The linter and the type checker, before the suite (their settings are in pyproject.toml); a finding
+    stops the tests: keep both at zero."""
+    for name, cmd in (("ruff", ["-m", "ruff", "check", "."]), ("ruff format", ["-m", "ruff", "format", "--check", "."]),
+                      ("mypy", ["-m", "mypy"])):
+        log.info("Checking the code: %s", name)
+        code = subprocess.call([str(venv_python()), *cmd], cwd=ROOT, env=env)
+        if code != 0:
+            log.error("%s found problems (above); fix them, then run the tests again.", name)
+            return code
+    return 0
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[standalone] %(message)s")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -141,6 +155,8 @@ def main(argv: list[str]) -> int:
         ensure_env(with_tests=True)
         ensure_browser()
         env.setdefault("HF_HUB_OFFLINE", "1")
+        if check_code(env) != 0:
+            return 1
         rc = subprocess.call([str(venv_python()), "-m", "pytest", *argv[1:]], cwd=ROOT, env=env)
         return run_host_suites(argv[1:], env) or rc
     ensure_env(with_tests=False)

@@ -10,6 +10,7 @@ each case copies it into the version's ``trains/`` and edits the copy's newest s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import time
@@ -43,9 +44,11 @@ def snapshot_of(folder: Path) -> dict[str, bytes]:
 
 
 def files_outside(data: Path) -> dict[str, tuple[int, int]]:
-    """Every file beside the data dir ``data`` (in the test's temporary root), with its size and time."""
+    """Every file beside the data dir ``data`` (in the test's temporary root), with its size and time; not the
+    machine-wide device locks (a run takes one wherever its data dir is)."""
+    locks = Path(os.environ["TRAIN_TOOLS_LOCK_DIR"]).resolve()
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(data.parent.rglob("*"))
-            if p.is_file() and data not in p.parents}
+            if p.is_file() and data not in p.parents and locks not in p.resolve().parents}
 
 
 def hostile_json() -> dict[str, bytes]:

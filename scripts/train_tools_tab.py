@@ -25,7 +25,7 @@ log = logging.getLogger("train_tools")
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
-    from train_tools.ui.tab import build_tab
+    from train_tools.ui.layout import build_tab
 
     return [(build_tab(webui_host.WebuiHost()), "Train Tools", "train_tools")]
 

@@ -166,11 +166,12 @@ def test_cli_add_reg_and_prepare_captions_without_trigger_word(tmp_path: Path, p
 
 
 def test_the_tab_takes_class_pictures_and_counts_them(tmp_path: Path, pictures: Path, class_pictures: Path):
-    from train_tools.ui import tab as ui
+    import train_tools.ui.logic as ui_logic
+    import train_tools.ui.views as ui_views
     from train_tools.hosts.base import StandaloneHost
     from train_tools.ui.jobs import JobManager
 
-    logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
+    logic = ui_logic.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
     version = logic.store.version("p", "v1")
@@ -178,7 +179,7 @@ def test_the_tab_takes_class_pictures_and_counts_them(tmp_path: Path, pictures: 
     out = logic.upload_reg([str(p) for p in sorted(class_pictures.iterdir())], "p", "v1")
     assert out[0] is None and "tt-ok" in out[-1]
     assert len(list(version.reg_dir.glob("*.png"))) == 3
-    values = [getattr(tiny_config(), name) for name in ui.SETTING_FIELDS]
+    values = [getattr(tiny_config(), name) for name in ui_views.SETTING_FIELDS]
     gallery, line = logic.update_dataset("p", "v1", *values)[:2]
     assert len(gallery) == 2  # the gallery shows what is trained on: the training pictures
     assert line.startswith("2 images and 3 class images, 1 repeats, 4 steps per epoch")

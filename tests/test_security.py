@@ -136,11 +136,11 @@ def test_uploaded_file_names_cannot_write_outside_the_version(tmp_path: Path):
     elsewhere) must neither land outside the version's ``dataset/`` nor overwrite anything."""
     from PIL import Image
 
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
     from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(tmp_path / "data")
-    logic = ui.TabLogic(host, JobManager())
+    logic = ui_logic.TabLogic(host, JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
     version = logic.store.version("p", "v1")
@@ -212,11 +212,11 @@ def _start_fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def _version_with_picture(data: Path) -> tuple[Any, Any, Path]:
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
     from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(data)
-    logic = ui.TabLogic(host, JobManager())
+    logic = ui_logic.TabLogic(host, JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
     version = logic.store.version("p", "v1")
@@ -229,14 +229,15 @@ def _version_with_picture(data: Path) -> tuple[Any, Any, Path]:
 
 def test_two_begin_trains_at_once_run_exactly_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture):
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
+    import train_tools.ui.views as ui_views
     from train_tools.cli import main
     from train_tools.config import TrainConfig
     from train_tools.ui.jobs import FINISHED, JobManager
 
     seen = _start_fake_trainer(monkeypatch)
     logic, version, ckpt = _version_with_picture(tmp_path / "data")
-    values = [getattr(TrainConfig(base_model="mine.safetensors"), n) for n in ui.SETTING_FIELDS]
+    values = [getattr(TrainConfig(base_model="mine.safetensors"), n) for n in ui_views.SETTING_FIELDS]
     barrier = threading.Barrier(2)
     outcomes: list[str] = []
 
@@ -260,7 +261,7 @@ def test_two_begin_trains_at_once_run_exactly_one(tmp_path: Path, monkeypatch: p
     assert seen["running"] == 1
 
     # A second tab of another app process on the same data dir: its own job manager, refused by the lock.
-    other = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
+    other = ui_logic.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     with pytest.raises(devicelock.DeviceBusy, match="busy with p / v1 .Train Tools tab."):
         other.begin_train("p", "v1", *values)
     # The command line beside the app: one line naming what runs, exit status 2, nothing started.
@@ -456,10 +457,11 @@ def test_one_unusable_upload_name_does_not_refuse_the_others(tmp_path: Path):
     """A 300-character (or NUL-bearing) name among good pictures: that file is named as refused, the rest land."""
     from PIL import Image
 
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
+    import train_tools.ui.views as ui_views
     from train_tools.ui.jobs import JobManager
 
-    logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
+    logic = ui_logic.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
     version = logic.store.version("p", "v1")
@@ -469,5 +471,5 @@ def test_one_unusable_upload_name_does_not_refuse_the_others(tmp_path: Path):
         Image.new("RGB", (64, 64), (40 * i, 10, 10)).save(path)
         files.append({"path": str(path), "orig_name": name})
     _cleared, _gallery, _line, message = logic.upload(files, "p", "v1")
-    assert sorted(p.name for p in ui.original_images(version)) == ["also good.png", "good.png"]
+    assert sorted(p.name for p in ui_views.original_images(version)) == ["also good.png", "good.png"]
     assert "2" in message and "tt-error" not in message

@@ -162,11 +162,13 @@ def test_the_tab_says_the_folder_is_read_only(tmp_path: Path, monkeypatch: pytes
     stood in for), the message is the same sentence, and the page keeps working."""
     import errno
 
-    import train_tools.ui.tab as ui
+    import train_tools.ui.layout as ui_layout
+    import train_tools.ui.logic as ui_logic
+    import train_tools.ui.views as ui_views
     from train_tools.hosts.base import StandaloneHost
     from train_tools.ui.jobs import JobManager
 
-    logic = ui.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
+    logic = ui_logic.TabLogic(StandaloneHost(tmp_path / "data"), JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
 
@@ -175,11 +177,11 @@ def test_the_tab_says_the_folder_is_read_only(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     monkeypatch.setattr(Path, "mkdir", refuse)
-    values = [getattr(TrainConfig(), n) for n in ui.SETTING_FIELDS]
+    values = [getattr(TrainConfig(), n) for n in ui_views.SETTING_FIELDS]
     msg = object()
     for fn, args in [(logic.save_settings, ("p", "v1", *values)), (logic.create_project, ("q",)),
                      (logic.create_version, ("p", "v2"))]:
-        out = ui.guarded(fn, [msg], msg)(*args)
+        out = ui_layout.guarded(fn, [msg], msg)(*args)
         assert "Cannot write" in str(out[0]) and "read-only" in str(out[0]), out
     from train_tools.ui.jobs import describe_failure
 

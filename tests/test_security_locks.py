@@ -107,11 +107,11 @@ def _data_dir_with_version(data: Path) -> tuple[Any, Any, Path]:
     """A data dir with project p, version v1 holding four real pictures, and a checkpoint file."""
     from PIL import Image
 
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
     from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(data)
-    logic = ui.TabLogic(host, JobManager())
+    logic = ui_logic.TabLogic(host, JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
     version = logic.store.version("p", "v1")
@@ -131,9 +131,9 @@ def _config() -> Any:
 
 
 def _setting_values() -> list[Any]:
-    import train_tools.ui.tab as ui
+    import train_tools.ui.views as ui_views
 
-    return [getattr(_config(), n) for n in ui.SETTING_FIELDS]
+    return [getattr(_config(), n) for n in ui_views.SETTING_FIELDS]
 
 
 def _lock_files(folder: Path) -> list[Path]:

@@ -180,11 +180,11 @@ def test_the_command_line_still_takes_a_checkpoint_path(tmp_path: Path, demo_ckp
 # ---------------------------------------------------------------------- the tab and its HTTP API
 
 def _logic(tmp_path: Path) -> tuple[Any, Any, Path]:
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
     from train_tools.ui.jobs import JobManager
 
     host = StandaloneHost(tmp_path / "data")
-    logic = ui.TabLogic(host, JobManager())
+    logic = ui_logic.TabLogic(host, JobManager())
     logic.create_project("p")
     logic.create_version("p", "v1")
     version = logic.store.version("p", "v1")
@@ -196,12 +196,12 @@ def _logic(tmp_path: Path) -> tuple[Any, Any, Path]:
 
 
 def _values(**changes: Any) -> list[Any]:
-    import train_tools.ui.tab as ui
+    import train_tools.ui.views as ui_views
 
     config = TrainConfig(base_model="mine.safetensors")
     for key, value in changes.items():
         object.__setattr__(config, key, value)  # as a request sends it: not validated on the way in
-    return [getattr(config, n) for n in ui.SETTING_FIELDS]
+    return [getattr(config, n) for n in ui_views.SETTING_FIELDS]
 
 
 @pytest.mark.parametrize("index", range(17))

@@ -162,7 +162,7 @@ def test_a_hostile_preview_grid_description_is_one_sentence(tmp_path: Path, case
 def test_a_hostile_remembered_version_is_forgotten(tmp_path: Path, content: bytes):
     from types import SimpleNamespace
 
-    from train_tools.ui.tab import TabLogic
+    from train_tools.ui.logic import TabLogic
 
     path = tmp_path / "ui_state.json"
     path.write_bytes(content)

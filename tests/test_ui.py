@@ -18,7 +18,10 @@ import gradio as gr
 import pytest
 
 import train_tools.ui.gradio_compat as gradio_compat
-import train_tools.ui.tab as ui
+import train_tools.ui.layout as ui_layout
+import train_tools.ui.logic as ui_logic
+import train_tools.ui.uploads as ui_uploads
+import train_tools.ui.views as ui_views
 import train_tools.ui.html as ui_html
 from train_tools.config import TrainConfig, fields_info
 from train_tools.hosts.base import DEMO_CHOICE, DEMO_FILE_NAME, StandaloneHost
@@ -32,12 +35,12 @@ def host(tmp_path: Path) -> StandaloneHost:
 
 
 @pytest.fixture()
-def logic(host: StandaloneHost) -> ui.TabLogic:
-    return ui.TabLogic(host, JobManager())
+def logic(host: StandaloneHost) -> ui_logic.TabLogic:
+    return ui_logic.TabLogic(host, JobManager())
 
 
 def values_of(config: TrainConfig) -> list[Any]:
-    return [getattr(config, name) for name in ui.SETTING_FIELDS]
+    return [getattr(config, name) for name in ui_views.SETTING_FIELDS]
 
 
 def is_update(value: Any) -> bool:
@@ -59,7 +62,7 @@ def fake_lora(path: Path, metadata: dict[str, str], payload: bytes = b"\0" * 8) 
     return path
 
 
-def make_version(logic: ui.TabLogic, project: str = "猫 cat", version: str = "v1"):
+def make_version(logic: ui_logic.TabLogic, project: str = "猫 cat", version: str = "v1"):
     logic.create_project(project)
     logic.create_version(project, version)
     return logic.store.version(project, version)
@@ -73,7 +76,7 @@ def _functions(blocks: gr.Blocks) -> list[Any]:
 
 
 def test_tab_builds_with_every_setting_common_first_and_unique_ids(host):
-    tab = ui.build_tab(host, JobManager())
+    tab = ui_layout.build_tab(host, JobManager())
     comps = tab.train_tools.components
     for f in fields_info():
         assert f"setting_{f.name}" in comps, f.name
@@ -110,12 +113,12 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     (host.ckpt_dirs[0] / "mine.safetensors").write_bytes(b"x")
     upload = tmp_path / "up.png"
     upload.write_bytes(b"x")
-    monkeypatch.setattr(ui, "core_add_originals", lambda paths, v: f"added {len(paths)}")
-    monkeypatch.setattr(ui, "core_add_reg", lambda paths, v: f"added {len(paths)} class pictures")
-    monkeypatch.setattr(ui, "core_prepare", lambda v, config, host=None, task=None: "")
-    monkeypatch.setattr(ui, "core_demo_pictures", lambda v: 12)
-    monkeypatch.setattr(ui, "training_work", lambda *a: fake_work())
-    monkeypatch.setattr(ui, "preview_work", lambda *a: fake_work())
+    monkeypatch.setattr(ui_logic, "core_add_originals", lambda paths, v: f"added {len(paths)}")
+    monkeypatch.setattr(ui_logic, "core_add_reg", lambda paths, v: f"added {len(paths)} class pictures")
+    monkeypatch.setattr(ui_logic, "core_prepare", lambda v, config, host=None, task=None: "")
+    monkeypatch.setattr(ui_logic, "core_demo_pictures", lambda v: 12)
+    monkeypatch.setattr(ui_logic, "training_work", lambda *a: fake_work())
+    monkeypatch.setattr(ui_logic, "preview_work", lambda *a: fake_work())
     import train_tools.ui.jobs
     import train_tools.previews.previews
     import train_tools.training.resume
@@ -127,7 +130,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     monkeypatch.setattr(train_tools.previews.previews, "grid_info_for", lambda path: grid)
     monkeypatch.setattr(train_tools.previews.previews, "install_cell",
                         lambda c, lora_dir, **k: lora_dir / c.file.name)
-    tab = ui.build_tab(host, logic.jobs)
+    tab = ui_layout.build_tab(host, logic.jobs)
     comps = tab.train_tools.components
     grid_png = str(version.trains_dir / "run1" / "previews" / "grid-1.png")  # a grid of the version's run
     # Values a user would have on the page.
@@ -167,7 +170,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
 
 
 def test_polling_uses_the_gradio_version_mechanism(host):
-    tab = ui.build_tab(host, JobManager())
+    tab = ui_layout.build_tab(host, JobManager())
     has_timer = any(type(b).__name__ == "Timer" for b in tab.blocks.values())
     assert has_timer == hasattr(gr, "Timer")
     names = [fn.name for fn in _functions(tab)]
@@ -175,7 +178,7 @@ def test_polling_uses_the_gradio_version_mechanism(host):
     if hasattr(gr, "Timer"):
         assert "poll" in names
     else:  # Gradio 3: a page-load event repeated every second
-        assert [d.get("every") for d in tab.dependencies if d["trigger"] == "load"] == [None, ui.POLL_SECONDS]
+        assert [d.get("every") for d in tab.dependencies if d["trigger"] == "load"] == [None, ui_layout.POLL_SECONDS]
 
 
 # ---------------------------------------------------------------------- projects, versions, settings
@@ -186,29 +189,29 @@ def test_create_project_and_version_and_reopen_after_reload(logic):
     assert "tt-ok" in out[-1]
     out = logic.create_version("猫 cat", "v1")
     assert out[0]["value"] == "v1"
-    values = [f"x{i}" for i in range(len(ui.SETTING_FIELDS))]
+    values = [f"x{i}" for i in range(len(ui_views.SETTING_FIELDS))]
     # version, every setting, gallery/line/results/file, family/tags/grid/grid path/prompt/width/height, message
     assert len(out) == 1 + len(values) + 4 + 7 + 1
 
     changed = TrainConfig(epochs=3, resolution=256, network_dim=8, optimizer="AdamW", flip_aug=True)
     assert "saved" in logic.save_settings("猫 cat", "v1", *values_of(changed))[0]
     # A new TabLogic is what a page reload (or a restart) sees: it reopens the last version with its settings.
-    again = ui.TabLogic(logic.host, logic.jobs).load_page()
+    again = ui_logic.TabLogic(logic.host, logic.jobs).load_page()
     assert again[0]["value"] == "猫 cat" and again[1]["value"] == "v1"
-    settings = {name: update_value(v) for name, v in zip(ui.SETTING_FIELDS, again[2:])}
+    settings = {name: update_value(v) for name, v in zip(ui_views.SETTING_FIELDS, again[2:])}
     assert (settings["epochs"], settings["resolution"], settings["network_dim"]) == (3, 256, 8)
     assert settings["optimizer"] == "AdamW" and settings["flip_aug"] is True
 
 
 def test_bad_names_and_bad_settings_become_messages(host, logic):
-    tab = ui.build_tab(host, logic.jobs)
+    tab = ui_layout.build_tab(host, logic.jobs)
     fn = next(f for f in _functions(tab) if f.name == "create_project")
     out = fn.fn("a/b")
     assert "tt-error" in out[-1] and "cannot be used" in out[-1]
     assert all(is_update(o) for o in out[:-1])
     make_version(logic, "p")
     values = values_of(TrainConfig())
-    values[ui.SETTING_FIELDS.index("epochs")] = 0
+    values[ui_views.SETTING_FIELDS.index("epochs")] = 0
     save = next(f for f in _functions(tab) if f.name == "save_settings")
     assert "at least 1" in save.fn("p", "v1", *values)[-1]
     begin = next(f for f in _functions(tab) if f.name == "begin_train")
@@ -218,9 +221,9 @@ def test_bad_names_and_bad_settings_become_messages(host, logic):
 def test_settings_values_round_trip_through_the_controls():
     config = TrainConfig(epochs=7, learning_rate=5e-5, output_name="", base_model="a.safetensors")
     values = values_of(config)
-    values[ui.SETTING_FIELDS.index("output_name")] = None  # an emptied textbox
-    values[ui.SETTING_FIELDS.index("epochs")] = 7.0  # Number components may hand floats back
-    assert ui.settings_from_values(values) == config
+    values[ui_views.SETTING_FIELDS.index("output_name")] = None  # an emptied textbox
+    values[ui_views.SETTING_FIELDS.index("epochs")] = 7.0  # Number components may hand floats back
+    assert ui_views.settings_from_values(values) == config
 
 
 # ---------------------------------------------------------------------- dataset
@@ -231,22 +234,22 @@ def test_uploaded_files_from_each_gradio_and_staged_under_their_own_names(tmp_pa
     b = tmp_path / "dog.txt"
     b.write_text("a dog")
     gradio3 = types.SimpleNamespace(name=str(a), orig_name="cat.png")
-    got = ui.uploaded_files([gradio3, str(b), {"path": str(b), "orig_name": "other.txt"}, None])
+    got = ui_uploads.uploaded_files([gradio3, str(b), {"path": str(b), "orig_name": "other.txt"}, None])
     assert got == [(a, "cat.png"), (b, "dog.txt"), (b, "other.txt")]
-    staged = ui.stage_with_original_names(got, tmp_path / "stage")
+    staged = ui_uploads.stage_with_original_names(got, tmp_path / "stage")
     assert [p.name for p in staged] == ["cat.png", "dog.txt", "other.txt"]
     assert staged[0].read_bytes() == b"png" and staged[1] == b  # only renamed files are copied
-    assert ui.uploaded_files(None) == []
+    assert ui_uploads.uploaded_files(None) == []
 
 
 def test_dataset_view_before_preparing_shows_originals_with_their_captions(logic):
     version = make_version(logic)
-    gallery, line = ui.dataset_view(version, TrainConfig())
+    gallery, line = ui_views.dataset_view(version, TrainConfig())
     assert gallery == [] and "No pictures" in line
     (version.originals_dir / "b.png").write_bytes(b"x")
     (version.originals_dir / "a.jpg").write_bytes(b"x")
     (version.originals_dir / "a.txt").write_text("a cat, sitting")
-    gallery, line = ui.dataset_view(version, TrainConfig())
+    gallery, line = ui_views.dataset_view(version, TrainConfig())
     assert [Path(p).name for p, _ in gallery] == ["a.jpg", "b.png"]
     assert gallery[0][1] == "a cat, sitting"
     assert line.startswith("2 pictures uploaded")
@@ -257,12 +260,12 @@ def test_dataset_view_after_preparing_counts_repeats_and_steps(logic, monkeypatc
     items = [types.SimpleNamespace(image=version.prepared_dir / f"{i}.png", caption=f"c{i}") for i in range(10)]
     for item in items:
         item.image.write_bytes(b"x")
-    monkeypatch.setattr(ui, "core_items", lambda v: items)
-    monkeypatch.setattr(ui, "core_auto_repeats", lambda n: 512 // n)
-    gallery, line = ui.dataset_view(version, TrainConfig(batch_size=2, epochs=3))
+    monkeypatch.setattr(ui_views, "core_items", lambda v: items)
+    monkeypatch.setattr(ui_views, "core_auto_repeats", lambda n: 512 // n)
+    gallery, line = ui_views.dataset_view(version, TrainConfig(batch_size=2, epochs=3))
     assert len(gallery) == 10 and gallery[3][1] == "c3"
     assert line.startswith("10 images, 51 repeats, 255 steps per epoch (765 steps for 3 epochs)")
-    gallery, line = ui.dataset_view(version, TrainConfig(repeats=4, batch_size=3, epochs=1))
+    gallery, line = ui_views.dataset_view(version, TrainConfig(repeats=4, batch_size=3, epochs=1))
     assert "4 repeats, 14 steps per epoch" in line
 
 
@@ -280,7 +283,7 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
     files.append(str(tmp_path / "in" / "pic1.txt"))
     cleared, gallery, line, message = logic.upload(files, "猫 cat", "v1")
     assert cleared is None and "tt-ok" in message
-    assert len(ui.original_images(version)) == 3
+    assert len(ui_views.original_images(version)) == 3
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128)
     heard: list[tuple[str, int, int]] = []
     gallery, line, tags, message = logic.update_dataset("猫 cat", "v1", *values_of(config),
@@ -295,7 +298,7 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
 def test_progress_bar_only_where_the_page_still_launches_without_a_queue(host):
     """Update Dataset draws a progress bar in Gradio 4+ (always queued); in Gradio 3 a bar would stop the WebUI
     from starting with --no-gradio-queue, so there is none."""
-    tab = ui.build_tab(host, JobManager())
+    tab = ui_layout.build_tab(host, JobManager())
     tracking = [fn for fn in _functions(tab) if getattr(fn, "tracks_progress", False)]
     if gradio_compat.gradio_major() >= 4:
         assert [getattr(fn, "name", "") for fn in tracking] == ["update_dataset"]
@@ -341,7 +344,7 @@ def test_begin_train_with_the_demo_model_saves_settings_and_runs_the_job(logic, 
         started.update(version=v, checkpoint=checkpoint, configs=configs)
         return fake_work(save_to=v.trains_dir / "run1" / "猫 cat-v1.safetensors")
 
-    monkeypatch.setattr(ui, "training_work", fake_training_work)
+    monkeypatch.setattr(ui_logic, "training_work", fake_training_work)
     config = TrainConfig(base_model=DEMO_CHOICE, epochs=2, resolution=128, network_dim=4)
     message, progress, models = logic.begin_train("猫 cat", "v1", *values_of(config))
     assert "started" in message and "tt-progress" in progress
@@ -366,7 +369,7 @@ def test_second_start_is_refused_and_interrupt_stops_after_the_step(logic, monke
     ckpt = logic.host.ckpt_dirs[0] / "mine.safetensors"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"x")
-    monkeypatch.setattr(ui, "training_work", lambda *a: fake_work(steps=500, sleep=0.01))
+    monkeypatch.setattr(ui_logic, "training_work", lambda *a: fake_work(steps=500, sleep=0.01))
     values = values_of(TrainConfig(base_model="mine.safetensors"))
     logic.begin_train("猫 cat", "v1", *values)
     with pytest.raises(Exception, match="already running"):
@@ -409,7 +412,7 @@ def test_results_list_and_copy_to_lora_folder(logic):
     new = fake_lora(version.trains_dir / "20240102-000000" / "猫 cat-v1-000002.safetensors",
                     {"ss_epoch": "2", "ss_steps": "96"}, payload=b"\1" * 8)
     (new.parent / "猫 cat-v1-000002.png").write_bytes(b"preview")
-    files = ui.list_results(version)
+    files = ui_views.list_results(version)
     assert [f.path for f in files] == [new, old]  # newest run first
     assert (files[0].epoch, files[0].steps, files[0].size) == ("2", "96", new.stat().st_size)
     html = ui_html.results_html(files)
@@ -519,7 +522,7 @@ def test_create_app_brings_the_tab_css_and_js(tmp_path):
 
 def test_select_a_picture_and_edit_its_caption(logic, monkeypatch):
     version = make_version(logic)
-    monkeypatch.setattr(ui, "core_items", lambda v: [])  # the gallery shows the originals here
+    monkeypatch.setattr(ui_views, "core_items", lambda v: [])  # the gallery shows the originals here
     (version.originals_dir / "a.png").write_bytes(b"x")
     (version.originals_dir / "b.png").write_bytes(b"x")
     (version.originals_dir / "b.txt").write_text("old words", encoding="utf-8")
@@ -595,7 +598,7 @@ def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new
 
     gate = threading.Event()
     works = [saving_work("20240101-000000", b"\1"), saving_work("20240102-000000", b"\2", gate)]
-    monkeypatch.setattr(ui, "training_work", lambda *a: works.pop(0))
+    monkeypatch.setattr(ui_logic, "training_work", lambda *a: works.pop(0))
     values = values_of(TrainConfig(base_model="mine.safetensors"))
     page = {"choice": None, "seen": None}
 

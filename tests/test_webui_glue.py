@@ -202,7 +202,8 @@ def test_the_webui_interrupt_button_stops_training(webui):
 
 
 def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
-    import train_tools.ui.tab as ui
+    import train_tools.ui.logic as ui_logic
+    import train_tools.ui.views as ui_views
     from train_tools.hosts.webui import WebuiHost
 
     seen = {}
@@ -211,15 +212,15 @@ def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
         seen.update(checkpoint=checkpoint, device=device, base=configs[0].base_model, host=type(host).__name__)
         return _fake_work([], webui)
 
-    monkeypatch.setattr(ui, "training_work", fake_training_work)
-    logic = ui.TabLogic(WebuiHost(), JobManager())
+    monkeypatch.setattr(ui_logic, "training_work", fake_training_work)
+    logic = ui_logic.TabLogic(WebuiHost(), JobManager())
     logic.create_project("猫")
     logic.create_version("猫", "v1")
     version = logic.store.version("猫", "v1")
     (version.originals_dir / "a.png").write_bytes(b"not really a png")
     title = next(t for t in logic.host.list_checkpoints() if "real" in t)
-    values = [getattr(version.load_settings(), n) for n in ui.SETTING_FIELDS]
-    values[ui.SETTING_FIELDS.index("base_model")] = title
+    values = [getattr(version.load_settings(), n) for n in ui_views.SETTING_FIELDS]
+    values[ui_views.SETTING_FIELDS.index("base_model")] = title
     message, _progress, _models = logic.begin_train("猫", "v1", *values)
     assert "started" in message
     assert logic.jobs.wait(10).state == FINISHED

@@ -107,7 +107,7 @@ def create_app(host: StandaloneHost) -> tuple[Any, dict[str, Any]]:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from .tab import build_contents
+    from .layout import build_contents
 
     css, js = _assets()
     head = f"<script>{js}</script>" if js else ""

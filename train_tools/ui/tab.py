@@ -28,8 +28,8 @@ from ..errors import UserError, from_os_error
 from .gradio_compat import on_page_load, poll_every, with_progress
 from ..hosts.base import DEMO_CHOICE, DEMO_FILE_NAME, Host, require_checkpoint_choice
 from .jobs import JOBS, JobManager, training_work
-from ..previews.previews import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
-from ..previews.previews import SAMPLERS as PREVIEW_SAMPLERS
+from ..previews.samplers import SAMPLERS as PREVIEW_SAMPLERS
+from ..previews.settings import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
 from ..progress import TaskFn
 from ..store import Store, Version, projects_root
 from .html import FAMILY_NAMES, ResultFile, family_line, message_html, progress_html, results_html, tags_html
@@ -116,7 +116,9 @@ def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> 
     """The work of Generate previews: the run's checkpoint (or the chosen one), its files at each weight."""
 
     def work(reporter: Any, stop: Any) -> list[Any]:
-        from ..previews.previews import generate_grid, make_previewer, run_checkpoint, run_config
+        from ..previews.grid import generate_grid
+        from ..previews.previewer import make_previewer
+        from ..previews.runs import run_checkpoint, run_config
 
         config = run_config(run_dir)
         checkpoint = run_checkpoint(run_dir) or host.resolve_checkpoint(config.base_model)
@@ -268,7 +270,7 @@ def copy_to_lora_dir(src: Path, lora_dir: Path) -> Path:
 
 def run_of_choice(version: Version, choice: str | None) -> Path:
     """The run folder of a results choice ("run/file"), else the newest run."""
-    from ..previews.previews import choose_run
+    from ..previews.runs import choose_run
 
     run = choice.split("/", 1)[0] if choice and "/" in choice else None
     return choose_run(version, run)
@@ -278,7 +280,7 @@ def grid_view(version: Version | None, choice: str | None) -> tuple[str | None, 
     """(grid picture, its path for the click handler) of the chosen run's newest grid, or (None, None)."""
     if version is None or not version.runs():
         return None, None
-    from ..previews.previews import latest_grid
+    from ..previews.grid_info import latest_grid
 
     try:
         info = latest_grid(run_of_choice(version, choice))
@@ -537,7 +539,7 @@ class TabLogic:
     def generate_previews(self, project: str | None, version: str | None, choice: str | None, prompt: str,
                           negative: str, seed: Any, steps: Any, cfg_scale: Any, sampler: str, width: Any,
                           height: Any, weights: str) -> list[Any]:
-        from ..previews.previews import PreviewSettings, parse_weights
+        from ..previews.settings import PreviewSettings, parse_weights
 
         v = self.require_version(project, version)
         if not v.runs():
@@ -556,7 +558,7 @@ class TabLogic:
 
     def select_cell(self, grid_path: str | None, index: Any) -> list[Any]:
         """A click on the grid: the cell under the pointer becomes the one to install."""
-        from ..previews.previews import grid_info_for
+        from ..previews.grid_info import grid_info_for
 
         if not grid_path or not isinstance(index, (list, tuple)) or len(index) != 2:
             return [None, ""]
@@ -569,7 +571,8 @@ class TabLogic:
         return [chosen, f"Selected **{cell.file.name}** at weight **{cell.weight:g}**."]
 
     def install_cell(self, project: str | None, version: str | None, chosen: Any) -> list[Any]:
-        from ..previews.previews import grid_info_for, install_cell, trigger_word
+        from ..previews.grid_info import grid_info_for, install_cell
+        from ..previews.settings import trigger_word
 
         v = self.require_version(project, version)
         if not isinstance(chosen, dict) or not chosen.get("grid"):

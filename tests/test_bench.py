@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from train_tools.bench.speed import PHASES, build_parser, peak_tflops, specs_from_args
+from train_tools.bench.report import peak_tflops
+from train_tools.bench.speed import build_parser, specs_from_args
+from train_tools.bench.timing import PHASES
 from train_tools.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +80,7 @@ def test_presets_and_overrides():
 
 
 def test_stand_in_tokenizer_has_the_real_size():
-    from train_tools.bench.speed import _stand_in_tokenizer
+    from train_tools.bench.workload import _stand_in_tokenizer
     from train_tools.models.tokenizers import REAL_VOCAB_SIZE
 
     tok = _stand_in_tokenizer("!")

@@ -24,21 +24,17 @@ from safetensors import safe_open
 from tests.fixtures_training import StopsAtStep
 from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from tests.webui_formula import apply_kohya_lora
-from train_tools.previews import previews
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.networks.lora_format import file_tensor_hashes, read_lora
 from train_tools.networks.install import USER_METADATA_KEYS, install_lora
-from train_tools.previews.previews import (
-    BASE_LABEL,
-    DiffusersPreviewer,
-    GridInfo,
-    PreviewSettings,
-    generate_grid,
-    grid_info_for,
-    parse_weights,
-)
+from train_tools.previews.diffusers_previewer import DiffusersPreviewer
+from train_tools.previews.grid import BASE_LABEL, generate_grid
+from train_tools.previews.grid_info import GridInfo, grid_info_for, install_cell, latest_grid
+from train_tools.previews.previewer import Previewer, make_previewer
+from train_tools.previews.samples import previews_at_end, sample_epoch, should_sample
+from train_tools.previews.settings import PreviewSettings, default_settings, parse_weights
 from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.store import Store
 from train_tools.training.trainer import Trainer
@@ -119,12 +115,12 @@ def test_settings_are_checked_with_sentences():
 def test_defaults_come_from_the_version_settings():
     config = TrainConfig(resolution=768, trigger_word="")
     assert not config.preview_at_end and config.sample_every_n_epochs == 0 and config.preview_prompt == ""
-    settings = previews.default_settings(config, "猫")
+    settings = default_settings(config, "猫")
     assert settings.prompt == "猫" and (settings.width, settings.height) == (768, 768)
     config = TrainConfig(trigger_word="sks", preview_prompt="sks, smiling", sample_every_n_epochs=2)
-    assert previews.default_settings(config, "猫").prompt == "sks, smiling"
-    assert [previews.should_sample(config, e) for e in (1, 2, 3, 4)] == [False, True, False, True]
-    assert not previews.should_sample(TrainConfig(), 2)
+    assert default_settings(config, "猫").prompt == "sks, smiling"
+    assert [should_sample(config, e) for e in (1, 2, 3, 4)] == [False, True, False, True]
+    assert not should_sample(TrainConfig(), 2)
 
 
 def test_unknown_sampler_is_a_user_error(previewer: DiffusersPreviewer):
@@ -166,7 +162,7 @@ def test_grid_has_a_labelled_cell_per_epoch_and_weight(trained, grid):
     clicked = info.cell_at(info.left + 64 + 10, info.top + 64 + 10)
     assert clicked is not None and (clicked.epoch, clicked.weight) == (2, 0.5)
     assert info.cell_at(2, 2) is None and info.cell_at(info.left + 3 * 64 + 1, info.top + 1) is None
-    assert previews.latest_grid(trained.run_dir).json_path == info.json_path
+    assert latest_grid(trained.run_dir).json_path == info.json_path
 
 
 def test_no_lora_and_weight_zero_are_the_base_model(trained, previewer, grid, base_picture):
@@ -245,15 +241,15 @@ def test_training_time_hooks(trained, tmp_path):
             pass
 
     stub = Stub()
-    assert isinstance(stub, previews.Previewer)
-    paths = previews.sample_epoch(tmp_path, trained.files[0], 2, stub, SETTINGS)
+    assert isinstance(stub, Previewer)
+    paths = sample_epoch(tmp_path, trained.files[0], 2, stub, SETTINGS)
     assert [p.name for p in paths] == ["epoch-000002-1.png", "epoch-000002-2.png"]
     assert [c[0] for c in calls] == [7, 8] and all(c[2] == 1.0 for c in calls)
     off = dataclasses.replace(trained.config, preview_at_end=False)
-    assert previews.previews_at_end(trained.run_dir, off, "p", stub) is None
+    assert previews_at_end(trained.run_dir, off, "p", stub) is None
     on = dataclasses.replace(trained.config, preview_at_end=True, preview_prompt="sks")
     calls.clear()
-    grid_path = previews.previews_at_end(trained.run_dir, on, "p", stub)
+    grid_path = previews_at_end(trained.run_dir, on, "p", stub)
     assert grid_path is not None and len(calls) == 2 * 6 + 1
     assert {c[0] for c in calls} == {42}
 
@@ -270,7 +266,7 @@ def _cover(meta: dict[str, str]) -> tuple[bytes, bytes]:
 def test_install_writes_the_three_files_as_the_webui_reads_them(trained, grid, tmp_path):
     cell = grid.info.cell(1, 2)  # epoch 2, weight 1.0
     lora_dir = tmp_path / "Lora"
-    target = previews.install_cell(cell, lora_dir, activation_text="p, red circle")
+    target = install_cell(cell, lora_dir, activation_text="p, red circle")
     assert target == lora_dir / f"{trained.files[1].stem}.safetensors"
     assert sorted(p.name for p in lora_dir.iterdir()) == sorted(
         [target.name, f"{target.stem}.preview.png", f"{target.stem}.json"])
@@ -325,7 +321,7 @@ def test_second_install_keeps_both_unless_overwrite(trained, tmp_path):
 def test_install_refuses_what_it_cannot_do(trained, grid, tmp_path):
     base_cell = grid.info.cell(0, 0)
     with pytest.raises(UserError, match="without a LoRA"):
-        previews.install_cell(base_cell, tmp_path / "Lora", activation_text="p")
+        install_cell(base_cell, tmp_path / "Lora", activation_text="p")
     with pytest.raises(UserError, match="does not exist"):
         install_lora(tmp_path / "missing.safetensors", tmp_path / "Lora", weight=1, activation_text="", preview=None)
     with pytest.raises(UserError, match=":"):
@@ -383,7 +379,7 @@ def test_webui_previews_use_its_txt2img_with_the_lora_in_its_folder(trained, web
 
     host = WebuiHost()
     checkpoint = webui.sd_dir / "base.safetensors"
-    previewer = previews.make_previewer(host, checkpoint, clip_skip=2)
+    previewer = make_previewer(host, checkpoint, clip_skip=2)
     settings = dataclasses.replace(SETTINGS, weights=(0.5, 1.0))
     try:
         path = generate_grid(trained.run_dir, previewer, settings)

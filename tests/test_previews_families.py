@@ -23,14 +23,11 @@ from train_tools.config import TrainConfig
 from train_tools.data.dataset import DatasetItem
 from train_tools.errors import UserError
 from train_tools.networks.lora_format import read_lora
-from train_tools.previews.previews import (
-    BASE_LABEL,
-    SAMPLERS,
-    DiffusersPreviewer,
-    PreviewSettings,
-    generate_grid,
-    grid_info_for,
-)
+from train_tools.previews.diffusers_previewer import DiffusersPreviewer
+from train_tools.previews.grid import BASE_LABEL, generate_grid
+from train_tools.previews.grid_info import grid_info_for
+from train_tools.previews.samplers import SAMPLERS
+from train_tools.previews.settings import PreviewSettings
 from train_tools.store import Store
 from train_tools.training.trainer import Trainer, sdxl_time_ids
 

@@ -112,7 +112,7 @@ def test_read_json_says_what_else_can_be_wrong(tmp_path: Path):
 
 @pytest.mark.parametrize("name", ["latin-1", "deep", "not json", "list"])
 def test_a_hostile_run_snapshot_is_one_sentence(tmp_path: Path, name: str):
-    from train_tools.previews.previews import run_checkpoint, run_config
+    from train_tools.previews.runs import run_checkpoint, run_config
     from train_tools.training.resume import read_run_settings
 
     run = tmp_path / "data" / "trains" / "r1"
@@ -140,7 +140,7 @@ def test_a_run_snapshot_with_a_byte_order_mark_is_read(tmp_path: Path):
 
 @pytest.mark.parametrize("case", ["deep", "outside", "missing keys"])
 def test_a_hostile_preview_grid_description_is_one_sentence(tmp_path: Path, case: str):
-    from train_tools.previews.previews import GridInfo
+    from train_tools.previews.grid_info import GridInfo
 
     path = tmp_path / "run" / "previews" / "grid-1" / "grid.json"
     path.parent.mkdir(parents=True)

@@ -210,13 +210,14 @@ def test_samples_during_and_preview_grid_after_training(tmp_path: Path, demo_ckp
 
     from PIL import Image
 
-    from train_tools.previews import previews
-    from train_tools.previews.previews import latest_grid
+    from train_tools.previews import samples, settings
+    from train_tools.previews.grid_info import latest_grid
 
-    defaults = previews.default_settings
+    defaults = settings.default_settings
     # Fewer sampling steps and weights than a user's defaults: the same code, a tenth of the CPU time.
-    monkeypatch.setattr(previews, "default_settings", lambda *a, **k: dataclasses.replace(
+    monkeypatch.setattr(settings, "default_settings", lambda *a, **k: dataclasses.replace(
         defaults(*a, **k), steps=2, weights=(0.5, 1.0)))
+    monkeypatch.setattr(samples, "default_settings", settings.default_settings)  # the grid at the end's name
     store = make_version(tmp_path, demo_pictures)
     config = tiny_config(epochs=2, save_every_n_epochs=1, sample_every_n_epochs=2, preview_at_end=True,
                          resolution=64, min_bucket_reso=64, max_bucket_reso=128)

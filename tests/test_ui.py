@@ -120,15 +120,15 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     monkeypatch.setattr(ui_logic, "training_work", lambda *a: fake_work())
     monkeypatch.setattr(ui_logic, "preview_work", lambda *a: fake_work())
     import train_tools.ui.jobs
-    import train_tools.previews.previews
+    import train_tools.previews.grid_info
     import train_tools.training.resume
 
     monkeypatch.setattr(train_tools.training.resume, "run_is_finished", lambda run: False)
     monkeypatch.setattr(train_tools.ui.jobs, "resume_work", lambda *a, **k: fake_work())
     cell = types.SimpleNamespace(has_lora=True, file=version.trains_dir / "run1" / "p-v1.safetensors", weight=0.8)
     grid = types.SimpleNamespace(cell=lambda row, col: cell, cell_at=lambda x, y: cell)
-    monkeypatch.setattr(train_tools.previews.previews, "grid_info_for", lambda path: grid)
-    monkeypatch.setattr(train_tools.previews.previews, "install_cell",
+    monkeypatch.setattr(train_tools.previews.grid_info, "grid_info_for", lambda path: grid)
+    monkeypatch.setattr(train_tools.previews.grid_info, "install_cell",
                         lambda c, lora_dir, **k: lora_dir / c.file.name)
     tab = ui_layout.build_tab(host, logic.jobs)
     comps = tab.train_tools.components

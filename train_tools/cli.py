@@ -268,27 +268,29 @@ def cmd_runs(version: Version) -> int:
 
 
 def cmd_preview(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> int:
-    from .previews import previews
+    from .previews.diffusers_previewer import DiffusersPreviewer
+    from .previews.grid import PictureBarReporter, generate_grid
+    from .previews.runs import choose_run, run_checkpoint, run_config
+    from .previews.settings import default_settings
     from .progress import StopFlag
 
     version = store.version(args.project, args.version)
-    run_dir = previews.choose_run(version, args.run)
-    config = previews.run_config(run_dir)
+    run_dir = choose_run(version, args.run)
+    config = run_config(run_dir)
     changes = {key: getattr(args, key) for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale",
                                                    "sampler", "width", "height", "weights")
                if getattr(args, key) is not None}
-    settings = previews.default_settings(config, version.project, **changes)
+    settings = default_settings(config, version.project, **changes)
     if args.ckpt:
         checkpoint = resolve_checkpoint(args.ckpt, ckpt_dirs)
     else:
-        checkpoint = previews.run_checkpoint(run_dir) or resolve_checkpoint(config.base_model, ckpt_dirs)
+        checkpoint = run_checkpoint(run_dir) or resolve_checkpoint(config.base_model, ckpt_dirs)
     stop = StopFlag()
     with _CtrlC(stop):
-        previewer = previews.DiffusersPreviewer.from_checkpoint(checkpoint, clip_skip=config.clip_skip,
-                                                               device=args.device)
+        previewer = DiffusersPreviewer.from_checkpoint(checkpoint, clip_skip=config.clip_skip, device=args.device)
         try:
-            grid = previews.generate_grid(run_dir, previewer, settings, include_base=not args.no_base,
-                                          reporter=previews.PictureBarReporter(), stop=stop)
+            grid = generate_grid(run_dir, previewer, settings, include_base=not args.no_base,
+                                 reporter=PictureBarReporter(), stop=stop)
         finally:
             previewer.close()
     sys.stdout.write(f"{grid}\n")
@@ -313,24 +315,25 @@ def _version_lora_file(version: Version, choice: str) -> Path:
 
 
 def cmd_install(args: argparse.Namespace, store: Store) -> int:
-    from .previews import previews
     from .networks.install import install_lora
+    from .previews.grid_info import find_cell
+    from .previews.runs import run_config
+    from .previews.settings import trigger_word
 
     version = store.version(args.project, args.version)
     file = _version_lora_file(version, args.file)
     in_run = version.trains_dir.resolve() in file.parents
-    config = previews.run_config(file.parent) if in_run else version.load_settings()
+    config = run_config(file.parent) if in_run else version.load_settings()
     weight, picture = args.weight, args.preview
     if picture is None and in_run:
-        cell = previews.find_cell(file.parent, file, weight)
+        cell = find_cell(file.parent, file, weight)
         if cell is not None:
             picture = cell.image
             weight = cell.weight if weight is None else weight
     if picture is None:
         log.info("No preview picture for %s (make one with 'python -m train_tools preview'); installing without.",
                  file.name)
-    activation = args.activation_text if args.activation_text is not None else previews.trigger_word(
-        config, version.project)
+    activation = args.activation_text if args.activation_text is not None else trigger_word(config, version.project)
     target = install_lora(file, args.lora_dir, weight=1.0 if weight is None else weight, activation_text=activation,
                           preview=picture, overwrite=args.overwrite, name=args.name)
     sys.stdout.write(f"{target}\n")

@@ -21,7 +21,7 @@ from ..progress import Reporter, StepInfo, StopFlag, task_amount
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..previews.previews import PreviewSettings
+    from ..previews.settings import PreviewSettings
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class WebuiHost(Host):
         return None
 
     def make_previewer(self, checkpoint: Path | None, *, clip_skip: int | None = None) -> WebuiPreviewer:
-        """Previews by the WebUI's own txt2img (see ``previews.make_previewer``)."""
+        """Previews by the WebUI's own txt2img (see ``previews.previewer.make_previewer``)."""
         return WebuiPreviewer(self.lora_dir, checkpoint, clip_skip=clip_skip)
 
 

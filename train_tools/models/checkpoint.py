@@ -335,9 +335,9 @@ def detect_family(sd: dict[str, torch.Tensor], path: Path | None = None, *,
         return family
     says_v = yaml_says_v(path, yaml_path)
     if says_v is None:
-        from .convert import original_to_diffusers
-        from .loader import instantiate
         from .configs import build_unet
+        from .convert import original_to_diffusers
+        from .instantiate import instantiate
 
         model_spec = spec("sd2", tiny)
         unet = instantiate(build_unet(model_spec, empty=True), original_to_diffusers(sd, model_spec).unet, "UNet")

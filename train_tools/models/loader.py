@@ -17,11 +17,18 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from .checkpoint import detect_structure, read_state_dict, unet_predicts_v, yaml_says_v
-from .convert import match_model_keys, original_to_diffusers
-from ..errors import UserError
 from ..fileio import sha256_file
-from .configs import ModelSpec, build_scheduler, build_text_encoder, build_unet, build_vae, spec
+from .checkpoint import detect_structure, read_state_dict, unet_predicts_v, yaml_says_v
+from .configs import (
+    ModelSpec,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    spec,
+)
+from .convert import original_to_diffusers
+from .instantiate import instantiate
 from .tokenizers import tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -54,38 +61,6 @@ def file_sha256(path: Path) -> str:
     if key not in _SHA_CACHE:
         _SHA_CACHE[key] = sha256_file(path)
     return _SHA_CACHE[key]
-
-
-def instantiate(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, *,
-                device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Put ``state_dict``'s tensors into ``model`` (built with empty weights) and check nothing is missing.
-
-    Tensors are moved/cast one at a time, in place in ``state_dict``, so each of the file's tensors is freed
-    as soon as its copy exists and the model never exists twice in memory (and diffusers'
-    ``ModelMixin.to(dtype=...)``, which warns on every call, is not needed).
-    """
-    if device is not None or dtype is not None:
-        for key in list(state_dict):
-            tensor = state_dict[key]
-            state_dict[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-            del tensor
-    state_dict = match_model_keys(state_dict, model)
-    try:
-        result = model.load_state_dict(state_dict, strict=False, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()[:200]
-        raise UserError(f"The checkpoint's {what} weights do not fit the expected architecture ({first}); "
-                        "use a standard Stable Diffusion checkpoint.") from exc
-    # position_ids is a buffer some transformers versions save and others do not; it is always rebuilt.
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_empty:
-        raise ValueError(f"{what}: parameters left without weights: {still_empty[:5]}")
-    if device is not None:
-        model.to(device)  # the buffers that are not in a state dict (e.g. position ids)
-    return model.eval()
 
 
 def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

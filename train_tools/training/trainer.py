@@ -665,7 +665,7 @@ class Trainer:
         """The diffusers previewer (its own copy of the base model), made once per run when first needed. The
         host's own generator is not used here: the WebUI's model is unloaded while training runs."""
         if getattr(self, "_preview", None) is None:
-            from ..previews.previews import make_previewer
+            from ..previews.previewer import make_previewer
 
             self._preview = make_previewer(None, self.checkpoint, clip_skip=self.config.clip_skip,
                                            device=str(self.device))
@@ -679,7 +679,8 @@ class Trainer:
 
     def _sample(self, run_dir: Path, lora_file: Path, epoch: int) -> None:
         """``sample_every_n_epochs``: a few pictures of the file just saved, in ``<run>/samples/``."""
-        from ..previews.previews import default_settings, sample_epoch, should_sample
+        from ..previews.samples import sample_epoch, should_sample
+        from ..previews.settings import default_settings
 
         if not should_sample(self.config, epoch):
             return
@@ -692,7 +693,7 @@ class Trainer:
 
     def _previews_at_end(self, run_dir: Path) -> None:
         """``preview_at_end``: the grid of every saved file at every weight, once training is done."""
-        from ..previews.previews import previews_at_end
+        from ..previews.samples import previews_at_end
 
         self.reporter.message("Generating the preview grid")
         try:

@@ -90,7 +90,9 @@ def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> 
     """The work of Generate previews: the run's checkpoint (or the chosen one), its files at each weight."""
 
     def work(reporter: Any, stop: Any) -> list[Any]:
-        from ..previews.previews import generate_grid, make_previewer, run_checkpoint, run_config
+        from ..previews.grid import generate_grid
+        from ..previews.previewer import make_previewer
+        from ..previews.runs import run_checkpoint, run_config
 
         config = run_config(run_dir)
         checkpoint = run_checkpoint(run_dir) or host.resolve_checkpoint(config.base_model)

@@ -22,8 +22,8 @@ import gradio as gr
 from ..config import TrainConfig, fields_info
 from ..errors import UserError, from_os_error
 from ..hosts.base import Host
-from ..previews.previews import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
-from ..previews.previews import SAMPLERS as PREVIEW_SAMPLERS
+from ..previews.samplers import SAMPLERS as PREVIEW_SAMPLERS
+from ..previews.settings import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
 from .gradio_compat import on_page_load, poll_every, with_progress
 from .html import message_html, progress_html, results_html, tags_html
 from .jobs import JOBS, JobManager

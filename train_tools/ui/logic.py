@@ -213,7 +213,7 @@ class TabLogic(TabState):
     def generate_previews(self, project: str | None, version: str | None, choice: str | None, prompt: str,
                           negative: str, seed: Any, steps: Any, cfg_scale: Any, sampler: str, width: Any,
                           height: Any, weights: str) -> list[Any]:
-        from ..previews.previews import PreviewSettings, parse_weights
+        from ..previews.settings import PreviewSettings, parse_weights
 
         v = self.require_version(project, version)
         if not v.runs():
@@ -232,7 +232,7 @@ class TabLogic(TabState):
 
     def select_cell(self, grid_path: str | None, index: Any) -> list[Any]:
         """A click on the grid: the cell under the pointer becomes the one to install."""
-        from ..previews.previews import grid_info_for
+        from ..previews.grid_info import grid_info_for
 
         if not grid_path or not isinstance(index, (list, tuple)) or len(index) != 2:
             return [None, ""]
@@ -245,7 +245,8 @@ class TabLogic(TabState):
         return [chosen, f"Selected **{cell.file.name}** at weight **{cell.weight:g}**."]
 
     def install_cell(self, project: str | None, version: str | None, chosen: Any) -> list[Any]:
-        from ..previews.previews import grid_info_for, install_cell, trigger_word
+        from ..previews.grid_info import grid_info_for, install_cell
+        from ..previews.settings import trigger_word
 
         v = self.require_version(project, version)
         if not isinstance(chosen, dict) or not chosen.get("grid"):

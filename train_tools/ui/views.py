@@ -143,7 +143,7 @@ def copy_to_lora_dir(src: Path, lora_dir: Path) -> Path:
 
 def run_of_choice(version: Version, choice: str | None) -> Path:
     """The run folder of a results choice ("run/file"), else the newest run."""
-    from ..previews.previews import choose_run
+    from ..previews.runs import choose_run
 
     run = choice.split("/", 1)[0] if choice and "/" in choice else None
     return choose_run(version, run)
@@ -153,7 +153,7 @@ def grid_view(version: Version | None, choice: str | None) -> tuple[str | None, 
     """(grid picture, its path for the click handler) of the chosen run's newest grid, or (None, None)."""
     if version is None or not version.runs():
         return None, None
-    from ..previews.previews import latest_grid
+    from ..previews.grid_info import latest_grid
 
     try:
         info = latest_grid(run_of_choice(version, choice))

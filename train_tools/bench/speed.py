@@ -438,7 +438,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _make_version(run_dir: Path, spec: BenchSpec) -> Any:
-    from ..data.dataset import add_originals
+    from ..data.uploads import add_originals
     from ..store import Store
 
     pictures, _, _ = plan(spec)

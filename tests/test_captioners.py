@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train_tools.data import blip, wd14
 from train_tools.data import captioners as cap
-from train_tools.data import dataset as ds
+from train_tools.data.items import load_items, tag_frequency
+from train_tools.data.prepare_folder import prepare_dataset
+from train_tools.data.prepare_options import PrepareOptions
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 
@@ -27,15 +30,15 @@ from onnx import TensorProto, helper  # noqa: E402
 FEATURES = ("blue", "green", "red", "top_row")
 # (name, category, weights per feature, bias): score = sigmoid(weights . features + bias).
 TAGS = [
-    ("general", cap.RATING, (0, 0, 0, 0), math.log(0.7 / 0.3)),  # always 0.7
-    ("sensitive", cap.RATING, (0, 0, 10, 0), -5),  # 0.993 on pure red, else 0.007
-    ("blue_sky", cap.GENERAL, (10, 0, 0, 0), -5),
-    ("red_theme", cap.GENERAL, (0, 0, 10, 0), -5),
-    ("green_hair", cap.GENERAL, (0, 10, 0, 0), -5),  # 0.993 on pure green
-    ("^_^", cap.GENERAL, (0, 8, 0, 0), -5),  # 0.953 on pure green
-    ("hatsune_miku", cap.CHARACTER, (0, 7.2, 0, 0), -5),  # 0.900 on pure green
-    ("white_border", cap.GENERAL, (0, 0, 0, 10), -5),  # fires when the top row is white
-    ("medium_score", cap.GENERAL, (0, 0, 0, 0), 0),  # always 0.5
+    ("general", wd14.RATING, (0, 0, 0, 0), math.log(0.7 / 0.3)),  # always 0.7
+    ("sensitive", wd14.RATING, (0, 0, 10, 0), -5),  # 0.993 on pure red, else 0.007
+    ("blue_sky", wd14.GENERAL, (10, 0, 0, 0), -5),
+    ("red_theme", wd14.GENERAL, (0, 0, 10, 0), -5),
+    ("green_hair", wd14.GENERAL, (0, 10, 0, 0), -5),  # 0.993 on pure green
+    ("^_^", wd14.GENERAL, (0, 8, 0, 0), -5),  # 0.953 on pure green
+    ("hatsune_miku", wd14.CHARACTER, (0, 7.2, 0, 0), -5),  # 0.900 on pure green
+    ("white_border", wd14.GENERAL, (0, 0, 0, 10), -5),  # fires when the top row is white
+    ("medium_score", wd14.GENERAL, (0, 0, 0, 0), 0),  # always 0.5
 ]
 RED, GREEN_, BLUE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)
 
@@ -74,9 +77,9 @@ def build_tagger_files(folder: Path, side: int = 64, batch: int | str = 1, tags=
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8  # readable by every onnxruntime the three test environments have
     onnx.checker.check_model(model)
-    model_path = folder / cap.WD14_MODEL_FILE
+    model_path = folder / wd14.WD14_MODEL_FILE
     model_path.write_bytes(model.SerializeToString())
-    tags_path = folder / cap.WD14_TAGS_FILE
+    tags_path = folder / wd14.WD14_TAGS_FILE
     with open(tags_path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["tag_id", "name", "category", "count"])
@@ -102,7 +105,7 @@ def expected_score(name: str, image_feats: dict[str, float]) -> float:
 # ---------------------------------------------------------------------- the tagger itself
 
 def test_colours_fire_their_tags_in_bgr_order_sorted_by_confidence(files):
-    tagger = cap.WD14Tagger(*files)
+    tagger = wd14.WD14Tagger(*files)
     # A pure red RGB picture reaches the model as channel 2 (BGR), so it is "red theme", not "blue sky".
     assert tagger(solid(RED)) == "red theme, medium score"
     assert tagger(solid(BLUE)) == "blue sky, medium score"
@@ -116,13 +119,13 @@ def test_colours_fire_their_tags_in_bgr_order_sorted_by_confidence(files):
 
 
 def test_thresholds_decide_general_and_character_tags_separately(files):
-    strict = cap.WD14Tagger(*files, general_threshold=0.6)
+    strict = wd14.WD14Tagger(*files, general_threshold=0.6)
     assert "medium score" not in strict(solid(GREEN_)).split(", ")
     assert "hatsune miku" in strict(solid(GREEN_)).split(", ")
-    no_char = cap.WD14Tagger(*files, character_threshold=0.95)
+    no_char = wd14.WD14Tagger(*files, character_threshold=0.95)
     tags = no_char(solid(GREEN_)).split(", ")
     assert "hatsune miku" not in tags and "^_^" in tags  # 0.953 general stays: it is not a character
-    loose = cap.WD14Tagger(*files, general_threshold=0.0)
+    loose = wd14.WD14Tagger(*files, general_threshold=0.0)
     # At 0 every general tag passes, still sorted by score (the red feature fires red_theme first).
     tags = loose(solid(RED)).split(", ")
     assert tags[0] == "red theme" and set(tags) == {"red theme", "blue sky", "green hair", "^_^", "white border",
@@ -130,8 +133,8 @@ def test_thresholds_decide_general_and_character_tags_separately(files):
 
 
 def test_rating_is_off_by_default_and_first_when_on(files):
-    assert not {"general", "sensitive"} & set(cap.WD14Tagger(*files)(solid(RED)).split(", "))
-    rated = cap.WD14Tagger(*files, include_rating=True)
+    assert not {"general", "sensitive"} & set(wd14.WD14Tagger(*files)(solid(RED)).split(", "))
+    rated = wd14.WD14Tagger(*files, include_rating=True)
     assert rated(solid(RED)).split(", ")[0] == "sensitive"  # 0.993 beats general's 0.7
     assert rated(solid(BLUE)).split(", ")[0] == "general"  # only the best rating is written
     assert "sensitive" not in rated(solid(BLUE))
@@ -139,14 +142,14 @@ def test_rating_is_off_by_default_and_first_when_on(files):
 
 def test_exclusion_and_underscores(files):
     # Excluded tags may be written either way (spaces or underscores, any case); a string list works too.
-    tagger = cap.WD14Tagger(*files, exclude="Green_Hair, medium score")
+    tagger = wd14.WD14Tagger(*files, exclude="Green_Hair, medium score")
     assert tagger(solid(GREEN_)) == "^_^, hatsune miku"
-    keep = cap.WD14Tagger(*files, underscores_to_spaces=False, exclude=["^_^"])
+    keep = wd14.WD14Tagger(*files, underscores_to_spaces=False, exclude=["^_^"])
     assert keep(solid(GREEN_)) == "green_hair, hatsune_miku, medium_score"
 
 
 def test_non_square_pictures_are_padded_white_and_resized_to_the_model_input(files):
-    tagger = cap.WD14Tagger(*files)
+    tagger = wd14.WD14Tagger(*files)
     assert tagger.input_size == 64
     wide = solid(BLACK, (200, 100))
     row = tagger.preprocess(wide)
@@ -164,7 +167,7 @@ def test_non_square_pictures_are_padded_white_and_resized_to_the_model_input(fil
 
 
 def test_input_size_comes_from_the_model(tmp_path):
-    tagger = cap.WD14Tagger(*build_tagger_files(tmp_path / "t48", side=48))
+    tagger = wd14.WD14Tagger(*build_tagger_files(tmp_path / "t48", side=48))
     assert tagger.input_size == 48
     assert tagger.preprocess(solid(RED, (300, 120))).shape == (48, 48, 3)
     assert tagger(solid(RED)) == "red theme, medium score"
@@ -172,32 +175,32 @@ def test_input_size_comes_from_the_model(tmp_path):
 
 def test_batches_match_single_calls_with_fixed_and_dynamic_batch_models(files, tmp_path):
     pictures = [solid(RED), solid(GREEN_, (90, 64)), solid(BLUE, (64, 120))]
-    single = [cap.WD14Tagger(*files)(p) for p in pictures]
-    assert cap.WD14Tagger(*files).tag_many(pictures) == single  # fixed batch of 1: one run each
-    dynamic = cap.WD14Tagger(*build_tagger_files(tmp_path / "dyn", batch="N"), batch_size=2)
+    single = [wd14.WD14Tagger(*files)(p) for p in pictures]
+    assert wd14.WD14Tagger(*files).tag_many(pictures) == single  # fixed batch of 1: one run each
+    dynamic = wd14.WD14Tagger(*build_tagger_files(tmp_path / "dyn", batch="N"), batch_size=2)
     assert dynamic.tag_many(pictures) == single
     assert dynamic.tag_many([]) == []
 
 
 def test_bad_model_files_are_user_errors(files, tmp_path):
     with pytest.raises(UserError, match="missing"):
-        cap.WD14Tagger(tmp_path / "none.onnx", files[1])
+        wd14.WD14Tagger(tmp_path / "none.onnx", files[1])
     short = tmp_path / "short.csv"
     short.write_text("tag_id,name,category,count\n1,a,0,1\n", encoding="utf-8")
     with pytest.raises(UserError, match="different models"):
-        cap.WD14Tagger(files[0], short)(solid(RED))
+        wd14.WD14Tagger(files[0], short)(solid(RED))
     bad = tmp_path / "bad.csv"
     bad.write_text("id,label\n1,a\n", encoding="utf-8")
     with pytest.raises(UserError, match="columns"):
-        cap.WD14Tagger(files[0], bad)
+        wd14.WD14Tagger(files[0], bad)
 
 
 def test_repr_is_stable_and_names_the_settings(files):
     # prepare_dataset caches captions under it: same settings -> same text, any change -> different text.
-    a, b = cap.WD14Tagger(*files), cap.WD14Tagger(*files)
+    a, b = wd14.WD14Tagger(*files), wd14.WD14Tagger(*files)
     assert repr(a) == repr(b) and "0x" not in repr(a)
-    assert repr(cap.WD14Tagger(*files, general_threshold=0.5)) != repr(a)
-    assert repr(cap.WD14Tagger(*files, exclude="x")) != repr(a)
+    assert repr(wd14.WD14Tagger(*files, general_threshold=0.5)) != repr(a)
+    assert repr(wd14.WD14Tagger(*files, exclude="x")) != repr(a)
 
 
 # ---------------------------------------------------------------------- finding and downloading the model
@@ -207,17 +210,17 @@ REPO = "someone/wd-tiny-tagger"
 
 def test_model_found_in_train_tools_and_webui_layouts(tmp_path, files):
     models = tmp_path / "models"
-    assert cap.find_wd14(models, REPO) is None
-    ours = build_tagger_files(cap.wd14_folder(models, REPO))
-    assert cap.find_wd14(models, REPO) == ours
+    assert wd14.find_wd14(models, REPO) is None
+    ours = build_tagger_files(wd14.wd14_folder(models, REPO))
+    assert wd14.find_wd14(models, REPO) == ours
     webui = tmp_path / "webui_models"
     plain = build_tagger_files(webui / "interrogators" / "wd-tiny-tagger")
-    assert cap.find_wd14(webui, REPO) == plain
+    assert wd14.find_wd14(webui, REPO) == plain
     cache = tmp_path / "cache_models"
     snap = build_tagger_files(cache / "interrogators" / "models--someone--wd-tiny-tagger" / "snapshots" / "abc")
-    assert cap.find_wd14(cache, REPO) == snap
+    assert wd14.find_wd14(cache, REPO) == snap
     tagger = cap.make_captioner("wd14", models_dir=cache, repo=REPO, general_threshold=0.6, device="cpu")
-    assert isinstance(tagger, cap.WD14Tagger) and tagger(solid(RED)) == "red theme"
+    assert isinstance(tagger, wd14.WD14Tagger) and tagger(solid(RED)) == "red theme"
     assert tagger.session.get_providers() == ["CPUExecutionProvider"]
 
 
@@ -225,8 +228,8 @@ def test_offline_without_model_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as err:
         cap.make_captioner("wd14", models_dir=tmp_path / "models")
-    assert str(cap.wd14_folder(tmp_path / "models")) in str(err.value)
-    assert cap.WD14_MODEL_FILE in str(err.value)
+    assert str(wd14.wd14_folder(tmp_path / "models")) in str(err.value)
+    assert wd14.WD14_MODEL_FILE in str(err.value)
 
 
 def test_download_once_into_the_models_folder_with_progress(tmp_path, monkeypatch):
@@ -253,8 +256,8 @@ def test_download_once_into_the_models_folder_with_progress(tmp_path, monkeypatc
     models = tmp_path / "models"
     tagger = cap.make_captioner("wd14", models_dir=models, repo=REPO, allow_download=True,
                                 progress=lambda done, total: seen.append((done, total)))
-    assert sorted(calls) == [(REPO, cap.WD14_MODEL_FILE), (REPO, cap.WD14_TAGS_FILE)]
-    assert tagger.model_path.parent == cap.wd14_folder(models, REPO) and tagger(solid(RED))
+    assert sorted(calls) == [(REPO, wd14.WD14_MODEL_FILE), (REPO, wd14.WD14_TAGS_FILE)]
+    assert tagger.model_path.parent == wd14.wd14_folder(models, REPO) and tagger(solid(RED))
     assert seen and all(done <= total for done, total in seen) and seen[-1][0] == seen[-1][1] > 0
     cap.make_captioner("wd14", models_dir=models, repo=REPO, allow_download=True)
     assert len(calls) == 2  # found on disk the second time
@@ -307,7 +310,7 @@ def test_settings_are_in_the_config_and_reach_the_tagger(tmp_path):
     config = TrainConfig()
     assert config.captioner == "none" and config.tagger_general_threshold == 0.35
     assert cap.captioner_from_config(config, models_dir=tmp_path) is None
-    build_tagger_files(cap.wd14_folder(tmp_path, cap.DEFAULT_WD14_REPO))
+    build_tagger_files(wd14.wd14_folder(tmp_path, wd14.DEFAULT_WD14_REPO))
     config = config.updated({"captioner": "wd14", "tagger_general_threshold": "0.6", "tagger_include_rating": "yes",
                              "tagger_exclude": "sensitive"})
     tagger = cap.captioner_from_config(config, models_dir=tmp_path)
@@ -326,14 +329,14 @@ def test_tagger_captions_reach_load_items_with_uploaded_captions(tmp_path, files
     solid(RED, (96, 96)).save(orig / "red.png")
     (orig / "red.txt").write_text("my words\n", encoding="utf-8")
     solid(BLUE, (96, 96)).save(orig / "blue.png")
-    tagger = cap.WD14Tagger(*files)
+    tagger = wd14.WD14Tagger(*files)
     runs: list[int] = []
     real = tagger.tag_many
     tagger.tag_many = lambda images: runs.append(len(images)) or real(images)  # count model runs
 
     def captions(mode: str, auto=tagger) -> dict[str, str]:
-        ds.prepare_dataset(orig, prep, ds.PrepareOptions(caption_mode=mode, trigger_word="trig"), auto_caption=auto)
-        return {item.source: item.caption for item in ds.load_items(prep)}
+        prepare_dataset(orig, prep, PrepareOptions(caption_mode=mode, trigger_word="trig"), auto_caption=auto)
+        return {item.source: item.caption for item in load_items(prep)}
 
     red_tags, blue_tags = tagger(solid(RED)), tagger(solid(BLUE))
     assert red_tags == "red theme, medium score" and blue_tags == "blue sky, medium score"
@@ -345,9 +348,9 @@ def test_tagger_captions_reach_load_items_with_uploaded_captions(tmp_path, files
     assert len(runs) == 2  # the tags were cached in the manifest: no re-run for a caption-mode change
     assert captions("ignore")["red.png"] == f"trig, {red_tags}"
     # Other settings make other tags: the cache knows, and re-tags.
-    stricter = cap.WD14Tagger(*files, general_threshold=0.6)
+    stricter = wd14.WD14Tagger(*files, general_threshold=0.6)
     assert captions("append", stricter) == {"red.png": "trig, red theme, my words", "blue.png": "trig, blue sky"}
-    frequency = ds.tag_frequency(ds.load_items(prep))
+    frequency = tag_frequency(load_items(prep))
     assert frequency == {"trig": 2, "red theme": 1, "my words": 1, "blue sky": 1}
 
 
@@ -380,13 +383,13 @@ def tiny_blip(tmp_path_factory) -> Path:
 
 
 def test_blip_captioner_runs_a_local_model(tiny_blip, tmp_path):
-    captioner = cap.BlipCaptioner(tiny_blip, device="cpu", max_new_tokens=6)
+    captioner = blip.BlipCaptioner(tiny_blip, device="cpu", max_new_tokens=6)
     text = captioner(solid(RED, (80, 50)))
     assert isinstance(text, str) and text == " ".join(text.split())  # random weights: only the form is known
     assert captioner.caption_many([solid(BLUE), solid((0, 0, 0, 0), mode="RGBA")]).__len__() == 2
     assert "0x" not in repr(captioner)
     made = cap.make_captioner("blip", models_dir=tmp_path, model=str(tiny_blip), device="cpu", max_new_tokens=4)
-    assert isinstance(made, cap.BlipCaptioner) and isinstance(made(solid(GREEN_)), str)
+    assert isinstance(made, blip.BlipCaptioner) and isinstance(made(solid(GREEN_)), str)
 
 
 def test_blip_found_in_the_models_folder_and_offline_error(tmp_path, tiny_blip, monkeypatch):
@@ -395,18 +398,18 @@ def test_blip_found_in_the_models_folder_and_offline_error(tmp_path, tiny_blip, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as err:
         cap.make_captioner("blip", models_dir=tmp_path / "models")
-    assert str(cap.blip_folder(tmp_path / "models")) in str(err.value)
-    shutil.copytree(tiny_blip, cap.blip_folder(tmp_path / "models"))
+    assert str(blip.blip_folder(tmp_path / "models")) in str(err.value)
+    shutil.copytree(tiny_blip, blip.blip_folder(tmp_path / "models"))
     found = cap.make_captioner("blip", models_dir=tmp_path / "models", device="cpu", max_new_tokens=3)
-    assert found.folder == cap.blip_folder(tmp_path / "models")
+    assert found.folder == blip.blip_folder(tmp_path / "models")
     with pytest.raises(UserError, match="neither"):
-        cap.BlipCaptioner(tmp_path / "no_such_folder")
+        blip.BlipCaptioner(tmp_path / "no_such_folder")
 
 
 def test_benchmark_prints_its_table(capsys, tmp_path):
     from train_tools.bench import dataset as bench_dataset
 
-    build_tagger_files(cap.wd14_folder(tmp_path, REPO))
+    build_tagger_files(wd14.wd14_folder(tmp_path, REPO))
     assert bench_dataset.main(["-n", "3", "--models-dir", str(tmp_path), "--repo", REPO]) == 0
     out = capsys.readouterr().out
     assert "3 pictures" in out and f"{os.cpu_count()} CPUs" in out

@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 from train_tools.data import captions
-from train_tools.data import dataset as ds
+from train_tools.data.items import load_items, tag_frequency
+from train_tools.data.layout import EDITS_NAME
+from train_tools.data.prepare_folder import prepare_dataset
+from train_tools.data.prepare_options import PrepareOptions
+from train_tools.data.reports import PrepareReport
 from train_tools.errors import UserError
 
 COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200)}
@@ -28,12 +32,12 @@ def version(tmp_path: Path) -> tuple[Path, Path]:
     return orig, prep
 
 
-def prepare(orig: Path, prep: Path, trigger: str = "trig", mode: str = "use") -> ds.PrepareReport:
-    return ds.prepare_dataset(orig, prep, ds.PrepareOptions(trigger_word=trigger, caption_mode=mode))
+def prepare(orig: Path, prep: Path, trigger: str = "trig", mode: str = "use") -> PrepareReport:
+    return prepare_dataset(orig, prep, PrepareOptions(trigger_word=trigger, caption_mode=mode))
 
 
 def captions_of(prep: Path) -> dict[str, str]:
-    return {item.name: item.caption for item in ds.load_items(prep)}
+    return {item.name: item.caption for item in load_items(prep)}
 
 
 def txt_of(prep: Path) -> dict[str, str]:
@@ -45,7 +49,7 @@ def test_tag_counts_most_frequent_first(version):
     counts = captions.tag_counts(prep)
     # Ties by name; "red" is there 3 times as c's caption holds it twice (occurrences are counted).
     assert counts[:3] == [("red", 3), ("solo", 3), ("trig", 3)]
-    assert dict(counts) == ds.tag_frequency(ds.load_items(prep))
+    assert dict(counts) == tag_frequency(load_items(prep))
     assert [c for _t, c in counts] == sorted((c for _t, c in counts), reverse=True)
     assert dict(counts)["dog"] == 1
 
@@ -55,7 +59,7 @@ def test_write_caption_reaches_training_and_survives_re_prepare(version):
     saved = captions.write_caption(prep, "b.png", "  trig,  brown   dog\nsitting ")
     assert saved == "trig, brown dog, sitting"
     assert captions_of(prep)["b"] == saved and txt_of(prep)["b"] == saved
-    assert ds.tag_frequency(ds.load_items(prep))["brown dog"] == 1
+    assert tag_frequency(load_items(prep))["brown dog"] == 1
     # Update Dataset with nothing changed, with a new trigger word, and with a new uploaded caption: every
     # one of these rewrites composed captions, none touches the edit.
     prepare(orig, prep)
@@ -73,7 +77,7 @@ def test_write_caption_reaches_training_and_survives_re_prepare(version):
 
 def test_read_caption_sees_an_edit_made_after_loading(version):
     _orig, prep = version
-    item = next(i for i in ds.load_items(prep) if i.name == "a")
+    item = next(i for i in load_items(prep) if i.name == "a")
     assert captions.read_caption(item) == "trig, cat, solo, red"
     captions.write_caption(prep, "a", "new words")
     assert item.caption == "trig, cat, solo, red" and captions.read_caption(item) == "new words"
@@ -113,7 +117,7 @@ def test_rename_tag_merges_duplicates_and_survives(version):
     assert captions_of(prep)["a"] == "trig, solo, crimson"
     prepare(orig, prep, trigger="trig", mode="use")
     assert captions_of(prep)["a"] == "trig, solo, crimson"
-    frequency = ds.tag_frequency(ds.load_items(prep))
+    frequency = tag_frequency(load_items(prep))
     assert frequency["crimson"] == 2 and "red" not in frequency and frequency["solo"] == 3
     assert captions.rename_tag(prep, "dog", "dog") == 0
     with pytest.raises(UserError, match="comma"):
@@ -126,8 +130,8 @@ def test_errors_and_an_unreadable_edits_file(version):
         captions.write_caption(prep, "zzz.png", "x")
     captions.write_caption(prep, "a", "edited")
     # The edits file is ours and separate from the manifest; a damaged one is ignored, not fatal.
-    assert json.loads((prep / ds.EDITS_NAME).read_text(encoding="utf-8"))["captions"]["a"]["text"] == "edited"
-    (prep / ds.EDITS_NAME).write_text("{not json", encoding="utf-8")
+    assert json.loads((prep / EDITS_NAME).read_text(encoding="utf-8"))["captions"]["a"]["text"] == "edited"
+    (prep / EDITS_NAME).write_text("{not json", encoding="utf-8")
     prepare(orig, prep)
     assert captions_of(prep)["a"] == "edited"  # still in the .txt, which nothing had a reason to rewrite
     prepare(orig, prep, trigger="t2")
@@ -137,4 +141,4 @@ def test_errors_and_an_unreadable_edits_file(version):
     (orig / "c.png").unlink()
     captions.write_caption(prep, "b", "kept")
     prepare(orig, prep)
-    assert (prep / ds.EDITS_NAME).is_file() and captions_of(prep) == {"a": "trig, cat, solo, red", "b": "kept"}
+    assert (prep / EDITS_NAME).is_file() and captions_of(prep) == {"a": "trig, cat, solo, red", "b": "kept"}

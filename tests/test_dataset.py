@@ -17,8 +17,14 @@ import torch
 from PIL import Image, ImageFile
 
 from tests.image_zoo import GREEN, ORANGE, bomb_png, noisy_rgb, write_zoo
-from train_tools.data import buckets
-from train_tools.data import dataset as ds
+from train_tools.data import buckets, prepare_folder
+from train_tools.data.caption_text import compose_caption
+from train_tools.data.items import DatasetItem, auto_repeats, image_to_tensor, load_items, open_prepared, tag_frequency
+from train_tools.data.layout import MANIFEST_NAME
+from train_tools.data.prepare_folder import prepare_dataset
+from train_tools.data.prepare_options import PrepareOptions
+from train_tools.data.reports import PrepareReport, Refusal
+from train_tools.data.uploads import add_originals
 from train_tools.config import TrainConfig
 from train_tools.data.demo_dataset import make_demo_dataset
 from train_tools.errors import UserError
@@ -33,12 +39,12 @@ def close(a: tuple[int, ...], b: tuple[int, ...], tol: int = 8) -> bool:
     return all(abs(x - y) <= tol for x, y in zip(a, b))
 
 
-def by_source(items: list[ds.DatasetItem]) -> dict[str, ds.DatasetItem]:
+def by_source(items: list[DatasetItem]) -> dict[str, DatasetItem]:
     return {item.source: item for item in items}
 
 
-def prepare(tmp_path: Path, options: ds.PrepareOptions | None = None, **kwargs) -> ds.PrepareReport:
-    return ds.prepare_dataset(tmp_path / "orig", tmp_path / "prep", options or ds.PrepareOptions(), **kwargs)
+def prepare(tmp_path: Path, options: PrepareOptions | None = None, **kwargs) -> PrepareReport:
+    return prepare_dataset(tmp_path / "orig", tmp_path / "prep", options or PrepareOptions(), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,8 @@ def zoo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     expected = write_zoo(root / "orig")
     before = tree_hashes(root / "orig")
-    report = ds.prepare_dataset(root / "orig", root / "prep", ds.PrepareOptions())
-    return root, expected, before, report, ds.load_items(root / "prep")
+    report = prepare_dataset(root / "orig", root / "prep", PrepareOptions())
+    return root, expected, before, report, load_items(root / "prep")
 
 
 # ---------------------------------------------------------------------- formats, modes, bad files
@@ -59,7 +65,7 @@ def test_every_usable_zoo_picture_is_prepared_upright_in_its_bucket(zoo_run):
     usable = {name: e for name, e in expected.items() if e.refused is None}
     assert set(found) == set(usable), report.summary()
     assert report.prepared == len(usable) and not report.duplicates
-    options = ds.PrepareOptions()
+    options = PrepareOptions()
     for name, expect in usable.items():
         item = found[name]
         with Image.open(item.image) as im:
@@ -88,7 +94,7 @@ def test_bad_files_are_refused_with_their_reason_and_nothing_else_stops(zoo_run)
     assert set(reasons) == set(bad)
     for name, word in bad.items():
         assert word in reasons[name], (name, reasons[name])
-        assert str(ds.Refusal(name, reasons[name])) == f"{name}: {reasons[name]}"
+        assert str(Refusal(name, reasons[name])) == f"{name}: {reasons[name]}"
     assert "20000x20000" in reasons["bomb.png"]
     prepared_names = {p.name for p in (root / "prep").iterdir()}
     for name in bad:
@@ -102,7 +108,7 @@ def test_originals_are_byte_for_byte_unchanged(zoo_run):
 
 def test_exif_orientation_6_makes_a_portrait_with_the_left_edge_on_top(zoo_run):
     item = by_source(zoo_run[4])["rotated.jpg"]
-    picture = ds.open_prepared(item)
+    picture = open_prepared(item)
     w, h = picture.size
     assert h > w
     assert close(picture.getpixel((w // 2, 3)), GREEN)
@@ -112,24 +118,24 @@ def test_exif_orientation_6_makes_a_portrait_with_the_left_edge_on_top(zoo_run):
 def test_transparency_is_flattened_onto_the_background_colour(tmp_path, zoo_run):
     items = by_source(zoo_run[4])
     for name in ("transparent.png", "palette_alpha.png"):  # their left halves were transparent
-        picture = ds.open_prepared(items[name])
+        picture = open_prepared(items[name])
         assert picture.getpixel((3, picture.height // 2)) == (255, 255, 255), name
-    transparent = ds.open_prepared(items["transparent.png"])
+    transparent = open_prepared(items["transparent.png"])
     assert close(transparent.getpixel((transparent.width - 4, 4)), GREEN)  # the opaque half is kept
-    assert ds.open_prepared(items["grey_alpha.png"]).getpixel((3, 3)) != (255, 255, 255)  # opaque grey stays
+    assert open_prepared(items["grey_alpha.png"]).getpixel((3, 3)) != (255, 255, 255)  # opaque grey stays
     # Another background colour works too.
     (tmp_path / "orig").mkdir()
     shutil.copy(zoo_run[0] / "orig" / "transparent.png", tmp_path / "orig" / "t.png")
-    prepare(tmp_path, ds.PrepareOptions(background_color="#ff0000"))
-    (item,) = ds.load_items(tmp_path / "prep")
-    assert ds.open_prepared(item).getpixel((3, 3)) == (255, 0, 0)
+    prepare(tmp_path, PrepareOptions(background_color="#ff0000"))
+    (item,) = load_items(tmp_path / "prep")
+    assert open_prepared(item).getpixel((3, 3)) == (255, 0, 0)
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped_and_gif_uses_its_first_frame(zoo_run):
     items = by_source(zoo_run[4])
-    grey = ds.open_prepared(items["grey16.png"]).getpixel((10, 10))
+    grey = open_prepared(items["grey16.png"]).getpixel((10, 10))
     assert close(grey, (128, 128, 128), 2)  # Pillow's own conversion would give 255
-    assert close(ds.open_prepared(items["animated.gif"]).getpixel((10, 10)), ORANGE)
+    assert close(open_prepared(items["animated.gif"]).getpixel((10, 10)), ORANGE)
 
 
 def test_unicode_file_name_is_prepared_and_keeps_its_caption(tmp_path):
@@ -140,7 +146,7 @@ def test_unicode_file_name_is_prepared_and_keeps_its_caption(tmp_path):
     (orig / f"{name}.txt").write_text("猫, 🐱 emoji", encoding="utf-8")
     report = prepare(tmp_path)
     assert report.prepared == 1 and not report.refused
-    (item,) = ds.load_items(tmp_path / "prep")
+    (item,) = load_items(tmp_path / "prep")
     assert item.image.name == f"{name}.png" and item.caption == "猫, 🐱 emoji" and item.source == f"{name}.png"
 
 
@@ -163,7 +169,7 @@ def test_decompression_bomb_is_refused_from_its_header_and_the_global_limit_is_k
     assert [r.name for r in report.refused] == ["bomb.png"] and "decompression bomb" in report.refused[0].reason
     assert (20000, 20000) not in decoded_sizes and (300, 300) in decoded_sizes
     # The limit is the option's: a lower one refuses the ordinary picture too.
-    report = prepare(tmp_path, ds.PrepareOptions(max_pixels=50_000))
+    report = prepare(tmp_path, PrepareOptions(max_pixels=50_000))
     assert {r.name for r in report.refused} == {"bomb.png", "ok.png"}
     assert Image.MAX_IMAGE_PIXELS == limit_before
 
@@ -178,7 +184,7 @@ def test_exact_duplicates_are_reported_and_prepared_once(tmp_path):
     noisy_rgb((200, 160), seed=4).save(orig / "d.png")
     report = prepare(tmp_path)
     assert sorted(report.duplicates) == [("b_copy.png", "a.png"), ("c_same_pixels.bmp", "a.png")]
-    assert sorted(i.source for i in ds.load_items(tmp_path / "prep")) == ["a.png", "d.png"]
+    assert sorted(i.source for i in load_items(tmp_path / "prep")) == ["a.png", "d.png"]
     assert prepare(tmp_path).duplicates == report.duplicates  # still reported when nothing is redone
 
 
@@ -187,7 +193,7 @@ def test_one_failing_picture_does_not_stop_the_batch(tmp_path, monkeypatch):
     orig.mkdir()
     for i in range(3):
         noisy_rgb((128, 128), seed=i).save(orig / f"p{i}.png")
-    real = ds.fit_to_bucket
+    real = prepare_folder.fit_to_bucket
     calls = []
 
     def flaky(image, bucket):
@@ -196,7 +202,7 @@ def test_one_failing_picture_does_not_stop_the_batch(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(image, bucket)
 
-    monkeypatch.setattr(ds, "fit_to_bucket", flaky)
+    monkeypatch.setattr(prepare_folder, "fit_to_bucket", flaky)
     progress = []
     report = prepare(tmp_path, progress=lambda done, total: progress.append((done, total)))
     assert report.prepared == 2 and [r.name for r in report.refused] == ["p1.png"]
@@ -211,7 +217,7 @@ def test_same_stem_in_two_formats_gives_two_items(tmp_path):
     noisy_rgb((128, 128), seed=2).save(orig / "a.jpg")
     (orig / "a.txt").write_text("shared caption")
     report = prepare(tmp_path)
-    items = ds.load_items(tmp_path / "prep")
+    items = load_items(tmp_path / "prep")
     assert report.prepared == 2 and len({i.image for i in items}) == 2
     assert all(i.caption == "shared caption" for i in items)
 
@@ -219,9 +225,9 @@ def test_same_stem_in_two_formats_gives_two_items(tmp_path):
 # ---------------------------------------------------------------------- buckets
 
 @pytest.mark.parametrize("options", [
-    ds.PrepareOptions(),
-    ds.PrepareOptions(bucket_no_upscale=False),
-    ds.PrepareOptions(resolution=768, min_bucket_reso=256, max_bucket_reso=1024),
+    PrepareOptions(),
+    PrepareOptions(bucket_no_upscale=False),
+    PrepareOptions(resolution=768, min_bucket_reso=256, max_bucket_reso=1024),
 ])
 def test_buckets_keep_the_budget_the_step_and_the_aspect_ratio(options):
     rng = random.Random(0)
@@ -249,14 +255,14 @@ def test_upscaling_only_without_no_upscale_and_fixed_square_without_buckets(tmp_
     noisy_rgb((300, 200)).save(orig / "small.png")
     noisy_rgb((1200, 800), seed=2).save(orig / "big.jpg", quality=90)
     prepare(tmp_path)
-    sizes = {i.source: i.size for i in ds.load_items(tmp_path / "prep")}
+    sizes = {i.source: i.size for i in load_items(tmp_path / "prep")}
     assert sizes["small.png"][0] <= 300 and sizes["small.png"][1] <= 200
     assert sizes["big.jpg"] == (640, 384)  # a large JPEG (decoded at reduced scale) fills a full bucket
-    prepare(tmp_path, ds.PrepareOptions(bucket_no_upscale=False))
-    sizes = {i.source: i.size for i in ds.load_items(tmp_path / "prep")}
+    prepare(tmp_path, PrepareOptions(bucket_no_upscale=False))
+    sizes = {i.source: i.size for i in load_items(tmp_path / "prep")}
     assert sizes["small.png"] == (640, 384)
-    prepare(tmp_path, ds.PrepareOptions(enable_bucket=False, resolution=256))
-    assert {i.size for i in ds.load_items(tmp_path / "prep")} == {(256, 256)}
+    prepare(tmp_path, PrepareOptions(enable_bucket=False, resolution=256))
+    assert {i.size for i in load_items(tmp_path / "prep")} == {(256, 256)}
 
 
 def test_fit_to_bucket_crops_the_centre_only(tmp_path):
@@ -297,33 +303,33 @@ def test_uploaded_captions_reach_the_items_in_every_mode(captioned, mode, a, b):
         seen.append(image.size)
         return "machine " + ("b" if len(seen) == 1 else "c")
 
-    ds.prepare_dataset(captioned / "orig", captioned / "prep", ds.PrepareOptions(caption_mode=mode),
+    prepare_dataset(captioned / "orig", captioned / "prep", PrepareOptions(caption_mode=mode),
                        auto_caption=machine)
-    caps = {i.source: i.caption for i in ds.load_items(captioned / "prep")}
+    caps = {i.source: i.caption for i in load_items(captioned / "prep")}
     assert caps["a.png"] == a and caps["b.png"] == b
     assert all(size == (128, 128) for size in seen)  # the captioner sees the prepared picture
 
 
 def test_without_a_captioner_the_automatic_caption_is_empty(captioned):
-    ds.prepare_dataset(captioned / "orig", captioned / "prep", ds.PrepareOptions(caption_mode="ignore"))
-    caps = {i.source: i.caption for i in ds.load_items(captioned / "prep")}
+    prepare_dataset(captioned / "orig", captioned / "prep", PrepareOptions(caption_mode="ignore"))
+    caps = {i.source: i.caption for i in load_items(captioned / "prep")}
     assert caps == {"a.png": "auto a", "b.png": "", "c.png": ""}
 
 
 def test_trigger_word_comes_first_once(captioned):
-    options = ds.PrepareOptions(trigger_word="tt")
-    report = ds.prepare_dataset(captioned / "orig", captioned / "prep", options)
-    caps = {i.source: i.caption for i in ds.load_items(captioned / "prep")}
+    options = PrepareOptions(trigger_word="tt")
+    report = prepare_dataset(captioned / "orig", captioned / "prep", options)
+    caps = {i.source: i.caption for i in load_items(captioned / "prep")}
     assert caps == {"a.png": "tt, red ball, blue sky", "b.png": "tt", "c.png": "tt, already first"}
     assert report.encoded == 3
-    assert ds.compose_caption("a, tt, b", "", "use", "tt") == "tt, a, b"
-    assert ds.compose_caption("tt dog on grass", "", "use", "tt") == "tt dog on grass"
-    assert ds.compose_caption("ttx dog", "", "use", "tt") == "tt, ttx dog"
+    assert compose_caption("a, tt, b", "", "use", "tt") == "tt, a, b"
+    assert compose_caption("tt dog on grass", "", "use", "tt") == "tt dog on grass"
+    assert compose_caption("ttx dog", "", "use", "tt") == "tt, ttx dog"
     # A caption option change rewrites the captions only: no picture is encoded again.
-    report = ds.prepare_dataset(captioned / "orig", captioned / "prep", dataclasses.replace(options,
+    report = prepare_dataset(captioned / "orig", captioned / "prep", dataclasses.replace(options,
                                                                                            trigger_word="zz"))
     assert report.encoded == 0 and report.captions_written == 3
-    assert {i.caption for i in ds.load_items(captioned / "prep")} >= {"zz, red ball, blue sky", "zz"}
+    assert {i.caption for i in load_items(captioned / "prep")} >= {"zz, red ball, blue sky", "zz"}
 
 
 def test_the_automatic_captioner_runs_once_per_picture(captioned):
@@ -334,7 +340,7 @@ def test_the_automatic_captioner_runs_once_per_picture(captioned):
         return "m"
 
     for _ in range(2):
-        ds.prepare_dataset(captioned / "orig", captioned / "prep", ds.PrepareOptions(caption_mode="append"),
+        prepare_dataset(captioned / "orig", captioned / "prep", PrepareOptions(caption_mode="append"),
                            auto_caption=machine)
     assert len(calls) == 2  # b and c; a has an .auto.txt; the second call reuses the manifest
 
@@ -367,13 +373,13 @@ def test_prepare_again_redoes_only_what_changed(tmp_path):
     assert not (prep / "p3.png").exists() and not (prep / "p3.txt").exists()
     assert (prep / "p0.png").stat().st_mtime == mtimes["p0.png"]
     assert (prep / "p1.png").stat().st_mtime == mtimes["p1.png"]
-    assert {i.source: i.caption for i in ds.load_items(prep)}["p1.png"] == "new words"
+    assert {i.source: i.caption for i in load_items(prep)}["p1.png"] == "new words"
 
     # An image option changes every picture.
-    assert prepare(tmp_path, ds.PrepareOptions(resolution=256)).encoded == 3
+    assert prepare(tmp_path, PrepareOptions(resolution=256)).encoded == 3
     # A prepared file deleted by hand comes back.
     (prep / "p0.png").unlink()
-    assert prepare(tmp_path, ds.PrepareOptions(resolution=256)).encoded == 1
+    assert prepare(tmp_path, PrepareOptions(resolution=256)).encoded == 1
 
 
 def test_prepared_folder_has_no_leftovers_and_survives_a_damaged_manifest(tmp_path):
@@ -384,17 +390,17 @@ def test_prepared_folder_has_no_leftovers_and_survives_a_damaged_manifest(tmp_pa
     prep.mkdir()
     (prep / "stale.png").write_bytes(b"old")
     (prep / ".a.png.123.tmp").write_bytes(b"half written")
-    (prep / ds.MANIFEST_NAME).write_text("{not json")
+    (prep / MANIFEST_NAME).write_text("{not json")
     report = prepare(tmp_path)
     assert report.prepared == 1
-    assert sorted(p.name for p in prep.iterdir()) == sorted([ds.MANIFEST_NAME, "a.png", "a.txt"])
+    assert sorted(p.name for p in prep.iterdir()) == sorted([MANIFEST_NAME, "a.png", "a.txt"])
 
 
 def test_user_errors_for_bad_options(tmp_path):
     with pytest.raises(UserError, match="colour"):
-        prepare(tmp_path, ds.PrepareOptions(background_color="not a colour"))
+        prepare(tmp_path, PrepareOptions(background_color="not a colour"))
     with pytest.raises(UserError, match="Caption mode"):
-        prepare(tmp_path, ds.PrepareOptions(caption_mode="sometimes"))
+        prepare(tmp_path, PrepareOptions(caption_mode="sometimes"))
 
 
 # ---------------------------------------------------------------------- loading, tensors, metadata
@@ -409,16 +415,16 @@ def test_load_items_flip_tensor_and_metadata(tmp_path):
     (orig / "half.txt").write_text("red, left")
     (orig / "sq.txt").write_text("red, noise")
     prepare(tmp_path)
-    items = ds.load_items(tmp_path / "prep")
+    items = load_items(tmp_path / "prep")
     assert [i.name for i in items] == ["half", "sq"]
-    flipped = ds.load_items(tmp_path / "prep", flip=True)
+    flipped = load_items(tmp_path / "prep", flip=True)
     assert [(i.name, i.flipped) for i in flipped] == [("half", False), ("half", True), ("sq", False), ("sq", True)]
-    normal, mirror = ds.open_prepared(flipped[0]), ds.open_prepared(flipped[1])
+    normal, mirror = open_prepared(flipped[0]), open_prepared(flipped[1])
     assert normal.getpixel((2, 2)) == (255, 0, 0) and mirror.getpixel((mirror.width - 3, 2)) == (255, 0, 0)
-    tensor = ds.image_to_tensor(normal)
+    tensor = image_to_tensor(normal)
     assert tensor.shape == (3, normal.height, normal.width) and tensor.dtype == torch.float32
     assert tensor.min() == -1.0 and tensor.max() == 1.0 and tensor[0, 0, 0] == 1.0 and tensor[1, 0, 0] == -1.0
-    assert ds.tag_frequency(flipped) == {"red": 2, "left": 1, "noise": 1}
+    assert tag_frequency(flipped) == {"red": 2, "left": 1, "noise": 1}
     info = buckets.bucket_info(items)
     assert sorted((b["resolution"], b["count"]) for b in info["buckets"].values()) == [
         ([128, 128], 1), ([192, 128], 1)]
@@ -426,34 +432,34 @@ def test_load_items_flip_tensor_and_metadata(tmp_path):
 
 
 def test_load_items_of_an_empty_or_missing_folder(tmp_path):
-    assert ds.load_items(tmp_path / "nothing") == []
+    assert load_items(tmp_path / "nothing") == []
     (tmp_path / "reg").mkdir()
-    assert ds.load_items(tmp_path / "reg") == []
+    assert load_items(tmp_path / "reg") == []
 
 
 def test_auto_repeats():
-    assert ds.auto_repeats(1) == 512 and ds.auto_repeats(10) == 51 and ds.auto_repeats(128) == 4
-    assert ds.auto_repeats(1000) == 4 and ds.auto_repeats(0) == 4
+    assert auto_repeats(1) == 512 and auto_repeats(10) == 51 and auto_repeats(128) == 4
+    assert auto_repeats(1000) == 4 and auto_repeats(0) == 4
 
 
 def test_options_from_config_follow_every_shared_field():
-    assert dataclasses.asdict(ds.PrepareOptions.from_config(TrainConfig())) == dataclasses.asdict(ds.PrepareOptions())
+    assert dataclasses.asdict(PrepareOptions.from_config(TrainConfig())) == dataclasses.asdict(PrepareOptions())
     config = TrainConfig(resolution=768, enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024,
                          flip_aug=True, caption_mode="append", trigger_word="", background_color="#000000",
                          min_image_size=32, bucket_no_upscale=False)
-    options = ds.PrepareOptions.from_config(config, trigger_word_default="project")
+    options = PrepareOptions.from_config(config, trigger_word_default="project")
     shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(options)}
     assert len(shared) >= 10
     for name in shared - {"trigger_word"}:
         assert getattr(options, name) == getattr(config, name), name
     assert options.trigger_word == "project"
-    assert ds.PrepareOptions.from_config(TrainConfig(trigger_word="mine"), "project").trigger_word == "mine"
+    assert PrepareOptions.from_config(TrainConfig(trigger_word="mine"), "project").trigger_word == "mine"
 
 
 # ---------------------------------------------------------------------- sampler
 
-def sizes_items(sizes: list[tuple[int, int]]) -> list[ds.DatasetItem]:
-    return [ds.DatasetItem(image=Path(f"{i}.png"), caption="", size=s) for i, s in enumerate(sizes)]
+def sizes_items(sizes: list[tuple[int, int]]) -> list[DatasetItem]:
+    return [DatasetItem(image=Path(f"{i}.png"), caption="", size=s) for i, s in enumerate(sizes)]
 
 
 def test_sampler_batches_one_bucket_and_each_item_repeats_times():
@@ -495,7 +501,7 @@ def test_add_originals_copies_renames_skips_and_refuses(tmp_path):
     (src / "folder" / ".DS_Store").write_bytes(b"junk")
     (src / "notes.pdf").write_bytes(b"%PDF")
     originals = tmp_path / "orig"
-    report = ds.add_originals([src / "a.png", src / "a.txt", src / "folder", src / "notes.pdf",
+    report = add_originals([src / "a.png", src / "a.txt", src / "folder", src / "notes.pdf",
                                src / "missing.png"], originals)
     assert sorted(p.name for p in report.added) == ["a.png", "a.txt", "b.jpg", "c.webp"]
     assert sorted(r.name for r in report.refused) == ["missing.png", "notes.pdf"]
@@ -508,7 +514,7 @@ def test_add_originals_copies_renames_skips_and_refuses(tmp_path):
     noisy_rgb((96, 96), seed=9).save(other / "a.png")
     (other / "a.txt").write_text("caption of the other a")
     shutil.copy(src / "folder" / "b.jpg", other / "b_again.jpg")
-    report = ds.add_originals([other], originals)
+    report = add_originals([other], originals)
     assert sorted(p.name for p in report.added) == ["a-1.png", "a-1.txt"]
     assert report.skipped == ["b_again.jpg"] and report.renamed == [("a.png", "a-1.png")]
     assert (originals / "a.txt").read_text() == "caption a"
@@ -519,7 +525,7 @@ def test_add_originals_copies_renames_skips_and_refuses(tmp_path):
     lone.mkdir()
     (lone / "a.txt").write_text("changed")
     (lone / "b.txt").write_text("caption b")
-    report = ds.add_originals([lone / "a.txt", lone / "b.txt"], originals)
+    report = add_originals([lone / "a.txt", lone / "b.txt"], originals)
     assert [p.name for p in report.added] == ["b.txt"] and report.refused[0].name == "a.txt"
     assert (originals / "a.txt").read_text() == "caption a"
 
@@ -536,5 +542,5 @@ def test_demo_dataset_prepares_without_refusals(tmp_path):
     assert shapes.count("wide") == 3 and shapes.count("tall") == 3 and shapes.count("square") == 6
     report = prepare(tmp_path)
     assert report.prepared == 12 and not report.refused and not report.duplicates
-    assert all(item.caption for item in ds.load_items(tmp_path / "prep"))
+    assert all(item.caption for item in load_items(tmp_path / "prep"))
     assert make_demo_dataset(originals, n=12, seed=0) == []  # the same pictures are not added twice

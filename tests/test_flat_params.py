@@ -160,7 +160,7 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True
                ) -> tuple[Path, Trainer]:
-    from train_tools.data.dataset import add_originals
+    from train_tools.data.uploads import add_originals
 
     store = Store(data_dir)
     store.create_project("p")

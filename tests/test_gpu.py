@@ -43,7 +43,7 @@ def gpu_config(**changes: Any) -> TrainConfig:
 
 
 def new_version(folder: Path, pictures: Path) -> Version:
-    from train_tools.data.dataset import add_originals
+    from train_tools.data.uploads import add_originals
 
     store = Store(folder)
     store.create_project("p")

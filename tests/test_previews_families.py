@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.webui_formula import apply_kohya_lora
 from train_tools.config import TrainConfig
-from train_tools.data.dataset import DatasetItem
+from train_tools.data.items import DatasetItem
 from train_tools.errors import UserError
 from train_tools.networks.lora_format import read_lora
 from train_tools.previews.diffusers_previewer import DiffusersPreviewer

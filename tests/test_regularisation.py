@@ -19,7 +19,8 @@ from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
 from train_tools.cli import main
 from train_tools.config import TrainConfig
-from train_tools.data.dataset import DatasetItem, add_originals, load_items
+from train_tools.data.items import DatasetItem, load_items
+from train_tools.data.uploads import add_originals
 from train_tools.data.preparation import prepare_version
 from train_tools.progress import StopFlag
 from train_tools.data.sampler import RegularisedBatchSampler

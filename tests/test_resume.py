@@ -55,7 +55,7 @@ def tiny_config(**changes: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 def make_version(data_dir: Path, pictures: Path, config: TrainConfig | None = None) -> Version:
-    from train_tools.data.dataset import add_originals
+    from train_tools.data.uploads import add_originals
 
     store = Store(data_dir)
     store.create_project("p")

@@ -18,7 +18,7 @@ from train_tools.models import checkpoint as checkpoint_mod
 from train_tools.models.checkpoint import detect_checkpoint_family, read_state_dict
 from train_tools.cli import main
 from train_tools.config import TrainConfig
-from train_tools.data.dataset import DatasetItem
+from train_tools.data.items import DatasetItem
 from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.errors import UserError
 from train_tools.models.loader import load_model

@@ -107,7 +107,7 @@ def read_only_data(tmp_path_factory: pytest.TempPathFactory, demo_ckpt: Path, pi
     store = Store(data)
     store.create_project("p")
     version = store.create_version("p", "v1")
-    from train_tools.data.dataset import add_originals
+    from train_tools.data.uploads import add_originals
 
     add_originals([pictures], version.originals_dir)
     shutil.copy(demo_ckpt, top / "demo.safetensors")

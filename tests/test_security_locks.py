@@ -338,14 +338,14 @@ def test_training_is_refused_while_the_dataset_is_updated(tmp_path: Path, monkey
     logic, version, ckpt = _data_dir_with_version(data)
     values = _setting_values()
     preparing, finish = threading.Event(), threading.Event()
-    real_prepare = preparation.ds.prepare_dataset
+    real_prepare = preparation.prepare_dataset
 
     def slow_prepare(*args: Any, **kwargs: Any) -> Any:
         preparing.set()
         finish.wait(20)
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(preparation.ds, "prepare_dataset", slow_prepare)
+    monkeypatch.setattr(preparation, "prepare_dataset", slow_prepare)
     outcome: list[Any] = []
     update = threading.Thread(target=lambda: outcome.append(logic.update_dataset("p", "v1", *values)))
     update.start()

@@ -152,7 +152,7 @@ def test_a_long_output_name_is_refused_before_preparing_not_at_the_first_save(tm
                                                                               pictures: Path):
     """Before: 120 + 120-byte names trained a whole epoch, then failed at the first save, and resume failed the
     same way. Now the trainer refuses before preparing a picture, whatever path the settings took."""
-    from train_tools.data.dataset import add_originals
+    from train_tools.data.uploads import add_originals
     from train_tools.training.trainer import Trainer
 
     store = Store(tmp_path / "data")

@@ -209,7 +209,7 @@ def tiny_config(**changes: Any) -> Any:
 
 
 def _version(data: Path, pictures: Path | None = None) -> Version:
-    from train_tools.data.dataset import add_originals
+    from train_tools.data.uploads import add_originals
 
     store = Store(data)
     store.create_project("p")

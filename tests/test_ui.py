@@ -544,7 +544,7 @@ def test_caption_and_tag_edits_of_prepared_pictures_reach_training_and_survive_u
     reads (load_items) follows, the tag list follows, and Update Dataset keeps the edits."""
     from PIL import Image
 
-    from train_tools.data.dataset import load_items
+    from train_tools.data.items import load_items
 
     version = make_version(logic)
     for i, caption in enumerate(["red, ball", "red, cube", "blue, ball"]):

@@ -239,7 +239,7 @@ def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
     from PIL import Image
 
     from train_tools.config import TrainConfig
-    from train_tools.data.dataset import load_items
+    from train_tools.data.items import load_items
     from train_tools.data.preparation import prepare_version
     from train_tools.store import Store
     from train_tools.hosts.webui import WebuiHost

@@ -375,15 +375,16 @@ def run(argv: Sequence[str] | None = None) -> int:
             out.writelines(f"{name}\n" for name in store.versions(args.project))
         return 0
     if args.command == "dataset":
-        from .data import dataset as ds
+        from .data.items import auto_repeats
+        from .data.uploads import add_originals
 
         version = store.version(args.project, args.version)
         if args.action == "add":
-            report = ds.add_originals(list(args.paths), version.originals_dir)
+            report = add_originals(list(args.paths), version.originals_dir)
             out.write(f"{report.summary()}\n")
             return 0 if report.added else 2
         if args.action == "add-reg":
-            report = ds.add_originals(list(args.paths), version.reg_dir)
+            report = add_originals(list(args.paths), version.reg_dir)
             out.write(f"Class pictures: {report.summary()}\n")
             return 0 if report.added else 2
         if args.action == "demo":
@@ -400,7 +401,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         # Never under a run of this version: it reads prepared/ while this rewrites it.
         with hold_version(version.path, f"{version.project} / {version.name} (dataset update, command line)"):
             items = prepare_items(version, config, TerminalReporter())  # the class pictures too
-        repeats = config.repeats or ds.auto_repeats(len(items))
+        repeats = config.repeats or auto_repeats(len(items))
         n_reg = len(load_reg_items(version))
         seen = len(items) * repeats * (2 if n_reg else 1)  # as many class pictures per epoch as training ones
         steps = -(-seen // config.batch_size)

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..data import captioners
-from ..data import dataset as ds
+from ..data import wd14
+from ..data.items import load_items, open_prepared
+from ..data.prepare_folder import prepare_dataset
+from ..data.prepare_options import PrepareOptions
 
 SIZES = [(512, 512), (768, 512), (512, 768), (1024, 1024), (1920, 1080), (640, 480), (300, 400), (2048, 1536)]
 
@@ -66,11 +68,11 @@ def build_stand_in_tagger(folder: Path, side: int = 448, n_tags: int = 10861) ->
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / captioners.WD14_MODEL_FILE).write_bytes(model.SerializeToString())
+    (folder / wd14.WD14_MODEL_FILE).write_bytes(model.SerializeToString())
     rows = ["tag_id,name,category,count"]
     rows += [f"{i},{'rating' if i < 4 else 'tag'}_{i},{9 if i < 4 else 0},1" for i in range(n_tags)]
-    (folder / captioners.WD14_TAGS_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return folder / captioners.WD14_MODEL_FILE, folder / captioners.WD14_TAGS_FILE
+    (folder / wd14.WD14_TAGS_FILE).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder / wd14.WD14_MODEL_FILE, folder / wd14.WD14_TAGS_FILE
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -79,7 +81,7 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench_tagger(tagger: captioners.WD14Tagger, pictures: Sequence[Image.Image]) -> tuple[float, float]:
+def bench_tagger(tagger: wd14.WD14Tagger, pictures: Sequence[Image.Image]) -> tuple[float, float]:
     """(images/s one at a time, images/s in batches), after one warm-up call that loads the model."""
     tagger(pictures[0])
     single = timed(lambda: [tagger(p) for p in pictures])
@@ -93,22 +95,22 @@ def run(n: int, models_dir: Path | None, repo: str) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="train_tools_bench_") as tmp:
         root = Path(tmp)
         make_pictures(root / "orig", n)
-        options = ds.PrepareOptions()
-        first = timed(lambda: ds.prepare_dataset(root / "orig", root / "prep", options))
+        options = PrepareOptions()
+        first = timed(lambda: prepare_dataset(root / "orig", root / "prep", options))
         rows.append(("prepare_dataset, first run", f"{n / first:8.1f} images/s ({first:.2f} s)"))
-        again = timed(lambda: ds.prepare_dataset(root / "orig", root / "prep", options))
+        again = timed(lambda: prepare_dataset(root / "orig", root / "prep", options))
         rows.append(("prepare_dataset, rerun (nothing changed)", f"{n / again:8.1f} images/s ({again:.2f} s)"))
-        prepared = [ds.open_prepared(item) for item in ds.load_items(root / "prep")]
+        prepared = [open_prepared(item) for item in load_items(root / "prep")]
         files = build_stand_in_tagger(root / "tagger")
         if files is None:
             rows.append(("WD14 stand-in tagger", "skipped (pip install onnx)"))
         else:
-            single, batched = bench_tagger(captioners.WD14Tagger(*files), prepared)
+            single, batched = bench_tagger(wd14.WD14Tagger(*files), prepared)
             rows.append(("WD14 stand-in tagger, 448 px, 1 at a time", f"{single:8.1f} images/s"))
             rows.append(("WD14 stand-in tagger, 448 px, batches of 8", f"{batched:8.1f} images/s"))
-        found = captioners.find_wd14(models_dir, repo) if models_dir is not None else None
+        found = wd14.find_wd14(models_dir, repo) if models_dir is not None else None
         if found is not None:
-            single, batched = bench_tagger(captioners.WD14Tagger(*found), prepared)
+            single, batched = bench_tagger(wd14.WD14Tagger(*found), prepared)
             rows.append((f"WD14 {repo}, 1 at a time", f"{single:8.1f} images/s"))
             rows.append((f"WD14 {repo}, batches of 8", f"{batched:8.1f} images/s"))
         else:
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="folder with train_tools/wd14/<model>/ or interrogators/ (a real tagger is timed "
                              "when found there)")
-    parser.add_argument("--repo", default=captioners.DEFAULT_WD14_REPO, help="which WD14 model to look for")
+    parser.add_argument("--repo", default=wd14.DEFAULT_WD14_REPO, help="which WD14 model to look for")
     args = parser.parse_args(argv)
     write = sys.stdout.write
     n = max(1, args.images)

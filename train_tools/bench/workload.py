@@ -121,7 +121,7 @@ def _stand_in_tokenizer(pad_token: str) -> Any:
 
 
 def make_version(run_dir: Path, spec: BenchSpec) -> Any:
-    from ..data.dataset import add_originals
+    from ..data.uploads import add_originals
     from ..store import Store
 
     pictures, _, _ = plan(spec)

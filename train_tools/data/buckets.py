@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 if TYPE_CHECKING:
-    from .dataset import DatasetItem, PrepareOptions
+    from .items import DatasetItem
+    from .prepare_options import PrepareOptions
 
 
 def choose_bucket(width: int, height: int, options: PrepareOptions) -> tuple[int, int]:

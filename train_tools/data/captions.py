@@ -2,7 +2,7 @@
 
 ``prepare_dataset`` rewrites a prepared ``.txt`` whenever what it is composed from changes (an uploaded
 caption, the caption mode, the trigger word, a re-encoded picture), so an edit written only into that file
-would be lost. Edits are therefore kept in ``prepared/.caption_edits.json`` (``dataset.EDITS_NAME``):
+would be lost. Edits are therefore kept in ``prepared/.caption_edits.json`` (``layout.EDITS_NAME``):
 
 - a picture's own edit replaces its composed caption for as long as its original is the same file;
 - removing or renaming a tag edits every caption now *and* is remembered as a rule, so pictures captioned
@@ -19,9 +19,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import dataset as ds
 from .. import fileio
 from ..errors import UserError
+from .caption_text import apply_tag_rules, edited_caption, read_caption_edits, read_text
+from .items import DatasetItem, load_items, tag_frequency
+from .layout import CAPTION_SUFFIX, EDITS_NAME, original_hashes
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,15 @@ def clean_caption(text: str | None) -> str:
     return ", ".join(line for line in lines if line)
 
 
-def read_caption(item: ds.DatasetItem) -> str:
+def read_caption(item: DatasetItem) -> str:
     """The item's caption as it is now on disk (an edit made after ``load_items`` included)."""
     prepared = item.image.parent
-    sha = ds.original_hashes(prepared).get(item.image.stem)
-    edited = ds.edited_caption(ds.read_caption_edits(prepared), item.image.stem, sha)
+    sha = original_hashes(prepared).get(item.image.stem)
+    edited = edited_caption(read_caption_edits(prepared), item.image.stem, sha)
     if edited is not None:
         return edited
-    txt = item.image.with_suffix(ds.CAPTION_SUFFIX)
-    return ds.read_text(txt) if txt.is_file() else ""
+    txt = item.image.with_suffix(CAPTION_SUFFIX)
+    return read_text(txt) if txt.is_file() else ""
 
 
 def write_caption(prepared: Path, image_name: str, text: str) -> str:
@@ -55,17 +57,17 @@ def write_caption(prepared: Path, image_name: str, text: str) -> str:
     stem = _stem_of(prepared, image_name)
     caption = clean_caption(text)
     with _LOCK:
-        edits = ds.read_caption_edits(prepared)
-        edits["captions"][stem] = {"text": caption, "sha256": ds.original_hashes(prepared).get(stem)}
-        fileio.write_json(prepared / ds.EDITS_NAME, edits)
-        fileio.write_text(prepared / f"{stem}{ds.CAPTION_SUFFIX}", caption + "\n")
+        edits = read_caption_edits(prepared)
+        edits["captions"][stem] = {"text": caption, "sha256": original_hashes(prepared).get(stem)}
+        fileio.write_json(prepared / EDITS_NAME, edits)
+        fileio.write_text(prepared / f"{stem}{CAPTION_SUFFIX}", caption + "\n")
     log.info("Caption of %s edited.", stem)
     return caption
 
 
 def tag_counts(prepared: Path) -> list[tuple[str, int]]:
     """Every tag of the prepared captions with the number of pictures it appears in, most frequent first."""
-    counts = ds.tag_frequency(ds.load_items(Path(prepared)))
+    counts = tag_frequency(load_items(Path(prepared)))
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
@@ -109,18 +111,18 @@ def _apply_rule(prepared: Path, rule: dict[str, Any]) -> int:
     """Apply one tag rule to every current caption and remember it for later ones."""
     changed = 0
     with _LOCK:
-        edits = ds.read_caption_edits(prepared)
-        hashes = ds.original_hashes(prepared)
-        for item in ds.load_items(prepared):
-            new_caption = ds.apply_tag_rules(item.caption, [rule])
+        edits = read_caption_edits(prepared)
+        hashes = original_hashes(prepared)
+        for item in load_items(prepared):
+            new_caption = apply_tag_rules(item.caption, [rule])
             if new_caption == item.caption:
                 continue
             stem = item.image.stem
-            if ds.edited_caption(edits, stem, hashes.get(stem)) is not None:
+            if edited_caption(edits, stem, hashes.get(stem)) is not None:
                 edits["captions"][stem]["text"] = new_caption
-            fileio.write_text(item.image.with_suffix(ds.CAPTION_SUFFIX), new_caption + "\n")
+            fileio.write_text(item.image.with_suffix(CAPTION_SUFFIX), new_caption + "\n")
             changed += 1
         edits["tag_rules"].append(rule)
-        fileio.write_json(prepared / ds.EDITS_NAME, edits)
+        fileio.write_json(prepared / EDITS_NAME, edits)
     log.info("Tag rule %s changed %d captions.", rule, changed)
     return changed

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .dataset import add_originals
+from .uploads import add_originals
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import dataset as ds
 from ..config import TrainConfig
 from ..devicelock import hold_version
 from ..errors import UserError
 from ..progress import ProgressFn, Reporter, StopFlag, Stopped, TaskFn
 from ..store import Version
+from .items import DatasetItem, load_items
+from .prepare_folder import prepare_dataset
+from .prepare_options import PrepareOptions
+from .reports import PrepareReport, Refusal
 
 # What preparing reports to a Reporter's ``task`` (the tab's bar, the terminal's, the WebUI's).
 PREPARING = "Preparing pictures"
@@ -23,7 +26,7 @@ DOWNLOADING = "Downloading the captioner (first use only)"
 
 
 def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, task: TaskFn | None = None
-                    ) -> ds.PrepareReport:
+                    ) -> PrepareReport:
     """Bring ``prepared/`` up to date with the originals and the settings (captioner included): the one way
     the command line, the tab and the trainer prepare a version, so they always agree on the captions.
 
@@ -40,23 +43,23 @@ def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, 
 
 
 def _prepare_version(version: Version, config: TrainConfig, *, host: Any,
-                     reporting: Callable[..., ProgressFn | None]) -> ds.PrepareReport:
+                     reporting: Callable[..., ProgressFn | None]) -> PrepareReport:
     from .captioners import captioner_from_config
 
     models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
-    options = ds.PrepareOptions.from_config(config, trigger_word_default=version.project)
+    options = PrepareOptions.from_config(config, trigger_word_default=version.project)
     auto_caption = captioner_from_config(config, models_dir=models_dir, host=host,
                                          progress=reporting(DOWNLOADING, "B"))
     try:
-        report = ds.prepare_dataset(version.originals_dir, version.prepared_dir, options, reporting(PREPARING),
-                                    auto_caption=auto_caption)
+        report = prepare_dataset(version.originals_dir, version.prepared_dir, options, reporting(PREPARING),
+                                 auto_caption=auto_caption)
     finally:
         close = getattr(auto_caption, "close", None)
         if callable(close):
             close()  # a host's captioner frees its model (the WebUI's DeepBooru, BLIP)
     reg_report = prepare_reg(version, config, reporting(PREPARING_CLASS))
     if reg_report is not None:
-        report.refused += [ds.Refusal(f"class picture {r.name}", r.reason) for r in reg_report.refused]
+        report.refused += [Refusal(f"class picture {r.name}", r.reason) for r in reg_report.refused]
     return report
 
 
@@ -77,32 +80,32 @@ class FixedCaption:
         return f"FixedCaption({self.text!r})"
 
 
-def reg_prepare_options(config: TrainConfig) -> ds.PrepareOptions:
+def reg_prepare_options(config: TrainConfig) -> PrepareOptions:
     """The training pictures' options for the class pictures, but for the captions: a class picture's own .txt
     or else ``reg_caption``, and never the trigger word (class pictures show the class, not the subject)."""
-    options = ds.PrepareOptions.from_config(config)
+    options = PrepareOptions.from_config(config)
     options.caption_mode = "use"
     options.trigger_word = ""
     return options
 
 
 def prepare_reg(version: Version, config: TrainConfig, progress: ProgressFn | None = None
-                ) -> ds.PrepareReport | None:
+                ) -> PrepareReport | None:
     """Bring ``prepared_reg/`` up to date with ``reg/`` (the optional class pictures); None when the version has
     neither. A ``reg/`` emptied by the user empties ``prepared_reg/`` too."""
     if not version.reg_dir.is_dir() and not version.prepared_reg_dir.is_dir():
         return None
-    return ds.prepare_dataset(version.reg_dir, version.prepared_reg_dir, reg_prepare_options(config), progress,
-                              auto_caption=FixedCaption(config.reg_caption))
+    return prepare_dataset(version.reg_dir, version.prepared_reg_dir, reg_prepare_options(config), progress,
+                           auto_caption=FixedCaption(config.reg_caption))
 
 
-def load_reg_items(version: Version) -> list[ds.DatasetItem]:
+def load_reg_items(version: Version) -> list[DatasetItem]:
     """The prepared class pictures of ``version`` (none when it has no regularisation pictures)."""
-    return ds.load_items(version.prepared_reg_dir)
+    return load_items(version.prepared_reg_dir)
 
 
 def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None,
-                  stop: StopFlag | None = None) -> list[ds.DatasetItem]:
+                  stop: StopFlag | None = None) -> list[DatasetItem]:
     """Bring ``prepared/`` up to date with the originals and the settings, and read it; the reporter hears
     the progress (``Reporter.task``) and the pictures that could not be used.
 
@@ -117,7 +120,7 @@ def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, 
     report = prepare_version(version, config, host=host, task=task)
     for refusal in report.refused:
         reporter.message(f"skipped {refusal}")
-    items = ds.load_items(version.prepared_dir)
+    items = load_items(version.prepared_dir)
     if not items:
         raise UserError(f"Version '{version.name}' of '{version.project}' has no usable images; add pictures "
                         "with 'python -m train_tools dataset add' or the Upload Dataset button.")

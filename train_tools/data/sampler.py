@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
-from . import dataset as ds
 from ..errors import UserError
+from .items import DatasetItem
 
 
 class BucketBatchSampler:
@@ -18,7 +18,7 @@ class BucketBatchSampler:
     with itself.
     """
 
-    def __init__(self, items: Sequence[ds.DatasetItem], batch_size: int, *, seed: int = 0, repeats: int = 1,
+    def __init__(self, items: Sequence[DatasetItem], batch_size: int, *, seed: int = 0, repeats: int = 1,
                  shuffle: bool = True) -> None:
         if batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {batch_size}.")
@@ -67,7 +67,7 @@ class RegularisedBatchSampler:
     class pictures fall into other buckets, an epoch may hold a batch more or less than the one before.
     """
 
-    def __init__(self, items: Sequence[ds.DatasetItem], n_train: int, batch_size: int, *, seed: int = 0,
+    def __init__(self, items: Sequence[DatasetItem], n_train: int, batch_size: int, *, seed: int = 0,
                  repeats: int = 1) -> None:
         if batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {batch_size}.")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import dataset as ds
+from ..data.items import DatasetItem, auto_repeats, image_to_tensor, open_prepared, tag_frequency
 from ..data.buckets import bucket_info
 from ..config import TrainConfig
 from ..errors import UserError
@@ -74,7 +74,7 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sdxl_time_ids(item: ds.DatasetItem) -> list[float]:
+def sdxl_time_ids(item: DatasetItem) -> list[float]:
     """SDXL's size conditioning of one picture, as its training defined it: original (h, w), top-left of the
     crop (top, left) in the resized picture, and target (h, w).
 
@@ -163,7 +163,7 @@ class Trainer:
             self.items, self.reg_items = self._resumed_items(items, load_reg_items(self.version))
         # Indices below len(items) are training pictures, the rest class pictures (caches and batches use both).
         self.all_items = self.items + self.reg_items
-        self.repeats = cfg.repeats or ds.auto_repeats(len(self.items))
+        self.repeats = cfg.repeats or auto_repeats(len(self.items))
         if self.reg_items:
             self.reporter.message(f"{len(self.reg_items)} class pictures (regularisation), prior loss weight "
                                   f"{cfg.prior_loss_weight:g}")
@@ -351,7 +351,7 @@ class Trainer:
                         if vae is None:  # only moved to the device when something is not cached
                             vae = move(self.model.vae, self.device, torch.float32)  # fp32: SD's VAE overflows fp16
                         if pixels is None:
-                            pixels = ds.image_to_tensor(ds.open_prepared(item)).unsqueeze(0)
+                            pixels = image_to_tensor(open_prepared(item)).unsqueeze(0)
                         dist = vae.encode((pixels.flip(-1) if flip else pixels).to(self.device)).latent_dist
                         cached = (dist.mean.squeeze(0).float().cpu(), dist.std.squeeze(0).float().cpu())
                         self.latent_encodes += 1
@@ -741,7 +741,7 @@ class Trainer:
             base_model_path=self.checkpoint,
             base_model_sha256=self.base_sha256,
             num_train_images=len(self.items) * self.repeats,
-            tag_frequency={folder: ds.tag_frequency(self.items)},
+            tag_frequency={folder: tag_frequency(self.items)},
             dataset_dirs={folder: {"n_repeats": self.repeats, "img_count": len(self.items)}},
             epoch=epoch,
             steps=step,
@@ -777,16 +777,16 @@ class Trainer:
             self._write_run_snapshot(run_dir)
         return run_dir
 
-    def _item_names(self, items: list[ds.DatasetItem] | None = None,
-                    reg_items: list[ds.DatasetItem] | None = None) -> list[str]:
+    def _item_names(self, items: list[DatasetItem] | None = None,
+                    reg_items: list[DatasetItem] | None = None) -> list[str]:
         """The pictures of the run as its state lists them: the training pictures, then the class pictures
         prefixed with ``reg/`` (a run without class pictures lists what it always did)."""
         items = self.items if items is None else items
         reg_items = self.reg_items if reg_items is None else reg_items
         return [item.image.name for item in items] + [f"{REG_PREFIX}{item.image.name}" for item in reg_items]
 
-    def _resumed_items(self, items: list[ds.DatasetItem], reg_items: list[ds.DatasetItem]
-                       ) -> tuple[list[ds.DatasetItem], list[ds.DatasetItem]]:
+    def _resumed_items(self, items: list[DatasetItem], reg_items: list[DatasetItem]
+                       ) -> tuple[list[DatasetItem], list[DatasetItem]]:
         """A resumed run trains on the pictures (and class pictures) it began with and their captions of then
         (its snapshot)."""
         point = self.resume
@@ -801,7 +801,7 @@ class Trainer:
                 self._snapshot_captions(reg_items, point.run_dir / REG_CAPTIONS))
 
     @staticmethod
-    def _snapshot_captions(items: list[ds.DatasetItem], snapshot: Path) -> list[ds.DatasetItem]:
+    def _snapshot_captions(items: list[DatasetItem], snapshot: Path) -> list[DatasetItem]:
         if not items or not snapshot.is_file():
             return items
         captions = read_json(snapshot, "start a new run", what=f"The captions of run {snapshot.parent.name},")

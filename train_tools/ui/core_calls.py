@@ -22,23 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def ds_image_suffixes() -> tuple[str, ...]:
-    from ..data.dataset import IMAGE_SUFFIXES
+    from ..data.layout import IMAGE_SUFFIXES
 
     return IMAGE_SUFFIXES
 
 
 def core_add_originals(paths: Sequence[Path], version: Version) -> str:
-    from ..data import dataset as ds
+    from ..data.uploads import add_originals
 
-    report = ds.add_originals(list(paths), version.originals_dir)
+    report = add_originals(list(paths), version.originals_dir)
     return str(report.summary())
 
 
 def core_add_reg(paths: Sequence[Path], version: Version) -> str:
     """Class (regularisation) pictures go to the version's ``reg/``, beside, never into, its dataset."""
-    from ..data import dataset as ds
+    from ..data.uploads import add_originals
 
-    report = ds.add_originals(list(paths), version.reg_dir)
+    report = add_originals(list(paths), version.reg_dir)
     return f"Class pictures: {report.summary()}"
 
 
@@ -108,15 +108,15 @@ def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> 
 def core_items(version: Version) -> list[Any]:
     if not version.prepared_dir.is_dir() or not any(version.prepared_dir.iterdir()):
         return []  # nothing prepared yet: no need to load the dataset code
-    from ..data import dataset as ds
+    from ..data.items import load_items
 
-    return list(ds.load_items(version.prepared_dir))
+    return list(load_items(version.prepared_dir))
 
 
 def core_auto_repeats(n: int) -> int:
-    from ..data import dataset as ds
+    from ..data.items import auto_repeats
 
-    return int(ds.auto_repeats(n))
+    return int(auto_repeats(n))
 
 
 def core_demo_pictures(version: Version) -> int:

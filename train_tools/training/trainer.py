@@ -29,7 +29,8 @@ from ..fileio import read_json, sha256_file, write_json
 from ..names import check_name
 from ..data.preparation import load_reg_items, prepare_items
 from ..progress import Reporter, StepInfo, StopFlag, Stopped
-from .resume import FINAL, INTERRUPT, SAVE, ResumePoint, clear_leftovers, resume_point
+from .resume import ResumePoint, clear_leftovers, resume_point
+from .state import FINAL, INTERRUPT, SAVE
 from ..data.sampler import BucketBatchSampler, RegularisedBatchSampler
 from ..store import Version
 from .text_encoding import Conditioning, encode_ids, token_rows
@@ -825,7 +826,8 @@ class Trainer:
                     files: list[Path | None], losses: list[float], rng: random.Random, gen: torch.Generator
                     ) -> None:
         """Save everything a resume needs (see ``resume.py``); every process sends its generators."""
-        from .resume import TrainState, capture_rng, save_state
+        from .state import TrainState, capture_rng
+        from .state_files import save_state
 
         acc = self.accelerator
         rngs = [capture_rng(rng, gen)]
@@ -848,7 +850,8 @@ class Trainer:
 
     def _restore_state(self, state: Any, rng: random.Random, gen: torch.Generator) -> None:
         """Put the weights, optimizer, schedule and generators back where the state left them."""
-        from .resume import capture_rng, damaged, fit_problem, restore_rng
+        from .state import capture_rng, restore_rng
+        from .state_checks import damaged, fit_problem
 
         acc = self.accelerator
         run = self.resume.run_dir.name if self.resume is not None else "the run"

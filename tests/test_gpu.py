@@ -21,7 +21,7 @@ from train_tools.training import flat_params
 from train_tools.config import TrainConfig
 from train_tools.training.optim import ForeachLion, make_optimizer
 from train_tools.progress import StopFlag
-from train_tools.training.resume import latest_state
+from train_tools.training.state_files import latest_state
 from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 

@@ -29,7 +29,8 @@ from train_tools.previews.grid_info import grid_info_for
 from train_tools.previews.samplers import SAMPLERS
 from train_tools.previews.settings import PreviewSettings
 from train_tools.store import Store
-from train_tools.training.trainer import Trainer, sdxl_time_ids
+from train_tools.training.trainer import Trainer
+from train_tools.training.trainer_step import sdxl_time_ids
 
 FAMILIES = ("sd2", "sd2v", "sdxl")
 PROMPT = "p, a red circle"

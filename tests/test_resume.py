@@ -33,7 +33,8 @@ from train_tools import fileio
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.progress import RecordingReporter, StopFlag
-from train_tools.training.resume import latest_state, load_state, run_is_finished, state_dir, state_files
+from train_tools.training.resume import run_is_finished
+from train_tools.training.state_files import latest_state, load_state, state_dir, state_files
 from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 
@@ -440,7 +441,8 @@ def test_a_full_disk_during_training_keeps_earlier_files_and_the_run_resumes(
 
 
 def test_states_keep_the_newest_and_the_last_save(tmp_path: Path):
-    from train_tools.training.resume import FINAL, INTERRUPT, SAVE, TrainState, save_state
+    from train_tools.training.state import FINAL, INTERRUPT, SAVE, TrainState
+    from train_tools.training.state_files import save_state
 
     def state(step: int, kind: str) -> TrainState:
         return TrainState(epoch=1, batch=step, step=step, kind=kind, finished=False, config={}, base_model_path="",

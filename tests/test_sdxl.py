@@ -26,7 +26,8 @@ from train_tools.networks.lora_format import read_lora
 from train_tools.models.configs import FAMILIES, family_defaults, spec
 from train_tools.networks.lora import text_encoder_target_modules, unet_target_modules
 from train_tools.store import Store, Version
-from train_tools.training.trainer import Trainer, sdxl_time_ids
+from train_tools.training.trainer import Trainer
+from train_tools.training.trainer_step import sdxl_time_ids
 
 TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=256",
         "--set", "network_dim=4", "--set", "network_alpha=4", "--set", "repeats=1", "--set", "batch_size=2"]

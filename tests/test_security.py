@@ -64,7 +64,7 @@ def test_a_malicious_checkpoint_runs_nothing_and_says_why(tmp_path: Path, suffix
 def test_a_malicious_training_state_runs_nothing(tmp_path: Path, container: str):
     import torch
 
-    from train_tools.training.resume import latest_state, load_state, state_dir
+    from train_tools.training.state_files import latest_state, load_state, state_dir
 
     marker = tmp_path / "pwned.txt"
     run = tmp_path / "run"

@@ -39,7 +39,7 @@ def run_one(spec: BenchSpec, work_dir: Path, *, keep: bool = False) -> BenchResu
     except UserError as exc:
         result.error = str(exc)
     except (RuntimeError, MemoryError) as exc:
-        from ..training.trainer import is_out_of_memory
+        from ..training.memory import is_out_of_memory
 
         if not is_out_of_memory(exc):
             raise

@@ -1,0 +1,187 @@
+"""One training step's parts: a batch's latents and text conditioning, its noise and timesteps, the loss, the
+gradient clipping and the optimizer's step (the loop that puts them together is ``trainer.py``'s).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.items import DatasetItem
+from .text_encoding import Conditioning, encode_ids, token_rows
+from .trainer_base import TrainerBase
+
+
+def sdxl_time_ids(item: DatasetItem) -> list[float]:
+    """SDXL's size conditioning of one picture, as its training defined it: original (h, w), top-left of the
+    crop (top, left) in the resized picture, and target (h, w).
+
+    The prepared picture is the original resized to cover its bucket and centre-cropped (``fit_to_bucket``),
+    so the crop follows from the two sizes; a picture of unknown original size counts as uncropped.
+    """
+    target_w, target_h = item.size
+    orig_w, orig_h = item.source_size or item.size
+    scale = max(target_w / orig_w, target_h / orig_h)
+    top = max(0, round((orig_h * scale - target_h) / 2))
+    left = max(0, round((orig_w * scale - target_w) / 2))
+    return [float(orig_h), float(orig_w), float(top), float(left), float(target_h), float(target_w)]
+
+
+def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(t for t in head + tail if t)
+
+
+class StepMixin(TrainerBase):
+    """What the loop calls for each batch, and ``fixed_batch_loss`` to compare before and after training."""
+
+    def tokenize(self, captions: list[str], tokenizer: Any = None) -> torch.Tensor:
+        """Token ids in chunks of 75 with start/end tokens, as the WebUI splits long prompts: (B, n*77).
+
+        ``tokenizer`` defaults to the first; SDXL's second pads with its own token ("!").
+        """
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        chunks = self.config.max_token_length // 75
+        ids = [tok(caption, add_special_tokens=False, truncation=False)["input_ids"][: 75 * chunks]
+               for caption in captions]
+        return token_rows(tok, ids, chunks)
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """The captions as the UNet's text conditioning, the way the WebUI encodes prompts.
+
+        Each encoder reads every 77-token chunk; the chunks' hidden states follow each other (B, n*77, C).
+        SD1/SD2 have one encoder. SDXL has two whose hidden states stand side by side (768 + 1280 = 2048), and
+        the pooled, projected output of the second encoder's first chunk goes to the UNet as ``text_embeds``.
+        """
+        hidden: list[torch.Tensor] = []
+        pooled: torch.Tensor | None = None
+        sdxl = len(self.tes) > 1
+        clip_skip = self.config.clip_skip if self.use_clip_skip and not sdxl else 1
+        for te, tok in zip(self.tes, self.tokenizers, strict=False):
+            ids = self.tokenize(captions, tok).to(self.device)
+            base = self.accelerator.unwrap_model(te) if hasattr(self, "accelerator") else te
+            h, p = encode_ids(te, ids, sdxl=sdxl, clip_skip=clip_skip, base=base)
+            hidden.append(h)
+            pooled = p if p is not None else pooled
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def latents_for(self, indices: list[int], rng: random.Random, generator: torch.Generator | None) -> torch.Tensor:
+        out = []
+        for i in indices:
+            variants = self.latent_cache[i]
+            mean, std = variants[rng.randrange(len(variants))]
+            eps = torch.randn(mean.shape, generator=generator)
+            out.append(mean + std * eps)
+        return torch.stack(out).to(self.device) * self.scaling_factor
+
+    def captions_for(self, indices: list[int], rng: random.Random) -> list[str]:
+        caps = [self.all_items[i].caption for i in indices]
+        if self.config.shuffle_caption:
+            caps = [shuffle_caption(c, self.config.keep_tokens, rng) for c in caps]
+        return caps
+
+    def loss_weights(self, indices: list[int]) -> torch.Tensor | None:
+        """Each item's weight in the batch loss: 1 for a training picture, ``prior_loss_weight`` for a class
+        picture; None (all 1) when the run has no class pictures."""
+        if not self.reg_items:
+            return None
+        n = len(self.items)
+        weights = [self.config.prior_loss_weight if i >= n else 1.0 for i in indices]
+        return torch.tensor(weights, dtype=torch.float32, device=self.device)
+
+    def loss(self, latents: torch.Tensor, text: Conditioning | torch.Tensor, noise: torch.Tensor,
+             timesteps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's mean loss; ``weights`` (one per item, see ``loss_weights``) scale each item's part."""
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        cond = text if isinstance(text, Conditioning) else Conditioning(text)
+        dtype = self.weight_dtype
+        with self.accelerator.autocast():
+            pred = self.model.unet(noisy.to(dtype), timesteps, cond.hidden.to(dtype),
+                                   added_cond_kwargs=cond.added_cond_kwargs(dtype)).sample
+        if self.model.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.config.min_snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(sched, timesteps)
+            weight = torch.clamp(snr, max=self.config.min_snr_gamma)
+            weight = weight / (snr + 1) if self.model.prediction_type == "v_prediction" else weight / snr
+            loss = loss * weight
+        if weights is not None:
+            loss = loss * weights.to(loss.device)
+        return loss.mean()
+
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        if self.config.noise_offset:
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+            noise = noise + self.config.noise_offset * offset.to(self.device)
+        return noise
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        steps = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (n,), generator=generator).to(self.device)
+
+    def text_for(self, indices: list[int], rng: random.Random) -> Conditioning:
+        """Everything the UNet is conditioned on for these items besides the latents (cached when frozen)."""
+        if self.cached_text is not None:
+            cond = Conditioning.cat([self.cached_text[i] for i in indices])
+        elif self.train_te:
+            cond = self.encode_text(self.captions_for(indices, rng))
+        else:
+            with torch.no_grad():
+                cond = self.encode_text(self.captions_for(indices, rng))
+        if self.needs_time_ids:
+            cond.time_ids = torch.tensor([sdxl_time_ids(self.all_items[i]) for i in indices], dtype=torch.float32)
+        return cond.to(self.device)
+
+    @torch.no_grad()
+    def clip_gradients(self, max_norm: float) -> None:
+        """Scale the gradients down to a total norm of ``max_norm`` when they are above it (accelerate's and
+        torch's clipping). On a CPU without a gradient scaler the norm is read first, which costs no
+        synchronisation there: within ``max_norm`` (most steps), torch's clipping would only multiply every
+        gradient by 1.0, one more pass over them all (0.3 ms of a 37 ms step on the demo model)."""
+        acc = self.accelerator
+        if self.device.type == "cpu" and getattr(acc, "scaler", None) is None:
+            grads = [p.grad.detach() for p in self.optimized if p.grad is not None]
+            if not grads:
+                return
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if float(norm) + 1e-6 <= max_norm:  # torch's factor max_norm / (norm + 1e-6), capped at 1, is 1
+                return
+        acc.clip_grad_norm_(self.optimized, max_norm)
+
+    def optimizer_step(self) -> None:
+        """The optimizer's step. accelerate's wrapper does something only with a gradient scaler (fp16) or
+        while gradients are being accumulated; otherwise it steps the optimizer after looking the lomo_optim
+        package up on disk, twice per step (importlib's find_spec over sys.path: 0.15 ms a step on this
+        2-core machine, more on a WebUI's long sys.path), so the wrapped optimizer is stepped directly."""
+        acc = self.accelerator
+        if getattr(acc, "scaler", None) is None and acc.sync_gradients and hasattr(self.optimizer, "optimizer"):
+            self.optimizer.optimizer.step()
+        else:
+            self.optimizer.step()
+
+    @torch.no_grad()
+    def fixed_batch_loss(self, seed: int = 0, n: int = 4) -> float:
+        """The loss on a fixed batch with fixed noise and timesteps: comparable before and after training."""
+        gen = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        indices = [i % len(self.items) for i in range(n)]
+        total = 0.0
+        for i in indices:
+            latents = self.latents_for([i], rng, gen)
+            text = self.text_for([i], rng)
+            noise = self.sample_noise(latents, gen)
+            timesteps = self.sample_timesteps(1, gen)
+            total += float(self.loss(latents, text, noise, timesteps))
+        return total / len(indices)

@@ -120,7 +120,7 @@ def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictu
 def test_interrupt_while_preparing_stops_before_anything_is_trained(tmp_path: Path, demo_ckpt: Path,
                                                                    demo_pictures: Path,
                                                                    caplog: pytest.LogCaptureFixture):
-    from train_tools.cli import _report_result
+    from train_tools.commands import _report_result
 
     version = make_version(tmp_path, demo_pictures).version("p", "v1")
     stop = StopFlag()

@@ -25,7 +25,7 @@ from train_tools.data.preparation import prepare_version
 from train_tools.progress import StopFlag
 from train_tools.data.sampler import RegularisedBatchSampler
 from train_tools.store import Store, Version
-from train_tools.training.text_encoding import Conditioning
+from train_tools.models.text_encoding import Conditioning
 from train_tools.training.trainer import Trainer
 
 TRIGGER = "sks"

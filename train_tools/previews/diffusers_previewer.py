@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..models.loader import LoadedModel
-    from ..training.text_encoding import Conditioning
+    from ..models.text_encoding import Conditioning
     from .settings import PreviewSettings
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class DiffusersPreviewer:
         """
         import torch
 
-        from ..training.text_encoding import Conditioning, encode_ids, token_rows
+        from ..models.text_encoding import Conditioning, encode_ids, token_rows
 
         ids = [[tok(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
                for tok in self.model.tokenizers]

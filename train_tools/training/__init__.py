@@ -1,6 +1,6 @@
-"""Training a network: the trainer (set-up, loop, saving), text conditioning, optimizers, the flat parameter
-layout, and resume state.
+"""Training a network: the trainer (set-up, one step, saving, resuming), optimizers, the flat parameter layout,
+the resume state (its type, files and checks), and out-of-memory handling.
 
-May import the package's core, ``data``, ``models`` and ``networks``; never ``previews`` at import time (the
-samples made during training import it inside the call), nor ``ui`` or ``hosts``.
+May import the package's core, ``data``, ``models``, ``networks`` and ``previews`` (the samples made during
+training); never ``ui`` or ``hosts``.
 """

@@ -16,7 +16,7 @@ from ..data.items import DatasetItem
 from ..progress import Reporter, StopFlag
 from ..store import Version
 from .resume import ResumePoint
-from .text_encoding import Conditioning
+from ..models.text_encoding import Conditioning
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel

@@ -15,7 +15,7 @@ from ..data.items import auto_repeats, image_to_tensor, open_prepared
 from ..data.preparation import load_reg_items, prepare_items
 from ..data.sampler import BucketBatchSampler, RegularisedBatchSampler
 from ..fileio import sha256_file
-from .text_encoding import Conditioning
+from ..models.text_encoding import Conditioning
 from .trainer_base import TrainerBase
 
 log = logging.getLogger(__name__)

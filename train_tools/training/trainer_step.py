@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.items import DatasetItem
-from .text_encoding import Conditioning, encode_ids, token_rows
+from ..models.text_encoding import Conditioning, encode_ids, token_rows
 from .trainer_base import TrainerBase
 
 

@@ -55,9 +55,11 @@ def ensure_env(with_tests: bool) -> None:
         venv.create(VENV, with_pip=True)
     has_torch = subprocess.call([str(venv_python()), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0
     if not has_torch:
-        extra = ["--index-url", os.environ["TRAIN_TOOLS_TORCH_INDEX"]] if "TRAIN_TOOLS_TORCH_INDEX" in os.environ else []
+        index = os.environ.get("TRAIN_TOOLS_TORCH_INDEX")
+        extra = ["--index-url", index] if index else []
         pip("install", f"torch=={TORCH}", *extra)
-    constraints = ["-c", str(ROOT / "tests" / "constraints.txt")] if (ROOT / "tests" / "constraints.txt").exists() else []
+    pins = ROOT / "tests" / "constraints.txt"
+    constraints = ["-c", str(pins)] if pins.exists() else []
     reqs = ["-r", str(ROOT / "requirements.txt")]
     if with_tests:
         reqs += ["-r", str(ROOT / "tests" / "requirements.txt")]

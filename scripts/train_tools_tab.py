@@ -19,7 +19,7 @@ if str(EXTENSION_ROOT) not in sys.path:
     # The WebUI puts the extension folder on sys.path while importing scripts; some loaders do not.
     sys.path.insert(0, str(EXTENSION_ROOT))
 
-from train_tools.hosts import webui as webui_host
+from train_tools.hosts import webui as webui_host  # noqa: E402 - needs the path above
 
 log = logging.getLogger("train_tools")
 

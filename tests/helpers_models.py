@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from train_tools.models.convert import normalize_text_encoder_keys
 from train_tools.models.configs import ModelSpec, build_text_encoders, build_unet, build_vae, spec
+from train_tools.models.convert import normalize_text_encoder_keys
 
 
 def tiny_models(family: str, seed: int = 0) -> tuple[ModelSpec, nn.Module, nn.Module, list[nn.Module]]:

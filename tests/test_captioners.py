@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from train_tools.config import TrainConfig
 from train_tools.data import blip, wd14
 from train_tools.data import captioners as cap
 from train_tools.data.items import load_items, tag_frequency
 from train_tools.data.prepare_folder import prepare_dataset
 from train_tools.data.prepare_options import PrepareOptions
-from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 
 onnx = pytest.importorskip("onnx")
@@ -99,7 +99,7 @@ def solid(colour, size=(64, 64), mode="RGB") -> Image.Image:
 
 def expected_score(name: str, image_feats: dict[str, float]) -> float:
     _n, _c, w, b = next(t for t in TAGS if t[0] == name)
-    return sigmoid(sum(wi * image_feats[f] for wi, f in zip(w, FEATURES)) + b)
+    return sigmoid(sum(wi * image_feats[f] for wi, f in zip(w, FEATURES, strict=False)) + b)
 
 
 # ---------------------------------------------------------------------- the tagger itself
@@ -112,7 +112,7 @@ def test_colours_fire_their_tags_in_bgr_order_sorted_by_confidence(files):
     # Green: several tags, most confident first; the kaomoji keeps its underscore; the character is kept at
     # 0.900 >= 0.85.
     assert tagger(solid(GREEN_)) == "green hair, ^_^, hatsune miku, medium score"
-    scores = dict(zip([t[0] for t in TAGS], tagger.scores([solid(GREEN_)])[0]))
+    scores = dict(zip([t[0] for t in TAGS], tagger.scores([solid(GREEN_)])[0], strict=False))
     feats = {"blue": 0.0, "green": 1.0, "red": 0.0, "top_row": 1 / 3}
     for name, value in scores.items():
         assert value == pytest.approx(expected_score(name, feats), abs=1e-5), name

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from tests.helpers_models import assert_same_weights, save_safetensors, tiny_models
+from train_tools.errors import UserError
+from train_tools.models.configs import build_text_encoders, build_unet, build_vae, spec
 from train_tools.models.convert import (
     ComponentStateDicts,
     components_from_models,
@@ -16,9 +18,7 @@ from train_tools.models.convert import (
     key_map,
     original_to_diffusers,
 )
-from train_tools.errors import UserError
 from train_tools.models.loader import load_model
-from train_tools.models.configs import build_text_encoders, build_unet, build_vae, spec
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd2"])
@@ -36,7 +36,7 @@ def test_tiny_round_trip_through_a_single_file(tmp_path: Path, family: str):
     assert loaded.spec.tiny
     compared = assert_same_weights(unet, loaded.unet) + assert_same_weights(vae, loaded.vae)
     assert len(loaded.text_encoders) == len(tes)
-    for want, got in zip(tes, loaded.text_encoders):
+    for want, got in zip(tes, loaded.text_encoders, strict=False):
         assert type(got) is type(want)
         compared += assert_same_weights(want, got)
     # Every tensor of the file went somewhere (fused q/k/v count three times on the diffusers side).
@@ -281,7 +281,7 @@ def test_full_size_layout_agrees_with_diffusers_own_single_file_reader(family: s
 
     same(ours.unet, sfu.convert_ldm_unet_checkpoint(dict(original), dict(unet.config)))
     same(ours.vae, sfu.convert_ldm_vae_checkpoint(dict(original), dict(vae.config)))
-    for te_spec, te_sd, te in zip(model_spec.text_encoders, ours.text_encoders, tes):
+    for te_spec, te_sd, te in zip(model_spec.text_encoders, ours.text_encoders, tes, strict=False):
         if te_spec.layout == "openclip":
             reference = sfu.convert_open_clip_checkpoint(te, dict(original), prefix=te_spec.prefix)
         else:

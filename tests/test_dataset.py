@@ -17,18 +17,18 @@ import torch
 from PIL import Image, ImageFile
 
 from tests.image_zoo import GREEN, ORANGE, bomb_png, noisy_rgb, write_zoo
+from train_tools.config import TrainConfig
 from train_tools.data import buckets, prepare_folder
 from train_tools.data.caption_text import compose_caption
+from train_tools.data.demo_dataset import make_demo_dataset
 from train_tools.data.items import DatasetItem, auto_repeats, image_to_tensor, load_items, open_prepared, tag_frequency
 from train_tools.data.layout import MANIFEST_NAME
 from train_tools.data.prepare_folder import prepare_dataset
 from train_tools.data.prepare_options import PrepareOptions
 from train_tools.data.reports import PrepareReport, Refusal
-from train_tools.data.uploads import add_originals
-from train_tools.config import TrainConfig
-from train_tools.data.demo_dataset import make_demo_dataset
-from train_tools.errors import UserError
 from train_tools.data.sampler import BucketBatchSampler
+from train_tools.data.uploads import add_originals
+from train_tools.errors import UserError
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -36,7 +36,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def close(a: tuple[int, ...], b: tuple[int, ...], tol: int = 8) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=False))
 
 
 def by_source(items: list[DatasetItem]) -> dict[str, DatasetItem]:
@@ -165,13 +165,13 @@ def test_decompression_bomb_is_refused_from_its_header_and_the_global_limit_is_k
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
     limit_before = Image.MAX_IMAGE_PIXELS
     report = prepare(tmp_path)
-    assert Image.MAX_IMAGE_PIXELS == limit_before
+    assert limit_before == Image.MAX_IMAGE_PIXELS
     assert [r.name for r in report.refused] == ["bomb.png"] and "decompression bomb" in report.refused[0].reason
     assert (20000, 20000) not in decoded_sizes and (300, 300) in decoded_sizes
     # The limit is the option's: a lower one refuses the ordinary picture too.
     report = prepare(tmp_path, PrepareOptions(max_pixels=50_000))
     assert {r.name for r in report.refused} == {"bomb.png", "ok.png"}
-    assert Image.MAX_IMAGE_PIXELS == limit_before
+    assert limit_before == Image.MAX_IMAGE_PIXELS
 
 
 def test_exact_duplicates_are_reported_and_prepared_once(tmp_path):
@@ -537,7 +537,7 @@ def test_demo_dataset_prepares_without_refusals(tmp_path):
     shapes = []
     for p in pictures:
         with Image.open(p) as im:
-            assert 256 <= min(im.size) and max(im.size) <= 640
+            assert min(im.size) >= 256 and max(im.size) <= 640
             shapes.append("wide" if im.width > im.height else "tall" if im.height > im.width else "square")
     assert shapes.count("wide") == 3 and shapes.count("tall") == 3 and shapes.count("square") == 6
     report = prepare(tmp_path)

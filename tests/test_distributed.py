@@ -144,8 +144,8 @@ def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) 
     assert r0["lrs"] == pytest.approx(expected_lrs) and r1["lrs"] == pytest.approx(expected_lrs)
     # Each process trained on its own half of every epoch's batches.
     for epoch in (1, 2):
-        mine = [b for b, e in zip(r0["batches"], r0["epochs"]) if e == epoch]
-        theirs = [b for b, e in zip(r1["batches"], r1["epochs"]) if e == epoch]
+        mine = [b for b, e in zip(r0["batches"], r0["epochs"], strict=False) if e == epoch]
+        theirs = [b for b, e in zip(r1["batches"], r1["epochs"], strict=False) if e == epoch]
         assert len(mine) == len(theirs) == 2
         assert sorted(i for b in mine + theirs for i in b) == [0, 1, 2, 3]
     w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))

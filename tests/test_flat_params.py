@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 
 from tests import fixtures_training
-from train_tools.training import optim
 from train_tools.config import TrainConfig
+from train_tools.store import Store
+from train_tools.training import optim
 from train_tools.training.flat_params import ELEMENTWISE_OPTIMIZERS, flatten_group, flatten_groups, views_intact
 from train_tools.training.optim import make_optimizer
-from train_tools.store import Store
 from train_tools.training.trainer import Trainer
 
 one_thread = fixtures_training.one_thread
@@ -51,7 +51,7 @@ def test_flattening_keeps_values_and_shares_weights_and_gradients() -> None:
     flat = flatten_group(params)
     assert flat.numel() == sum(p.numel() for p in params) and flat.dim() == 1
     assert views_intact(flat)
-    for p, value in zip(params, before):
+    for p, value in zip(params, before, strict=False):
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
     # Writing the flat tensor writes the model's weights, and backward writes the flat gradient.
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_flattening_keeps_values_and_shares_weights_and_gradients() -> None:
     torch.testing.assert_close(params[0].detach(), before[0] + 1.0, rtol=0, atol=0)
     reference = small_model()
     with torch.no_grad():
-        for p, q in zip(reference.parameters(), params):
+        for p, q in zip(reference.parameters(), params, strict=False):
             p.copy_(q)
     backward(model, 0)
     backward(reference, 0)
@@ -131,7 +131,7 @@ def test_a_flat_group_trains_as_separate_tensors(name: str, split_above: int | N
         assert all(views_intact(f) for f in flats)
         assert all(float(f.grad.abs().sum()) == 0.0 for f in flats)
     moved = False
-    for p, q, start in zip(separate.parameters(), flat_model.parameters(), small_model().parameters()):
+    for p, q, start in zip(separate.parameters(), flat_model.parameters(), small_model().parameters(), strict=False):
         # The same update, up to rounding: torch's fused kernels take a vectorised path over a long tensor
         # and a scalar one at the tail of each tensor, whose last bits can differ.
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-7)
@@ -148,14 +148,14 @@ def test_clipping_a_flat_group_is_clipping_its_tensors() -> None:
     norm_flat = torch.nn.utils.clip_grad_norm_([flat], 0.01)
     assert float(norm_separate) > 0.01  # the clipping did something
     torch.testing.assert_close(norm_flat, norm_separate)
-    for p, q in zip(separate.parameters(), flat_model.parameters()):
+    for p, q in zip(separate.parameters(), flat_model.parameters(), strict=False):
         torch.testing.assert_close(q.grad, p.grad)
 
 
 # ------------------------------------------------------------------------------------------- the trainer
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as fh:
-        return {key: fh.get_tensor(key) for key in fh.keys()}
+        return {key: fh.get_tensor(key) for key in fh}
 
 
 def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True

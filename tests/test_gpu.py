@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
-from train_tools.training import flat_params
 from train_tools.config import TrainConfig
-from train_tools.training.optim import ForeachLion, make_optimizer
 from train_tools.progress import StopFlag
-from train_tools.training.state_files import latest_state
 from train_tools.store import Store, Version
+from train_tools.training import flat_params
+from train_tools.training.optim import ForeachLion, make_optimizer
+from train_tools.training.state_files import latest_state
 from train_tools.training.trainer import Trainer
 
 DEVICE = "cuda"
@@ -100,7 +100,7 @@ def test_optimizers_on_the_gpu_step_as_their_references() -> None:
         flats = flat_params.flatten_groups(groups) if flat else groups
         opt = make(flats)
         for step_grads in grads:
-            for p, g in zip(params, step_grads):
+            for p, g in zip(params, step_grads, strict=False):
                 if flat:
                     p.grad.copy_(g)
                 else:
@@ -111,14 +111,14 @@ def test_optimizers_on_the_gpu_step_as_their_references() -> None:
     reference = run(lambda g: Lion(g, lr=1e-2, weight_decay=0.1))
     for result in (run(lambda g: ForeachLion(g, lr=1e-2, weight_decay=0.1)),
                    run(lambda g: ForeachLion(g, lr=1e-2, weight_decay=0.1), flat=True)):
-        for x, y in zip(result, reference):
+        for x, y in zip(result, reference, strict=False):
             torch.testing.assert_close(x, y)
     adamw = make_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.ones(3, device=DEVICE))]}], 1e-3,
                            device=torch.device(DEVICE))
     assert adamw.defaults.get("fused") is True  # torch's fused CUDA kernel
     separate = run(lambda g: make_optimizer("AdamW", g, 1e-2, device=torch.device(DEVICE)))
     flat = run(lambda g: make_optimizer("AdamW", g, 1e-2, device=torch.device(DEVICE)), flat=True)
-    for x, y in zip(flat, separate):
+    for x, y in zip(flat, separate, strict=False):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 

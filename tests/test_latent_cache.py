@@ -89,8 +89,8 @@ def test_a_second_trainer_reads_the_disk_cache(version: Version, demo_ckpt: Path
     assert len(encodes) == 3 and len(entries(version)) == 3  # no flip: one entry per picture
     second = prepared_trainer(version, demo_ckpt)
     assert len(encodes) == 3 and second.latent_encodes == 0
-    for a, b in zip(first.latent_cache, second.latent_cache):
-        for (mean_a, std_a), (mean_b, std_b) in zip(a, b):
+    for a, b in zip(first.latent_cache, second.latent_cache, strict=False):
+        for (mean_a, std_a), (mean_b, std_b) in zip(a, b, strict=False):
             assert torch.equal(mean_a, mean_b) and torch.equal(std_a, std_b)
 
 

@@ -100,7 +100,7 @@ def test_each_subpackage_says_what_it_owns_and_may_import(package: str):
     init = PACKAGE / package / "__init__.py"
     tree = ast.parse(init.read_text(encoding="utf-8"))
     doc = ast.get_docstring(tree) or ""
-    assert len(doc) > 80 and ("import" in doc), f"{package}/__init__.py needs a docstring: what it owns, what it may import"
+    assert len(doc) > 80 and "import" in doc, f"{package}/__init__.py: say what it owns and what it may import"
     # Nothing but the docstring: importing a subpackage costs nothing (the WebUI imports hosts at start).
     assert all(isinstance(node, ast.Expr) for node in tree.body) or package == "bench"
 

@@ -23,6 +23,7 @@ from tests.helpers_models import lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
 from train_tools import fileio
 from train_tools.config import TrainConfig
+from train_tools.networks.lora import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 from train_tools.networks.lora_format import (
     JSON_METADATA_KEYS,
     REQUIRED_METADATA_KEYS,
@@ -32,7 +33,6 @@ from train_tools.networks.lora_format import (
     read_lora,
     save_lora,
 )
-from train_tools.networks.lora import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
 
 RANK = 4
 ALPHA = 2.0
@@ -113,15 +113,15 @@ def webui_outputs(trained: dict, tensors: dict, multiplier: float) -> tuple[torc
 
 # ---------------------------------------------------------------------------------------------- the file loads
 def test_adapter_changes_outputs(trained: dict) -> None:
-    for base, lora in zip(trained["base_out"], trained["lora_out"]):
+    for base, lora in zip(trained["base_out"], trained["lora_out"], strict=False):
         assert (base - lora).abs().max() > 0.05
 
 
 def test_webui_formula_matches_peft_model(trained: dict) -> None:
     tensors, _ = read_lora(trained["path"])
-    for got, want in zip(webui_outputs(trained, tensors, 1.0), trained["lora_out"]):
+    for got, want in zip(webui_outputs(trained, tensors, 1.0), trained["lora_out"], strict=False):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    for got, want in zip(webui_outputs(trained, tensors, 0.0), trained["base_out"]):
+    for got, want in zip(webui_outputs(trained, tensors, 0.0), trained["base_out"], strict=False):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
@@ -150,14 +150,14 @@ def test_diffusers_loads_every_key_and_agrees(trained: dict, tmp_path: Path) -> 
 
     assert lora_layer_count(pipe.unet) == lora_file_layer_count(tensors, "lora_unet") > 0
     assert lora_layer_count(pipe.text_encoder) == lora_file_layer_count(tensors, "lora_te") > 0
-    for got, want in zip(run(pipe.unet, pipe.text_encoder, trained["inputs"]), trained["lora_out"]):
+    for got, want in zip(run(pipe.unet, pipe.text_encoder, trained["inputs"]), trained["lora_out"], strict=False):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # Order matters: diffusers cannot undo a fuse at scale 0 (it cannot divide the scale back out).
     for multiplier in (1.0, 0.5, 0.0):
         pipe.fuse_lora(lora_scale=multiplier)
         got = run(pipe.unet, pipe.text_encoder, trained["inputs"])
         pipe.unfuse_lora()
-        for a, b in zip(got, webui_outputs(trained, tensors, multiplier)):
+        for a, b in zip(got, webui_outputs(trained, tensors, multiplier), strict=False):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

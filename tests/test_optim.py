@@ -10,9 +10,9 @@ import pytest
 import torch
 from lion_pytorch import Lion
 
-from train_tools.training import optim
 from train_tools.config import OPTIMIZERS
 from train_tools.errors import UserError
+from train_tools.training import optim
 from train_tools.training.optim import EIGHT_BIT, ForeachLion, make_lr_scheduler, make_optimizer
 
 SHAPES = [(7,), (4, 5), (3, 2, 3, 3), (1,), (6, 1)]
@@ -39,14 +39,14 @@ def set_grads(params: list[torch.nn.Parameter], step: int, skip: int | None = No
 def run_steps(opts: list[torch.optim.Optimizer], param_sets: list[list[torch.nn.Parameter]], steps: range,
               skip_at: Callable[[int], int | None] = lambda _: None) -> None:
     for step in steps:
-        for opt, params in zip(opts, param_sets):
+        for opt, params in zip(opts, param_sets, strict=False):
             set_grads(params, step, skip=skip_at(step))
             opt.step()
 
 
 def assert_same(a: list[torch.nn.Parameter], b: list[torch.nn.Parameter], opt_a: torch.optim.Optimizer,
                 opt_b: torch.optim.Optimizer) -> None:
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=False):
         torch.testing.assert_close(pa.detach(), pb.detach())
         assert opt_a.state[pa].keys() == opt_b.state[pb].keys()
         if opt_a.state[pa]:
@@ -74,7 +74,7 @@ def test_foreach_lion_matches_lion_pytorch_step_for_step(weight_decay: float, de
         opt.param_groups[1]["lr"] *= 2.0
     run_steps([ref, ours], [ref_params, our_params], range(2, 6), skip_at=lambda s: 1 if s == 3 else None)
     assert_same(ref_params, our_params, ref, ours)
-    for p, p0 in zip(our_params, start):
+    for p, p0 in zip(our_params, start, strict=False):
         assert not torch.equal(p.detach(), p0)
 
 
@@ -91,14 +91,14 @@ def test_foreach_lion_groups_devices_and_dtypes() -> None:
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(5, 4, generator=gen), torch.randn(3, generator=gen), torch.randn(2, 2, generator=gen)]
     dtypes = [torch.float32, torch.float64, torch.float32]
-    ref_params = [torch.nn.Parameter(t.to(d)) for t, d in zip(base, dtypes)]
-    our_params = [torch.nn.Parameter(t.to(d)) for t, d in zip(base, dtypes)]
+    ref_params = [torch.nn.Parameter(t.to(d)) for t, d in zip(base, dtypes, strict=False)]
+    our_params = [torch.nn.Parameter(t.to(d)) for t, d in zip(base, dtypes, strict=False)]
     ref, ours = Lion(ref_params, lr=1e-2, weight_decay=0.05), ForeachLion(our_params, lr=1e-2, weight_decay=0.05)
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in ref_params]
         for params, opt in ((ref_params, ref), (our_params, ours)):
-            for p, grad in zip(params, grads):
+            for p, grad in zip(params, grads, strict=False):
                 p.grad = grad.clone()
             opt.step()
     assert_same(ref_params, our_params, ref, ours)
@@ -187,7 +187,7 @@ def test_every_optimizer_builds_and_trains_on_cpu(name: str) -> None:
         return float(loss())
 
     def loss() -> torch.Tensor:
-        return sum(0.5 * ((p - t) ** 2).sum() for p, t in zip((big, small), targets))
+        return sum(0.5 * ((p - t) ** 2).sum() for p, t in zip((big, small), targets, strict=False))
 
     start = value()
     before = [big.detach().clone(), small.detach().clone()]

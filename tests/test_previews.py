@@ -27,8 +27,8 @@ from tests.webui_formula import apply_kohya_lora
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
-from train_tools.networks.lora_format import file_tensor_hashes, read_lora
 from train_tools.networks.install import USER_METADATA_KEYS, install_lora
+from train_tools.networks.lora_format import file_tensor_hashes, read_lora
 from train_tools.previews.diffusers_previewer import DiffusersPreviewer
 from train_tools.previews.grid import BASE_LABEL, generate_grid
 from train_tools.previews.grid_info import GridInfo, grid_info_for, install_cell, latest_grid

@@ -20,12 +20,12 @@ from tests.fixtures_training import StopsAtStep
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.data.items import DatasetItem, load_items
-from train_tools.data.uploads import add_originals
 from train_tools.data.preparation import prepare_version
-from train_tools.progress import StopFlag
 from train_tools.data.sampler import RegularisedBatchSampler
-from train_tools.store import Store, Version
+from train_tools.data.uploads import add_originals
 from train_tools.models.text_encoding import Conditioning
+from train_tools.progress import StopFlag
+from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 
 TRIGGER = "sks"

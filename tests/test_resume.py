@@ -33,9 +33,9 @@ from train_tools import fileio
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.progress import RecordingReporter, StopFlag
+from train_tools.store import Store, Version
 from train_tools.training.resume import run_is_finished
 from train_tools.training.state_files import latest_state, load_state, state_dir, state_files
-from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 
 TRIALS = 20
@@ -69,7 +69,7 @@ def make_version(data_dir: Path, pictures: Path, config: TrainConfig | None = No
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as fh:
-        return {key: fh.get_tensor(key) for key in fh.keys()}
+        return {key: fh.get_tensor(key) for key in fh}
 
 
 def assert_same_lora(a: Path, b: Path) -> None:
@@ -172,8 +172,8 @@ def test_resume_command_line_messages(tmp_path: Path, demo_ckpt: Path, pictures:
 
 def test_the_tab_resumes_through_its_job_manager(tmp_path: Path, demo_ckpt: Path, pictures: Path):
     """What a Resume button runs: ``jobs.resume_work`` finds the base model the run began with by itself."""
-    from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager, resume_work, training_work
     from train_tools.training.resume import find_run
+    from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager, resume_work, training_work
 
     config = tiny_config(epochs=2)
     version = make_version(tmp_path, pictures, config)

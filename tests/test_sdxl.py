@@ -14,17 +14,17 @@ from safetensors.torch import save_file
 
 from tests.helpers_models import lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
-from train_tools.models import checkpoint as checkpoint_mod
-from train_tools.models.checkpoint import detect_checkpoint_family, read_state_dict
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.data.items import DatasetItem
-from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.errors import UserError
-from train_tools.models.loader import load_model
-from train_tools.networks.lora_format import read_lora
+from train_tools.models import checkpoint as checkpoint_mod
+from train_tools.models.checkpoint import detect_checkpoint_family, read_state_dict
 from train_tools.models.configs import FAMILIES, family_defaults, spec
+from train_tools.models.demo_model import build_demo_checkpoint
+from train_tools.models.loader import load_model
 from train_tools.networks.lora import text_encoder_target_modules, unet_target_modules
+from train_tools.networks.lora_format import read_lora
 from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 from train_tools.training.trainer_step import sdxl_time_ids
@@ -154,19 +154,19 @@ def test_diffusers_sdxl_pipeline_loads_every_key_and_agrees_with_the_webui(cli_l
               "time_ids": torch.tensor([[384.0, 640.0, 26.0, 0.0, 64.0, 192.0]])}
     base_out = _run_models(*base, inputs)
     full = _webui_outputs(base, tensors, inputs, 1.0)
-    for a, b in zip(full, base_out):
+    for a, b in zip(full, base_out, strict=False):
         assert (a - b).abs().max() > 1e-3  # the LoRA visibly changes every model
     models = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    for got, want in zip(_run_models(*models, inputs), full):
+    for got, want in zip(_run_models(*models, inputs), full, strict=False):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # Order matters: diffusers cannot undo a fuse at scale 0 (it cannot divide the scale back out).
     for multiplier in (1.0, 0.5, 0.0):
         pipe.fuse_lora(lora_scale=multiplier)
         got = _run_models(*models, inputs)
         pipe.unfuse_lora()
-        for a, b in zip(got, _webui_outputs(base, tensors, inputs, multiplier)):
+        for a, b in zip(got, _webui_outputs(base, tensors, inputs, multiplier), strict=False):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    for a, b in zip(_webui_outputs(base, tensors, inputs, 0.0), base_out):
+    for a, b in zip(_webui_outputs(base, tensors, inputs, 0.0), base_out, strict=False):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
@@ -179,9 +179,9 @@ def test_webui_formula_applies_every_key_of_the_sdxl_file(cli_lora: Path, xl_ckp
               "ids": torch.tensor([[m.tokenizers[0].bos_token_id, 5, 6, m.tokenizers[0].eos_token_id]]),
               "time_ids": torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])}
     half = _webui_outputs(base, tensors, inputs, 0.5)
-    for a, b in zip(_webui_outputs(base, tensors, inputs, 0.0), _run_models(*base, inputs)):
+    for a, b in zip(_webui_outputs(base, tensors, inputs, 0.0), _run_models(*base, inputs), strict=False):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert any((a - b).abs().max() > 1e-3 for a, b in zip(half, _run_models(*base, inputs)))
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(half, _run_models(*base, inputs), strict=False))
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

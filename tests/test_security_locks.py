@@ -250,9 +250,9 @@ def test_an_unusable_shared_folder_falls_back_to_the_users_own_with_a_warning(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(devicelock, "_shared_root", lambda: root)
     monkeypatch.setattr(devicelock, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="train_tools.devicelock"):
-        with devicelock.hold(tmp_path / "data", "cpu", "me") as path:
-            assert path.parent == tmp_path / "cache" / "train_tools" / "locks"
+    with caplog.at_level(logging.WARNING, logger="train_tools.devicelock"), \
+            devicelock.hold(tmp_path / "data", "cpu", "me") as path:
+        assert path.parent == tmp_path / "cache" / "train_tools" / "locks"
     assert "cannot use the shared lock folder" in caplog.text and "other users of this computer" in caplog.text
     assert list(elsewhere.iterdir()) == []
 
@@ -526,11 +526,11 @@ def test_a_lock_file_this_user_cannot_write_is_still_locked(tmp_path: Path, monk
         monkeypatch.setattr(devicelock.os, "open", refusing_open)
     monkeypatch.setattr(devicelock, "_warned", set())
     errors: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="train_tools.devicelock"):
-        with devicelock.hold(tmp_path / "data", "cpu", "me"):
-            t = threading.Thread(target=lambda: errors.append(_refusal(tmp_path)))
-            t.start()
-            t.join(10)
+    with caplog.at_level(logging.WARNING, logger="train_tools.devicelock"), \
+            devicelock.hold(tmp_path / "data", "cpu", "me"):
+        t = threading.Thread(target=lambda: errors.append(_refusal(tmp_path)))
+        t.start()
+        t.join(10)
     assert "belongs to another user and cannot be written" in caplog.text
     assert errors and errors[0].startswith("The cpu device is busy with an old run of someone else")
     assert "an old run of someone else" in lock.read_text()  # not truncated

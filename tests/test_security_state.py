@@ -27,9 +27,9 @@ from tests.fixtures_training import StopsAtStep
 from train_tools import fileio
 from train_tools.errors import UserError
 from train_tools.progress import RecordingReporter, StopFlag
+from train_tools.store import Store, Version
 from train_tools.training.resume import resume_point, run_started_at
 from train_tools.training.state_files import load_state, state_dir, state_files
-from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 
 one_thread = fixtures_training.one_thread

@@ -18,15 +18,16 @@ import gradio as gr
 import pytest
 
 import train_tools.ui.gradio_compat as gradio_compat
+import train_tools.ui.html as ui_html
 import train_tools.ui.layout as ui_layout
 import train_tools.ui.logic as ui_logic
 import train_tools.ui.uploads as ui_uploads
 import train_tools.ui.views as ui_views
-import train_tools.ui.html as ui_html
 from train_tools.config import TrainConfig, fields_info
+from train_tools.errors import UserError
 from train_tools.hosts.base import DEMO_CHOICE, DEMO_FILE_NAME, StandaloneHost
-from train_tools.ui.jobs import FAILED, FINISHED, INTERRUPTED, OOM_ADVICE, JobManager
 from train_tools.progress import StepInfo
+from train_tools.ui.jobs import FAILED, FINISHED, INTERRUPTED, OOM_ADVICE, JobManager
 
 
 @pytest.fixture()
@@ -119,9 +120,9 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     monkeypatch.setattr(ui_logic, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui_logic, "training_work", lambda *a: fake_work())
     monkeypatch.setattr(ui_logic, "preview_work", lambda *a: fake_work())
-    import train_tools.ui.jobs
     import train_tools.previews.grid_info
     import train_tools.training.resume
+    import train_tools.ui.jobs
 
     monkeypatch.setattr(train_tools.training.resume, "run_is_finished", lambda run: False)
     monkeypatch.setattr(train_tools.ui.jobs, "resume_work", lambda *a, **k: fake_work())
@@ -155,7 +156,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
             out = next(out)
         out = list(out) if isinstance(out, (list, tuple)) else [out]
         assert len(out) == len(fn.outputs), fn.name
-        for comp, value in zip(fn.outputs, out):
+        for comp, value in zip(fn.outputs, out, strict=False):
             if isinstance(comp, gr.State):
                 continue
             if is_update(value):
@@ -198,7 +199,7 @@ def test_create_project_and_version_and_reopen_after_reload(logic):
     # A new TabLogic is what a page reload (or a restart) sees: it reopens the last version with its settings.
     again = ui_logic.TabLogic(logic.host, logic.jobs).load_page()
     assert again[0]["value"] == "猫 cat" and again[1]["value"] == "v1"
-    settings = {name: update_value(v) for name, v in zip(ui_views.SETTING_FIELDS, again[2:])}
+    settings = {name: update_value(v) for name, v in zip(ui_views.SETTING_FIELDS, again[2:], strict=False)}
     assert (settings["epochs"], settings["resolution"], settings["network_dim"]) == (3, 256, 8)
     assert settings["optimizer"] == "AdamW" and settings["flip_aug"] is True
 
@@ -424,7 +425,7 @@ def test_results_list_and_copy_to_lora_folder(logic):
     assert (logic.host.lora_dir / "猫 cat-v1-000002.png").read_bytes() == b"preview"
     assert logic.choose_result("猫 cat", "v1", files[1].choice) == [str(old.resolve())]
     for bad in ("../settings.json", "../../../../../../etc/passwd", ""):
-        with pytest.raises(Exception):
+        with pytest.raises(UserError):
             logic.copy_to_lora("猫 cat", "v1", bad)
         assert logic.choose_result("猫 cat", "v1", bad) == [None]
 

@@ -16,8 +16,8 @@ import pytest
 
 from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
 from train_tools.errors import UserError
-from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager
 from train_tools.progress import StepInfo, StopFlag
+from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,8 +241,8 @@ def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
     from train_tools.config import TrainConfig
     from train_tools.data.items import load_items
     from train_tools.data.preparation import prepare_version
-    from train_tools.store import Store
     from train_tools.hosts.webui import WebuiHost
+    from train_tools.store import Store
 
     host = WebuiHost()
     store = Store(host.data_dir)

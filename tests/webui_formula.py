@@ -40,7 +40,7 @@ def lora_update(down: torch.Tensor, up: torch.Tensor, alpha: float | None, multi
     up = up.float()
     rank = down.shape[0]
     scale = (rank if alpha is None else alpha) / rank * multiplier
-    if down.dim() == 4:
+    if down.dim() == 4:  # noqa: SIM108 - the two shapes read better apart
         # Conv: down keeps the kernel (rank, in, kh, kw), up is 1x1 (out, rank, 1, 1).
         delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
     else:

@@ -45,7 +45,7 @@ def _background(draw: ImageDraw.ImageDraw, size: tuple[int, int], top: tuple[int
     w, h = size
     for y in range(h):
         t = y / max(1, h - 1)
-        colour = tuple(round(a + (b - a) * t) for a, b in zip(top, bottom))
+        colour = tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=False))
         draw.line([(0, y), (w, y)], fill=colour)
 
 

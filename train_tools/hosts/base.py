@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..models.resolve import default_ckpt_dirs, resolve_checkpoint, scan_checkpoints
 from ..errors import UserError
+from ..models.resolve import default_ckpt_dirs, resolve_checkpoint, scan_checkpoints
 from ..progress import Reporter, StopFlag
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ outside the WebUI, and inside it the WebUI's modules are only touched when the t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -13,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..models.resolve import resolve_checkpoint
 from ..errors import UserError
-from .base import Host
+from ..models.resolve import resolve_checkpoint
 from ..progress import Reporter, StepInfo, StopFlag, task_amount
+from .base import Host
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -297,10 +298,8 @@ class WebuiPreviewer:
         for name in self._copies.values():
             (self.folder / f"{name}.safetensors").unlink(missing_ok=True)
         self._copies.clear()
-        try:
+        with contextlib.suppress(OSError):  # not empty (the user's own files) or not there
             self.folder.rmdir()
-        except OSError:
-            pass  # not empty (the user's own files) or not there
 
     def __enter__(self) -> WebuiPreviewer:
         return self

@@ -28,8 +28,8 @@ from PIL import Image
 
 from .. import fileio
 from ..errors import UserError
-from .lora_format import LEGACY_HASH_END, LEGACY_HASH_START, read_lora, tensor_buffer
 from ..names import MAX_COMPONENT_BYTES, TEMP_FILE_EXTRA, check_name
+from .lora_format import LEGACY_HASH_END, LEGACY_HASH_START, read_lora, tensor_buffer
 
 log = logging.getLogger(__name__)
 

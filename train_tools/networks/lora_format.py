@@ -104,7 +104,7 @@ def kohya_state_dict(
     out: dict[str, torch.Tensor] = {}
     if unet is not None:
         _add_model(out, unet, UNET_PREFIX, adapter_name, text_encoder=False)
-    for prefix, te in zip(spec.text_encoder_prefixes, text_encoders):
+    for prefix, te in zip(spec.text_encoder_prefixes, text_encoders, strict=False):
         _add_model(out, te, prefix, adapter_name, text_encoder=True)
     if not out:
         raise ValueError("kohya_state_dict needs a UNet or a text encoder.")
@@ -331,7 +331,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+            tensors = {key: fh.get_tensor(key) for key in fh}
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"{path.name} is not a readable safetensors file ({exc}); choose another file.") from exc
     return tensors, metadata

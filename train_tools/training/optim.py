@@ -112,12 +112,12 @@ def _split_large(*lists: list[torch.Tensor], limit: int) -> tuple[list[torch.Ten
     if all(t.numel() <= limit for t in lists[0]):
         return lists
     out: tuple[list[torch.Tensor], ...] = tuple([] for _ in lists)
-    for same in zip(*lists):
+    for same in zip(*lists, strict=False):
         if same[0].numel() <= limit or not all(t.is_contiguous() for t in same):
-            for kept, t in zip(out, same):
+            for kept, t in zip(out, same, strict=False):
                 kept.append(t)
         else:
-            for kept, t in zip(out, same):
+            for kept, t in zip(out, same, strict=False):
                 kept.extend(t.view(-1).split(limit))
     return out
 

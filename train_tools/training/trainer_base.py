@@ -13,10 +13,10 @@ import torch
 
 from ..config import TrainConfig
 from ..data.items import DatasetItem
+from ..models.text_encoding import Conditioning
 from ..progress import Reporter, StopFlag
 from ..store import Version
 from .resume import ResumePoint
-from ..models.text_encoding import Conditioning
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel

@@ -117,10 +117,9 @@ def create_app(host: StandaloneHost) -> tuple[Any, dict[str, Any]]:
     target["css"] = css
     if _accepts(gr.Blocks.__init__, "head") or _accepts(gr.Blocks.launch, "head"):
         (blocks_kw if _accepts(gr.Blocks.__init__, "head") else launch_kw)["head"] = head
-    with gr.Blocks(**blocks_kw) as demo:
-        with gr.Column(elem_id="tab_train_tools"):
-            gr.Markdown("## Train Tools\nDrop 10-20 pictures, press Update Dataset, then Begin Train.")
-            handles = build_contents(host, demo)
+    with gr.Blocks(**blocks_kw) as demo, gr.Column(elem_id="tab_train_tools"):
+        gr.Markdown("## Train Tools\nDrop 10-20 pictures, press Update Dataset, then Begin Train.")
+        handles = build_contents(host, demo)
     demo.train_tools = handles  # type: ignore[attr-defined]
     return demo, launch_kw
 

@@ -29,7 +29,7 @@ def with_progress(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
     if gradio_major() < 4:
         return fn
 
-    def event(progress: Any = gr.Progress(), *inputs: Any) -> list[Any]:
+    def event(progress: Any = gr.Progress(), *inputs: Any) -> list[Any]:  # noqa: B008 - how Gradio finds its bar
         # Gradio passes its bar for a parameter whose default is a gr.Progress, at that parameter's place.
         def report(what: str, done: int, total: int, unit: str = "") -> None:
             progress((done, total), desc=what, unit="bytes" if unit == "B" else "steps")

@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .jobs import FAILED, FINISHED, INTERRUPTED, RUNNING, JobStatus
 from ..progress import task_amount
+from .jobs import FAILED, FINISHED, INTERRUPTED, RUNNING, JobStatus
 
 MAX_CHART_POINTS = 300
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (512)", "sd2v": "SD 2.x 768 (v-prediction)", "sdxl": "SDXL"}
@@ -120,7 +120,8 @@ def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120)
 
     def path(values: list[float]) -> str:
         step = width / max(1, len(values) - 1)
-        return " ".join(f"{i * step:.1f},{height - 4 - (v - lo) / span * (height - 8):.1f}" for i, v in enumerate(values))
+        return " ".join(f"{i * step:.1f},{height - 4 - (v - lo) / span * (height - 8):.1f}"
+                        for i, v in enumerate(values))
 
     # Presentation attributes as well as classes: the chart must read right even where style.css is missing.
     return (f'<svg class="tt-chart" viewBox="0 0 {width} {height}" width="100%" height="{height}" '

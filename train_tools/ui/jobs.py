@@ -21,7 +21,8 @@ from ..progress import MultiReporter, RecordingReporter, Reporter, StopFlag
 
 log = logging.getLogger(__name__)
 
-IDLE, WAITING, RUNNING, FINISHED, INTERRUPTED, FAILED = "idle", "waiting", "running", "finished", "interrupted", "failed"
+IDLE, WAITING, RUNNING, FINISHED = "idle", "waiting", "running", "finished"
+INTERRUPTED, FAILED = "interrupted", "failed"
 
 OOM_ADVICE = ("Out of GPU memory: lower the batch size, the resolution or the network dim, turn on gradient "
               "checkpointing or use AdamW8bit, and close other programs that use the GPU.")

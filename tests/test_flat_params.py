@@ -155,7 +155,7 @@ def test_clipping_a_flat_group_is_clipping_its_tensors() -> None:
 # ------------------------------------------------------------------------------------------- the trainer
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as fh:
-        return {key: fh.get_tensor(key) for key in fh}
+        return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True

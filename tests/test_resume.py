@@ -69,7 +69,7 @@ def make_version(data_dir: Path, pictures: Path, config: TrainConfig | None = No
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as fh:
-        return {key: fh.get_tensor(key) for key in fh}
+        return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def assert_same_lora(a: Path, b: Path) -> None:

@@ -153,7 +153,7 @@ def test_same_seed_same_lora(tmp_path: Path, demo_ckpt: Path, demo_pictures: Pat
     for _ in range(2):
         result = Trainer(version, tiny_config(epochs=1, save_precision="fp32"), demo_ckpt, device="cpu").run()
         with safe_open(str(result.final_file), "pt") as f:
-            outs.append({k: f.get_tensor(k) for k in f})
+            outs.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
     assert outs[0].keys() == outs[1].keys()
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k])
@@ -251,7 +251,7 @@ def test_gradient_checkpointing_learns_the_same_lora(tmp_path: Path, demo_ckpt: 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def test_a_learning_rate_list_trains_one_run_per_value(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):

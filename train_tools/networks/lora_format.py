@@ -331,7 +331,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"{path.name} is not a readable safetensors file ({exc}); choose another file.") from exc
     return tensors, metadata

@@ -109,3 +109,17 @@ def test_no_module_over_about_400_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_captions_cached_before_the_split_stay_cached(monkeypatch: pytest.MonkeyPatch):
+    """A prepared folder's manifest caches automatic captions under the captioner's id, which names its module:
+    the WD14 and BLIP captioners moved, and their id still names the module they had, so a folder prepared
+    before keeps its captions instead of captioning every picture again."""
+    from train_tools.data.blip import BlipCaptioner
+    from train_tools.data.prepare_folder import _captioner_id
+    from train_tools.data.wd14 import WD14Tagger
+
+    for cls in (WD14Tagger, BlipCaptioner):
+        monkeypatch.setattr(cls, "__repr__", lambda self, name=cls.__name__: f"{name}(settings)")
+        captioner = cls.__new__(cls)  # no model needed: the id is the module and the repr
+        assert _captioner_id(captioner) == f"train_tools.captioners.{cls.__name__}(settings)"

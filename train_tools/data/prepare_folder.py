@@ -73,10 +73,18 @@ def _file_hash(path: Path | None) -> str | None:
     return fileio.sha256_file(path) if path is not None else None
 
 
+#: Where the captioners lived when folders were first prepared (one flat package): their manifests cache the
+#: captions under that module name, so it stays the name of the id and those captions stay cached.
+_CAPTIONER_ID_MODULES = {"train_tools.data.wd14": "train_tools.captioners",
+                         "train_tools.data.blip": "train_tools.captioners"}
+
+
 def _captioner_id(auto_caption: Callable[[Image.Image], str] | None) -> str | None:
     if auto_caption is None:
         return None
-    return f"{getattr(auto_caption, '__module__', '')}.{getattr(auto_caption, '__qualname__', repr(auto_caption))}"
+    module = getattr(auto_caption, "__module__", "")
+    module = _CAPTIONER_ID_MODULES.get(module, module)
+    return f"{module}.{getattr(auto_caption, '__qualname__', repr(auto_caption))}"
 
 
 class _Preparer:

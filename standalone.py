@@ -79,9 +79,12 @@ def ensure_browser() -> None:
         return
     log.info("Installing Chromium for the browser test (apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    quiet = {"stdout": subprocess.DEVNULL, "env": env}
-    if subprocess.call(["apt-get", "update", "-q"], **quiet) != 0 or \
-            subprocess.call(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], **quiet) != 0:
+
+    def quiet(cmd: list[str]) -> int:
+        return subprocess.call(cmd, stdout=subprocess.DEVNULL, env=env)
+
+    if quiet(["apt-get", "update", "-q"]) != 0 or \
+            quiet(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]) != 0:
         log.warning("Could not install Chromium: the browser test will be skipped.")
 
 

@@ -40,9 +40,14 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train_tools",
-                                     description="Train Tools: turn 10-20 pictures into a LoRA.")
+class CommandParser(argparse.ArgumentParser):
+    """The command line's parser, which also knows its command names: ``run`` tells app flags from commands."""
+
+    command_names: tuple[str, ...] = ()
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="python -m train_tools", description="Train Tools: turn 10-20 pictures into a LoRA.")
     parser.add_argument("--data-dir", type=Path, default=Path("."),
                         help="folder holding outputs/train_tools/projects (default: the current folder)")
     parser.add_argument("--ckpt-dir", type=Path, action="append", default=None,
@@ -141,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = sub.add_parser("app", help="open the Train Tools tab in a browser (the default with no command)")
     add_app_arguments(ap, with_paths=False)
-    parser.command_names = tuple(sub.choices)  # type: ignore[attr-defined]  # run() tells app flags from commands
+    parser.command_names = tuple(sub.choices)
     return parser
 
 

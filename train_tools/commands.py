@@ -9,7 +9,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -35,7 +35,7 @@ class _CtrlC:
 
     def __init__(self, stop: object) -> None:
         self.stop = stop
-        self.previous = None
+        self.previous: Callable[[int, FrameType | None], Any] | int | None = None  # the handler before ours
 
     def __enter__(self) -> _CtrlC:
         self.previous = signal.signal(signal.SIGINT, self._handle)

@@ -159,7 +159,7 @@ def write_json(target: Path, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def write_with(target: Path, writer: Callable[[Path], None]) -> None:
+def write_with(target: Path, writer: Callable[[Path], object]) -> None:
     """Let ``writer`` write to a temporary path (e.g. ``safetensors.torch.save_file``), then rename it."""
     with atomic_path(target) as tmp:
         writer(tmp)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .timing import sync
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 @dataclass
@@ -70,7 +73,7 @@ def bare_step_between(trainer: Any, args: Sequence[Any], device: torch.device) -
     return seconds
 
 
-def count_flops(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any],
+def count_flops(unet: UNet2DConditionModel, x: BareInputs, autocast: Callable[[], Any],
                 params: Sequence[torch.nn.Parameter]) -> float:
     """Model FLOPs of one UNet forward + backward at the run's batch size.
 

@@ -103,11 +103,11 @@ def offline_tokenizer_fallback() -> Iterator[None]:
             log.warning("No CLIP tokenizer is available offline; benchmarking with a stand-in vocabulary.")
             return _stand_in_tokenizer(pad_token)
 
-    loader.tokenizer_for = tokenizer_for  # type: ignore[assignment]
+    loader.tokenizer_for = tokenizer_for
     try:
         yield
     finally:
-        loader.tokenizer_for = real  # type: ignore[assignment]
+        loader.tokenizer_for = real
 
 
 def _stand_in_tokenizer(pad_token: str) -> Any:

@@ -83,7 +83,8 @@ def _picture(size: tuple[int, int], rng: random.Random) -> tuple[Image.Image, st
     image = Image.new("RGB", size)
     draw = ImageDraw.Draw(image)
     base = _COLOURS[back]
-    darker = tuple(max(0, c - 60) for c in base)
+    r0, g0, b0 = base
+    darker = (max(0, r0 - 60), max(0, g0 - 60), max(0, b0 - 60))
     _background(draw, size, base, darker)
     w, h = size
     r = rng.uniform(0.22, 0.34) * min(w, h)

@@ -23,7 +23,7 @@ def _progress_tqdm(progress: ProgressFn) -> type:
     """A tqdm class that reports (bytes done, bytes total) to ``progress`` as a download goes."""
     from tqdm.auto import tqdm
 
-    class _Reporting(tqdm):  # type: ignore[misc, valid-type]
+    class _Reporting(tqdm):
         # Counted here, not read from tqdm's ``n``: a bar made with disable=True (the hub's quiet mode) keeps
         # no count.
         def __init__(self, *args: Any, **kwargs: Any) -> None:

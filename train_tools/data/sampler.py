@@ -31,7 +31,8 @@ class BucketBatchSampler:
         self.epoch = 0
         groups: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault(tuple(item.size), []).append(index)
+            width, height = item.size
+            groups.setdefault((width, height), []).append(index)
         self.buckets = [groups[size] for size in sorted(groups)]
 
     def set_epoch(self, epoch: int) -> None:

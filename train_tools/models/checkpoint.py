@@ -13,7 +13,7 @@ import struct
 import types
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +21,9 @@ from safetensors import SafetensorError, safe_open
 from .. import fileio
 from ..errors import UserError
 from .configs import SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, spec
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +304,7 @@ def yaml_says_v(path: Path | None, yaml_path: Path | None = None) -> bool | None
 
 
 @torch.no_grad()
-def unet_predicts_v(unet: torch.nn.Module) -> bool:
+def unet_predicts_v(unet: UNet2DConditionModel) -> bool:
     """The WebUI's test for SD2 checkpoints without a config: run the UNet once on a fixed input at the last
     timestep. There the noisy input is almost pure noise, so an epsilon model returns about the input itself;
     a v model returns far below it. The WebUI uses the same input (0.5 everywhere, t=999) and threshold (-1).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -50,7 +50,8 @@ def encode_chunk(te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_ski
         return out.hidden_states[-2], getattr(out, "text_embeds", None)
     if clip_skip > 1:
         out = te(ids, output_hidden_states=True)
-        return text_transformer(base if base is not None else te).final_layer_norm(out.hidden_states[-clip_skip]), None
+        norm = cast(torch.nn.LayerNorm, text_transformer(base if base is not None else te).final_layer_norm)
+        return norm(out.hidden_states[-clip_skip]), None
     return te(ids)[0], None
 
 

@@ -154,7 +154,7 @@ def attach_lora(
     if set(injected) != set(targets):
         raise RuntimeError(f"peft adapted {len(injected)} layers but {len(targets)} were requested.")
     if rank_pattern:
-        wrong = [t for t in conv3x3 if injected[t].r[adapter_name] != int(conv_rank)]
+        wrong = [t for t in conv3x3 if injected[t].r[adapter_name] != rank_pattern[_CONV3X3_PATTERN]]
         if wrong:
             raise RuntimeError(f"The LoCon rank was not applied to {wrong[0]!r}.")
 

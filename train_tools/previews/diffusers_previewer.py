@@ -90,7 +90,7 @@ class DiffusersPreviewer:
         self.pipe = _sdxl_pipeline(model) if self.is_sdxl else _sd_pipeline(model)
         self.pipe.set_progress_bar_config(disable=True)
         self._sampler = DEFAULT_SAMPLER
-        self._layers: dict[str, nn.Module] | None = None
+        self._layers: dict[str, nn.Linear | nn.Conv2d] | None = None
         self._originals: dict[str, torch.Tensor] = {}
         self._lora_path: Path | None = None
         self._lora: dict[str, _LoraLayer] = {}
@@ -111,14 +111,14 @@ class DiffusersPreviewer:
         return cls(model, clip_skip=clip_skip, device=target)
 
     # ------------------------------------------------------------------ LoRA merging
-    def layers(self) -> dict[str, nn.Module]:
+    def layers(self) -> dict[str, nn.Linear | nn.Conv2d]:
         """``lora_unet_<path>`` / ``lora_te_<path>`` -> layer, for every Linear and Conv2d (kohya's names)."""
         if self._layers is None:
             from torch import nn
 
             from ..networks.lora_format import FAMILIES, UNET_PREFIX
 
-            named: dict[str, nn.Module] = {}
+            named: dict[str, nn.Linear | nn.Conv2d] = {}
             prefixes = FAMILIES[self.model.family].text_encoder_prefixes
             models = [(UNET_PREFIX, self.model.unet), *zip(prefixes, self.model.text_encoders, strict=True)]
             for prefix, module in models:
@@ -287,7 +287,7 @@ class DiffusersPreviewer:
         self._originals.clear()
         self._lora.clear()
         self._layers = None
-        self.pipe = None  # type: ignore[assignment]
+        self.pipe = None
         self.model = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -161,8 +161,8 @@ def draw_grid(pictures: dict[tuple[int, int], Image.Image], row_labels: Sequence
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def size(text: str) -> tuple[int, int]:
-        box = probe.textbbox((0, 0), text, font=font)
-        return box[2] - box[0], box[3] - box[1]
+        box = probe.textbbox((0, 0), text, font=font)  # whole pixels at (0, 0); the stubs allow floats
+        return int(box[2] - box[0]), int(box[3] - box[1])
 
     pad = 6
     left = max((size(t)[0] for t in row_labels), default=0) + 2 * pad

@@ -152,8 +152,8 @@ def _lion_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
 
 
-def _torch_fast_path(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], device: torch.device,
-                     **kwargs: Any) -> torch.optim.Optimizer:
+def _torch_fast_path(cls: type[torch.optim.AdamW] | type[torch.optim.SGD], groups: list[dict[str, Any]],
+                     device: torch.device, **kwargs: Any) -> torch.optim.Optimizer:
     """torch's AdamW or SGD on its fastest path: the fused kernel (one kernel per tensor, every op of the
     update in one pass) where this torch has one for the device, else the foreach path on a GPU.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -64,7 +64,10 @@ def capture_rng(rng: random.Random, gen: torch.Generator) -> dict[str, Any]:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # The global generator is a legacy MT19937 RandomState: its legacy state is always this tuple (the
+        # stubs also allow the dict form, which only other bit generators give).
+        legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+        kind, keys, pos, has_gauss, cached = legacy
         out["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
                         "has_gauss": int(has_gauss), "cached": float(cached)}
     except ImportError:

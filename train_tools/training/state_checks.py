@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -26,7 +27,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -_HUGE < value < _HUGE
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     """A finite int or float (not a bool; not an int too large for a float or a tensor)."""
     if isinstance(value, float):
         return math.isfinite(value)
@@ -134,7 +135,7 @@ def _plain_lora_name(name: str) -> bool:
             and "\x00" not in name and ":" not in name and Path(name).name == name)
 
 
-def fit_problem(state: TrainState, *, batch_counts: list[int], weights: dict[str, torch.Tensor],
+def fit_problem(state: TrainState, *, batch_counts: list[int], weights: Mapping[str, torch.Tensor],
                 optimizer: Any, scheduler: Any, scaler: Any, rng_now: dict[str, Any], ticks: int = 1
                 ) -> str | None:
     """What in ``state`` does not fit the run it resumes, or None: ``batch_counts`` are the batches of each
@@ -171,8 +172,8 @@ def fit_problem(state: TrainState, *, batch_counts: list[int], weights: dict[str
         problem = structure_problem(state.scaler, scaler.state_dict(), "the gradient scaler")
         if problem:
             return problem
-    for index, saved in enumerate(state.rng):
-        problem = _rng_problem(saved, rng_now, f"the random-number generators of process {index}")
+    for index, saved_rng in enumerate(state.rng):
+        problem = _rng_problem(saved_rng, rng_now, f"the random-number generators of process {index}")
         if problem:
             return problem
     return None

@@ -134,7 +134,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         self.base_sha256 = file_sha256(self.checkpoint) if acc.is_main_process else None
         rng = random.Random(cfg.seed + acc.process_index)
         gen = torch.Generator().manual_seed(cfg.seed + acc.process_index)
-        files: list[Path] = []
+        files: list[Path | None] = []  # None: saved by the main process, not this one
         losses: list[float] = []
         step = 0
         start_epoch, start_batch = 1, 0

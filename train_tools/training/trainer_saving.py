@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from ..fileio import write_json
 from .resume import clear_leftovers
 from .trainer_base import TrainerBase
 
+if TYPE_CHECKING:
+    from ..previews.previewer import Previewer
+
 log = logging.getLogger(__name__)
 
 REG_CAPTIONS = "reg_captions.json"  # the run's snapshot of its class pictures' captions (beside captions.json)
@@ -26,6 +29,8 @@ REG_CAPTIONS = "reg_captions.json"  # the run's snapshot of its class pictures' 
 
 class SavingMixin(TrainerBase):
     """The run folder, its snapshot and LoRA files (``save``), and the pictures made of them."""
+
+    _preview: Previewer | None  # made when first needed (``_previewer``), closed by ``_close_previewer``
 
     def _open_run_dir(self) -> Path:
         """A new run folder with its snapshot of settings and captions, or the resumed run's own folder."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -18,7 +18,13 @@ from ..fileio import sha256_file
 from ..models.text_encoding import Conditioning
 from .trainer_base import TrainerBase
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -245,7 +251,7 @@ class SetupMixin(TrainerBase):
         flips = (False, True) if self.config.flip_aug else (False,)
         self.latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self.latent_encodes = 0
-        vae: torch.nn.Module | None = None
+        vae: AutoencoderKL | None = None
         shas: dict[Path, set[str]] = {folder: set() for folder in folders}
         with acc.main_process_first() if disks else contextlib.nullcontext():
             for index, item in enumerate(self.all_items):
@@ -294,7 +300,7 @@ class SetupMixin(TrainerBase):
         return out
 
 
-def enable_te_checkpointing(te: torch.nn.Module) -> None:
+def enable_te_checkpointing(te: PreTrainedModel) -> None:
     """Gradient checkpointing of a text encoder whose only trainable weights are its LoRA layers.
 
     Non-reentrant checkpointing where transformers offers the choice (4.35+): gradients reach the LoRA weights
@@ -309,7 +315,7 @@ def enable_te_checkpointing(te: torch.nn.Module) -> None:
         te.enable_input_require_grads()
 
 
-def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def move(module: ModuleT, device: torch.device, dtype: torch.dtype) -> ModuleT:
     """``module.to(device, dtype)`` without diffusers' warning about modules to keep in fp32: the frozen base
     is meant to be cast whole (the LoRA weights stay fp32, see ``_fp32``)."""
     return torch.nn.Module.to(module, device=device, dtype=dtype)

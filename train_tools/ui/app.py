@@ -120,7 +120,7 @@ def create_app(host: StandaloneHost) -> tuple[Any, dict[str, Any]]:
     with gr.Blocks(**blocks_kw) as demo, gr.Column(elem_id="tab_train_tools"):
         gr.Markdown("## Train Tools\nDrop 10-20 pictures, press Update Dataset, then Begin Train.")
         handles = build_contents(host, demo)
-    demo.train_tools = handles  # type: ignore[attr-defined]
+    demo.train_tools = handles
     return demo, launch_kw
 
 
@@ -355,7 +355,7 @@ def run_app(args: argparse.Namespace) -> int:
     """Serve with parsed arguments (the CLI's ``app`` command and a bare ``python -m train_tools``)."""
     auth = parse_auth(getattr(args, "auth", None) or [], getattr(args, "auth_file", None))
     serve(host_from_args(args), port=args.port, listen=args.listen, open_browser=not args.no_browser,
-          **({"auth": auth} if auth else {}))
+          auth=auth or None)
     return 0
 
 

@@ -48,7 +48,7 @@ def build_tab(host: Host, jobs: JobManager = JOBS) -> gr.Blocks:
     """The tab as its own Blocks: what the WebUI's ``on_ui_tabs`` wants."""
     with gr.Blocks(analytics_enabled=False) as tab:
         handles = build_contents(host, tab, jobs)
-    tab.train_tools = handles  # type: ignore[attr-defined]
+    tab.train_tools = handles
     return tab
 
 

@@ -302,7 +302,11 @@ class TabLogic(TabState):
         key = [status.job_id, status.state, status.step, len(status.files), len(status.losses) > 0]
         if seen == key:
             return [gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), seen]
-        results, choices, grid, grid_path = gr.update(), gr.update(), gr.update(), gr.update()
+        # Each output unchanged (an update of nothing) unless the job moved on.
+        results: str | dict[str, Any] = gr.update()
+        choices = gr.update()
+        grid: str | dict[str, Any] | None = gr.update()
+        grid_path: str | dict[str, Any] | None = gr.update()
         old = seen if isinstance(seen, list) and len(seen) == len(key) else None
         if old is None or old[0] != key[0] or old[1] != key[1] or old[3] != key[3]:
             v = self.version_or_none(project, version)

@@ -4,6 +4,7 @@ images and their .txt captions pair by name) and handed to the dataset code.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -66,7 +67,7 @@ def stage_with_original_names(files: list[tuple[Path, str]], folder: Path,
             continue
         try:
             target = folder / orig
-            fileio.write_with(target, lambda tmp, p=path: shutil.copyfile(p, tmp))
+            fileio.write_with(target, functools.partial(shutil.copyfile, path))
         except (UserError, ValueError) as exc:
             shown = orig if len(orig) <= 40 else orig[:37] + "..."
             (refused if refused is not None else []).append(f"{shown!r}: {exc}")

@@ -5,6 +5,7 @@ choice, copied into the host's Lora folder), and the newest preview grid of a ru
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -137,7 +138,7 @@ def copy_to_lora_dir(src: Path, lora_dir: Path) -> Path:
     for suffix in (".preview.png", ".png"):
         preview = src.with_name(src.stem + suffix)
         if preview.is_file():
-            fileio.write_with(lora_dir / preview.name, lambda tmp, p=preview: shutil.copyfile(p, tmp))
+            fileio.write_with(lora_dir / preview.name, functools.partial(shutil.copyfile, preview))
     return target
 
 

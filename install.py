@@ -49,7 +49,7 @@ HOST_CAPS = [
 # Other distributions of the same module: a WebUI with onnxruntime-gpu must not get the CPU package beside it
 # (both install the module ``onnxruntime``; the second one breaks the first).
 ALTERNATIVES = {
-    "onnxruntime": ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon", "onnxruntime-openvino"),
+    "onnxruntime": ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon", "onnxruntime-openvino")
 }
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
@@ -148,8 +148,12 @@ def missing_requirements(path: Path = REQUIREMENTS) -> list[str]:
         if is_installed(name):
             version = installed_version(name)
             if version is not None and spec and not _satisfies(version, spec):
-                log.warning("Train Tools: %s %s is installed, requirements.txt asks %s; leaving it as it is.",
-                            name, version, spec)
+                log.warning(
+                    "Train Tools: %s %s is installed, requirements.txt asks %s; leaving it as it is.",
+                    name,
+                    version,
+                    spec,
+                )
             continue
         cap = host_cap(name)
         missing.append(f"{name}{spec}{',' if spec and cap else ''}{cap}")
@@ -215,7 +219,7 @@ def run_pip(args: list[str], description: str) -> None:
 def _quote(arg: str) -> str:
     # launch.run_pip runs through the shell; cmd.exe needs double quotes, POSIX shells accept them too.
     if os.name == "nt":
-        return f'"{arg}"' if any(c in arg for c in ' <>|&^') else arg
+        return f'"{arg}"' if any(c in arg for c in " <>|&^") else arg
     return shlex.quote(arg)
 
 
@@ -227,8 +231,7 @@ def install(path: Path = REQUIREMENTS) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="train_tools_install_") as tmp:
         constraints = _write_constraints(Path(tmp))
         for requirement in missing:
-            run_pip(["install", requirement, "-c", str(constraints)],
-                    f"Train Tools requirement: {requirement}")
+            run_pip(["install", requirement, "-c", str(constraints)], f"Train Tools requirement: {requirement}")
     return missing
 
 
@@ -238,8 +241,7 @@ def main() -> int:
         install()
     except (subprocess.CalledProcessError, RuntimeError) as exc:
         # Never stop the WebUI from starting: the tab says what is missing when it is used.
-        log.error("Train Tools: could not install a requirement (%s); the tab may not work until it is "
-                  "installed.", exc)
+        log.error("Train Tools: could not install a requirement (%s); the tab may not work until it is installed.", exc)
     return 0
 
 

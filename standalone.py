@@ -45,8 +45,9 @@ def ensure_env(with_tests: bool) -> None:
     files = [ROOT / "requirements.txt", ROOT / "tests" / "constraints.txt"]
     if with_tests:
         files.append(ROOT / "tests" / "requirements.txt")
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists()) + (TORCH + OPEN_CLIP).encode()
-                            ).hexdigest()
+    digest = hashlib.sha256(
+        b"".join(f.read_bytes() for f in files if f.exists()) + (TORCH + OPEN_CLIP).encode()
+    ).hexdigest()
     stamp = VENV / f".train_tools_installed_{'test' if with_tests else 'app'}"
     if stamp.exists() and stamp.read_text() == digest and venv_python().exists():
         return
@@ -83,14 +84,20 @@ def ensure_browser() -> None:
     def quiet(cmd: list[str]) -> int:
         return subprocess.call(cmd, stdout=subprocess.DEVNULL, env=env)
 
-    if quiet(["apt-get", "update", "-q"]) != 0 or \
-            quiet(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]) != 0:
+    if (
+        quiet(["apt-get", "update", "-q"]) != 0
+        or quiet(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]) != 0
+    ):
         log.warning("Could not install Chromium: the browser test will be skipped.")
 
 
 def freeze(venv_dir: Path) -> str:
-    return subprocess.run([str(venv_python(venv_dir)), "-m", "pip", "--disable-pip-version-check", "freeze",
-                           "--all"], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        [str(venv_python(venv_dir)), "-m", "pip", "--disable-pip-version-check", "freeze", "--all"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def ensure_host_env(pins: Path) -> Path:
@@ -98,9 +105,12 @@ def ensure_host_env(pins: Path) -> Path:
     it (``python install.py``), then pytest added without changing anything (the installed versions are the
     constraints). ``freeze-before-install.txt`` keeps the host's own state for tests/test_install.py."""
     venv_dir = ROOT / f".venv-{pins.stem}"
-    digest = hashlib.sha256(pins.read_bytes() + (ROOT / "requirements.txt").read_bytes()
-                            + (ROOT / "install.py").read_bytes() + (TORCH + " ".join(HOST_TEST_TOOLS)).encode()
-                            ).hexdigest()
+    digest = hashlib.sha256(
+        pins.read_bytes()
+        + (ROOT / "requirements.txt").read_bytes()
+        + (ROOT / "install.py").read_bytes()
+        + (TORCH + " ".join(HOST_TEST_TOOLS)).encode()
+    ).hexdigest()
     stamp = venv_dir / ".train_tools_host_env"
     if stamp.exists() and stamp.read_text() == digest and venv_python(venv_dir).exists():
         return venv_dir
@@ -134,8 +144,19 @@ def run_host_suites(pytest_args: list[str], env: dict[str, str]) -> int:
         venv_dir = ensure_host_env(pins)
         log.info("Running the tests in the %s environment", pins.stem)
         host_env = {**env, "TRAIN_TOOLS_HOST_ENV": pins.stem}
-        code = subprocess.call([str(venv_python(venv_dir)), "-m", "pytest", "-p", "no:cacheprovider",
-                                "--ignore=tests/test_browser.py", *pytest_args], cwd=ROOT, env=host_env)
+        code = subprocess.call(
+            [
+                str(venv_python(venv_dir)),
+                "-m",
+                "pytest",
+                "-p",
+                "no:cacheprovider",
+                "--ignore=tests/test_browser.py",
+                *pytest_args,
+            ],
+            cwd=ROOT,
+            env=host_env,
+        )
         rc = rc or code
     return rc
 
@@ -143,8 +164,11 @@ def run_host_suites(pytest_args: list[str], env: dict[str, str]) -> int:
 def check_code(env: dict[str, str]) -> int:
     """The linter and the type checker, before the suite (their settings are in pyproject.toml); a finding
     stops the tests: keep both at zero."""
-    for name, cmd in (("ruff", ["-m", "ruff", "check", "."]), ("ruff format", ["-m", "ruff", "format", "--check", "."]),
-                      ("mypy", ["-m", "mypy"])):
+    for name, cmd in (
+        ("ruff", ["-m", "ruff", "check", "."]),
+        ("ruff format", ["-m", "ruff", "format", "--check", "."]),
+        ("mypy", ["-m", "mypy"]),
+    ):
         log.info("Checking the code: %s", name)
         code = subprocess.call([str(venv_python()), *cmd], cwd=ROOT, env=env)
         if code != 0:

@@ -41,8 +41,7 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` RGB pixels, with only a few bytes of data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     data = zlib.compress(b"\x00" * 64)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
-            + _png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def noisy_rgb(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -112,8 +111,11 @@ def write_zoo(folder: Path) -> dict[str, Expect]:
     save("rgb.tiff", _solid("RGB", (160, 160), GREEN), Expect((160, 160), GREEN))
     save("cmyk.jpg", _solid("CMYK", (256, 128)), Expect((256, 128), ORANGE), quality=95)
     save("cmyk.tif", _solid("CMYK", (128, 256)), Expect((128, 256), ORANGE))
-    save("palette.png", _solid("RGB", (112, 112)).convert("P", palette=Image.Palette.ADAPTIVE),
-         Expect((112, 112), ORANGE))
+    save(
+        "palette.png",
+        _solid("RGB", (112, 112)).convert("P", palette=Image.Palette.ADAPTIVE),
+        Expect((112, 112), ORANGE),
+    )
     save("grey.png", _solid("L", (144, 96)), Expect((144, 96)))
     save("grey_alpha.png", _solid("LA", (96, 144)), Expect((96, 144)))
     save("bilevel.png", Image.new("1", (96, 96), 1), Expect((96, 96), (255, 255, 255)))

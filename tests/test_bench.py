@@ -17,23 +17,56 @@ from train_tools.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("flags, title", [
-    ([], "sd1 tiny · 128x128 · batch 2"),
-    # channels_last converts the frozen UNet and leaves the flat LoRA weights in place; --no-flat keeps the
-    # LoRA weights separate (what the layout gives is measured against it).
-    (["--channels-last"], "channels_last"),
-    (["--no-flat"], "LoRA weights as separate tensors"),
-])
+@pytest.mark.parametrize(
+    "flags, title",
+    [
+        ([], "sd1 tiny · 128x128 · batch 2"),
+        # channels_last converts the frozen UNet and leaves the flat LoRA weights in place; --no-flat keeps the
+        # LoRA weights separate (what the layout gives is measured against it).
+        (["--channels-last"], "channels_last"),
+        (["--no-flat"], "LoRA weights as separate tensors"),
+    ],
+)
 def test_cpu_tiny_preset_runs_and_prints_the_tables(tmp_path: Path, flags: list[str], title: str):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train_tools.bench.speed", "--preset", "cpu-tiny", "--steps", "3",
-                           "--warmup", "1", "--phase-steps", "1", "--work-dir", str(tmp_path), *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train_tools.bench.speed",
+            "--preset",
+            "cpu-tiny",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--phase-steps",
+            "1",
+            "--work-dir",
+            str(tmp_path),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for header in ("| metric | value |", "| steps/s (steady state) |", "| images/s |", "| time to first step |",
-                   "| peak memory | process RSS", "| bare UNet fwd+bwd (bound) |", "| trainer overhead |",
-                   "| model FLOPs/step |", "| phase | ms/step | share |", title):
+    for header in (
+        "| metric | value |",
+        "| steps/s (steady state) |",
+        "| images/s |",
+        "| time to first step |",
+        "| peak memory | process RSS",
+        "| bare UNet fwd+bwd (bound) |",
+        "| trainer overhead |",
+        "| model FLOPs/step |",
+        "| phase | ms/step | share |",
+        title,
+    ):
         assert header in out, header
     for phase in PHASES:
         assert f"| {phase} |" in out, phase
@@ -42,18 +75,21 @@ def test_cpu_tiny_preset_runs_and_prints_the_tables(tmp_path: Path, flags: list[
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("NVIDIA H100 80GB HBM3", ("H100 SXM", 989.0)),
-    ("NVIDIA H100 PCIe", ("H100 PCIe", 756.0)),
-    ("NVIDIA H200", ("H200", 989.0)),
-    ("NVIDIA A100-SXM4-80GB", ("A100", 312.0)),
-    ("NVIDIA L40S", ("L40S", 362.0)),
-    ("NVIDIA GeForce RTX 4090", ("RTX 4090", 165.0)),
-    ("NVIDIA GeForce RTX 3090", ("RTX 3090", 71.0)),
-    ("NVIDIA H100 NVL", None),
-    ("NVIDIA GeForce RTX 3090 Ti", None),
-    ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", ("H100 SXM", 989.0)),
+        ("NVIDIA H100 PCIe", ("H100 PCIe", 756.0)),
+        ("NVIDIA H200", ("H200", 989.0)),
+        ("NVIDIA A100-SXM4-80GB", ("A100", 312.0)),
+        ("NVIDIA L40S", ("L40S", 362.0)),
+        ("NVIDIA GeForce RTX 4090", ("RTX 4090", 165.0)),
+        ("NVIDIA GeForce RTX 3090", ("RTX 3090", 71.0)),
+        ("NVIDIA H100 NVL", None),
+        ("NVIDIA GeForce RTX 3090 Ti", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_rates_only_for_known_gpus(name: str, expected: tuple[str, float] | None):
     assert peak_tflops(name) == expected
 
@@ -62,14 +98,33 @@ def test_presets_and_overrides():
     parse = build_parser().parse_args
     sd15 = specs_from_args(parse(["--preset", "gpu-sd15", "--device", "cuda"]))
     assert sorted((s.batch, s.gradient_checkpointing, s.optimizer) for s in sd15) == [
-        (1, False, "Lion"), (1, True, "AdamW8bit"), (1, True, "Lion"), (4, False, "Lion"), (4, True, "Lion")]
+        (1, False, "Lion"),
+        (1, True, "AdamW8bit"),
+        (1, True, "Lion"),
+        (4, False, "Lion"),
+        (4, True, "Lion"),
+    ]
     assert {(s.family, s.size, s.resolution) for s in sd15} == {("sd1", "full", 512)}
     assert all(s.mixed_precision in ("bf16", "fp16") for s in sd15)
     sdxl = specs_from_args(parse(["--preset", "gpu-sdxl", "--device", "cuda"]))
     assert {(s.family, s.resolution) for s in sdxl} == {("sdxl", 1024)}
     # A flag replaces that dimension in every run of the preset; runs that become equal run once.
-    one = specs_from_args(parse(["--preset", "gpu-sd15", "--device", "cuda", "--batch", "2",
-                                 "--no-gradient-checkpointing", "--optimizer", "AdamW", "--compile"]))
+    one = specs_from_args(
+        parse(
+            [
+                "--preset",
+                "gpu-sd15",
+                "--device",
+                "cuda",
+                "--batch",
+                "2",
+                "--no-gradient-checkpointing",
+                "--optimizer",
+                "AdamW",
+                "--compile",
+            ]
+        )
+    )
     assert len(one) == 1 and (one[0].batch, one[0].optimizer, one[0].compile) == (2, "AdamW", True)
     cpu = specs_from_args(parse(["--device", "cpu"]))
     assert [(s.size, s.mixed_precision, s.device) for s in cpu] == [("tiny", "no", "cpu")]

@@ -23,8 +23,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = Path(os.environ.get("TRAIN_TOOLS_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PROJECT = "猫 browser"
 TRAIN_TIMEOUT_S = 420
 
@@ -45,12 +52,34 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]
     data = tmp_path_factory.mktemp("app-data")
     port = free_port()
     log_path = data / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "train_tools", "--data-dir", str(data), "--port", str(port),
-                                 "--listen", "127.0.0.1", "--no-browser", "--device", "cpu"],
-                                cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "train_tools",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+                "--listen",
+                "127.0.0.1",
+                "--no-browser",
+                "--device",
+                "cpu",
+            ],
+            cwd=data,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 90
@@ -152,10 +181,17 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             # Tiny settings: 12 images x 8 repeats / batch 2 = 48 steps per epoch (one bucket), 2 epochs, a file per
             # epoch: long enough (a few seconds) for the bar to be seen between start and end.
             expect(page.locator("#train_tools_base_model input").first).to_have_value(
-                "Use demo model (tiny, random weights: tries the whole flow on a CPU)")
-            for elem_id, value in [("epochs", "2"), ("save_every_n_epochs", "1"), ("batch_size", "2"),
-                                   ("repeats", "8"), ("network_dim", "4"), ("network_alpha", "2"),
-                                   ("resolution", "128")]:
+                "Use demo model (tiny, random weights: tries the whole flow on a CPU)"
+            )
+            for elem_id, value in [
+                ("epochs", "2"),
+                ("save_every_n_epochs", "1"),
+                ("batch_size", "2"),
+                ("repeats", "8"),
+                ("network_dim", "4"),
+                ("network_alpha", "2"),
+                ("resolution", "128"),
+            ]:
                 set_number(page, f"train_tools_{elem_id}", value)
             page.locator("#train_tools_advanced").get_by_text("Advanced").first.click()
             for elem_id, value in [("min_bucket_reso", "64"), ("max_bucket_reso", "256")]:
@@ -188,7 +224,8 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             # The File choice is the run's last-saved file, the final one; Copy to Lora folder copies that.
             run = next((data / "outputs").rglob(f"{PROJECT}-v1.safetensors")).parent.name
             expect(page.locator("#train_tools_result_file input").first).to_have_value(
-                f"{run}/{PROJECT}-v1.safetensors")
+                f"{run}/{PROJECT}-v1.safetensors"
+            )
             page.locator("#train_tools_copy_lora").click()
             expect(message).to_contain_text("Copied", timeout=60_000)
             copied = sorted((data / "models" / "Lora").glob("*.safetensors"))
@@ -222,14 +259,14 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             stem = Path(cell["file"]).stem
             lora_dir = data / "models" / "Lora"
             for suffix in (".safetensors", ".preview.png", ".json"):
-                assert any(p.name.endswith(suffix) and p.name.startswith(stem.split("-000")[0])
-                           for p in lora_dir.iterdir()), (suffix, sorted(p.name for p in lora_dir.iterdir()))
+                assert any(
+                    p.name.endswith(suffix) and p.name.startswith(stem.split("-000")[0]) for p in lora_dir.iterdir()
+                ), (suffix, sorted(p.name for p in lora_dir.iterdir()))
 
             page.reload()
             expect(page.locator("#train_tools_project input").first).to_have_value(PROJECT, timeout=60_000)
             expect(page.locator("#train_tools_version input").first).to_have_value("v1")
-            for elem_id, value in [("epochs", "2"), ("resolution", "128"), ("network_dim", "4"),
-                                   ("batch_size", "2")]:
+            for elem_id, value in [("epochs", "2"), ("resolution", "128"), ("network_dim", "4"), ("batch_size", "2")]:
                 expect(page.locator(f"#train_tools_{elem_id} input").first).to_have_value(value)
             expect(page.locator("#train_tools_base_model input").first).to_have_value("train_tools_demo.safetensors")
             expect(page.locator("#train_tools_results")).to_contain_text(f"{PROJECT}-v1.safetensors")

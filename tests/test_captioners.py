@@ -71,9 +71,13 @@ def build_tagger_files(folder: Path, side: int = 64, batch: int | str = 1, tags=
         helper.make_tensor("w", TensorProto.FLOAT, list(weights.shape), weights.flatten().tolist()),
         helper.make_tensor("b", TensorProto.FLOAT, [n], bias.tolist()),
     ]
-    graph = helper.make_graph(nodes, "tiny_tagger",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, side, side, 3])],
-                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, n])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "tiny_tagger",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, side, side, 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, n])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8  # readable by every onnxruntime the three test environments have
     onnx.checker.check_model(model)
@@ -104,6 +108,7 @@ def expected_score(name: str, image_feats: dict[str, float]) -> float:
 
 # ---------------------------------------------------------------------- the tagger itself
 
+
 def test_colours_fire_their_tags_in_bgr_order_sorted_by_confidence(files):
     tagger = wd14.WD14Tagger(*files)
     # A pure red RGB picture reaches the model as channel 2 (BGR), so it is "red theme", not "blue sky".
@@ -128,8 +133,14 @@ def test_thresholds_decide_general_and_character_tags_separately(files):
     loose = wd14.WD14Tagger(*files, general_threshold=0.0)
     # At 0 every general tag passes, still sorted by score (the red feature fires red_theme first).
     tags = loose(solid(RED)).split(", ")
-    assert tags[0] == "red theme" and set(tags) == {"red theme", "blue sky", "green hair", "^_^", "white border",
-                                                   "medium score"}
+    assert tags[0] == "red theme" and set(tags) == {
+        "red theme",
+        "blue sky",
+        "green hair",
+        "^_^",
+        "white border",
+        "medium score",
+    }
 
 
 def test_rating_is_off_by_default_and_first_when_on(files):
@@ -254,8 +265,13 @@ def test_download_once_into_the_models_folder_with_progress(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     seen: list[tuple[int, int]] = []
     models = tmp_path / "models"
-    tagger = cap.make_captioner("wd14", models_dir=models, repo=REPO, allow_download=True,
-                                progress=lambda done, total: seen.append((done, total)))
+    tagger = cap.make_captioner(
+        "wd14",
+        models_dir=models,
+        repo=REPO,
+        allow_download=True,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert sorted(calls) == [(REPO, wd14.WD14_MODEL_FILE), (REPO, wd14.WD14_TAGS_FILE)]
     assert tagger.model_path.parent == wd14.wd14_folder(models, REPO) and tagger(solid(RED))
     assert seen and all(done <= total for done, total in seen) and seen[-1][0] == seen[-1][1] > 0
@@ -286,8 +302,7 @@ def test_a_stop_during_the_download_is_not_a_download_failure(tmp_path, monkeypa
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     with pytest.raises(Stopped):
-        cap.make_captioner("wd14", models_dir=tmp_path / "models", repo=REPO, allow_download=True,
-                           progress=stop_asked)
+        cap.make_captioner("wd14", models_dir=tmp_path / "models", repo=REPO, allow_download=True, progress=stop_asked)
 
 
 def test_make_captioner_kinds_and_host_hook(tmp_path):
@@ -311,8 +326,14 @@ def test_settings_are_in_the_config_and_reach_the_tagger(tmp_path):
     assert config.captioner == "none" and config.tagger_general_threshold == 0.35
     assert cap.captioner_from_config(config, models_dir=tmp_path) is None
     build_tagger_files(wd14.wd14_folder(tmp_path, wd14.DEFAULT_WD14_REPO))
-    config = config.updated({"captioner": "wd14", "tagger_general_threshold": "0.6", "tagger_include_rating": "yes",
-                             "tagger_exclude": "sensitive"})
+    config = config.updated(
+        {
+            "captioner": "wd14",
+            "tagger_general_threshold": "0.6",
+            "tagger_include_rating": "yes",
+            "tagger_exclude": "sensitive",
+        }
+    )
     tagger = cap.captioner_from_config(config, models_dir=tmp_path)
     assert tagger(solid(RED)) == "red theme"
     with pytest.raises(UserError, match="captioner"):
@@ -322,6 +343,7 @@ def test_settings_are_in_the_config_and_reach_the_tagger(tmp_path):
 
 
 # ---------------------------------------------------------------------- captions reaching training
+
 
 def test_tagger_captions_reach_load_items_with_uploaded_captions(tmp_path, files):
     orig, prep = tmp_path / "orig", tmp_path / "prep"
@@ -356,6 +378,7 @@ def test_tagger_captions_reach_load_items_with_uploaded_captions(tmp_path, files
 
 # ---------------------------------------------------------------------- BLIP
 
+
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory) -> Path:
     """A BLIP of random weights and a 64-word vocabulary, saved like a downloaded one."""
@@ -364,17 +387,27 @@ def tiny_blip(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("blip")
     vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)])
-                     + "\n", encoding="utf-8")
+    vocab.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]) + "\n",
+        encoding="utf-8",
+    )
     tokenizer = BertTokenizer(str(vocab))
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = BlipConfig(text_config={**small, "vocab_size": len(tokenizer), "max_position_embeddings": 64,
-                                     "bos_token_id": tokenizer.bos_token_id, "pad_token_id": 0, "sep_token_id": 3,
-                                     "eos_token_id": 3},
-                        vision_config={**small, "image_size": 32, "patch_size": 16}, projection_dim=32)
+    config = BlipConfig(
+        text_config={
+            **small,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 64,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": 0,
+            "sep_token_id": 3,
+            "eos_token_id": 3,
+        },
+        vision_config={**small, "image_size": 32, "patch_size": 16},
+        projection_dim=32,
+    )
     torch.manual_seed(0)
     model_dir = folder / "model"
     BlipForConditionalGeneration(config).save_pretrained(str(model_dir))

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from train_tools.config import TrainConfig, parse_assignments
+from train_tools.config import TrainConfig
+from train_tools.config_values import parse_assignments
 from train_tools.errors import UserError
 
 
@@ -21,10 +22,31 @@ def test_defaults_are_the_original_tabs():
 
 def test_required_keys_exist():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in ("base_model", "epochs", "save_every_n_epochs", "batch_size", "repeats", "learning_rate",
-                "network_dim", "network_alpha", "optimizer", "mixed_precision", "clip_skip", "resolution", "seed",
-                "train_text_encoder", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
-                "noise_offset", "min_snr_gamma", "gradient_checkpointing", "cache_latents", "max_grad_norm"):
+    for key in (
+        "base_model",
+        "epochs",
+        "save_every_n_epochs",
+        "batch_size",
+        "repeats",
+        "learning_rate",
+        "network_dim",
+        "network_alpha",
+        "optimizer",
+        "mixed_precision",
+        "clip_skip",
+        "resolution",
+        "seed",
+        "train_text_encoder",
+        "unet_lr",
+        "text_encoder_lr",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "noise_offset",
+        "min_snr_gamma",
+        "gradient_checkpointing",
+        "cache_latents",
+        "max_grad_norm",
+    ):
         assert key in names
 
 
@@ -35,15 +57,18 @@ def test_json_round_trip_and_string_values():
     assert again == c
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"epoch": 3}, "epoch"),
-    ({"epochs": "many"}, "epochs"),
-    ({"epochs": 0}, "epochs"),
-    ({"optimizer": "Adam"}, "optimizer"),
-    ({"learning_rate": "nan"}, "learning_rate"),
-    ({"train_text_encoder": "maybe"}, "train_text_encoder"),
-    ({"batch_size": 1.5}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"epoch": 3}, "epoch"),
+        ({"epochs": "many"}, "epochs"),
+        ({"epochs": 0}, "epochs"),
+        ({"optimizer": "Adam"}, "optimizer"),
+        ({"learning_rate": "nan"}, "learning_rate"),
+        ({"train_text_encoder": "maybe"}, "train_text_encoder"),
+        ({"batch_size": 1.5}, "batch_size"),
+    ],
+)
 def test_bad_values_name_the_key(data, key):
     with pytest.raises(UserError, match=f"'{key}'"):
         TrainConfig.from_dict(data)

@@ -25,8 +25,10 @@ from train_tools.models.loader import load_model
 def test_tiny_round_trip_through_a_single_file(tmp_path: Path, family: str):
     model_spec, unet, vae, tes = tiny_models(family, seed=3)
     original = diffusers_to_original(components_from_models(unet, vae, tes), model_spec)
-    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
-               for k in original)
+    assert all(
+        k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+        for k in original
+    )
     path = save_safetensors(tmp_path / f"{family}.safetensors", original)
     # SD2 512 vs 768-v: say it with a sidecar config, as WebUI users do.
     if family == "sd2":
@@ -56,9 +58,13 @@ def test_openclip_text_encoder_layout_sd2():
     fused_b = original[prefix + "transformer.resblocks.0.attn.in_proj_bias"]
     hidden = model_spec.text_encoders[0].config["hidden_size"]
     assert fused_w.shape == (3 * hidden, hidden)
-    assert torch.equal(fused_w, torch.cat([layer0["self_attn.q_proj.weight"], layer0["self_attn.k_proj.weight"],
-                                           layer0["self_attn.v_proj.weight"]]))
-    assert torch.equal(fused_b[hidden:2 * hidden], layer0["self_attn.k_proj.bias"])
+    assert torch.equal(
+        fused_w,
+        torch.cat(
+            [layer0["self_attn.q_proj.weight"], layer0["self_attn.k_proj.weight"], layer0["self_attn.v_proj.weight"]]
+        ),
+    )
+    assert torch.equal(fused_b[hidden : 2 * hidden], layer0["self_attn.k_proj.bias"])
     assert torch.equal(original[prefix + "transformer.resblocks.0.mlp.c_fc.weight"], layer0["mlp.fc1.weight"])
     positions = next(v for k, v in te_sd.items() if k.endswith("position_embedding.weight"))
     assert torch.equal(original[prefix + "positional_embedding"], positions)
@@ -118,16 +124,20 @@ def test_vae_attention_is_a_1x1_conv_in_the_original():
     assert torch.equal(back.vae["encoder.mid_block.attentions.0.to_q.weight"], to_q)
     # The decoder's levels are numbered the other way round in the original.
     levels = len(model_spec.vae["block_out_channels"])
-    assert torch.equal(original[f"first_stage_model.decoder.up.{levels - 1}.upsample.conv.weight"],
-                       vae.decoder.up_blocks[0].upsamplers[0].conv.weight)
+    assert torch.equal(
+        original[f"first_stage_model.decoder.up.{levels - 1}.upsample.conv.weight"],
+        vae.decoder.up_blocks[0].upsamplers[0].conv.weight,
+    )
 
 
 def test_sd1_text_encoder_saved_without_text_model_level():
     """Old SD1 files have cond_stage_model.transformer.encoder... (no text_model.); the WebUI accepts them."""
     model_spec, unet, vae, tes = tiny_models("sd1", seed=5)
     original = diffusers_to_original(components_from_models(unet, vae, tes), model_spec)
-    old_style = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
-                 for k, v in original.items()}
+    old_style = {
+        k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+        for k, v in original.items()
+    }
     assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in old_style
     back = original_to_diffusers(old_style, model_spec)
     reference = original_to_diffusers(original, model_spec)
@@ -191,6 +201,7 @@ SD15_ABSENT = [
 
 def test_published_configs_have_the_published_sizes():
     """Parameter counts of the published models, counted on meta-device modules (no memory)."""
+
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
@@ -217,8 +228,11 @@ def test_full_size_sd15_layout_round_trip():
     gen = torch.Generator().manual_seed(0)
 
     def random_like(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: torch.randint(-128, 128, v.shape, generator=gen, dtype=torch.int8)
-                for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+        return {
+            k: torch.randint(-128, 128, v.shape, generator=gen, dtype=torch.int8)
+            for k, v in module.state_dict().items()
+            if not k.endswith("position_ids")
+        }
 
     components = ComponentStateDicts(
         unet=random_like(build_unet(model_spec, empty=True)),
@@ -232,10 +246,14 @@ def test_full_size_sd15_layout_round_trip():
         assert tuple(original[name].shape) == shape, name
     for name in SD15_ABSENT:
         assert name not in original
-    assert torch.equal(original["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"],
-                       components.unet["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
-    assert torch.equal(original["model.diffusion_model.output_blocks.8.2.conv.weight"],
-                       components.unet["up_blocks.2.upsamplers.0.conv.weight"])
+    assert torch.equal(
+        original["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"],
+        components.unet["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+    )
+    assert torch.equal(
+        original["model.diffusion_model.output_blocks.8.2.conv.weight"],
+        components.unet["up_blocks.2.upsamplers.0.conv.weight"],
+    )
 
     back = original_to_diffusers(original, model_spec)
     del original
@@ -265,8 +283,11 @@ def test_full_size_layout_agrees_with_diffusers_own_single_file_reader(family: s
     counter = iter(range(1, 1_000_000))
 
     def labelled(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor([float(next(counter))]).expand(v.shape)
-                for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+        return {
+            k: torch.tensor([float(next(counter))]).expand(v.shape)
+            for k, v in module.state_dict().items()
+            if not k.endswith("position_ids")
+        }
 
     unet, vae = build_unet(model_spec, empty=True), build_vae(model_spec, empty=True)
     tes = build_text_encoders(model_spec, empty=True)

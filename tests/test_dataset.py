@@ -59,6 +59,7 @@ def zoo_run(tmp_path_factory):
 
 # ---------------------------------------------------------------------- formats, modes, bad files
 
+
 def test_every_usable_zoo_picture_is_prepared_upright_in_its_bucket(zoo_run):
     root, expected, _before, report, items = zoo_run
     found = by_source(items)
@@ -224,14 +225,18 @@ def test_same_stem_in_two_formats_gives_two_items(tmp_path):
 
 # ---------------------------------------------------------------------- buckets
 
-@pytest.mark.parametrize("options", [
-    PrepareOptions(),
-    PrepareOptions(bucket_no_upscale=False),
-    PrepareOptions(resolution=768, min_bucket_reso=256, max_bucket_reso=1024),
-])
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        PrepareOptions(),
+        PrepareOptions(bucket_no_upscale=False),
+        PrepareOptions(resolution=768, min_bucket_reso=256, max_bucket_reso=1024),
+    ],
+)
 def test_buckets_keep_the_budget_the_step_and_the_aspect_ratio(options):
     rng = random.Random(0)
-    budget = options.resolution ** 2
+    budget = options.resolution**2
     for _ in range(400):
         w = rng.randint(64, 3000)
         h = max(64, min(3000, round(w * rng.uniform(1 / 2.3, 2.3))))
@@ -277,6 +282,7 @@ def test_fit_to_bucket_crops_the_centre_only(tmp_path):
 
 # ---------------------------------------------------------------------- captions
 
+
 @pytest.fixture
 def captioned(tmp_path):
     orig = tmp_path / "orig"
@@ -290,12 +296,15 @@ def captioned(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("mode, a, b", [
-    ("use", "red ball, blue sky", "machine b"),
-    ("ignore", "auto a", "machine b"),
-    ("prepend", "red ball, blue sky, auto a", "machine b"),
-    ("append", "auto a, red ball, blue sky", "machine b"),
-])
+@pytest.mark.parametrize(
+    "mode, a, b",
+    [
+        ("use", "red ball, blue sky", "machine b"),
+        ("ignore", "auto a", "machine b"),
+        ("prepend", "red ball, blue sky, auto a", "machine b"),
+        ("append", "auto a, red ball, blue sky", "machine b"),
+    ],
+)
 def test_uploaded_captions_reach_the_items_in_every_mode(captioned, mode, a, b):
     seen = []
 
@@ -303,8 +312,7 @@ def test_uploaded_captions_reach_the_items_in_every_mode(captioned, mode, a, b):
         seen.append(image.size)
         return "machine " + ("b" if len(seen) == 1 else "c")
 
-    prepare_dataset(captioned / "orig", captioned / "prep", PrepareOptions(caption_mode=mode),
-                       auto_caption=machine)
+    prepare_dataset(captioned / "orig", captioned / "prep", PrepareOptions(caption_mode=mode), auto_caption=machine)
     caps = {i.source: i.caption for i in load_items(captioned / "prep")}
     assert caps["a.png"] == a and caps["b.png"] == b
     assert all(size == (128, 128) for size in seen)  # the captioner sees the prepared picture
@@ -326,8 +334,7 @@ def test_trigger_word_comes_first_once(captioned):
     assert compose_caption("tt dog on grass", "", "use", "tt") == "tt dog on grass"
     assert compose_caption("ttx dog", "", "use", "tt") == "tt, ttx dog"
     # A caption option change rewrites the captions only: no picture is encoded again.
-    report = prepare_dataset(captioned / "orig", captioned / "prep", dataclasses.replace(options,
-                                                                                           trigger_word="zz"))
+    report = prepare_dataset(captioned / "orig", captioned / "prep", dataclasses.replace(options, trigger_word="zz"))
     assert report.encoded == 0 and report.captions_written == 3
     assert {i.caption for i in load_items(captioned / "prep")} >= {"zz, red ball, blue sky", "zz"}
 
@@ -340,12 +347,14 @@ def test_the_automatic_captioner_runs_once_per_picture(captioned):
         return "m"
 
     for _ in range(2):
-        prepare_dataset(captioned / "orig", captioned / "prep", PrepareOptions(caption_mode="append"),
-                           auto_caption=machine)
+        prepare_dataset(
+            captioned / "orig", captioned / "prep", PrepareOptions(caption_mode="append"), auto_caption=machine
+        )
     assert len(calls) == 2  # b and c; a has an .auto.txt; the second call reuses the manifest
 
 
 # ---------------------------------------------------------------------- incremental preparing
+
 
 def test_prepare_again_redoes_only_what_changed(tmp_path):
     orig = tmp_path / "orig"
@@ -405,6 +414,7 @@ def test_user_errors_for_bad_options(tmp_path):
 
 # ---------------------------------------------------------------------- loading, tensors, metadata
 
+
 def test_load_items_flip_tensor_and_metadata(tmp_path):
     orig = tmp_path / "orig"
     orig.mkdir()
@@ -426,8 +436,7 @@ def test_load_items_flip_tensor_and_metadata(tmp_path):
     assert tensor.min() == -1.0 and tensor.max() == 1.0 and tensor[0, 0, 0] == 1.0 and tensor[1, 0, 0] == -1.0
     assert tag_frequency(flipped) == {"red": 2, "left": 1, "noise": 1}
     info = buckets.bucket_info(items)
-    assert sorted((b["resolution"], b["count"]) for b in info["buckets"].values()) == [
-        ([128, 128], 1), ([192, 128], 1)]
+    assert sorted((b["resolution"], b["count"]) for b in info["buckets"].values()) == [([128, 128], 1), ([192, 128], 1)]
     assert set(info["buckets"]) == {"0", "1"} and info["mean_img_ar_error"] == pytest.approx(0.0)
 
 
@@ -444,9 +453,18 @@ def test_auto_repeats():
 
 def test_options_from_config_follow_every_shared_field():
     assert dataclasses.asdict(PrepareOptions.from_config(TrainConfig())) == dataclasses.asdict(PrepareOptions())
-    config = TrainConfig(resolution=768, enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024,
-                         flip_aug=True, caption_mode="append", trigger_word="", background_color="#000000",
-                         min_image_size=32, bucket_no_upscale=False)
+    config = TrainConfig(
+        resolution=768,
+        enable_bucket=False,
+        min_bucket_reso=256,
+        max_bucket_reso=1024,
+        flip_aug=True,
+        caption_mode="append",
+        trigger_word="",
+        background_color="#000000",
+        min_image_size=32,
+        bucket_no_upscale=False,
+    )
     options = PrepareOptions.from_config(config, trigger_word_default="project")
     shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(options)}
     assert len(shared) >= 10
@@ -457,6 +475,7 @@ def test_options_from_config_follow_every_shared_field():
 
 
 # ---------------------------------------------------------------------- sampler
+
 
 def sizes_items(sizes: list[tuple[int, int]]) -> list[DatasetItem]:
     return [DatasetItem(image=Path(f"{i}.png"), caption="", size=s) for i, s in enumerate(sizes)]
@@ -491,6 +510,7 @@ def test_sampler_is_deterministic_per_seed_and_epoch():
 
 # ---------------------------------------------------------------------- adding originals, demo pictures
 
+
 def test_add_originals_copies_renames_skips_and_refuses(tmp_path):
     src = tmp_path / "src"
     (src / "folder" / "sub").mkdir(parents=True)
@@ -501,8 +521,9 @@ def test_add_originals_copies_renames_skips_and_refuses(tmp_path):
     (src / "folder" / ".DS_Store").write_bytes(b"junk")
     (src / "notes.pdf").write_bytes(b"%PDF")
     originals = tmp_path / "orig"
-    report = add_originals([src / "a.png", src / "a.txt", src / "folder", src / "notes.pdf",
-                               src / "missing.png"], originals)
+    report = add_originals(
+        [src / "a.png", src / "a.txt", src / "folder", src / "notes.pdf", src / "missing.png"], originals
+    )
     assert sorted(p.name for p in report.added) == ["a.png", "a.txt", "b.jpg", "c.webp"]
     assert sorted(r.name for r in report.refused) == ["missing.png", "notes.pdf"]
     assert (originals / "a.png").read_bytes() == (src / "a.png").read_bytes()

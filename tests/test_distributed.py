@@ -21,12 +21,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SETTINGS = {
-    "resolution": "128", "min_bucket_reso": "64", "max_bucket_reso": "256", "network_dim": "4",
-    "network_alpha": "2", "repeats": "1", "batch_size": "1", "epochs": "2", "save_every_n_epochs": "1",
-    "optimizer": "AdamW", "lr_scheduler": "linear", "learning_rate": "1e-3", "save_precision": "fp32",
+    "resolution": "128",
+    "min_bucket_reso": "64",
+    "max_bucket_reso": "256",
+    "network_dim": "4",
+    "network_alpha": "2",
+    "repeats": "1",
+    "batch_size": "1",
+    "epochs": "2",
+    "save_every_n_epochs": "1",
+    "optimizer": "AdamW",
+    "lr_scheduler": "linear",
+    "learning_rate": "1e-3",
+    "save_precision": "fp32",
     "mixed_precision": "no",
     # The defaults that matter here: the text encoder is trained and clip skip 2 leaves its last layer unused.
-    "train_text_encoder": "true", "clip_skip": "2",
+    "train_text_encoder": "true",
+    "clip_skip": "2",
 }
 
 
@@ -69,8 +80,10 @@ def _worker(data_dir: Path, ckpt: Path, out_dir: Path) -> int:
     rank = trainer.accelerator.process_index
     record.update(rc=rc, num_processes=trainer.accelerator.num_processes, total_steps=trainer.total_steps)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
-    save_file({str(i): p.detach().float().cpu().contiguous() for i, p in enumerate(trainer.trainable)},
-              str(out_dir / f"rank{rank}.safetensors"))
+    save_file(
+        {str(i): p.detach().float().cpu().contiguous() for i, p in enumerate(trainer.trainable)},
+        str(out_dir / f"rank{rank}.safetensors"),
+    )
     return rc
 
 
@@ -108,8 +121,11 @@ def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) 
     ckpt = build_demo_checkpoint(tmp_path / "demo.safetensors")
     make_demo_dataset(tmp_path / "pictures", n=4)
     data = tmp_path / "data"
-    for args in (["project", "create", "p"], ["version", "create", "p", "v1"],
-                 ["dataset", "add", "p", "v1", str(tmp_path / "pictures")]):
+    for args in (
+        ["project", "create", "p"],
+        ["version", "create", "p", "v1"],
+        ["dataset", "add", "p", "v1", str(tmp_path / "pictures")],
+    ):
         assert main(["--data-dir", str(data), *args]) == 0
     out = tmp_path / "out"
     out.mkdir()
@@ -117,13 +133,32 @@ def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) 
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "ACCELERATE_USE_CPU": "true",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
         log = open(tmp_path / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed below, after the process ends
-        procs.append((subprocess.Popen([sys.executable, __file__, str(data), str(ckpt), str(out)], cwd=ROOT,
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, __file__, str(data), str(ckpt), str(out)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     codes = _wait_all([proc for proc, _ in procs], timeout=300)
     for _, log in procs:
         log.close()

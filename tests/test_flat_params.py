@@ -26,8 +26,12 @@ pictures = fixtures_training.pictures
 
 def small_model(seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 5),
-                                torch.nn.Linear(5, 2, bias=False))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 5),
+        torch.nn.Linear(5, 2, bias=False),
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
@@ -63,8 +67,9 @@ def test_flattening_keeps_values_and_shares_weights_and_gradients() -> None:
             p.copy_(q)
     backward(model, 0)
     backward(reference, 0)
-    torch.testing.assert_close(flat.grad, torch.cat([p.grad.reshape(-1) for p in reference.parameters()]),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        flat.grad, torch.cat([p.grad.reshape(-1) for p in reference.parameters()]), rtol=0, atol=0
+    )
 
 
 def test_views_intact_sees_a_weight_or_gradient_that_left() -> None:
@@ -96,8 +101,10 @@ def test_flattening_refuses_what_it_cannot_hold() -> None:
 def test_groups_keep_their_settings_and_leave_frozen_weights_out() -> None:
     model = small_model()
     model[3].weight.requires_grad_(False)
-    groups = [{"params": list(model[0].parameters()), "lr": 1e-3},
-              {"params": [*model[2].parameters(), model[3].weight], "lr": 5e-4, "weight_decay": 0.0}]
+    groups = [
+        {"params": list(model[0].parameters()), "lr": 1e-3},
+        {"params": [*model[2].parameters(), model[3].weight], "lr": 5e-4, "weight_decay": 0.0},
+    ]
     flat = flatten_groups(groups)
     assert [g["lr"] for g in flat] == [1e-3, 5e-4] and flat[1]["weight_decay"] == 0.0
     assert [len(g["params"]) for g in flat] == [1, 1]
@@ -107,15 +114,18 @@ def test_groups_keep_their_settings_and_leave_frozen_weights_out() -> None:
 
 @pytest.mark.parametrize("split_above", [None, 7])
 @pytest.mark.parametrize("name", ELEMENTWISE_OPTIMIZERS)
-def test_a_flat_group_trains_as_separate_tensors(name: str, split_above: int | None,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_flat_group_trains_as_separate_tensors(
+    name: str, split_above: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if split_above is not None:  # Lion updates a large flat tensor piece by piece: the same numbers
         monkeypatch.setitem(optim.SPLIT_ABOVE, "cpu", split_above)
     separate, flat_model = small_model(), small_model()
 
     def groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-        return [{"params": list(model[0].parameters()), "lr": 3e-2},
-                {"params": [*model[2].parameters(), *model[3].parameters()], "lr": 1e-2}]
+        return [
+            {"params": list(model[0].parameters()), "lr": 3e-2},
+            {"params": [*model[2].parameters(), *model[3].parameters()], "lr": 1e-2},
+        ]
 
     opt_separate = make_optimizer(name, groups(separate), 1e-2, device=torch.device("cpu"))
     flat_groups = flatten_groups(groups(flat_model))
@@ -158,8 +168,9 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
-def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True
-               ) -> tuple[Path, Trainer]:
+def train_once(
+    data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, *, flat_layout: bool = True
+) -> tuple[Path, Trainer]:
     from train_tools.data.uploads import add_originals
 
     store = Store(data_dir)
@@ -174,17 +185,32 @@ def train_once(data_dir: Path, pictures: Path, ckpt: Path, config: TrainConfig, 
 
 
 @pytest.mark.parametrize("optimizer, max_grad_norm", [("AdamW", 1e-3), ("Lion", 0.0)])
-def test_the_trainer_trains_the_same_lora_flat_or_not(tmp_path: Path, demo_ckpt: Path, pictures: Path,
-                                                      optimizer: str, max_grad_norm: float) -> None:
+def test_the_trainer_trains_the_same_lora_flat_or_not(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, optimizer: str, max_grad_norm: float
+) -> None:
     # UNet and text encoder (two groups), clip skip 2 (the last text layer's LoRA gets no gradient).
-    config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=2, network_alpha=1.0,
-                         repeats=2, batch_size=1, epochs=2, optimizer=optimizer, save_precision="fp32",
-                         max_token_length=75, train_text_encoder=True, clip_skip=2, mixed_precision="no",
-                         max_grad_norm=max_grad_norm, learning_rate=1e-3, text_encoder_lr=5e-4)
+    config = TrainConfig(
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        network_dim=2,
+        network_alpha=1.0,
+        repeats=2,
+        batch_size=1,
+        epochs=2,
+        optimizer=optimizer,
+        save_precision="fp32",
+        max_token_length=75,
+        train_text_encoder=True,
+        clip_skip=2,
+        mixed_precision="no",
+        max_grad_norm=max_grad_norm,
+        learning_rate=1e-3,
+        text_encoder_lr=5e-4,
+    )
     flat_file, flat_trainer = train_once(tmp_path / "flat", pictures, demo_ckpt, config)
     assert flat_trainer.flat and len(flat_trainer.optimized) == 2  # one flat tensor per group
-    separate_file, separate_trainer = train_once(tmp_path / "separate", pictures, demo_ckpt, config,
-                                                 flat_layout=False)
+    separate_file, separate_trainer = train_once(tmp_path / "separate", pictures, demo_ckpt, config, flat_layout=False)
     assert not separate_trainer.flat and len(separate_trainer.optimized) > 2
     flat, separate = lora_tensors(flat_file), lora_tensors(separate_file)
     assert flat.keys() == separate.keys() and any(".lora_te_" in k or k.startswith("lora_te") for k in flat)

@@ -33,11 +33,25 @@ pictures = fixtures_training.pictures
 
 
 def gpu_config(**changes: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=4,
-                                network_alpha=2.0, repeats=2, batch_size=1, epochs=2, save_every_n_epochs=1,
-                                optimizer="AdamW", learning_rate=1e-3, save_precision="fp32", max_token_length=75,
-                                train_text_encoder=True, mixed_precision="fp16", gradient_checkpointing=True,
-                                preview_at_end=False)
+    base: dict[str, Any] = dict(
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        network_dim=4,
+        network_alpha=2.0,
+        repeats=2,
+        batch_size=1,
+        epochs=2,
+        save_every_n_epochs=1,
+        optimizer="AdamW",
+        learning_rate=1e-3,
+        save_precision="fp32",
+        max_token_length=75,
+        train_text_encoder=True,
+        mixed_precision="fp16",
+        gradient_checkpointing=True,
+        preview_at_end=False,
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -65,8 +79,9 @@ def trained_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_trains_the_same_lora_flat_or_separate(tmp_path: Path, demo_ckpt: Path, pictures: Path,
-                                                               precision: str):
+def test_mixed_precision_trains_the_same_lora_flat_or_separate(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, precision: str
+):
     """UNet and text encoder, gradient checkpointing, clipping; fp16 through accelerate's gradient scaler."""
     config = gpu_config(mixed_precision=precision)
     flat = Trainer(new_version(tmp_path / "flat", pictures), config, demo_ckpt, device=DEVICE)
@@ -109,12 +124,15 @@ def test_optimizers_on_the_gpu_step_as_their_references() -> None:
         return [p.detach().cpu() for p in params]
 
     reference = run(lambda g: Lion(g, lr=1e-2, weight_decay=0.1))
-    for result in (run(lambda g: ForeachLion(g, lr=1e-2, weight_decay=0.1)),
-                   run(lambda g: ForeachLion(g, lr=1e-2, weight_decay=0.1), flat=True)):
+    for result in (
+        run(lambda g: ForeachLion(g, lr=1e-2, weight_decay=0.1)),
+        run(lambda g: ForeachLion(g, lr=1e-2, weight_decay=0.1), flat=True),
+    ):
         for x, y in zip(result, reference, strict=False):
             torch.testing.assert_close(x, y)
-    adamw = make_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.ones(3, device=DEVICE))]}], 1e-3,
-                           device=torch.device(DEVICE))
+    adamw = make_optimizer(
+        "AdamW", [{"params": [torch.nn.Parameter(torch.ones(3, device=DEVICE))]}], 1e-3, device=torch.device(DEVICE)
+    )
     assert adamw.defaults.get("fused") is True  # torch's fused CUDA kernel
     separate = run(lambda g: make_optimizer("AdamW", g, 1e-2, device=torch.device(DEVICE)))
     flat = run(lambda g: make_optimizer("AdamW", g, 1e-2, device=torch.device(DEVICE)), flat=True)
@@ -139,8 +157,9 @@ def test_eight_bit_optimizers_train_on_the_gpu(name: str) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_a_real_out_of_memory_stops_with_advice_and_frees_the_gpu(tmp_path: Path, demo_ckpt: Path,
-                                                                  pictures: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_real_out_of_memory_stops_with_advice_and_frees_the_gpu(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch
+):
     from train_tools.ui.jobs import FAILED, FINISHED, JobManager, training_work
 
     version = new_version(tmp_path, pictures)
@@ -174,8 +193,9 @@ def test_resume_with_the_fp16_gradient_scaler(tmp_path: Path, demo_ckpt: Path, p
     straight = Trainer(version, config, demo_ckpt, device=DEVICE, run_name="straight").run()
     stop = StopFlag()
 
-    first = Trainer(version, config, demo_ckpt, device=DEVICE, run_name="stopped", stop=stop,
-                    reporter=StopsAtStep(stop, 3)).run()
+    first = Trainer(
+        version, config, demo_ckpt, device=DEVICE, run_name="stopped", stop=stop, reporter=StopsAtStep(stop, 3)
+    ).run()
     assert first.interrupted and first.steps == 3
     stopped_state = latest_state(first.run_dir)
     assert stopped_state is not None and stopped_state.scaler and stopped_state.scaler["scale"] > 0

@@ -64,11 +64,13 @@ def test_real_requirements_all_present_installs_nothing(install, monkeypatch):
 
 def test_missing_package_is_asked_for_alone_with_installed_versions_as_constraints(install, monkeypatch, tmp_path):
     calls = record_pip(monkeypatch, install)
-    reqs = write_reqs(tmp_path, "# comment\nPillow>=9.5.0\nsafetensors>=0.4.2\n"
-                                "surely-not-installed-pkg-xyz>=1.2 ; python_version >= '3'\n")
+    reqs = write_reqs(
+        tmp_path,
+        "# comment\nPillow>=9.5.0\nsafetensors>=0.4.2\nsurely-not-installed-pkg-xyz>=1.2 ; python_version >= '3'\n",
+    )
     asked = install.install(reqs)
     assert asked == ["surely-not-installed-pkg-xyz>=1.2"]
-    (args, _desc, constraints), = calls
+    ((args, _desc, constraints),) = calls
     assert args[:2] == ["install", "surely-not-installed-pkg-xyz>=1.2"]
     # Every installed package is pinned to its installed version: pip cannot upgrade or downgrade any.
     pins = dict(line.split("==", 1) for line in constraints.splitlines() if line)
@@ -88,8 +90,7 @@ def test_installed_but_older_than_asked_is_left_alone(install, monkeypatch, tmp_
 
 def test_host_stack_and_other_platforms_are_never_installed(install, monkeypatch, tmp_path):
     calls = record_pip(monkeypatch, install)
-    reqs = write_reqs(tmp_path, "torch>=99\nxformers\ngradio==99\n"
-                                "not-here-pkg-abc ; platform_system == 'NoSuchOS'\n")
+    reqs = write_reqs(tmp_path, "torch>=99\nxformers\ngradio==99\nnot-here-pkg-abc ; platform_system == 'NoSuchOS'\n")
     assert install.install(reqs) == []
     assert calls == []
 
@@ -126,11 +127,16 @@ def test_old_host_libraries_cap_the_missing_package(install, monkeypatch, tmp_pa
     calls = record_pip(monkeypatch, install)
     host = {"transformers": "4.30.2", "accelerate": "0.21.0"}
     real = install.installed_version
-    monkeypatch.setattr(install, "installed_version",
-                        lambda name: host.get(name) if name in host else real(name))
+    monkeypatch.setattr(install, "installed_version", lambda name: host.get(name) if name in host else real(name))
     reqs = write_reqs(tmp_path, "diffusers-not-here>=0.31.0\n")
-    monkeypatch.setattr(install, "HOST_CAPS", [("diffusers-not-here", "<0.37", [("transformers", "4.48")]),
-                                               ("peft-not-here", "<0.14", [("accelerate", "1.1")])])
+    monkeypatch.setattr(
+        install,
+        "HOST_CAPS",
+        [
+            ("diffusers-not-here", "<0.37", [("transformers", "4.48")]),
+            ("peft-not-here", "<0.14", [("accelerate", "1.1")]),
+        ],
+    )
     assert install.install(reqs) == ["diffusers-not-here>=0.31.0,<0.37"]
     assert install.host_cap("peft-not-here") == "<0.14"
     host.update(transformers="4.50.0", accelerate="1.2.0")
@@ -147,8 +153,10 @@ def _freeze_versions(text: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.skipif(not (Path(sys.prefix) / "freeze-before-install.txt").is_file(),
-                    reason="runs in the WebUI host environments that 'python standalone.py test' builds")
+@pytest.mark.skipif(
+    not (Path(sys.prefix) / "freeze-before-install.txt").is_file(),
+    reason="runs in the WebUI host environments that 'python standalone.py test' builds",
+)
 def test_in_a_host_environment_install_changed_no_version_and_has_nothing_left_to_do(install):
     # standalone.py froze this environment with only the host's pins, then ran install.py in it.
     before = _freeze_versions((Path(sys.prefix) / "freeze-before-install.txt").read_text())
@@ -167,9 +175,11 @@ def test_a_gpu_build_of_onnxruntime_counts_as_onnxruntime(install, monkeypatch, 
     """A WebUI with onnxruntime-gpu (a tagger extension put it there) must not get the CPU package beside it."""
     calls = record_pip(monkeypatch, install)
     real = install.installed_version
-    monkeypatch.setattr(install, "installed_version",
-                        lambda name: "1.17.1" if name == "onnxruntime-gpu" else
-                        None if name == "onnxruntime" else real(name))
+    monkeypatch.setattr(
+        install,
+        "installed_version",
+        lambda name: "1.17.1" if name == "onnxruntime-gpu" else None if name == "onnxruntime" else real(name),
+    )
     reqs = write_reqs(tmp_path, "onnxruntime>=1.16\n")
     assert install.install(reqs) == [] and calls == []
     monkeypatch.setattr(install, "installed_version", lambda name: None if "onnxruntime" in name else real(name))
@@ -183,12 +193,15 @@ def test_bitsandbytes_is_not_added_to_a_webui_but_the_rest_still_is(install, mon
     calls = record_pip(monkeypatch, install)
     real = install.installed_version
     gone = {"bitsandbytes", "prodigyopt"}
-    monkeypatch.setattr(install, "installed_version", lambda name: None if install.normalize(name) in gone
-                        else real(name))
+    monkeypatch.setattr(
+        install, "installed_version", lambda name: None if install.normalize(name) in gone else real(name)
+    )
     assert install.install(ROOT / "requirements.txt") == ["prodigyopt>=1.0"]
     assert [c[0][1] for c in calls] == ["prodigyopt>=1.0"]
-    assert any(name == "bitsandbytes" for name, _spec, _marker in
-               install.parse_requirements((ROOT / "requirements.txt").read_text(encoding="utf-8")))
+    assert any(
+        name == "bitsandbytes"
+        for name, _spec, _marker in install.parse_requirements((ROOT / "requirements.txt").read_text(encoding="utf-8"))
+    )
 
 
 def test_the_quieted_bitsandbytes_notice_is_that_one_line_only(caplog):
@@ -200,11 +213,15 @@ def test_the_quieted_bitsandbytes_notice_is_that_one_line_only(caplog):
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING):
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
-                       "already `pip install kernels`", "No module named 'kernels'")
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+            "already `pip install kernels`",
+            "No module named 'kernels'",
+        )
         logger.warning("something else went wrong in the CPU backend")
-        logging.getLogger("bitsandbytes.cextension").warning("The installed version of bitsandbytes was compiled "
-                                                             "without GPU support.")
+        logging.getLogger("bitsandbytes.cextension").warning(
+            "The installed version of bitsandbytes was compiled without GPU support."
+        )
     messages = [r.getMessage() for r in caplog.records]
     assert not any("gemm_4bit_forward" in m for m in messages)
     assert "something else went wrong in the CPU backend" in messages

@@ -53,9 +53,18 @@ def encodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
 
 def config(**changes: object) -> TrainConfig:
     base: dict[str, object] = {
-        "resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256, "network_dim": 4, "network_alpha": 2.0,
-        "repeats": 2, "batch_size": 1, "epochs": 2, "save_every_n_epochs": 10, "optimizer": "AdamW",
-        "train_text_encoder": False}
+        "resolution": 128,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 256,
+        "network_dim": 4,
+        "network_alpha": 2.0,
+        "repeats": 2,
+        "batch_size": 1,
+        "epochs": 2,
+        "save_every_n_epochs": 10,
+        "optimizer": "AdamW",
+        "train_text_encoder": False,
+    }
     base.update(changes)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -70,8 +79,9 @@ def entries(version: Version) -> set[str]:
     return {p.name for p in (version.prepared_dir / CACHE_DIR_NAME).glob("*.safetensors")}
 
 
-def test_vae_runs_once_per_picture_and_mirror_across_epochs(version: Version, demo_ckpt: Path,
-                                                            encodes: list[tuple[int, ...]]):
+def test_vae_runs_once_per_picture_and_mirror_across_epochs(
+    version: Version, demo_ckpt: Path, encodes: list[tuple[int, ...]]
+):
     trainer = Trainer(version, config(flip_aug=True), demo_ckpt, device="cpu")
     result = trainer.run()
     n = len(trainer.items)
@@ -94,8 +104,9 @@ def test_a_second_trainer_reads_the_disk_cache(version: Version, demo_ckpt: Path
             assert torch.equal(mean_a, mean_b) and torch.equal(std_a, std_b)
 
 
-def test_changed_picture_is_encoded_again_and_its_old_entry_removed(version: Version, demo_ckpt: Path,
-                                                                   encodes: list[tuple[int, ...]]):
+def test_changed_picture_is_encoded_again_and_its_old_entry_removed(
+    version: Version, demo_ckpt: Path, encodes: list[tuple[int, ...]]
+):
     prepared_trainer(version, demo_ckpt)
     before = entries(version)
     assert len(encodes) == 3
@@ -109,8 +120,7 @@ def test_changed_picture_is_encoded_again_and_its_old_entry_removed(version: Ver
     assert len(after) == 3 and len(before & after) == 2  # one entry replaced, the other two kept
 
 
-def test_resolution_change_encodes_everything_again(version: Version, demo_ckpt: Path,
-                                                    encodes: list[tuple[int, ...]]):
+def test_resolution_change_encodes_everything_again(version: Version, demo_ckpt: Path, encodes: list[tuple[int, ...]]):
     prepared_trainer(version, demo_ckpt)
     trainer = prepared_trainer(version, demo_ckpt, resolution=192)
     assert len(encodes) == 6 and trainer.latent_encodes == 3

@@ -43,16 +43,29 @@ VOCAB = 64
 def tiny_unet() -> UNet2DConditionModel:
     """SD1-shaped: cross-attention down/up blocks, 1x1-conv proj_in/proj_out, resnets with shortcuts."""
     return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
     ).eval()
 
 
 def tiny_text_encoder() -> CLIPTextModel:
-    config = CLIPTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                            vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
+    config = CLIPTextConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(config).eval()
 
 
@@ -87,11 +100,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     attach_lora(lora_te, text_encoder_target_modules(lora_te), RANK, ALPHA)
     randomise_lora_b(lora_unet, lora_te)
     gen = torch.Generator().manual_seed(2)
-    inputs = {"sample": torch.randn(1, 4, 8, 8, generator=gen), "ehs": torch.randn(1, 5, 32, generator=gen),
-              "ids": torch.randint(2, VOCAB, (1, 8), generator=gen)}
+    inputs = {
+        "sample": torch.randn(1, 4, 8, 8, generator=gen),
+        "ehs": torch.randn(1, 5, 32, generator=gen),
+        "ids": torch.randint(2, VOCAB, (1, 8), generator=gen),
+    }
     path = tmp_path_factory.mktemp("lora") / "tiny.safetensors"
-    save_lora(path, kohya_state_dict(unet=lora_unet, text_encoders=[lora_te], family="sd1"),
-              {"ss_output_name": "tiny"}, dtype=torch.float32)
+    save_lora(
+        path,
+        kohya_state_dict(unet=lora_unet, text_encoders=[lora_te], family="sd1"),
+        {"ss_output_name": "tiny"},
+        dtype=torch.float32,
+    )
     data = {"unet": unet, "te": te, "lora_unet": lora_unet, "lora_te": lora_te, "inputs": inputs, "path": path}
     data["base_out"] = run(unet, te, inputs)
     data["lora_out"] = run(lora_unet, lora_te, inputs)
@@ -105,8 +125,9 @@ def run(unet: torch.nn.Module, te: torch.nn.Module, inputs: dict) -> tuple[torch
 
 def webui_outputs(trained: dict, tensors: dict, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
     unet, te = copy.deepcopy(trained["unet"]), copy.deepcopy(trained["te"])
-    used = apply_kohya_lora(unet, tensors, "lora_unet", multiplier) | apply_kohya_lora(te, tensors, "lora_te",
-                                                                                       multiplier)
+    used = apply_kohya_lora(unet, tensors, "lora_unet", multiplier) | apply_kohya_lora(
+        te, tensors, "lora_te", multiplier
+    )
     assert used == set(tensors), f"keys A1111 would not use: {sorted(set(tensors) - used)[:3]}"
     return run(unet, te, trained["inputs"])
 
@@ -133,16 +154,28 @@ def _diffusers_has_peft_backend() -> bool:
 
 # A1111 1.10 pins transformers 4.30.2, too old for diffusers' LoRA loader (it needs >= 4.34): there the check
 # cannot run at all, so it is skipped with that reason; the WebUI-formula checks below still run everywhere.
-@pytest.mark.skipif(not _diffusers_has_peft_backend(),
-                    reason="diffusers' LoRA loader needs transformers>=4.34 (the host pins an older one)")
+@pytest.mark.skipif(
+    not _diffusers_has_peft_backend(),
+    reason="diffusers' LoRA loader needs transformers>=4.34 (the host pins an older one)",
+)
 def test_diffusers_loads_every_key_and_agrees(trained: dict, tmp_path: Path) -> None:
     tensors, _ = read_lora(trained["path"])
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=copy.deepcopy(trained["te"]), tokenizer=tiny_tokenizer(tmp_path),
-        unet=copy.deepcopy(trained["unet"]), scheduler=DDPMScheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=copy.deepcopy(trained["te"]),
+        tokenizer=tiny_tokenizer(tmp_path),
+        unet=copy.deepcopy(trained["unet"]),
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     # Folder + weight_name: diffusers 0.31 (Forge's) refuses a bare file path when offline.
     pipe.load_lora_weights(str(trained["path"].parent), weight_name=trained["path"].name)  # raises on any
@@ -238,8 +271,9 @@ def test_wrappers_and_checkpointing_do_not_change_names() -> None:
     te = tiny_text_encoder()
     direct = copy.deepcopy(te)
     attach_lora(direct, text_encoder_target_modules(direct), RANK, ALPHA)
-    wrapped = get_peft_model(copy.deepcopy(te), LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                           target_modules=text_encoder_target_modules(te)))
+    wrapped = get_peft_model(
+        copy.deepcopy(te), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=text_encoder_target_modules(te))
+    )
     assert set(kohya_state_dict(text_encoders=[wrapped])) == set(kohya_state_dict(text_encoders=[direct]))
     unet = tiny_unet()
     attach_lora(unet, unet_target_modules(unet), RANK, ALPHA)
@@ -252,13 +286,23 @@ def test_wrappers_and_checkpointing_do_not_change_names() -> None:
 def sd15_models() -> tuple[UNet2DConditionModel, CLIPTextModel]:
     with init_empty_weights():
         unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
             attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
-        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                          intermediate_size=3072, vocab_size=49408, max_position_embeddings=77))
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                vocab_size=49408,
+                max_position_embeddings=77,
+            )
+        )
     return unet, te
 
 
@@ -280,8 +324,10 @@ def test_sd15_layout_names_and_counts() -> None:
     assert "lora_unet_up_blocks_3_attentions_2_proj_out" in unet_names
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_names
     assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in te_names
-    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape \
-        == (RANK, 768)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (
+        RANK,
+        768,
+    )
 
 
 def test_sd15_locon_adds_only_resnet_and_sampler_layers() -> None:
@@ -297,18 +343,34 @@ def test_sdxl_layout_names_and_counts() -> None:
         unet = UNet2DConditionModel(
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816, layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            layers_per_block=2,
         )
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                           intermediate_size=3072))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, num_hidden_layers=32,
-                                                         num_attention_heads=20, intermediate_size=5120,
-                                                         hidden_act="gelu", projection_dim=1280))
-    for model, targets in ((unet, unet_target_modules(unet)), (te1, text_encoder_target_modules(te1)),
-                           (te2, text_encoder_target_modules(te2))):
+        te1 = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+        )
+        te2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                intermediate_size=5120,
+                hidden_act="gelu",
+                projection_dim=1280,
+            )
+        )
+    for model, targets in (
+        (unet, unet_target_modules(unet)),
+        (te1, text_encoder_target_modules(te1)),
+        (te2, text_encoder_target_modules(te2)),
+    ):
         attach_lora(model, targets, RANK, ALPHA)
     tensors = kohya_state_dict(unet=unet, text_encoders=[te1, te2], family="sdxl")
     assert len(layer_names(tensors, "lora_unet")) == 722
@@ -324,23 +386,33 @@ def test_sdxl_layout_names_and_counts() -> None:
 # ---------------------------------------------------------------------------------------------- metadata, hashes
 def metadata(config: TrainConfig, family: str = "sd1", **overrides) -> dict[str, str]:
     kwargs = dict(
-        family=family, output_name="My LoRA", base_model_path=Path("/models/Stable-diffusion/base v1.safetensors"),
-        base_model_sha256="ab" * 32, num_train_images=40,
+        family=family,
+        output_name="My LoRA",
+        base_model_path=Path("/models/Stable-diffusion/base v1.safetensors"),
+        base_model_sha256="ab" * 32,
+        num_train_images=40,
         tag_frequency={"10_My LoRA": {"1girl": 10, "solo": 4}},
-        dataset_dirs={"10_My LoRA": {"n_repeats": 10, "img_count": 4}}, epoch=3, steps=120,
-        training_started_at=1_700_000_000.5, training_finished_at=1_700_000_600.0,
-        bucket_info={"buckets": {"0": {"resolution": [512, 512], "count": 40}}}, cover_image_png=b"\x89PNG fake",
+        dataset_dirs={"10_My LoRA": {"n_repeats": 10, "img_count": 4}},
+        epoch=3,
+        steps=120,
+        training_started_at=1_700_000_000.5,
+        training_finished_at=1_700_000_600.0,
+        bucket_info={"buckets": {"0": {"resolution": [512, 512], "count": 40}}},
+        cover_image_png=b"\x89PNG fake",
     )
     kwargs.update(overrides)
     return build_metadata(config, **kwargs)
 
 
-@pytest.mark.parametrize("family, version, v2, arch, prediction", [
-    ("sd1", "sd_v1", "False", "stable-diffusion-v1/lora", "epsilon"),
-    ("sd2", "sd_v2", "True", "stable-diffusion-v2-512/lora", "epsilon"),
-    ("sd2v", "sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "v"),
-    ("sdxl", "sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "epsilon"),
-])
+@pytest.mark.parametrize(
+    "family, version, v2, arch, prediction",
+    [
+        ("sd1", "sd_v1", "False", "stable-diffusion-v1/lora", "epsilon"),
+        ("sd2", "sd_v2", "True", "stable-diffusion-v2-512/lora", "epsilon"),
+        ("sd2v", "sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "v"),
+        ("sdxl", "sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "epsilon"),
+    ],
+)
 def test_metadata_per_family(family: str, version: str, v2: str, arch: str, prediction: str) -> None:
     meta = metadata(TrainConfig(resolution=768), family=family)
     assert meta["ss_base_model_version"] == version
@@ -356,9 +428,11 @@ def test_saved_metadata_is_complete_and_hashes_describe_the_file(tmp_path: Path)
     meta = metadata(config)
     # More than 1.1 MB of tensor bytes, so the legacy hash covers a full 64 KiB window.
     gen = torch.Generator().manual_seed(0)
-    tensors = {"lora_unet_x.lora_down.weight": torch.randn(8, 40_000, generator=gen),
-               "lora_unet_x.lora_up.weight": torch.randn(40_000, 8, generator=gen),
-               "lora_unet_x.alpha": torch.tensor(4.0)}
+    tensors = {
+        "lora_unet_x.lora_down.weight": torch.randn(8, 40_000, generator=gen),
+        "lora_unet_x.lora_up.weight": torch.randn(40_000, 8, generator=gen),
+        "lora_unet_x.alpha": torch.tensor(4.0),
+    }
     path = tmp_path / "My LoRA.safetensors"
     save_lora(path, tensors, meta, dtype=torch.float32)
 
@@ -383,8 +457,8 @@ def test_saved_metadata_is_complete_and_hashes_describe_the_file(tmp_path: Path)
 
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    assert json.loads(raw[8:8 + header_len])["__metadata__"]["sshs_model_hash"] == saved["sshs_model_hash"]
-    buffer = raw[8 + header_len:]
+    assert json.loads(raw[8 : 8 + header_len])["__metadata__"]["sshs_model_hash"] == saved["sshs_model_hash"]
+    buffer = raw[8 + header_len :]
     assert len(buffer) > 0x110000
     assert saved["sshs_model_hash"] == hashlib.sha256(buffer).hexdigest()
     assert saved["sshs_legacy_hash"] == hashlib.sha256(buffer[0x100000:0x110000]).hexdigest()[:8]
@@ -399,8 +473,11 @@ def test_saved_metadata_is_complete_and_hashes_describe_the_file(tmp_path: Path)
 
 
 def test_save_rejects_non_string_metadata_and_non_finite_weights(tmp_path: Path) -> None:
-    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(3, 2),
-               "lora_unet_x.alpha": torch.tensor(1.0)}
+    tensors = {
+        "lora_unet_x.lora_down.weight": torch.ones(2, 3),
+        "lora_unet_x.lora_up.weight": torch.ones(3, 2),
+        "lora_unet_x.alpha": torch.tensor(1.0),
+    }
     with pytest.raises(TypeError):
         save_lora(tmp_path / "a.safetensors", tensors, {"ss_epoch": 3})  # type: ignore[dict-item]
     from train_tools.errors import UserError
@@ -412,8 +489,11 @@ def test_save_rejects_non_string_metadata_and_non_finite_weights(tmp_path: Path)
 
 
 def test_failed_save_keeps_the_earlier_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(3, 2),
-               "lora_unet_x.alpha": torch.tensor(1.0)}
+    tensors = {
+        "lora_unet_x.lora_down.weight": torch.ones(2, 3),
+        "lora_unet_x.lora_up.weight": torch.ones(3, 2),
+        "lora_unet_x.alpha": torch.tensor(1.0),
+    }
     path = tmp_path / "keep.safetensors"
     save_lora(path, tensors, {"ss_output_name": "first"})
     before = path.read_bytes()

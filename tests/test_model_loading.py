@@ -19,12 +19,7 @@ from tests.helpers_models import assert_same_weights, expanded, save_safetensors
 from tests.stand_ins import MakesAFile
 from train_tools.errors import UserError
 from train_tools.models import tokenizers as toks
-from train_tools.models.checkpoint import (
-    detect_family,
-    detect_structure,
-    read_state_dict,
-    unet_predicts_v,
-)
+from train_tools.models.checkpoint import detect_family, detect_structure, read_state_dict, unet_predicts_v
 from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.models.loader import file_sha256, load_model
 
@@ -49,8 +44,10 @@ def synthetic(context: int, text_keys: list[str], in_channels: int = 4, extra: d
 
 SD1_TEXT = ["cond_stage_model.transformer.text_model.final_layer_norm.weight"]
 SD2_TEXT = ["cond_stage_model.model.ln_final.weight"]
-SDXL_TEXT = ["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
-             "conditioner.embedders.1.model.ln_final.weight"]
+SDXL_TEXT = [
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+    "conditioner.embedders.1.model.ln_final.weight",
+]
 
 
 def test_detects_sd1_sd2_sdxl_from_keys_and_shapes(tmp_path: Path):
@@ -67,8 +64,11 @@ def test_sdxl_tiny_shape_and_refiner(tmp_path: Path):
     label = {UNET + "label_emb.0.0.weight": expanded((64, 80))}
     assert detect_structure(synthetic(64, SDXL_TEXT, extra=label)) == ("sdxl", True)
     # The refiner has the size embedding but only the bigG encoder, stored as embedders.0: not trainable here.
-    refiner = synthetic(1280, ["conditioner.embedders.0.model.ln_final.weight"],
-                        extra={UNET + "label_emb.0.0.weight": expanded((1536, 2560))})
+    refiner = synthetic(
+        1280,
+        ["conditioner.embedders.0.model.ln_final.weight"],
+        extra={UNET + "label_emb.0.0.weight": expanded((1536, 2560))},
+    )
     with pytest.raises(UserError, match="SDXL refiner"):
         detect_structure(refiner)
 
@@ -77,7 +77,8 @@ def test_sd2_768_v_via_the_sidecar_yaml(tmp_path: Path):
     sd = synthetic(1024, SD2_TEXT)
     ckpt = tmp_path / "v2-1_768-ema-pruned.safetensors"
     (tmp_path / "v2-1_768-ema-pruned.yaml").write_text(
-        "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n")
+        'model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: "v"\n'
+    )
     assert detect_family(sd, ckpt) == "sd2v"
     other = tmp_path / "v2-1_512-ema-pruned.safetensors"
     (tmp_path / "v2-1_512-ema-pruned.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
@@ -91,6 +92,7 @@ def test_sd2_768_v_via_the_sidecar_yaml(tmp_path: Path):
 
 def test_v_prediction_probe_follows_the_webui_rule():
     """At t=999 an epsilon model returns about its input; a v model far below it."""
+
     class Fake(torch.nn.Module):
         def __init__(self, shift: float) -> None:
             super().__init__()
@@ -127,14 +129,17 @@ def test_sd2_without_yaml_is_probed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert loaded.tokenizers[0].pad_token == "!" and loaded.tokenizers[0].pad_token_id == 0
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}, "is a LoRA"),
-    ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 32)}, "is a LoRA"),
-    ({"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.weight": (3, 8, 3, 3)}, "is a VAE only"),
-    ({"first_stage_model.decoder.conv_out.weight": (3, 8, 3, 3)}, "is a VAE only"),
-    ({"emb_params": (2, 768)}, "textual inversion"),
-    ({"something.else": (3,)}, "not a Stable Diffusion checkpoint"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}, "is a LoRA"),
+        ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 32)}, "is a LoRA"),
+        ({"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.weight": (3, 8, 3, 3)}, "is a VAE only"),
+        ({"first_stage_model.decoder.conv_out.weight": (3, 8, 3, 3)}, "is a VAE only"),
+        ({"emb_params": (2, 768)}, "textual inversion"),
+        ({"something.else": (3,)}, "not a Stable Diffusion checkpoint"),
+    ],
+)
 def test_non_checkpoints_are_refused(keys: dict, message: str):
     with pytest.raises(UserError, match=message):
         detect_family({k: expanded(v) for k, v in keys.items()})
@@ -176,20 +181,24 @@ def test_text_file_named_safetensors(tmp_path: Path):
 
 def test_lora_file_passed_as_checkpoint(tmp_path: Path):
     lora = tmp_path / "my_lora.safetensors"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, str(lora))
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        str(lora),
+    )
     with pytest.raises(UserError, match="my_lora.safetensors is a LoRA, not a checkpoint"):
         load_model(lora)
 
 
 def test_vae_file_passed_as_checkpoint(tmp_path: Path, demo_sd1: Path):
     sd = read_state_dict(demo_sd1)
-    vae = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    vae = {k[len("first_stage_model.") :]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     path = save_safetensors(tmp_path / "vae-ft-mse.safetensors", vae)
     with pytest.raises(UserError, match="is a VAE only"):
         load_model(path)
-
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -221,8 +230,9 @@ def test_plain_ckpt_loads_like_the_safetensors(tmp_path: Path, demo_sd1: Path):
     assert_same_weights(from_st.text_encoders[0], from_ckpt.text_encoders[0])
 
 
-def test_ckpt_with_training_leftovers_loads_without_running_them(tmp_path: Path, demo_sd1: Path,
-                                                                monkeypatch: pytest.MonkeyPatch):
+def test_ckpt_with_training_leftovers_loads_without_running_them(
+    tmp_path: Path, demo_sd1: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Old .ckpt files carry a lightning callback object: it is read as inert data, its code never runs."""
     ran: list[str] = []
     module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
@@ -267,12 +277,24 @@ def test_demo_checkpoint_loads_and_its_text_encoder_runs(tmp_path: Path, demo_sd
     assert m.vae.config.scaling_factor == pytest.approx(0.18215)
     (tok,) = m.tokenizers
     ids = tok("a photo of a cat")["input_ids"]
-    assert tok.convert_ids_to_tokens(ids) == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>",
-                                              "cat</w>", "<|endoftext|>"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<|startoftext|>",
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "a</w>",
+        "cat</w>",
+        "<|endoftext|>",
+    ]
     assert toks.tiny_tokenizer(cache_dir=tmp_path / "tok")("a photo of a cat")["input_ids"] == ids
     assert tok.pad_token_id == tok.eos_token_id  # SD1 pads with <|endoftext|>
-    batch = tok(["a photo of a cat", "a dog"], padding="max_length", max_length=tok.model_max_length,
-                truncation=True, return_tensors="pt")
+    batch = tok(
+        ["a photo of a cat", "a dog"],
+        padding="max_length",
+        max_length=tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
     assert batch.input_ids.shape == (2, 77)
     (te,) = m.text_encoders
     assert isinstance(te, CLIPTextModel)
@@ -305,7 +327,7 @@ def test_demo_sdxl_loads_with_two_text_encoders(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------- tokenizers
 def _fake_bpe(path: Path, merges: list[str]) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as fh:
-        fh.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(merges) + "\n")
+        fh.write('"bpe_simple_vocab_16e6.txt#version: 0.2\n' + "\n".join(merges) + "\n")
 
 
 def test_real_vocab_is_built_from_the_open_clip_merges_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -322,7 +344,11 @@ def test_real_vocab_is_built_from_the_open_clip_merges_file(tmp_path: Path, monk
     assert "open_clip" not in sys.modules
     assert len(tok) == 512 + 4 + 2
     assert tok.convert_ids_to_tokens(tok("the cat")["input_ids"]) == [
-        "<|startoftext|>", "the</w>", "cat</w>", "<|endoftext|>"]
+        "<|startoftext|>",
+        "the</w>",
+        "cat</w>",
+        "<|endoftext|>",
+    ]
     assert tok.bos_token_id == 516 and tok.eos_token_id == 517  # the specials come last
     assert tok.convert_ids_to_tokens([0, 256])[0] == "!" and tok.pad_token_id == 0
     # The real file holds more merges than CLIP uses: only the first 48894 count.

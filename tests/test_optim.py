@@ -36,16 +36,21 @@ def set_grads(params: list[torch.nn.Parameter], step: int, skip: int | None = No
         p.grad = None if i == skip else grad
 
 
-def run_steps(opts: list[torch.optim.Optimizer], param_sets: list[list[torch.nn.Parameter]], steps: range,
-              skip_at: Callable[[int], int | None] = lambda _: None) -> None:
+def run_steps(
+    opts: list[torch.optim.Optimizer],
+    param_sets: list[list[torch.nn.Parameter]],
+    steps: range,
+    skip_at: Callable[[int], int | None] = lambda _: None,
+) -> None:
     for step in steps:
         for opt, params in zip(opts, param_sets, strict=False):
             set_grads(params, step, skip=skip_at(step))
             opt.step()
 
 
-def assert_same(a: list[torch.nn.Parameter], b: list[torch.nn.Parameter], opt_a: torch.optim.Optimizer,
-                opt_b: torch.optim.Optimizer) -> None:
+def assert_same(
+    a: list[torch.nn.Parameter], b: list[torch.nn.Parameter], opt_a: torch.optim.Optimizer, opt_b: torch.optim.Optimizer
+) -> None:
     for pa, pb in zip(a, b, strict=False):
         torch.testing.assert_close(pa.detach(), pb.detach())
         assert opt_a.state[pa].keys() == opt_b.state[pb].keys()
@@ -55,15 +60,18 @@ def assert_same(a: list[torch.nn.Parameter], b: list[torch.nn.Parameter], opt_a:
 
 @pytest.mark.parametrize("chunk", [None, 10])
 @pytest.mark.parametrize("weight_decay, decoupled", [(0.0, False), (0.1, False), (1e-4, True)])
-def test_foreach_lion_matches_lion_pytorch_step_for_step(weight_decay: float, decoupled: bool, chunk: int | None,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_foreach_lion_matches_lion_pytorch_step_for_step(
+    weight_decay: float, decoupled: bool, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if chunk is not None:  # several foreach calls per group (a chunk ends once it holds 10 weights or more)
         monkeypatch.setitem(optim.FOREACH_CHUNK, "cpu", chunk)
     ref_params, our_params = make_params(0), make_params(0)
-    ref = Lion(two_groups(ref_params), lr=1e-3, betas=(0.9, 0.99), weight_decay=weight_decay,
-               decoupled_weight_decay=decoupled)
-    ours = ForeachLion(two_groups(our_params), lr=1e-3, betas=(0.9, 0.99), weight_decay=weight_decay,
-                       decoupled_weight_decay=decoupled)
+    ref = Lion(
+        two_groups(ref_params), lr=1e-3, betas=(0.9, 0.99), weight_decay=weight_decay, decoupled_weight_decay=decoupled
+    )
+    ours = ForeachLion(
+        two_groups(our_params), lr=1e-3, betas=(0.9, 0.99), weight_decay=weight_decay, decoupled_weight_decay=decoupled
+    )
     start = [p.detach().clone() for p in our_params]
     # param 4 has no gradient on the first two steps: no state, no change, as in lion-pytorch
     run_steps([ref, ours], [ref_params, our_params], range(2), skip_at=lambda _: 4)
@@ -151,8 +159,7 @@ class NoFusedAdamW(torch.optim.AdamW):
 
     def __init__(self, params: list, fused: bool | None = None, **kwargs: object) -> None:
         if fused:
-            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
-                               "supported devices")
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
         super().__init__(params, **kwargs)
 
 
@@ -174,8 +181,9 @@ def test_every_optimizer_builds_and_trains_on_cpu(name: str) -> None:
     lr = 1.0 if name == "Prodigy" else 1e-2
     small_lr = lr if name == "Prodigy" else lr / 2  # Prodigy takes one learning rate for all groups
     try:
-        opt = make_optimizer(name, [{"params": [big], "lr": lr}, {"params": [small], "lr": small_lr}], lr,
-                             device=torch.device("cpu"))
+        opt = make_optimizer(
+            name, [{"params": [big], "lr": lr}, {"params": [small], "lr": small_lr}], lr, device=torch.device("cpu")
+        )
     except UserError as exc:
         if name in EIGHT_BIT:
             pytest.skip(f"the installed bitsandbytes has no CPU support for {name}: {exc}")
@@ -204,13 +212,14 @@ def test_every_optimizer_builds_and_trains_on_cpu(name: str) -> None:
 
 def test_unknown_optimizer_is_a_user_error() -> None:
     with pytest.raises(UserError, match="Unknown optimizer"):
-        make_optimizer("Adam", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 1e-3,
-                       device=torch.device("cpu"))
+        make_optimizer("Adam", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 1e-3, device=torch.device("cpu"))
 
 
 def test_prodigy_with_two_learning_rates_is_a_user_error() -> None:
     """Prodigy stops at its first step when groups have different learning rates: say so before training."""
-    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0},
-              {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5}]
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0},
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5},
+    ]
     with pytest.raises(UserError, match="one learning rate"):
         make_optimizer("Prodigy", groups, 1.0, device=torch.device("cpu"))

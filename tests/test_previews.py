@@ -39,8 +39,17 @@ from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.store import Store
 from train_tools.training.trainer import Trainer
 
-SETTINGS = PreviewSettings(prompt="p, a red circle", negative_prompt="blurry", seed=7, steps=2, cfg_scale=5.0,
-                           sampler="Euler a", width=64, height=64, weights=(0.5, 1.0))
+SETTINGS = PreviewSettings(
+    prompt="p, a red circle",
+    negative_prompt="blurry",
+    seed=7,
+    steps=2,
+    cfg_scale=5.0,
+    sampler="Euler a",
+    width=64,
+    height=64,
+    weights=(0.5, 1.0),
+)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -58,14 +67,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     make_demo_dataset(version.originals_dir, n=6)
     # 64 px (the smallest buckets) keeps training fast; a high learning rate so two epochs move the pictures
     # visibly; alpha != dim so the formula check sees the alpha / rank scale; fp32 files to compare like with like.
-    config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=4, network_alpha=2.0,
-                         repeats=1, batch_size=2, epochs=2, save_every_n_epochs=1, optimizer="AdamW",
-                         learning_rate=2e-2, save_precision="fp32", base_model=str(ckpt))
+    config = TrainConfig(
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        network_dim=4,
+        network_alpha=2.0,
+        repeats=1,
+        batch_size=2,
+        epochs=2,
+        save_every_n_epochs=1,
+        optimizer="AdamW",
+        learning_rate=2e-2,
+        save_precision="fp32",
+        base_model=str(ckpt),
+    )
     version.save_settings(config)
     result = Trainer(version, config, ckpt, device="cpu").run()
     assert len(result.files) == 2
-    return types.SimpleNamespace(root=root, store=store, version=version, ckpt=ckpt, run_dir=result.run_dir,
-                                 files=result.files, config=config)
+    return types.SimpleNamespace(
+        root=root, store=store, version=version, ckpt=ckpt, run_dir=result.run_dir, files=result.files, config=config
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +157,7 @@ def test_grid_has_a_labelled_cell_per_epoch_and_weight(trained, grid):
     assert info.columns == [BASE_LABEL, "0.5", "1"]
     assert info.rows == ["epoch 1", "epoch 2"]
     assert len(info.cells) == 2 * 3 and not info.interrupted
-    assert [(c.epoch, c.weight) for c in info.cells] == [(1, None), (1, 0.5), (1, 1.0), (2, None), (2, 0.5),
-                                                         (2, 1.0)]
+    assert [(c.epoch, c.weight) for c in info.cells] == [(1, None), (1, 0.5), (1, 1.0), (2, None), (2, 0.5), (2, 1.0)]
     assert [c.file for c in info.cells if c.file] == [trained.files[0]] * 2 + [trained.files[1]] * 2
     # 2 rows x 2 weights + the base picture, made once for both rows.
     assert len(grid.reporter.steps) == 5 and grid.reporter.steps[-1].total_steps == 5
@@ -147,13 +168,13 @@ def test_grid_has_a_labelled_cell_per_epoch_and_weight(trained, grid):
     assert picture.shape == (info.top + 2 * 64, info.left + 3 * 64, 3)
     for cell in info.cells:
         x, y = info.left + cell.col * 64, info.top + cell.row * 64
-        assert np.array_equal(picture[y:y + 64, x:x + 64], pixels(cell.image)), (cell.row, cell.col)
+        assert np.array_equal(picture[y : y + 64, x : x + 64], pixels(cell.image)), (cell.row, cell.col)
     # Every label is drawn: dark pixels in the header above each column and left of each row.
     for c in range(3):
-        header = picture[:info.top, info.left + c * 64: info.left + (c + 1) * 64]
+        header = picture[: info.top, info.left + c * 64 : info.left + (c + 1) * 64]
         assert (header < 128).any(), info.columns[c]
     for r in range(2):
-        label = picture[info.top + r * 64: info.top + (r + 1) * 64, :info.left]
+        label = picture[info.top + r * 64 : info.top + (r + 1) * 64, : info.left]
         assert (label < 128).any(), info.rows[r]
 
     # grid.json as written, and clicks mapped to cells.
@@ -195,8 +216,10 @@ def test_merged_weights_follow_the_webui_formula(trained, previewer):
     used = apply_kohya_lora(reference.unet, tensors, "lora_unet", weight)
     used |= apply_kohya_lora(reference.text_encoders[0], tensors, "lora_te", weight)
     assert used == set(tensors)
-    for ours, theirs in ((previewer.model.unet, reference.unet),
-                         (previewer.model.text_encoders[0], reference.text_encoders[0])):
+    for ours, theirs in (
+        (previewer.model.unet, reference.unet),
+        (previewer.model.text_encoders[0], reference.text_encoders[0]),
+    ):
         theirs_sd = theirs.state_dict()
         changed = 0
         for key, value in ours.state_dict().items():
@@ -214,8 +237,13 @@ def test_a_lora_of_another_model_is_refused(trained, previewer, tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 8),
-               "lora_te1_text_model_x.lora_up.weight": torch.zeros(8, 4)}, str(wrong))
+    save_file(
+        {
+            "lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 8),
+            "lora_te1_text_model_x.lora_up.weight": torch.zeros(8, 4),
+        },
+        str(wrong),
+    )
     with pytest.raises(UserError, match="trained for another kind"):
         previewer.generate(SETTINGS, wrong, 1.0)
 
@@ -269,7 +297,8 @@ def test_install_writes_the_three_files_as_the_webui_reads_them(trained, grid, t
     target = install_cell(cell, lora_dir, activation_text="p, red circle")
     assert target == lora_dir / f"{trained.files[1].stem}.safetensors"
     assert sorted(p.name for p in lora_dir.iterdir()) == sorted(
-        [target.name, f"{target.stem}.preview.png", f"{target.stem}.json"])
+        [target.name, f"{target.stem}.preview.png", f"{target.stem}.json"]
+    )
 
     user = json.loads((lora_dir / f"{target.stem}.json").read_text(encoding="utf-8"))
     assert set(user) == set(USER_METADATA_KEYS)
@@ -308,8 +337,9 @@ def test_second_install_keeps_both_unless_overwrite(trained, tmp_path):
     assert max(Image.open(io.BytesIO(cover)).size) == 512
     assert Image.open(lora_dir / "cat.preview.png").size == (700, 500)
 
-    again = install_lora(trained.files[1], lora_dir, weight=1.1, activation_text="q", preview=None, name="cat",
-                         overwrite=True)
+    again = install_lora(
+        trained.files[1], lora_dir, weight=1.1, activation_text="q", preview=None, name="cat", overwrite=True
+    )
     assert again == first
     assert json.loads((lora_dir / "cat.json").read_text())["preferred weight"] == 1.1
     assert not (lora_dir / "cat.preview.png").exists()  # no stale picture of the replaced file
@@ -332,8 +362,30 @@ def test_install_refuses_what_it_cannot_do(trained, grid, tmp_path):
 def test_cli_preview_then_install(trained, tmp_path, capsys: pytest.CaptureFixture):
     data = str(trained.root / "data")
     capsys.readouterr()
-    rc = main(["--data-dir", data, "preview", "p", "v1", "--weights", "0.5", "--steps", "2", "--width", "64",
-               "--height", "64", "--seed", "7", "--prompt", "p, a red circle", "--negative", "blurry", "--no-base"])
+    rc = main(
+        [
+            "--data-dir",
+            data,
+            "preview",
+            "p",
+            "v1",
+            "--weights",
+            "0.5",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "7",
+            "--prompt",
+            "p, a red circle",
+            "--negative",
+            "blurry",
+            "--no-base",
+        ]
+    )
     assert rc == 0
     grid_path = Path(capsys.readouterr().out.strip().splitlines()[-1])
     info = grid_info_for(grid_path)
@@ -355,6 +407,7 @@ def test_cli_preview_then_install(trained, tmp_path, capsys: pytest.CaptureFixtu
 
 
 # ---------------------------------------------------------------------------------------------- WebUI
+
 
 @pytest.fixture()
 def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:

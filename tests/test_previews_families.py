@@ -34,8 +34,17 @@ from train_tools.training.trainer_step import sdxl_time_ids
 
 FAMILIES = ("sd2", "sd2v", "sdxl")
 PROMPT = "p, a red circle"
-SETTINGS = PreviewSettings(prompt=PROMPT, negative_prompt="blurry", seed=11, steps=2, cfg_scale=5.0,
-                           sampler="Euler a", width=64, height=64, weights=(0.5, 1.0))
+SETTINGS = PreviewSettings(
+    prompt=PROMPT,
+    negative_prompt="blurry",
+    seed=11,
+    steps=2,
+    cfg_scale=5.0,
+    sampler="Euler a",
+    width=64,
+    height=64,
+    weights=(0.5, 1.0),
+)
 
 
 def pixels(image: Image.Image | Path) -> np.ndarray:
@@ -61,9 +70,21 @@ def _train(family: str, store: Store, root: Path) -> types.SimpleNamespace:
     store.create_project(family)
     version = store.create_version(family, "v1")
     make_demo_dataset(version.originals_dir, n=4)
-    config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=4, network_alpha=2.0,
-                         repeats=1, batch_size=2, epochs=1, optimizer="AdamW", learning_rate=2e-2,
-                         train_text_encoder=True, save_precision="fp32", base_model=str(ckpt))
+    config = TrainConfig(
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        network_dim=4,
+        network_alpha=2.0,
+        repeats=1,
+        batch_size=2,
+        epochs=1,
+        optimizer="AdamW",
+        learning_rate=2e-2,
+        train_text_encoder=True,
+        save_precision="fp32",
+        base_model=str(ckpt),
+    )
     version.save_settings(config)
     trainer = Trainer(version, config, ckpt, device="cpu")
     trainer.prepare()
@@ -71,8 +92,9 @@ def _train(family: str, store: Store, root: Path) -> types.SimpleNamespace:
         trained_on = trainer.encode_text([PROMPT, SETTINGS.negative_prompt])
     result = trainer.run()
     assert len(result.files) == 1
-    return types.SimpleNamespace(family=family, ckpt=ckpt, run_dir=result.run_dir, file=result.files[0],
-                                 trained_on=trained_on)
+    return types.SimpleNamespace(
+        family=family, ckpt=ckpt, run_dir=result.run_dir, file=result.files[0], trained_on=trained_on
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +130,7 @@ def test_grid_of_each_family(family: str, runs, previewers) -> None:
     assert not np.array_equal(full, base)
     # The same seed repeats a picture; another seed does not.
     assert np.array_equal(pixels(previewer.generate(SETTINGS, run.file, 0.5)), half)
-    assert not np.array_equal(pixels(previewer.generate(dataclasses.replace(SETTINGS, seed=12), run.file, 0.5)),
-                              half)
+    assert not np.array_equal(pixels(previewer.generate(dataclasses.replace(SETTINGS, seed=12), run.file, 0.5)), half)
 
 
 def test_sd2v_previews_predict_v_with_every_sampler(runs, previewers) -> None:
@@ -122,8 +143,9 @@ def test_sd2v_previews_predict_v_with_every_sampler(runs, previewers) -> None:
         config = previewer.pipe.scheduler.config
         assert config.prediction_type == "v_prediction", sampler
         # The WebUI's step spacing: k-diffusion's even spread, its DDIM the "leading" steps offset by one.
-        assert (config.timestep_spacing, config.steps_offset) == (
-            "leading" if sampler == "DDIM" else "linspace", 1), sampler
+        assert (config.timestep_spacing, config.steps_offset) == ("leading" if sampler == "DDIM" else "linspace", 1), (
+            sampler
+        )
 
 
 # ---------------------------------------------------------------------------------------------- SDXL
@@ -175,9 +197,11 @@ def test_sdxl_merge_follows_the_webui_formula_for_every_key(runs, previewers) ->
     previewer.apply_lora(run.file, 0.7)
     reference = load_model(run.ckpt)
     te1, te2 = reference.text_encoders
-    used = (apply_kohya_lora(reference.unet, tensors, "lora_unet", 0.7)
-            | apply_kohya_lora(te1, tensors, "lora_te1", 0.7)
-            | apply_kohya_lora(te2, tensors, "lora_te2", 0.7))
+    used = (
+        apply_kohya_lora(reference.unet, tensors, "lora_unet", 0.7)
+        | apply_kohya_lora(te1, tensors, "lora_te1", 0.7)
+        | apply_kohya_lora(te2, tensors, "lora_te2", 0.7)
+    )
     assert used == set(tensors)
     ours = (previewer.model.unet, *previewer.model.text_encoders)
     for mine, theirs in zip(ours, (reference.unet, te1, te2), strict=True):

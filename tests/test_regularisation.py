@@ -39,12 +39,26 @@ pictures = fixtures_training.pictures
 
 
 def tiny_config(**changes: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=2,
-                                network_alpha=1.0, repeats=1, batch_size=1, epochs=2, save_every_n_epochs=1,
-                                optimizer="AdamW", save_precision="fp32", train_text_encoder=False,
-                                mixed_precision="no", trigger_word=TRIGGER, reg_caption=CLASS_CAPTION)
+    base: dict[str, Any] = dict(
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        network_dim=2,
+        network_alpha=1.0,
+        repeats=1,
+        batch_size=1,
+        epochs=2,
+        save_every_n_epochs=1,
+        optimizer="AdamW",
+        save_precision="fp32",
+        train_text_encoder=False,
+        mixed_precision="no",
+        trigger_word=TRIGGER,
+        reg_caption=CLASS_CAPTION,
+    )
     base.update(changes)
     return TrainConfig(**base)
+
 
 @pytest.fixture(scope="module")
 def class_pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -75,6 +89,7 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- the sampler
+
 
 def fake_items(sizes: list[tuple[int, int]], prefix: str) -> list[DatasetItem]:
     return [DatasetItem(image=Path(f"{prefix}{i}.png"), caption="", size=size) for i, size in enumerate(sizes)]
@@ -123,15 +138,35 @@ def test_a_large_class_set_is_used_evenly_over_the_epochs():
 
 # ---------------------------------------------------------------------- preparing and the command line
 
-def test_cli_add_reg_and_prepare_captions_without_trigger_word(tmp_path: Path, pictures: Path,
-                                                               class_pictures: Path, capsys: Any):
+
+def test_cli_add_reg_and_prepare_captions_without_trigger_word(
+    tmp_path: Path, pictures: Path, class_pictures: Path, capsys: Any
+):
     base = ["--data-dir", str(tmp_path)]
     assert main([*base, "project", "create", "p"]) == 0
     assert main([*base, "version", "create", "p", "v1"]) == 0
     assert main([*base, "dataset", "add", "p", "v1", str(pictures)]) == 0
-    assert main([*base, "settings", "p", "v1", "--set", f"trigger_word={TRIGGER}",
-                 "--set", f"reg_caption={CLASS_CAPTION}", "--set", "resolution=64",
-                 "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=128"]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "settings",
+                "p",
+                "v1",
+                "--set",
+                f"trigger_word={TRIGGER}",
+                "--set",
+                f"reg_caption={CLASS_CAPTION}",
+                "--set",
+                "resolution=64",
+                "--set",
+                "min_bucket_reso=64",
+                "--set",
+                "max_bucket_reso=128",
+            ]
+        )
+        == 0
+    )
     version = Store(tmp_path).version("p", "v1")
     before = sorted(p.name for p in version.originals_dir.iterdir())
     capsys.readouterr()
@@ -189,9 +224,11 @@ def test_the_tab_takes_class_pictures_and_counts_them(tmp_path: Path, pictures: 
 
 # ---------------------------------------------------------------------- training
 
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, demo_ckpt: Path, pictures: Path,
-            class_pictures: Path) -> tuple[Trainer, Any]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, demo_ckpt: Path, pictures: Path, class_pictures: Path
+) -> tuple[Trainer, Any]:
     config = tiny_config(batch_size=2, flip_aug=True)
     version = make_version(tmp_path_factory.mktemp("data"), pictures, class_pictures, config)
     trainer = Trainer(version, config, demo_ckpt, device="cpu")
@@ -239,9 +276,15 @@ def test_prior_loss_weight_scales_the_class_pictures_loss(trained: tuple[Trainer
     timesteps = trainer.sample_timesteps(1, gen)
     with torch.no_grad():
         single = float(trainer.loss(latents, text, noise, timesteps))
-        pair = float(trainer.loss(torch.cat([latents, latents]), Conditioning.cat([text, text]),
-                                  torch.cat([noise, noise]), torch.cat([timesteps, timesteps]),
-                                  torch.tensor([1.0, 0.25])))
+        pair = float(
+            trainer.loss(
+                torch.cat([latents, latents]),
+                Conditioning.cat([text, text]),
+                torch.cat([noise, noise]),
+                torch.cat([timesteps, timesteps]),
+                torch.tensor([1.0, 0.25]),
+            )
+        )
     assert pair == pytest.approx(single * 1.25 / 2, rel=1e-5)
 
     # Through the trainer's own weights: with a weight of 0 a class picture teaches nothing.
@@ -250,8 +293,13 @@ def test_prior_loss_weight_scales_the_class_pictures_loss(trained: tuple[Trainer
         g = torch.Generator().manual_seed(0)
         r = random.Random(0)
         lat = trainer.latents_for([index], r, g)
-        loss = trainer.loss(lat, trainer.text_for([index], r), trainer.sample_noise(lat, g),
-                            trainer.sample_timesteps(1, g), trainer.loss_weights([index]))
+        loss = trainer.loss(
+            lat,
+            trainer.text_for([index], r),
+            trainer.sample_noise(lat, g),
+            trainer.sample_timesteps(1, g),
+            trainer.loss_weights([index]),
+        )
         loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.trainable]
 
@@ -263,8 +311,9 @@ def test_prior_loss_weight_scales_the_class_pictures_loss(trained: tuple[Trainer
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def test_a_run_with_class_pictures_resumes_to_the_same_lora(tmp_path: Path, demo_ckpt: Path, pictures: Path,
-                                                             class_pictures: Path):
+def test_a_run_with_class_pictures_resumes_to_the_same_lora(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, class_pictures: Path
+):
     config = tiny_config(shuffle_caption=True, prior_loss_weight=0.5)
     version = make_version(tmp_path, pictures, class_pictures, config)
     straight = Trainer(version, config, demo_ckpt, device="cpu", run_name="straight").run()
@@ -272,8 +321,9 @@ def test_a_run_with_class_pictures_resumes_to_the_same_lora(tmp_path: Path, demo
 
     stop = StopFlag()
 
-    first = Trainer(version, config, demo_ckpt, device="cpu", run_name="stopped", stop=stop,
-                    reporter=StopsAtStep(stop, 3)).run()
+    first = Trainer(
+        version, config, demo_ckpt, device="cpu", run_name="stopped", stop=stop, reporter=StopsAtStep(stop, 3)
+    ).run()
     assert first.interrupted and first.steps == 3
     resumed = Trainer(version, config, demo_ckpt, device="cpu", resume_from=first.run_dir).run()
     assert resumed.steps == straight.steps and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
@@ -285,8 +335,9 @@ def test_a_run_with_class_pictures_resumes_to_the_same_lora(tmp_path: Path, demo
     # A changed set of class pictures cannot go on as it was.
     stop2 = StopFlag()
 
-    halted = Trainer(version, config, demo_ckpt, device="cpu", run_name="halted", stop=stop2,
-                     reporter=StopsAtStep(stop2, 1)).run()
+    halted = Trainer(
+        version, config, demo_ckpt, device="cpu", run_name="halted", stop=stop2, reporter=StopsAtStep(stop2, 1)
+    ).run()
     assert halted.interrupted and halted.steps == 1
     (version.reg_dir / "demo_01.png").unlink()
     from train_tools.errors import UserError

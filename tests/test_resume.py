@@ -48,12 +48,26 @@ pictures = fixtures_training.pictures
 
 
 def tiny_config(**changes: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=2,
-                                network_alpha=1.0, repeats=1, batch_size=1, epochs=3, save_every_n_epochs=1,
-                                optimizer="AdamW", save_precision="fp32", max_token_length=75,
-                                train_text_encoder=False, mixed_precision="no", gradient_checkpointing=False)
+    base: dict[str, Any] = dict(
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        network_dim=2,
+        network_alpha=1.0,
+        repeats=1,
+        batch_size=1,
+        epochs=3,
+        save_every_n_epochs=1,
+        optimizer="AdamW",
+        save_precision="fp32",
+        max_token_length=75,
+        train_text_encoder=False,
+        mixed_precision="no",
+        gradient_checkpointing=False,
+    )
     base.update(changes)
     return TrainConfig(**base)
+
 
 def make_version(data_dir: Path, pictures: Path, config: TrainConfig | None = None) -> Version:
     from train_tools.data.uploads import add_originals
@@ -81,12 +95,19 @@ def assert_same_lora(a: Path, b: Path) -> None:
 
 # ---------------------------------------------------------------------- resume equals uninterrupted
 
-def test_interrupted_then_resumed_equals_uninterrupted_despite_edits(tmp_path: Path, demo_ckpt: Path,
-                                                                     pictures: Path):
+
+def test_interrupted_then_resumed_equals_uninterrupted_despite_edits(tmp_path: Path, demo_ckpt: Path, pictures: Path):
     """Every random source in play (flip, caption shuffle, noise offset, a warm-up + cosine schedule, text
     encoder training): stopped mid-epoch, settings and a caption edited meanwhile, resumed, the same LoRA."""
-    config = tiny_config(train_text_encoder=True, shuffle_caption=True, flip_aug=True, noise_offset=0.05,
-                         lr_scheduler="cosine", lr_warmup_steps=2, repeats=2)
+    config = tiny_config(
+        train_text_encoder=True,
+        shuffle_caption=True,
+        flip_aug=True,
+        noise_offset=0.05,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        repeats=2,
+    )
     version = make_version(tmp_path, pictures, config)
     straight = Trainer(version, config, demo_ckpt, device="cpu", run_name="straight").run()
     assert straight.steps == 12 and not straight.interrupted
@@ -103,8 +124,9 @@ def test_interrupted_then_resumed_equals_uninterrupted_despite_edits(tmp_path: P
             if info.step == 7:
                 stop.request()
 
-    first = Trainer(version, config, demo_ckpt, device="cpu", run_name="stopped", stop=stop,
-                    reporter=EditsThenStops()).run()
+    first = Trainer(
+        version, config, demo_ckpt, device="cpu", run_name="stopped", stop=stop, reporter=EditsThenStops()
+    ).run()
     assert first.interrupted and first.steps == 7
     run = first.run_dir
     snapshot = json.loads((run / "settings.json").read_text(encoding="utf-8"))
@@ -117,8 +139,9 @@ def test_interrupted_then_resumed_equals_uninterrupted_despite_edits(tmp_path: P
 
     # Resume with today's (edited) settings passed in: the run's own snapshot wins.
     reporter = RecordingReporter()
-    resumed = Trainer(version, version.load_settings(), demo_ckpt, device="cpu", reporter=reporter,
-                      resume_from=run).run()
+    resumed = Trainer(
+        version, version.load_settings(), demo_ckpt, device="cpu", reporter=reporter, resume_from=run
+    ).run()
     assert any("Resuming stopped at step 7 of 12" in m for m in reporter.messages)
     assert [s.step for s in reporter.steps] == [8, 9, 10, 11, 12]
     assert resumed.steps == 12 and not resumed.interrupted and resumed.run_dir == run
@@ -135,8 +158,7 @@ def test_interrupted_then_resumed_equals_uninterrupted_despite_edits(tmp_path: P
     assert done.steps == 12 and not again.steps and "already finished" in again.messages[-1]
 
 
-def test_resume_refuses_a_changed_picture_set_and_a_other_base_model(tmp_path: Path, demo_ckpt: Path,
-                                                                   pictures: Path):
+def test_resume_refuses_a_changed_picture_set_and_a_other_base_model(tmp_path: Path, demo_ckpt: Path, pictures: Path):
     from train_tools.models.demo_model import build_demo_checkpoint
 
     config = tiny_config(epochs=2)
@@ -154,8 +176,9 @@ def test_resume_refuses_a_changed_picture_set_and_a_other_base_model(tmp_path: P
         Trainer(version, config, demo_ckpt, device="cpu", resume_from=run).run()
 
 
-def test_resume_command_line_messages(tmp_path: Path, demo_ckpt: Path, pictures: Path,
-                                      caplog: pytest.LogCaptureFixture):
+def test_resume_command_line_messages(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, caplog: pytest.LogCaptureFixture
+):
     from train_tools.cli import main
 
     make_version(tmp_path, pictures, tiny_config())
@@ -196,6 +219,7 @@ def test_the_tab_resumes_through_its_job_manager(tmp_path: Path, demo_ckpt: Path
 
 # ---------------------------------------------------------------------- kill -9 at random moments
 
+
 def _cli(argv: list[str], lock_dir: str | None = None) -> None:
     """A training process: exactly what ``python -m train_tools ...`` runs, with its exit status; ``lock_dir``
     gives it device locks of its own (as if it ran on a computer of its own)."""
@@ -206,8 +230,19 @@ def _cli(argv: list[str], lock_dir: str | None = None) -> None:
     sys.exit(main(argv))
 
 
-_PRELOAD = ["torch", "safetensors.torch", "transformers", "diffusers", "accelerate", "peft", "PIL.Image",
-            "train_tools.training.trainer", "train_tools.models.loader", "train_tools.cli", __name__]
+_PRELOAD = [
+    "torch",
+    "safetensors.torch",
+    "transformers",
+    "diffusers",
+    "accelerate",
+    "peft",
+    "PIL.Image",
+    "train_tools.training.trainer",
+    "train_tools.models.loader",
+    "train_tools.cli",
+    __name__,
+]
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +315,8 @@ def _kill_during_a_save(proc: Any, trains: Path, deadline: float) -> bool:
 
 
 def test_kill_9_at_random_moments_leaves_whole_files_and_resume_finishes_the_same(
-        tmp_path: Path, demo_ckpt: Path, pictures: Path, forkserver: Any):
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, forkserver: Any
+):
     template = tmp_path / "template"
     # 2 pictures x 8 repeats x 3 epochs = 48 steps: the 0.2-3 s kills land in loading, steps and saves alike.
     make_version(template, pictures, tiny_config(repeats=8))
@@ -340,14 +376,16 @@ def test_kill_9_at_random_moments_leaves_whole_files_and_resume_finishes_the_sam
             moments["during training"] += 1
         # Whatever the moment: every file written so far loads (temporary leftovers are hidden names).
         assert _half_files(folder) == [], (trial, wait)
-        assert sorted(p.name for p in (folder / "outputs/train_tools/projects/p/versions/v1/dataset").iterdir()) \
-            == sorted(p.name for p in (template / "outputs/train_tools/projects/p/versions/v1/dataset").iterdir())
+        assert sorted(
+            p.name for p in (folder / "outputs/train_tools/projects/p/versions/v1/dataset").iterdir()
+        ) == sorted(p.name for p in (template / "outputs/train_tools/projects/p/versions/v1/dataset").iterdir())
         # Resume it in the background while the next trial trains: device locks are machine-wide, so the resume
         # gets a lock folder of its own, as if on a second computer.
         if resumed:
             finish(*resumed.pop())
-        resume = forkserver.Process(target=_cli, args=(["--data-dir", str(folder), *train_args, "--resume"],
-                                                       str(folder / "locks")))
+        resume = forkserver.Process(
+            target=_cli, args=(["--data-dir", str(folder), *train_args, "--resume"], str(folder / "locks"))
+        )
         resume.start()
         resumed.append((folder, resume))
     finish(*resumed.pop())
@@ -358,8 +396,10 @@ def test_kill_9_at_random_moments_leaves_whole_files_and_resume_finishes_the_sam
 
 # ---------------------------------------------------------------------- out of memory, full disk
 
-def test_out_of_memory_stops_frees_memory_and_the_next_run_works(tmp_path: Path, demo_ckpt: Path,
-                                                                 pictures: Path, monkeypatch: pytest.MonkeyPatch):
+
+def test_out_of_memory_stops_frees_memory_and_the_next_run_works(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch
+):
     from train_tools.ui.jobs import FAILED, FINISHED, JobManager, training_work
 
     version = make_version(tmp_path, pictures)
@@ -378,8 +418,14 @@ def test_out_of_memory_stops_frees_memory_and_the_next_run_works(tmp_path: Path,
     jobs.start(training_work(version, [config], demo_ckpt, "cpu"))
     status = jobs.wait(120)
     assert status.state == FAILED
-    for advice in ("Out of memory", "batch size (now 2)", "resolution (now 64)", "network dim (now 2)",
-                   "gradient checkpointing", "AdamW8bit"):
+    for advice in (
+        "Out of memory",
+        "batch size (now 2)",
+        "resolution (now 64)",
+        "network dim (now 2)",
+        "gradient checkpointing",
+        "AdamW8bit",
+    ):
         assert advice in status.message
     gc.collect()
     assert models and models[0]() is None  # the failed run let go of its model
@@ -414,7 +460,8 @@ def test_a_full_disk_keeps_the_old_file_and_says_so(tmp_path: Path, monkeypatch:
 
 
 def test_a_full_disk_during_training_keeps_earlier_files_and_the_run_resumes(
-        tmp_path: Path, demo_ckpt: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch):
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch
+):
     config = tiny_config(epochs=2)
     version = make_version(tmp_path, pictures, config)
     real_write = Path.write_bytes
@@ -445,8 +492,18 @@ def test_states_keep_the_newest_and_the_last_save(tmp_path: Path):
     from train_tools.training.state_files import save_state
 
     def state(step: int, kind: str) -> TrainState:
-        return TrainState(epoch=1, batch=step, step=step, kind=kind, finished=False, config={}, base_model_path="",
-                          base_sha256=None, started_at=0.0, lora={"w": torch.full((2,), float(step))})
+        return TrainState(
+            epoch=1,
+            batch=step,
+            step=step,
+            kind=kind,
+            finished=False,
+            config={},
+            base_model_path="",
+            base_sha256=None,
+            started_at=0.0,
+            lora={"w": torch.full((2,), float(step))},
+        )
 
     for step, kind in [(2, SAVE), (4, SAVE), (5, INTERRUPT)]:
         save_state(tmp_path, state(step, kind))

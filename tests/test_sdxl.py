@@ -29,8 +29,22 @@ from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 from train_tools.training.trainer_step import sdxl_time_ids
 
-TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=256",
-        "--set", "network_dim=4", "--set", "network_alpha=4", "--set", "repeats=1", "--set", "batch_size=2"]
+TINY = [
+    "--set",
+    "resolution=128",
+    "--set",
+    "min_bucket_reso=64",
+    "--set",
+    "max_bucket_reso=256",
+    "--set",
+    "network_dim=4",
+    "--set",
+    "network_alpha=4",
+    "--set",
+    "repeats=1",
+    "--set",
+    "batch_size=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +59,11 @@ def version(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Version]:
     data_dir = tmp_path_factory.mktemp("data")
     pictures = tmp_path_factory.mktemp("pictures")
     make_demo_dataset(pictures, n=4)
-    for args in (["project", "create", "xl"], ["version", "create", "xl", "v1"],
-                 ["dataset", "add", "xl", "v1", str(pictures)]):
+    for args in (
+        ["project", "create", "xl"],
+        ["version", "create", "xl", "v1"],
+        ["dataset", "add", "xl", "v1", str(pictures)],
+    ):
         assert main(["--data-dir", str(data_dir), *args]) == 0
     return data_dir, Store(data_dir).version("xl", "v1")
 
@@ -56,10 +73,32 @@ def cli_lora(xl_ckpt: Path, version: tuple[Path, Version]) -> Path:
     """Two epochs through the command line, both text encoders trained, with gradient checkpointing; a high
     learning rate so the LoRA changes the model clearly (the comparisons below need a visible update)."""
     data_dir, _ = version
-    rc = main(["--data-dir", str(data_dir), "train", "xl", "v1", "--ckpt", str(xl_ckpt), *TINY,
-               "--set", "epochs=2", "--set", "save_every_n_epochs=1", "--set", "optimizer=AdamW",
-               "--set", "learning_rate=2e-2", "--set", "gradient_checkpointing=true",
-               "--set", "train_text_encoder=true", "--set", "save_precision=fp32"])
+    rc = main(
+        [
+            "--data-dir",
+            str(data_dir),
+            "train",
+            "xl",
+            "v1",
+            "--ckpt",
+            str(xl_ckpt),
+            *TINY,
+            "--set",
+            "epochs=2",
+            "--set",
+            "save_every_n_epochs=1",
+            "--set",
+            "optimizer=AdamW",
+            "--set",
+            "learning_rate=2e-2",
+            "--set",
+            "gradient_checkpointing=true",
+            "--set",
+            "train_text_encoder=true",
+            "--set",
+            "save_precision=fp32",
+        ]
+    )
     assert rc == 0
     (run,) = [r for r in Store(data_dir).version("xl", "v1").runs() if r.name != "fixed"]
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["xl-v1-000001.safetensors", "xl-v1.safetensors"]
@@ -67,8 +106,18 @@ def cli_lora(xl_ckpt: Path, version: tuple[Path, Version]) -> Path:
 
 
 def tiny_config(**changes: object) -> TrainConfig:
-    base = dict(resolution=128, min_bucket_reso=64, max_bucket_reso=256, network_dim=4, network_alpha=4.0,
-                repeats=1, batch_size=2, epochs=2, save_every_n_epochs=100, optimizer="AdamW")
+    base = dict(
+        resolution=128,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        network_dim=4,
+        network_alpha=4.0,
+        repeats=1,
+        batch_size=2,
+        epochs=2,
+        save_every_n_epochs=100,
+        optimizer="AdamW",
+    )
     base.update(changes)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -89,8 +138,10 @@ def test_cli_trains_sdxl_with_both_text_encoders(cli_lora: Path, xl_ckpt: Path) 
     assert layers("lora_te1") == len(text_encoder_target_modules(te1)) == 6 * te1.config.num_hidden_layers
     assert layers("lora_te2") == len(text_encoder_target_modules(te2)) == 6 * te2.config.num_hidden_layers
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in tensors
-    assert tensors["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape \
-        == (4, model_spec.context_dim)
+    assert tensors["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (
+        4,
+        model_spec.context_dim,
+    )
     # Both encoders learned something (their B started at zero).
     for prefix in ("lora_te1", "lora_te2", "lora_unet"):
         ups = [t for k, t in tensors.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
@@ -109,36 +160,53 @@ def _diffusers_has_peft_backend() -> bool:
     return bool(USE_PEFT_BACKEND)
 
 
-def _run_models(unet: torch.nn.Module, te1: torch.nn.Module, te2: torch.nn.Module, inputs: dict
-                ) -> tuple[torch.Tensor, ...]:
+def _run_models(
+    unet: torch.nn.Module, te1: torch.nn.Module, te2: torch.nn.Module, inputs: dict
+) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         out2 = te2(inputs["ids"])
-        sample = unet(inputs["sample"], 10, inputs["ehs"],
-                      added_cond_kwargs={"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}).sample
+        sample = unet(
+            inputs["sample"],
+            10,
+            inputs["ehs"],
+            added_cond_kwargs={"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]},
+        ).sample
         return sample, te1(inputs["ids"]).last_hidden_state, out2.last_hidden_state, out2.text_embeds
 
 
-def _webui_outputs(base: list[torch.nn.Module], tensors: dict, inputs: dict, multiplier: float
-                   ) -> tuple[torch.Tensor, ...]:
+def _webui_outputs(
+    base: list[torch.nn.Module], tensors: dict, inputs: dict, multiplier: float
+) -> tuple[torch.Tensor, ...]:
     unet, te1, te2 = (copy.deepcopy(model) for model in base)
-    used = (apply_kohya_lora(unet, tensors, "lora_unet", multiplier)
-            | apply_kohya_lora(te1, tensors, "lora_te1", multiplier)
-            | apply_kohya_lora(te2, tensors, "lora_te2", multiplier))
+    used = (
+        apply_kohya_lora(unet, tensors, "lora_unet", multiplier)
+        | apply_kohya_lora(te1, tensors, "lora_te1", multiplier)
+        | apply_kohya_lora(te2, tensors, "lora_te2", multiplier)
+    )
     assert used == set(tensors), f"keys A1111 would not use: {sorted(set(tensors) - used)[:3]}"
     return _run_models(unet, te1, te2, inputs)
 
 
-@pytest.mark.skipif(not _diffusers_has_peft_backend(),
-                    reason="diffusers' LoRA loader needs transformers>=4.34 (the host pins an older one)")
+@pytest.mark.skipif(
+    not _diffusers_has_peft_backend(),
+    reason="diffusers' LoRA loader needs transformers>=4.34 (the host pins an older one)",
+)
 def test_diffusers_sdxl_pipeline_loads_every_key_and_agrees_with_the_webui(cli_lora: Path, xl_ckpt: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     tensors, _ = read_lora(cli_lora)
     m = load_model(xl_ckpt)
     base = [copy.deepcopy(m.unet), *(copy.deepcopy(te) for te in m.text_encoders)]
-    pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
-                                     tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1], unet=m.unet,
-                                     scheduler=m.noise_scheduler, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(
+        vae=m.vae,
+        text_encoder=m.text_encoders[0],
+        text_encoder_2=m.text_encoders[1],
+        tokenizer=m.tokenizers[0],
+        tokenizer_2=m.tokenizers[1],
+        unet=m.unet,
+        scheduler=m.noise_scheduler,
+        add_watermarker=False,
+    )
     # Folder + weight_name: diffusers 0.31 (Forge's) refuses a bare file path when offline. It raises on any
     # key it cannot map.
     pipe.load_lora_weights(str(cli_lora.parent), weight_name=cli_lora.name)
@@ -149,9 +217,13 @@ def test_diffusers_sdxl_pipeline_loads_every_key_and_agrees_with_the_webui(cli_l
 
     gen = torch.Generator().manual_seed(3)
     ids = pipe.tokenizer("a red circle on a blue field", return_tensors="pt").input_ids
-    inputs = {"sample": torch.randn(1, 4, 8, 8, generator=gen), "ehs": torch.randn(1, 7, 64, generator=gen),
-              "pooled": torch.randn(1, 32, generator=gen), "ids": ids,
-              "time_ids": torch.tensor([[384.0, 640.0, 26.0, 0.0, 64.0, 192.0]])}
+    inputs = {
+        "sample": torch.randn(1, 4, 8, 8, generator=gen),
+        "ehs": torch.randn(1, 7, 64, generator=gen),
+        "pooled": torch.randn(1, 32, generator=gen),
+        "ids": ids,
+        "time_ids": torch.tensor([[384.0, 640.0, 26.0, 0.0, 64.0, 192.0]]),
+    }
     base_out = _run_models(*base, inputs)
     full = _webui_outputs(base, tensors, inputs, 1.0)
     for a, b in zip(full, base_out, strict=False):
@@ -175,9 +247,13 @@ def test_webui_formula_applies_every_key_of_the_sdxl_file(cli_lora: Path, xl_ckp
     tensors, _ = read_lora(cli_lora)
     m = load_model(xl_ckpt)
     base = [m.unet, *m.text_encoders]
-    inputs = {"sample": torch.randn(1, 4, 8, 8), "ehs": torch.randn(1, 7, 64), "pooled": torch.randn(1, 32),
-              "ids": torch.tensor([[m.tokenizers[0].bos_token_id, 5, 6, m.tokenizers[0].eos_token_id]]),
-              "time_ids": torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])}
+    inputs = {
+        "sample": torch.randn(1, 4, 8, 8),
+        "ehs": torch.randn(1, 7, 64),
+        "pooled": torch.randn(1, 32),
+        "ids": torch.tensor([[m.tokenizers[0].bos_token_id, 5, 6, m.tokenizers[0].eos_token_id]]),
+        "time_ids": torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]]),
+    }
     half = _webui_outputs(base, tensors, inputs, 0.5)
     for a, b in zip(_webui_outputs(base, tensors, inputs, 0.0), _run_models(*base, inputs), strict=False):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -208,8 +284,9 @@ def test_text_conditioning_is_the_sdxl_recipe(xl_ckpt: Path, version: tuple[Path
     from diffusers import StableDiffusionXLPipeline
 
     _, v = version
-    trainer = Trainer(v, tiny_config(clip_skip=2, max_token_length=150, train_text_encoder=False), xl_ckpt,
-                      device="cpu")
+    trainer = Trainer(
+        v, tiny_config(clip_skip=2, max_token_length=150, train_text_encoder=False), xl_ckpt, device="cpu"
+    )
     trainer.prepare()
     m = trainer.model
     caption = "a red circle on a blue field"
@@ -218,18 +295,27 @@ def test_text_conditioning_is_the_sdxl_recipe(xl_ckpt: Path, version: tuple[Path
     ids1, ids2 = (trainer.tokenize([caption], tok) for tok in trainer.tokenizers)
     assert ids1[0, 76] == m.tokenizers[0].eos_token_id  # CLIP-L pads with the end token
     assert ids2[0, 76] == m.tokenizers[1].pad_token_id == 0  # bigG pads with "!"
-    pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
-                                     tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1], unet=m.unet,
-                                     scheduler=m.noise_scheduler, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(
+        vae=m.vae,
+        text_encoder=m.text_encoders[0],
+        text_encoder_2=m.text_encoders[1],
+        tokenizer=m.tokenizers[0],
+        tokenizer_2=m.tokenizers[1],
+        unet=m.unet,
+        scheduler=m.noise_scheduler,
+        add_watermarker=False,
+    )
     with torch.no_grad():
-        want, _, want_pooled, _ = pipe.encode_prompt(caption, device=torch.device("cpu"), num_images_per_prompt=1,
-                                                     do_classifier_free_guidance=False)
+        want, _, want_pooled, _ = pipe.encode_prompt(
+            caption, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
     torch.testing.assert_close(cond.hidden[:, :77], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cond.pooled, want_pooled, atol=1e-5, rtol=1e-5)
     # The second chunk is an empty caption's encoding (start, end, padding), the pooled one the first chunk's.
     with torch.no_grad():
-        empty, _, _, _ = pipe.encode_prompt("", device=torch.device("cpu"), num_images_per_prompt=1,
-                                            do_classifier_free_guidance=False)
+        empty, _, _, _ = pipe.encode_prompt(
+            "", device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
     torch.testing.assert_close(cond.hidden[:, 77:], empty, atol=1e-5, rtol=1e-5)
     # The cached conditioning of an item carries the same text and its size numbers for the UNet.
     index = next(i for i, item in enumerate(trainer.items) if item.caption)
@@ -254,14 +340,17 @@ def test_size_conditioning_follows_the_centre_crop() -> None:
 @pytest.fixture(scope="module")
 def family_files(tmp_path_factory: pytest.TempPathFactory, xl_ckpt: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("families")
-    files = {family: build_demo_checkpoint(folder / f"{family}-model.safetensors", family=family)
-             for family in ("sd1", "sd2", "sd2v")}
+    files = {
+        family: build_demo_checkpoint(folder / f"{family}-model.safetensors", family=family)
+        for family in ("sd1", "sd2", "sd2v")
+    }
     files["sdxl"] = xl_ckpt
     return files
 
 
-def test_detect_checkpoint_family_reads_only_the_header(family_files: dict[str, Path],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_detect_checkpoint_family_reads_only_the_header(
+    family_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_weights(*args: object, **kwargs: object) -> None:
         raise AssertionError("detection read the weights")
 
@@ -283,12 +372,13 @@ def test_detect_checkpoint_family_for_sd2_without_a_config(family_files: dict[st
     save_file(sd, str(tagged), metadata={"modelspec.prediction_type": "v"})
     assert detect_checkpoint_family(tagged) == "sd2v"
     # A sidecar config wins over the name, as in the WebUI.
-    named.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"eps\"\n")
+    named.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "eps"\n')
     assert detect_checkpoint_family(named) == "sd2"
 
 
-def test_detect_checkpoint_family_of_a_ckpt_and_of_non_checkpoints(family_files: dict[str, Path],
-                                                                   tmp_path: Path) -> None:
+def test_detect_checkpoint_family_of_a_ckpt_and_of_non_checkpoints(
+    family_files: dict[str, Path], tmp_path: Path
+) -> None:
     ckpt = tmp_path / "xl.ckpt"
     torch.save({"state_dict": read_state_dict(family_files["sdxl"])}, ckpt)
     assert detect_checkpoint_family(ckpt) == "sdxl"

@@ -40,8 +40,8 @@ def files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*")} if folder.exists() else set()
 
 
-
 # ---------------------------------------------------------------------- untrusted files
+
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
@@ -84,8 +84,21 @@ def test_a_malicious_training_state_runs_nothing(tmp_path: Path, container: str)
 
 # ---------------------------------------------------------------------- names that try to leave the data dir
 
-BAD_NAMES = ["..", ".", "../evil", "a/../../evil", "/tmp/evil-abs", "C:\\evil", "evil\x00.png", "x" * 300, "",
-             " ", ".hidden", "CON", "a/b"]
+BAD_NAMES = [
+    "..",
+    ".",
+    "../evil",
+    "a/../../evil",
+    "/tmp/evil-abs",
+    "C:\\evil",
+    "evil\x00.png",
+    "x" * 300,
+    "",
+    " ",
+    ".hidden",
+    "CON",
+    "a/b",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -159,10 +172,17 @@ def test_uploaded_file_names_cannot_write_outside_the_version(tmp_path: Path):
 
     link = uploads / "link.png"
     link.symlink_to(secret)
-    hostile = [upload_file("../../../outside/secret.png", (1, 2, 3)), upload_file("/tmp/evil-abs.png", (4, 5, 6)),
-               upload_file("..\\..\\evil-win.png", (7, 8, 9)), {"path": str(link), "orig_name": "link.png"}]
-    refused = [upload_file("..", (10, 11, 12)), upload_file("evil\x00.png", (13, 14, 15)),
-               upload_file("y" * 300 + ".png", (16, 17, 18))]
+    hostile = [
+        upload_file("../../../outside/secret.png", (1, 2, 3)),
+        upload_file("/tmp/evil-abs.png", (4, 5, 6)),
+        upload_file("..\\..\\evil-win.png", (7, 8, 9)),
+        {"path": str(link), "orig_name": "link.png"},
+    ]
+    refused = [
+        upload_file("..", (10, 11, 12)),
+        upload_file("evil\x00.png", (13, 14, 15)),
+        upload_file("y" * 300 + ".png", (16, 17, 18)),
+    ]
     before_outside = files_under(outside) | files_under(tmp_path / "data" / "models")
     before_data = files_under(tmp_path / "data")
 
@@ -184,6 +204,7 @@ def test_uploaded_file_names_cannot_write_outside_the_version(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------- one run per device
+
 
 def _start_fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A Trainer stand-in that runs until told to stop: the locks and jobs around it are the real ones."""
@@ -227,8 +248,9 @@ def _version_with_picture(data: Path) -> tuple[Any, Any, Path]:
     return logic, version, ckpt
 
 
-def test_two_begin_trains_at_once_run_exactly_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture):
+def test_two_begin_trains_at_once_run_exactly_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     import train_tools.ui.logic as ui_logic
     import train_tools.ui.views as ui_views
     from train_tools.cli import main
@@ -293,16 +315,18 @@ with devicelock.hold(sys.argv[2], "cpu", "the other process"):
 def test_the_lock_sees_other_processes_and_a_killed_holder_frees_it(tmp_path: Path):
     folder = tmp_path / "data"  # the data dir of the runs; the lock itself is machine-wide
     stale = devicelock.lock_path("cpu")
-    stale.write_text(json.dumps({"pid": 2 ** 22 + 12345, "started": 0, "label": "long gone"}) + "\n")
+    stale.write_text(json.dumps({"pid": 2**22 + 12345, "started": 0, "label": "long gone"}) + "\n")
     # A lock file left by a dead run blocks nothing.
     with devicelock.hold(folder, "cpu", "me"):
         assert devicelock.holder("cuda:0") is None
-    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), str(folder)], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), str(folder)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        with pytest.raises(devicelock.DeviceBusy, match=rf"cpu device is busy with the other process \(process "
-                                                        rf"{child.pid}"):
+        with pytest.raises(
+            devicelock.DeviceBusy,
+            match=rf"cpu device is busy with the other process \(process "
+            rf"{child.pid}",
+        ):
             devicelock.acquire(folder, "cpu", "me")
         assert devicelock.holder("cpu")["pid"] == child.pid  # type: ignore[index]
         assert devicelock.holder("cuda:1") is None  # another device is free
@@ -332,8 +356,7 @@ def test_the_lock_is_reentrant_in_a_thread_but_not_across_threads(tmp_path: Path
     devicelock.release(devicelock.acquire(tmp_path, "cpu", "after"))
 
 
-def test_the_later_processes_of_one_data_parallel_run_take_no_lock(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch):
+def test_the_later_processes_of_one_data_parallel_run_take_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Rank 0 holds the locks for the run; rank 1 (same data dir, same device or version) must not be
     refused by its own run."""
     errors: list[BaseException] = []
@@ -361,8 +384,10 @@ def test_the_later_processes_of_one_data_parallel_run_take_no_lock(tmp_path: Pat
 
 # ---------------------------------------------------------------------- the standalone app on the network
 
+
 def test_app_flags_default_to_this_computer_and_read_logins(tmp_path: Path):
-    from train_tools.ui.app import build_parser, parse_auth
+    from train_tools.ui.app import build_parser
+    from train_tools.ui.login import parse_auth
 
     assert build_parser().parse_args([]).listen == "127.0.0.1"
     assert build_parser().parse_args(["--listen"]).listen == "0.0.0.0"
@@ -378,8 +403,9 @@ def test_app_flags_default_to_this_computer_and_read_logins(tmp_path: Path):
         parse_auth([], tmp_path / "missing.txt")
 
 
-def test_serve_binds_loopback_serves_only_the_projects_and_passes_the_login(tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch):
+def test_serve_binds_loopback_serves_only_the_projects_and_passes_the_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     import gradio as gr
 
     from train_tools.ui.app import serve

@@ -69,12 +69,19 @@ def test_wrong_logins_make_that_address_wait_and_a_right_login_works_afterwards(
         pytest.skip("Gradio < 5 cannot start its server in this test environment (its own template error)")
     if not _second_loopback_address_works():
         pytest.skip("this computer has no 127.0.0.2 to log in from as a second address")
-    from train_tools.ui.app import LoginThrottle, serve
+    from train_tools.ui.app import serve
+    from train_tools.ui.login import LoginThrottle
 
     port = _free_port()
     throttle = LoginThrottle(free_tries=3, first_wait_s=1.5)
-    demo = serve(StandaloneHost(tmp_path / "data"), port=port, open_browser=False, block=False,
-                 auth=[(USER, PASSWORD), ("bob", "other")], throttle=throttle)
+    demo = serve(
+        StandaloneHost(tmp_path / "data"),
+        port=port,
+        open_browser=False,
+        block=False,
+        auth=[(USER, PASSWORD), ("bob", "other")],
+        throttle=throttle,
+    )
     try:
         # The free tries are answered as usual (wrong credentials).
         for wrong in ("nope", "s3cre", "S3CRET"):
@@ -102,11 +109,12 @@ def test_wrong_logins_make_that_address_wait_and_a_right_login_works_afterwards(
 
 
 def test_the_wait_doubles_with_each_further_failure_up_to_a_cap_and_is_per_address():
-    from train_tools.ui.app import LoginThrottle
+    from train_tools.ui.login import LoginThrottle
 
     now = [1000.0]
-    throttle = LoginThrottle(free_tries=3, first_wait_s=2.0, longest_wait_s=10.0, forget_after_s=60.0,
-                             clock=lambda: now[0])
+    throttle = LoginThrottle(
+        free_tries=3, first_wait_s=2.0, longest_wait_s=10.0, forget_after_s=60.0, clock=lambda: now[0]
+    )
     assert [throttle.failed("10.0.0.1") for _ in range(2)] == [(1, 0.0), (2, 0.0)]
     assert throttle.wait_left("10.0.0.1") == 0
     waits = []
@@ -126,9 +134,9 @@ def test_the_wait_doubles_with_each_further_failure_up_to_a_cap_and_is_per_addre
 
 
 def test_the_login_check_compares_every_pair_in_constant_time(monkeypatch: pytest.MonkeyPatch):
-    import train_tools.ui.app as app
+    import train_tools.ui.login as login
 
-    check = app.login_checker([("ann", "s3cret"), ("bob", "pa:ss"), ("猫", "ключ")])
+    check = login.login_checker([("ann", "s3cret"), ("bob", "pa:ss"), ("猫", "ключ")])
     assert check("ann", "s3cret") and check(" bob ", "pa:ss") and check("猫", "ключ")
     assert not check("ann", "pa:ss") and not check("bob", "s3cret") and not check("ann", "s3cret ")
     assert not check("", "") and not check("eve", "s3cret")
@@ -139,15 +147,16 @@ def test_the_login_check_compares_every_pair_in_constant_time(monkeypatch: pytes
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(app.hmac, "compare_digest", spy)
+    monkeypatch.setattr(login.hmac, "compare_digest", spy)
     for user, password in (("ann", "s3cret"), ("ann", "x"), ("eve", "x"), ("猫", "ключ")):
         calls.clear()
         check(user, password)
         assert len(calls) == 6  # user and password of all three pairs, whoever asks, right or wrong
 
 
-def _serve_with_fake_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                            caplog: pytest.LogCaptureFixture, argv: list[str]) -> list[dict[str, Any]]:
+def _serve_with_fake_launch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, argv: list[str]
+) -> list[dict[str, Any]]:
     """Run ``python -m train_tools ARGV`` up to Gradio's launch; each launch records the warnings logged
     before it (Gradio prints its URL line inside launch)."""
     import gradio as gr
@@ -169,10 +178,9 @@ def _serve_with_fake_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0", "192.168.1.20", "my-pc.local"])
-def test_listening_on_a_network_without_auth_warns_before_the_url_line(monkeypatch: pytest.MonkeyPatch,
-                                                                       tmp_path: Path,
-                                                                       caplog: pytest.LogCaptureFixture,
-                                                                       listen: str):
+def test_listening_on_a_network_without_auth_warns_before_the_url_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, listen: str
+):
     (launch,) = _serve_with_fake_launch(monkeypatch, tmp_path, caplog, ["--listen", listen])
     assert launch["server_name"] == listen
     (warning,) = [w for w in launch["warnings_before"] if "--auth" in w]
@@ -180,12 +188,19 @@ def test_listening_on_a_network_without_auth_warns_before_the_url_line(monkeypat
     assert "train" in warning and "write files" in warning
 
 
-@pytest.mark.parametrize("argv", [["--listen", "127.0.0.1"], ["--listen", "127.0.0.5"], ["--listen", "localhost"],
-                                  ["--listen", "::1"], ["--listen", "0.0.0.0", "--auth", "ann:s3cret"]])
-def test_no_network_warning_for_this_computer_only_or_with_a_login(monkeypatch: pytest.MonkeyPatch,
-                                                                    tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture,
-                                                                    argv: list[str]):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--listen", "127.0.0.1"],
+        ["--listen", "127.0.0.5"],
+        ["--listen", "localhost"],
+        ["--listen", "::1"],
+        ["--listen", "0.0.0.0", "--auth", "ann:s3cret"],
+    ],
+)
+def test_no_network_warning_for_this_computer_only_or_with_a_login(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, argv: list[str]
+):
     (launch,) = _serve_with_fake_launch(monkeypatch, tmp_path, caplog, argv)
     assert not [w for w in launch["warnings_before"] if "anyone on your network" in w]
     if "--auth" in argv:
@@ -197,7 +212,7 @@ def test_logins_sent_all_at_once_from_one_address_are_checked_one_at_a_time():
     address while it is being checked and refuses the others (429), and a late answer still counts."""
     import asyncio
 
-    from train_tools.ui.app import LoginThrottle, LoginThrottleMiddleware
+    from train_tools.ui.login import LoginThrottle, LoginThrottleMiddleware
 
     checked: list[str] = []
 

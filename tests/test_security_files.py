@@ -44,6 +44,7 @@ def mode(path: Path) -> int:
 
 # ---------------------------------------------------------------------- permissions
 
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_written_files_get_the_umasks_permissions(tmp_path: Path):
     old = os.umask(0o022)
@@ -61,8 +62,9 @@ def test_written_files_get_the_umasks_permissions(tmp_path: Path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-def test_every_file_of_a_run_and_an_install_is_readable_by_others(tmp_path: Path, umask: None, demo_ckpt: Path,
-                                                                  pictures: Path):
+def test_every_file_of_a_run_and_an_install_is_readable_by_others(
+    tmp_path: Path, umask: None, demo_ckpt: Path, pictures: Path
+):
     """Dataset copies (even of a private 0600 picture), settings, prepared pictures, the LoRA files, the state,
     previews and what is installed into the Lora folder: all 0644 under umask 022."""
     private = tmp_path / "private"
@@ -74,9 +76,35 @@ def test_every_file_of_a_run_and_an_install_is_readable_by_others(tmp_path: Path
     assert main([*args, "project", "create", "p"]) == 0
     assert main([*args, "version", "create", "p", "v1"]) == 0
     assert main([*args, "dataset", "add", "p", "v1", str(private)]) == 0
-    assert main([*args, "train", "p", "v1", "--ckpt", str(demo_ckpt), "--device", "cpu", "--set", "epochs=1",
-                 "--set", "resolution=64", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=128",
-                 "--set", "network_dim=2", "--set", "repeats=1", "--set", "train_text_encoder=false"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "train",
+                "p",
+                "v1",
+                "--ckpt",
+                str(demo_ckpt),
+                "--device",
+                "cpu",
+                "--set",
+                "epochs=1",
+                "--set",
+                "resolution=64",
+                "--set",
+                "min_bucket_reso=64",
+                "--set",
+                "max_bucket_reso=128",
+                "--set",
+                "network_dim=2",
+                "--set",
+                "repeats=1",
+                "--set",
+                "train_text_encoder=false",
+            ]
+        )
+        == 0
+    )
     lora = next((data / "outputs").rglob("p-v1.safetensors"))
     assert main([*args, "install", "p", "v1", str(lora), "--lora-dir", str(loras)]) == 0
     files = [p for p in [*data.rglob("*"), *loras.rglob("*")] if p.is_file() and not p.name.endswith(".lock")]
@@ -86,6 +114,7 @@ def test_every_file_of_a_run_and_an_install_is_readable_by_others(tmp_path: Path
 
 
 # ---------------------------------------------------------------------- a folder that may not be written
+
 
 def _as_another_user() -> dict[str, object]:
     """subprocess arguments that make the child unable to write a folder this process owns: as root (where
@@ -142,18 +171,31 @@ COMMANDS = [
 def test_a_read_only_data_dir_gives_a_sentence_not_a_traceback(read_only_data: Path, command: list[str]):
     top = read_only_data.parent
     argv = [a.format(more=top / "more", ckpt=top / "demo.safetensors") for a in command]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(top), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "TRAIN_TOOLS_LOCK_DIR": str(top / "locks")}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(top),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "TRAIN_TOOLS_LOCK_DIR": str(top / "locks"),
+    }
     (top / "locks").mkdir(exist_ok=True)
     (top / "locks").chmod(0o777)
     before = {p: p.stat().st_mtime_ns for p in read_only_data.rglob("*")}
-    result = subprocess.run([sys.executable, "-m", "train_tools", "--data-dir", str(read_only_data), *argv],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=str(top),
-                            **_as_another_user())  # type: ignore[call-overload]
+    result = subprocess.run(
+        [sys.executable, "-m", "train_tools", "--data-dir", str(read_only_data), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(top),
+        **_as_another_user(),
+    )  # type: ignore[call-overload]
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "Error: Cannot write" in result.stderr and "read-only or belongs to another user" in result.stderr, \
+    assert "Error: Cannot write" in result.stderr and "read-only or belongs to another user" in result.stderr, (
         result.stderr[-3000:]
+    )
     assert {p: p.stat().st_mtime_ns for p in read_only_data.rglob("*")} == before  # nothing the user had changed
 
 
@@ -179,14 +221,16 @@ def test_the_tab_says_the_folder_is_read_only(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(Path, "mkdir", refuse)
     values = [getattr(TrainConfig(), n) for n in ui_views.SETTING_FIELDS]
     msg = object()
-    for fn, args in [(logic.save_settings, ("p", "v1", *values)), (logic.create_project, ("q",)),
-                     (logic.create_version, ("p", "v2"))]:
+    for fn, args in [
+        (logic.save_settings, ("p", "v1", *values)),
+        (logic.create_project, ("q",)),
+        (logic.create_version, ("p", "v2")),
+    ]:
         out = ui_layout.guarded(fn, [msg], msg)(*args)
         assert "Cannot write" in str(out[0]) and "read-only" in str(out[0]), out
     from train_tools.ui.jobs import describe_failure
 
-    assert describe_failure(PermissionError(errno.EROFS, "Read-only file system", "/x")).startswith(
-        "Cannot write /x")
+    assert describe_failure(PermissionError(errno.EROFS, "Read-only file system", "/x")).startswith("Cannot write /x")
 
 
 def test_os_errors_that_are_not_the_users_stay_errors():
@@ -200,6 +244,7 @@ def test_os_errors_that_are_not_the_users_stay_errors():
 
 
 # ---------------------------------------------------------------------- terminal lines
+
 
 def test_dataset_add_prints_its_summary_once(tmp_path: Path, pictures: Path, capfd: pytest.CaptureFixture[str]):
     import logging
@@ -222,8 +267,9 @@ def test_dataset_add_prints_its_summary_once(tmp_path: Path, pictures: Path, cap
     assert (out + err).lower().count("added 2 pictures") == 1, out + err
 
 
-def test_an_error_starts_on_its_own_line_after_a_progress_bar(monkeypatch: pytest.MonkeyPatch,
-                                                              capfd: pytest.CaptureFixture[str]):
+def test_an_error_starts_on_its_own_line_after_a_progress_bar(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+):
     import logging
 
     from tqdm import tqdm

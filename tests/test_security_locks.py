@@ -52,8 +52,9 @@ def holder_script(tmp_path: Path) -> Path:
 
 class _Child:
     def __init__(self, args: list[str], **kwargs: Any) -> None:
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, **kwargs)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if line != "held":
@@ -92,8 +93,10 @@ def _fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
         def run(self) -> Any:
             label = f"{self.version.project} / {self.version.name}"
-            with devicelock.hold(self.version.data_dir, self.device, label), \
-                    devicelock.hold_version(self.version.path, label):
+            with (
+                devicelock.hold(self.version.data_dir, self.device, label),
+                devicelock.hold_version(self.version.path, label),
+            ):
                 seen["runs"] += 1
                 seen["running"].set()
                 seen["go"].wait(20)
@@ -141,6 +144,7 @@ def _lock_files(folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- one name per device
+
 
 @pytest.mark.parametrize("spelling", ["cpu", "cpu:0", "CPU", " cpu:0 ", "Cpu:3"])
 def test_every_spelling_of_the_cpu_is_one_device_and_one_lock(spelling: str, monkeypatch: pytest.MonkeyPatch):
@@ -192,8 +196,9 @@ def test_a_gpu_is_named_by_the_card_not_by_its_index_in_this_process(monkeypatch
     assert devicelock.lock_path("cuda:0") == second_card  # the same name torch's UUID gives
 
 
-@pytest.mark.parametrize("nonsense", ["gpu", "cuda:x", "cuda:-1", "../../etc/passwd", "cuda:0; rm -rf ~",
-                                      "cuda\x00", "cpu:0:1", "  :0"])
+@pytest.mark.parametrize(
+    "nonsense", ["gpu", "cuda:x", "cuda:-1", "../../etc/passwd", "cuda:0; rm -rf ~", "cuda\x00", "cpu:0:1", "  :0"]
+)
 def test_a_nonsense_device_is_refused_with_a_sentence(nonsense: str):
     with pytest.raises(UserError, match=r"is not a device to train on; write cpu, cuda \(the first GPU\)") as info:
         devicelock.lock_path(nonsense)
@@ -211,6 +216,7 @@ def test_a_gpu_this_computer_lacks_is_refused_with_a_sentence(monkeypatch: pytes
 
 
 # ---------------------------------------------------------------------- one place per machine
+
 
 def test_the_lock_lives_in_the_machine_folder_not_in_the_data_dir(tmp_path: Path, _own_lock_dir: Path):
     folder = tmp_path / "data"
@@ -238,7 +244,8 @@ def test_without_an_override_every_user_shares_one_sticky_folder(tmp_path: Path,
 
 
 def test_an_unusable_shared_folder_falls_back_to_the_users_own_with_a_warning(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     if os.name == "nt":
         pytest.skip("Windows keeps the locks per user (see devicelock.py)")
     root = tmp_path / "tmp"
@@ -250,8 +257,10 @@ def test_an_unusable_shared_folder_falls_back_to_the_users_own_with_a_warning(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(devicelock, "_shared_root", lambda: root)
     monkeypatch.setattr(devicelock, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="train_tools.devicelock"), \
-            devicelock.hold(tmp_path / "data", "cpu", "me") as path:
+    with (
+        caplog.at_level(logging.WARNING, logger="train_tools.devicelock"),
+        devicelock.hold(tmp_path / "data", "cpu", "me") as path,
+    ):
         assert path.parent == tmp_path / "cache" / "train_tools" / "locks"
     assert "cannot use the shared lock folder" in caplog.text and "other users of this computer" in caplog.text
     assert list(elsewhere.iterdir()) == []
@@ -259,9 +268,10 @@ def test_an_unusable_shared_folder_falls_back_to_the_users_own_with_a_warning(
 
 # ---------------------------------------------------------------------- two data dirs, one device
 
-def test_a_second_data_dir_cannot_train_on_a_device_the_first_holds(tmp_path: Path, holder_script: Path,
-                                                                    child: Any, monkeypatch: pytest.MonkeyPatch,
-                                                                    caplog: pytest.LogCaptureFixture):
+
+def test_a_second_data_dir_cannot_train_on_a_device_the_first_holds(
+    tmp_path: Path, holder_script: Path, child: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """Another program (a WebUI install) trains with data dir A on "cpu:0"; this app, with data dir B, asks
     for "cpu": the same device, so Begin Train and the command line of B are refused, naming A."""
     from train_tools.cli import main
@@ -272,8 +282,10 @@ def test_a_second_data_dir_cannot_train_on_a_device_the_first_holds(tmp_path: Pa
     logic_b, _version_b, ckpt_b = _data_dir_with_version(data_b)
     other = child([sys.executable, str(holder_script), str(ROOT), str(data_a), "cpu:0", "cat / v3 (Train Tools tab)"])
     pid = other.proc.pid
-    busy = (rf"The cpu device is busy with cat / v3 \(Train Tools tab\) \(process {pid}, webui\.py with data dir "
-            rf"{data_a}, started \d\d:\d\d:\d\d\); wait for it to finish")
+    busy = (
+        rf"The cpu device is busy with cat / v3 \(Train Tools tab\) \(process {pid}, webui\.py with data dir "
+        rf"{data_a}, started \d\d:\d\d:\d\d\); wait for it to finish"
+    )
 
     with pytest.raises(devicelock.DeviceBusy, match=busy):
         logic_b.begin_train("p", "v1", *_setting_values())
@@ -302,8 +314,10 @@ def test_a_run_of_this_data_dir_is_not_named_by_its_data_dir(tmp_path: Path, hol
 
 # ---------------------------------------------------------------------- dataset update vs a run
 
-def test_dataset_update_is_refused_while_a_run_trains_the_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  caplog: pytest.LogCaptureFixture):
+
+def test_dataset_update_is_refused_while_a_run_trains_the_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     from train_tools.cli import main
     from train_tools.ui.jobs import FINISHED
 
@@ -328,8 +342,9 @@ def test_dataset_update_is_refused_while_a_run_trains_the_version(tmp_path: Path
     assert len(list(version.prepared_dir.glob("*.png"))) == 4
 
 
-def test_training_is_refused_while_the_dataset_is_updated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture):
+def test_training_is_refused_while_the_dataset_is_updated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     import train_tools.data.preparation as preparation
     from train_tools.cli import main
 
@@ -370,8 +385,9 @@ def test_training_is_refused_while_the_dataset_is_updated(tmp_path: Path, monkey
 
 
 @pytest.mark.parametrize("way", ["Train Tools tab", "command line"])
-def test_no_update_slips_in_between_the_runs_of_a_learning_rate_list(way: str, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch):
+def test_no_update_slips_in_between_the_runs_of_a_learning_rate_list(
+    way: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Two learning rates run two Trainers; between them (the Trainer's own locks released) the version
     stays held by the job or the command, so an update cannot rewrite prepared/ under the second run."""
     import train_tools.training.trainer as trainer_module
@@ -401,17 +417,33 @@ def test_no_update_slips_in_between_the_runs_of_a_learning_rate_list(way: str, t
 
     monkeypatch.setattr(trainer_module, "Trainer", Between)
     if way == "command line":
-        assert main(["--data-dir", str(data), "train", "p", "v1", "--ckpt", str(ckpt), "--device", "cpu",
-                     "--set", "learning_rate=1e-4,2e-4"]) == 0
+        assert (
+            main(
+                [
+                    "--data-dir",
+                    str(data),
+                    "train",
+                    "p",
+                    "v1",
+                    "--ckpt",
+                    str(ckpt),
+                    "--device",
+                    "cpu",
+                    "--set",
+                    "learning_rate=1e-4,2e-4",
+                ]
+            )
+            == 0
+        )
     else:
         jobs = JobManager()
         jobs.start(training_work(version, [object(), object()], ckpt, "cpu"))
         jobs.wait(20)
-    assert len(refusals) == 2 and all(f"Version p / v1 is busy with p / v1 ({way})" in r for r in refusals), \
-        refusals
+    assert len(refusals) == 2 and all(f"Version p / v1 is busy with p / v1 ({way})" in r for r in refusals), refusals
 
 
 # ---------------------------------------------------------------------- a shared folder others can write
+
 
 def test_a_link_planted_as_a_lock_file_is_refused_not_written_through(tmp_path: Path, _own_lock_dir: Path):
     victim = tmp_path / "victims-notes.txt"
@@ -472,8 +504,7 @@ except devicelock.DeviceBusy as exc:
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run as another user")
-def test_two_users_lock_each_other_out_and_an_unwritable_file_is_no_crash(child: Any,
-                                                                         monkeypatch: pytest.MonkeyPatch):
+def test_two_users_lock_each_other_out_and_an_unwritable_file_is_no_crash(child: Any, monkeypatch: pytest.MonkeyPatch):
     """Root and nobody share one lock folder (sticky, like /tmp): each one's run refuses the other's, even
     with a strict umask; a lock file nobody may not write (root's, 0644) is still locked, not a crash."""
     shared = Path(tempfile.mkdtemp(prefix="train_tools-locks-test-", dir="/tmp"))
@@ -485,16 +516,27 @@ def test_two_users_lock_each_other_out_and_an_unwritable_file_is_no_crash(child:
         old_umask = os.umask(0o077)
         try:
             with devicelock.hold(Path("/root/data"), "cpu", "root's run"):
-                refused = subprocess.run(as_nobody, user=65534, group=65534, env=env, capture_output=True,
-                                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+                refused = subprocess.run(
+                    as_nobody,
+                    user=65534,
+                    group=65534,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    stdin=subprocess.DEVNULL,
+                )
         finally:
             os.umask(old_umask)
         assert refused.stdout.startswith("busy: The cpu device is busy with root's run (process "), refused
         assert "user root" in refused.stdout and "data dir /root/data" in refused.stdout
 
         nobody = child(as_nobody, user=65534, group=65534, env=env)  # free now: nobody takes it
-        with pytest.raises(devicelock.DeviceBusy, match=rf"busy with nobody's run \(process {nobody.proc.pid}, "
-                                                        r"user nobody, .*data dir /nonexistent/data"):
+        with pytest.raises(
+            devicelock.DeviceBusy,
+            match=rf"busy with nobody's run \(process {nobody.proc.pid}, "
+            r"user nobody, .*data dir /nonexistent/data",
+        ):
             devicelock.acquire(Path("/root/data"), "cpu", "root's run")
         nobody.stop()
 
@@ -508,8 +550,9 @@ def test_two_users_lock_each_other_out_and_an_unwritable_file_is_no_crash(child:
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def test_a_lock_file_this_user_cannot_write_is_still_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture):
+def test_a_lock_file_this_user_cannot_write_is_still_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """Another user's lock file, readable but not writable: taken read-only (a warning says why its line is
     not ours), and still exclusive. Root may write any file, so there the refusal is played by os.open."""
     lock = devicelock.lock_path("cpu")
@@ -526,8 +569,10 @@ def test_a_lock_file_this_user_cannot_write_is_still_locked(tmp_path: Path, monk
         monkeypatch.setattr(devicelock.os, "open", refusing_open)
     monkeypatch.setattr(devicelock, "_warned", set())
     errors: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="train_tools.devicelock"), \
-            devicelock.hold(tmp_path / "data", "cpu", "me"):
+    with (
+        caplog.at_level(logging.WARNING, logger="train_tools.devicelock"),
+        devicelock.hold(tmp_path / "data", "cpu", "me"),
+    ):
         t = threading.Thread(target=lambda: errors.append(_refusal(tmp_path)))
         t.start()
         t.join(10)
@@ -553,17 +598,21 @@ def test_holder_of_a_free_device_is_none_and_of_a_held_one_its_line(tmp_path: Pa
     assert devicelock.holder("cpu") is None
 
 
-def test_a_stray_rank_without_a_data_parallel_launcher_still_takes_the_locks(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch):
+def test_a_stray_rank_without_a_data_parallel_launcher_still_takes_the_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Only a launcher's later processes (WORLD_SIZE > 1) skip the locks; a leftover LOCAL_RANK must not."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     errors: list[str] = []
     with devicelock.hold(tmp_path / "data", "cpu", "first"), devicelock.hold_version(tmp_path / "v", "p / v1"):
+
         def second() -> None:
-            for take in (lambda: devicelock.hold(tmp_path / "data", "cpu", "second"),
-                         lambda: devicelock.hold_version(tmp_path / "v", "p / v1 (second)")):
+            for take in (
+                lambda: devicelock.hold(tmp_path / "data", "cpu", "second"),
+                lambda: devicelock.hold_version(tmp_path / "v", "p / v1 (second)"),
+            ):
                 try:
                     with take():
                         pass

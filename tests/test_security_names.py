@@ -36,31 +36,94 @@ def outside_target(tmp_path: Path) -> Path:
 
 
 def hostile_output_names(tmp_path: Path) -> list[str]:
-    return [str(outside_target(tmp_path)), "../../../../outside/victim", "a/b", "..\\..\\evil", "C:\\evil",
-            "evil\x00name", "evil\u202etxt.exe", "zero\u200bwidth", "\ufeffbom", "line\u2028break", "CON",
-            "nul.txt", "COM¹", "CONIN$", "..", ".hidden", "x" * 300]
+    return [
+        str(outside_target(tmp_path)),
+        "../../../../outside/victim",
+        "a/b",
+        "..\\..\\evil",
+        "C:\\evil",
+        "evil\x00name",
+        "evil\u202etxt.exe",
+        "zero\u200bwidth",
+        "\ufeffbom",
+        "line\u2028break",
+        "CON",
+        "nul.txt",
+        "COM¹",
+        "CONIN$",
+        "..",
+        ".hidden",
+        "x" * 300,
+    ]
 
 
 # ---------------------------------------------------------------------- what names.py refuses and keeps
 
-@pytest.mark.parametrize("name", ["zero\u200bwidth", "evil\u202etxt.exe", "\ufeffbom", "line\u2028sep",
-                                  "para\u2029sep", "left\u200emark", "iso\u2066late", "soft\u00adhyphen",
-                                  "private\ue000use"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "zero\u200bwidth",
+        "evil\u202etxt.exe",
+        "\ufeffbom",
+        "line\u2028sep",
+        "para\u2029sep",
+        "left\u200emark",
+        "iso\u2066late",
+        "soft\u00adhyphen",
+        "private\ue000use",
+    ],
+)
 def test_invisible_and_text_reordering_characters_are_refused(name: str):
     with pytest.raises(UserError, match=r"invisible or text-reordering character \(U\+"):
         names.check_name(name, "project name")
 
 
-@pytest.mark.parametrize("name", ["CON", "con", "Con.txt", "PRN", "AUX", "NUL", "nul.tar.gz", "COM1", "com9",
-                                  "COM0", "LPT1", "COM¹", "COM²", "LPT³", "CONIN$", "conout$", "CONOUT$.log",
-                                  "AUX .png", "CLOCK$"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CON",
+        "con",
+        "Con.txt",
+        "PRN",
+        "AUX",
+        "NUL",
+        "nul.tar.gz",
+        "COM1",
+        "com9",
+        "COM0",
+        "LPT1",
+        "COM¹",
+        "COM²",
+        "LPT³",
+        "CONIN$",
+        "conout$",
+        "CONOUT$.log",
+        "AUX .png",
+        "CLOCK$",
+    ],
+)
 def test_every_windows_device_name_is_refused(name: str):
     with pytest.raises(UserError, match="reserved by Windows"):
         names.check_name(name, "version name")
 
 
-@pytest.mark.parametrize("name", ["my cat", "日本語のキャラ", "👨‍👩‍👧 family", "👍🏽 ok", "CONSOLE", "COM10", "console",
-                                  "nullify", "a.b", "café", "Ünïcødé"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "my cat",
+        "日本語のキャラ",
+        "👨‍👩‍👧 family",
+        "👍🏽 ok",
+        "CONSOLE",
+        "COM10",
+        "console",
+        "nullify",
+        "a.b",
+        "café",
+        "Ünïcødé",
+    ],
+)
 def test_ordinary_names_are_kept(name: str):
     import unicodedata
 
@@ -93,8 +156,11 @@ def test_names_too_long_to_save_a_lora_are_refused_when_the_version_is_made(tmp_
     store = Store(tmp_path / "data")
     long_project = "p" * 120
     store.create_project(long_project)
-    with pytest.raises(UserError, match=r"too long: it would make the file name .* bytes long, and disks take at "
-                                        r"most 255"):
+    with pytest.raises(
+        UserError,
+        match=r"too long: it would make the file name .* bytes long, and disks take at "
+        r"most 255",
+    ):
         store.create_version(long_project, "v" * 120)
     assert store.versions(long_project) == []
     # What fits, fits: 120 + 80 bytes leave room for the longest suffix and the temporary file.
@@ -111,9 +177,11 @@ def test_a_too_long_path_is_refused_on_windows_before_anything(tmp_path: Path):
 
 # ---------------------------------------------------------------------- the command line
 
+
 @pytest.mark.parametrize("index", range(17))
-def test_the_cli_refuses_a_hostile_output_name_before_any_work(tmp_path: Path, index: int, demo_ckpt: Path,
-                                                               caplog: pytest.LogCaptureFixture):
+def test_the_cli_refuses_a_hostile_output_name_before_any_work(
+    tmp_path: Path, index: int, demo_ckpt: Path, caplog: pytest.LogCaptureFixture
+):
     value = hostile_output_names(tmp_path)[index]
     data = tmp_path / "data"
     (tmp_path / "outside").mkdir()
@@ -124,16 +192,33 @@ def test_the_cli_refuses_a_hostile_output_name_before_any_work(tmp_path: Path, i
     before = files_under(tmp_path)
     with caplog.at_level("ERROR"):
         assert main(["--data-dir", str(data), "settings", "p", "v1", "--set", f"output_name={value}"]) == 2
-        assert main(["--data-dir", str(data), "train", "p", "v1", "--ckpt", str(demo_ckpt), "--device", "cpu",
-                     "--set", f"output_name={value}"]) == 2
+        assert (
+            main(
+                [
+                    "--data-dir",
+                    str(data),
+                    "train",
+                    "p",
+                    "v1",
+                    "--ckpt",
+                    str(demo_ckpt),
+                    "--device",
+                    "cpu",
+                    "--set",
+                    f"output_name={value}",
+                ]
+            )
+            == 2
+        )
     assert caplog.text.count("setting 'output_name'") == 2, caplog.text
     assert "Traceback" not in caplog.text
     assert files_under(tmp_path) == before  # nothing written anywhere, the settings left as they were
     assert not list(version.trains_dir.iterdir()) and not list(version.prepared_dir.iterdir())
 
 
-def test_a_hand_edited_settings_file_with_a_path_as_output_name_trains_nothing(tmp_path: Path, demo_ckpt: Path,
-                                                                               caplog: pytest.LogCaptureFixture):
+def test_a_hand_edited_settings_file_with_a_path_as_output_name_trains_nothing(
+    tmp_path: Path, demo_ckpt: Path, caplog: pytest.LogCaptureFixture
+):
     data = tmp_path / "data"
     store = Store(data)
     store.create_project("p")
@@ -148,8 +233,9 @@ def test_a_hand_edited_settings_file_with_a_path_as_output_name_trains_nothing(t
     assert not (tmp_path / "outside").exists() and not list(version.trains_dir.iterdir())
 
 
-def test_a_long_output_name_is_refused_before_preparing_not_at_the_first_save(tmp_path: Path, demo_ckpt: Path,
-                                                                              pictures: Path):
+def test_a_long_output_name_is_refused_before_preparing_not_at_the_first_save(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path
+):
     """Before: 120 + 120-byte names trained a whole epoch, then failed at the first save, and resume failed the
     same way. Now the trainer refuses before preparing a picture, whatever path the settings took."""
     from train_tools.data.uploads import add_originals
@@ -178,6 +264,7 @@ def test_the_command_line_still_takes_a_checkpoint_path(tmp_path: Path, demo_ckp
 
 
 # ---------------------------------------------------------------------- the tab and its HTTP API
+
 
 def _logic(tmp_path: Path) -> tuple[Any, Any, Path]:
     import train_tools.ui.logic as ui_logic
@@ -245,10 +332,18 @@ def _free_port() -> int:
 def _call(base: str, deps: list[dict[str, Any]], api_name: str, data: list[Any], session: str) -> str:
     """One event of the page, sent as the browser sends it (queue/join in a session), and its answer stream."""
     index, dep = next((i, d) for i, d in enumerate(deps) if d.get("api_name") == api_name)
-    body = json.dumps({"data": data, "fn_index": index, "session_hash": session, "event_data": None,
-                       "trigger_id": dep["targets"][0][0]}).encode()
-    request = urllib.request.Request(f"{base}/gradio_api/queue/join", data=body,
-                                     headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "data": data,
+            "fn_index": index,
+            "session_hash": session,
+            "event_data": None,
+            "trigger_id": dep["targets"][0][0],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{base}/gradio_api/queue/join", data=body, headers={"Content-Type": "application/json"}
+    )
     urllib.request.urlopen(request, timeout=30).read()
     lines = []
     with urllib.request.urlopen(f"{base}/gradio_api/queue/data?session_hash={session}", timeout=60) as response:

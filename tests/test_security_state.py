@@ -48,8 +48,11 @@ def files_outside(data: Path) -> dict[str, tuple[int, int]]:
     """Every file beside the data dir ``data`` (in the test's temporary root), with its size and time; not the
     machine-wide device locks (a run takes one wherever its data dir is)."""
     locks = Path(os.environ["TRAIN_TOOLS_LOCK_DIR"]).resolve()
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(data.parent.rglob("*"))
-            if p.is_file() and data not in p.parents and locks not in p.resolve().parents}
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(data.parent.rglob("*"))
+        if p.is_file() and data not in p.parents and locks not in p.resolve().parents
+    }
 
 
 def hostile_json() -> dict[str, bytes]:
@@ -89,8 +92,9 @@ def test_a_hostile_settings_file_is_one_sentence_and_kept(tmp_path: Path, name: 
 def test_a_settings_file_with_a_byte_order_mark_is_read(tmp_path: Path):
     """Windows Notepad writes UTF-8 with a BOM: the values in it are used."""
     version = _version(tmp_path / "data")
-    version.settings_path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"epochs": 7, "preview_prompt": "caf\u00e9"}
-                                                                  ).encode("utf-8"))
+    version.settings_path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"epochs": 7, "preview_prompt": "caf\u00e9"}).encode("utf-8")
+    )
     config = version.load_settings()
     assert config.epochs == 7 and config.preview_prompt == "caf\u00e9"
 
@@ -133,8 +137,12 @@ def test_a_run_snapshot_with_a_byte_order_mark_is_read(tmp_path: Path):
 
     run = tmp_path / "r1"
     run.mkdir()
-    (run / "settings.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(
-        {"epochs": 4, "base_model_path": "/models/a.safetensors", "repeats_used": 2, "started_at": 12.5}).encode())
+    (run / "settings.json").write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(
+            {"epochs": 4, "base_model_path": "/models/a.safetensors", "repeats_used": 2, "started_at": 12.5}
+        ).encode()
+    )
     config, base = read_run_settings(run)  # type: ignore[misc]
     assert (config.epochs, base) == (4, "/models/a.safetensors") and run_started_at(run) == 12.5
 
@@ -145,9 +153,13 @@ def test_a_hostile_preview_grid_description_is_one_sentence(tmp_path: Path, case
 
     path = tmp_path / "run" / "previews" / "grid-1" / "grid.json"
     path.parent.mkdir(parents=True)
-    good = {"grid": "grid-1.png", "settings": {}, "interrupted": False,
-            "layout": {"columns": ["a"], "rows": ["b"], "left": 0, "top": 0, "cell_width": 8, "cell_height": 8},
-            "cells": [{"row": 0, "col": 0, "epoch": 1, "file": "a.safetensors", "weight": 1.0, "path": "c.png"}]}
+    good = {
+        "grid": "grid-1.png",
+        "settings": {},
+        "interrupted": False,
+        "layout": {"columns": ["a"], "rows": ["b"], "left": 0, "top": 0, "cell_width": 8, "cell_height": 8},
+        "cells": [{"row": 0, "col": 0, "epoch": 1, "file": "a.safetensors", "weight": 1.0, "path": "c.png"}],
+    }
     if case == "deep":
         path.write_bytes(b"[" * DEEP + b"]" * DEEP)
     elif case == "outside":
@@ -227,11 +239,14 @@ def stopped(tmp_path_factory: pytest.TempPathFactory, demo_ckpt: Path, pictures:
     version = _version(tmp_path_factory.mktemp("data"), pictures)
     version.save_settings(tiny_config())
     stop = StopFlag()
-    result = Trainer(version, tiny_config(), demo_ckpt, device="cpu", stop=stop, run_name="stopped",
-                     reporter=StopsAtStep(stop, 3)).run()
+    result = Trainer(
+        version, tiny_config(), demo_ckpt, device="cpu", stop=stop, run_name="stopped", reporter=StopsAtStep(stop, 3)
+    ).run()
     assert result.interrupted and result.steps == 3
-    assert [p.name for p in state_files(result.run_dir)] == ["step-00000003-interrupt.state",
-                                                              "step-00000002-save.state"]
+    assert [p.name for p in state_files(result.run_dir)] == [
+        "step-00000003-interrupt.state",
+        "step-00000002-save.state",
+    ]
     return version, result.run_dir
 
 
@@ -271,8 +286,10 @@ def _first_weight_state(obj: dict[str, Any]) -> dict[str, Any]:
 # Edits that leave a state that loads but does not hold together or does not fit the run; each with what the
 # message says. They are checked before anything resumes, with no fall-back to an older state.
 DAMAGE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "batch far past the end": (_set("batch", 10**9),
-                               "batch 1000000000 is past the end of epoch 2, which has 2 batches"),
+    "batch far past the end": (
+        _set("batch", 10**9),
+        "batch 1000000000 is past the end of epoch 2, which has 2 batches",
+    ),
     "batch one past the end": (_set("batch", 3), "batch 3 is past the end of epoch 2, which has 2 batches"),
     "negative batch": (_set("batch", -1), "its batch is -1, below 0"),
     "epoch 0": (_set("epoch", 0), "its epoch is 0, below 1"),
@@ -280,32 +297,48 @@ DAMAGE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "losses cut short": (lambda o: o.update(losses=o["losses"][:1]), "it holds 1 losses for 3 steps"),
     "step not where the batch ends": (lambda o: o.update(batch=2), "step 3 is not where batch 2 of epoch 2 ends"),
     "finished interrupt": (_set("finished", True), "do not go together"),
-    "file outside the run": (lambda o: o["files"].append("../../../../evil.safetensors"),
-                             "is not the name of a LoRA file in the run folder"),
-    "LoRA weight of another shape": (_lora(lambda lora, k: lora.__setitem__(k, torch.zeros(1))),
-                                     "not of shape"),
+    "file outside the run": (
+        lambda o: o["files"].append("../../../../evil.safetensors"),
+        "is not the name of a LoRA file in the run folder",
+    ),
+    "LoRA weight of another shape": (_lora(lambda lora, k: lora.__setitem__(k, torch.zeros(1))), "not of shape"),
     "LoRA weight of NaN": (_lora(lambda lora, k: lora[k].fill_(float("nan"))), "NaN"),
-    "optimizer moment of another shape": (lambda o: _first_weight_state(o).__setitem__("exp_avg", torch.zeros(3)),
-                                          "exp_avg"),
-    "optimizer learning rate text": (lambda o: o["optimizer"]["param_groups"][0].__setitem__("lr", "fast"),
-                                     "optimizer's group 1, lr"),
-    "optimizer state of an unknown weight": (lambda o: o["optimizer"]["state"].__setitem__(999, {}),
-                                             "weights the run does not have"),
-    "schedule past the run": (lambda o: o["scheduler"].__setitem__("last_epoch", 10**6),
-                              "learning-rate schedule stands at step 1000000"),
-    "schedule with a foreign key": (lambda o: o["scheduler"].__setitem__("optimizer", 1),
-                                    "learning-rate schedule has unknown 'optimizer'"),
-    "generator of another size": (lambda o: o["rng"][0].__setitem__("trainer_torch", torch.zeros(3, dtype=torch.uint8)),
-                                  "trainer_torch"),
-    "python generator out of range": (lambda o: o["rng"][0]["python"]["internal"].__setitem__(0, -5),
-                                      "Mersenne Twister"),
+    "optimizer moment of another shape": (
+        lambda o: _first_weight_state(o).__setitem__("exp_avg", torch.zeros(3)),
+        "exp_avg",
+    ),
+    "optimizer learning rate text": (
+        lambda o: o["optimizer"]["param_groups"][0].__setitem__("lr", "fast"),
+        "optimizer's group 1, lr",
+    ),
+    "optimizer state of an unknown weight": (
+        lambda o: o["optimizer"]["state"].__setitem__(999, {}),
+        "weights the run does not have",
+    ),
+    "schedule past the run": (
+        lambda o: o["scheduler"].__setitem__("last_epoch", 10**6),
+        "learning-rate schedule stands at step 1000000",
+    ),
+    "schedule with a foreign key": (
+        lambda o: o["scheduler"].__setitem__("optimizer", 1),
+        "learning-rate schedule has unknown 'optimizer'",
+    ),
+    "generator of another size": (
+        lambda o: o["rng"][0].__setitem__("trainer_torch", torch.zeros(3, dtype=torch.uint8)),
+        "trainer_torch",
+    ),
+    "python generator out of range": (
+        lambda o: o["rng"][0]["python"]["internal"].__setitem__(0, -5),
+        "Mersenne Twister",
+    ),
     "settings out of range": (lambda o: o["config"].__setitem__("epochs", -3), "epochs"),
 }
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_a_damaged_resume_state_is_refused_before_anything_resumes(stopped: tuple[Version, Path], demo_ckpt: Path,
-                                                                   case: str):
+def test_a_damaged_resume_state_is_refused_before_anything_resumes(
+    stopped: tuple[Version, Path], demo_ckpt: Path, case: str
+):
     version, _run = stopped
     edit, says = DAMAGE[case]
     run = copy_run(stopped)
@@ -326,8 +359,9 @@ def test_a_damaged_resume_state_is_refused_before_anything_resumes(stopped: tupl
 
 
 @pytest.mark.parametrize("content", [b"\xef\xbb\xbf{}", b"\xe9t\xe9", b"[" * DEEP + b"]" * DEEP, b'{"a.png": [1]}'])
-def test_a_hostile_captions_snapshot_of_a_run_is_one_sentence(stopped: tuple[Version, Path], demo_ckpt: Path,
-                                                              content: bytes):
+def test_a_hostile_captions_snapshot_of_a_run_is_one_sentence(
+    stopped: tuple[Version, Path], demo_ckpt: Path, content: bytes
+):
     """The captions a run began with (``captions.json``): a BOM is read, anything else wrong is a sentence."""
     version, _run = stopped
     run = copy_run(stopped)
@@ -341,8 +375,9 @@ def test_a_hostile_captions_snapshot_of_a_run_is_one_sentence(stopped: tuple[Ver
     shutil.rmtree(run)
 
 
-def test_the_command_line_refuses_a_state_past_the_end_with_a_sentence(stopped: tuple[Version, Path],
-                                                                       caplog: pytest.LogCaptureFixture):
+def test_the_command_line_refuses_a_state_past_the_end_with_a_sentence(
+    stopped: tuple[Version, Path], caplog: pytest.LogCaptureFixture
+):
     """Before, batch=10**9 'finished' the run with exit status 0, skipping the rest of its epoch."""
     from train_tools.cli import main
 
@@ -400,8 +435,7 @@ def test_an_unreadable_newest_state_falls_back_or_says_so(stopped: tuple[Version
     shutil.rmtree(run)
 
 
-def test_a_sound_copy_resumes_and_a_fall_back_ends_with_the_same_lora(stopped: tuple[Version, Path],
-                                                                      demo_ckpt: Path):
+def test_a_sound_copy_resumes_and_a_fall_back_ends_with_the_same_lora(stopped: tuple[Version, Path], demo_ckpt: Path):
     """The checks refuse nothing sound: the untouched copy, and a copy whose newest state is broken (it goes on
     from the epoch save before it), both end where the straight run ends."""
     from tests.test_resume import assert_same_lora
@@ -417,10 +451,13 @@ def test_a_sound_copy_resumes_and_a_fall_back_ends_with_the_same_lora(stopped: t
 
 
 @pytest.mark.parametrize("optimizer", ["Lion", "SGDNesterov", "AdaFactor", "Prodigy"])
-def test_states_of_every_optimizer_pass_the_checks(tmp_path: Path, demo_ckpt: Path, pictures: Path,
-                                                   optimizer: str):
-    config = tiny_config(optimizer=optimizer, lr_scheduler="cosine", lr_warmup_steps=1,
-                         **({"learning_rate": 1.0} if optimizer == "Prodigy" else {}))
+def test_states_of_every_optimizer_pass_the_checks(tmp_path: Path, demo_ckpt: Path, pictures: Path, optimizer: str):
+    config = tiny_config(
+        optimizer=optimizer,
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+        **({"learning_rate": 1.0} if optimizer == "Prodigy" else {}),
+    )
     version = _version(tmp_path / "data", pictures)
     stop = StopFlag()
     first = Trainer(version, config, demo_ckpt, device="cpu", stop=stop, reporter=StopsAtStep(stop, 3)).run()
@@ -436,8 +473,7 @@ def _started_at(path: Path) -> str:
         return fh.metadata()["ss_training_started_at"]
 
 
-def test_a_resumed_run_keeps_its_start_time_with_or_without_a_state(stopped: tuple[Version, Path],
-                                                                    demo_ckpt: Path):
+def test_a_resumed_run_keeps_its_start_time_with_or_without_a_state(stopped: tuple[Version, Path], demo_ckpt: Path):
     version, run = stopped
     began = _started_at(run / "p-v1-000001.safetensors")
     assert json.loads((run / "settings.json").read_text(encoding="utf-8"))["started_at"] == float(began)
@@ -459,8 +495,7 @@ def test_the_start_time_of_a_run_from_before_it_was_recorded_is_its_snapshots(tm
     assert run_started_at(run) == (run / "settings.json").stat().st_mtime
 
 
-def test_a_base_model_of_the_same_name_with_changed_content_says_so(stopped: tuple[Version, Path],
-                                                                     tmp_path: Path):
+def test_a_base_model_of_the_same_name_with_changed_content_says_so(stopped: tuple[Version, Path], tmp_path: Path):
     from train_tools.models.demo_model import build_demo_checkpoint
 
     version, run = stopped
@@ -474,8 +509,7 @@ def test_a_base_model_of_the_same_name_with_changed_content_says_so(stopped: tup
     shutil.rmtree(copy)
 
 
-def test_half_written_latent_cache_entries_are_cleaned_by_the_next_run(stopped: tuple[Version, Path],
-                                                                       demo_ckpt: Path):
+def test_half_written_latent_cache_entries_are_cleaned_by_the_next_run(stopped: tuple[Version, Path], demo_ckpt: Path):
     from train_tools.data.latent_cache import CACHE_DIR_NAME
 
     version, _run = stopped
@@ -491,4 +525,3 @@ def test_half_written_latent_cache_entries_are_cleaned_by_the_next_run(stopped: 
     result = Trainer(version, tiny_config(epochs=1), demo_ckpt, device="cpu", run_name=f"clean-{next(_copies)}").run()
     assert not result.interrupted and not leftover.exists()
     assert sorted(p.name for p in cache.glob("*.safetensors")) == entries  # the whole entries stay
-

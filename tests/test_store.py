@@ -23,8 +23,26 @@ def test_any_name_a_person_types_works(tmp_path: Path, name: str):
     assert store.version(name, name).settings_path.exists()
 
 
-@pytest.mark.parametrize("name", ["..", "../evil", "a/b", "/etc", "a\\b", "bad\x00name", "CON", "nul.txt", "com1",
-                                  "", "   ", ".hidden", "trailing.", "x" * 200, "tab\there"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        "../evil",
+        "a/b",
+        "/etc",
+        "a\\b",
+        "bad\x00name",
+        "CON",
+        "nul.txt",
+        "com1",
+        "",
+        "   ",
+        ".hidden",
+        "trailing.",
+        "x" * 200,
+        "tab\there",
+    ],
+)
 def test_dangerous_names_are_refused(tmp_path: Path, name: str):
     with pytest.raises(UserError):
         check_name(name)

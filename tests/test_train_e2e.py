@@ -18,8 +18,22 @@ from train_tools.progress import RecordingReporter, StopFlag
 from train_tools.store import Store
 from train_tools.training.trainer import Trainer
 
-TINY = ["--set", "resolution=128", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=256",
-        "--set", "network_dim=4", "--set", "network_alpha=2", "--set", "repeats=1", "--set", "batch_size=2"]
+TINY = [
+    "--set",
+    "resolution=128",
+    "--set",
+    "min_bucket_reso=64",
+    "--set",
+    "max_bucket_reso=256",
+    "--set",
+    "network_dim=4",
+    "--set",
+    "network_alpha=2",
+    "--set",
+    "repeats=1",
+    "--set",
+    "batch_size=2",
+]
 
 
 demo_ckpt = fixtures_training.demo_ckpt  # the shared fixture, found by pytest under this name
@@ -35,8 +49,18 @@ def demo_pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(**changes: object) -> TrainConfig:
-    base = dict(resolution=128, min_bucket_reso=64, max_bucket_reso=256, network_dim=4, network_alpha=2.0,
-                repeats=1, batch_size=2, epochs=2, save_every_n_epochs=1, optimizer="AdamW")
+    base = dict(
+        resolution=128,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        network_dim=4,
+        network_alpha=2.0,
+        repeats=1,
+        batch_size=2,
+        epochs=2,
+        save_every_n_epochs=1,
+        optimizer="AdamW",
+    )
     base.update(changes)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -52,8 +76,24 @@ def test_cli_whole_flow(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path, ca
     project = "猫のキャラ 🐱"
     store = make_version(tmp_path, demo_pictures, project)
     originals = {p.name: p.read_bytes() for p in store.version(project, "v1").originals_dir.iterdir()}
-    rc = main(["--data-dir", str(tmp_path), "train", project, "v1", "--ckpt", str(demo_ckpt), *TINY,
-               "--set", "epochs=2", "--set", "save_every_n_epochs=1", "--set", "optimizer=AdamW"])
+    rc = main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "train",
+            project,
+            "v1",
+            "--ckpt",
+            str(demo_ckpt),
+            *TINY,
+            "--set",
+            "epochs=2",
+            "--set",
+            "save_every_n_epochs=1",
+            "--set",
+            "optimizer=AdamW",
+        ]
+    )
     assert rc == 0
     version = store.version(project, "v1")
     (run,) = version.runs()
@@ -87,8 +127,14 @@ def test_cli_whole_flow(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path, ca
 def test_loss_goes_down_on_a_fixed_batch(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
     store = make_version(tmp_path, demo_pictures)
     version = store.version("p", "v1")
-    config = tiny_config(epochs=12, learning_rate=2e-3, network_dim=8, network_alpha=8.0, train_text_encoder=False,
-                         save_every_n_epochs=100)
+    config = tiny_config(
+        epochs=12,
+        learning_rate=2e-3,
+        network_dim=8,
+        network_alpha=8.0,
+        train_text_encoder=False,
+        save_every_n_epochs=100,
+    )
     trainer = Trainer(version, config, demo_ckpt, device="cpu")
     trainer.prepare()
     before = trainer.fixed_batch_loss()
@@ -105,8 +151,9 @@ def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictu
     stop = StopFlag()
 
     reporter = StopsAtStep(stop, 2)
-    result = Trainer(store.version("p", "v1"), tiny_config(epochs=5), demo_ckpt, reporter=reporter, stop=stop,
-                     device="cpu").run()
+    result = Trainer(
+        store.version("p", "v1"), tiny_config(epochs=5), demo_ckpt, reporter=reporter, stop=stop, device="cpu"
+    ).run()
     assert result.interrupted and result.steps == 2
     assert len(result.files) == 1 and result.files[0].exists()
     assert "interrupted" in result.files[0].name
@@ -117,9 +164,9 @@ def test_interrupt_saves_what_it_has(tmp_path: Path, demo_ckpt: Path, demo_pictu
     assert n and reporter.tasks == [("Preparing pictures", n, n, "")]
 
 
-def test_interrupt_while_preparing_stops_before_anything_is_trained(tmp_path: Path, demo_ckpt: Path,
-                                                                   demo_pictures: Path,
-                                                                   caplog: pytest.LogCaptureFixture):
+def test_interrupt_while_preparing_stops_before_anything_is_trained(
+    tmp_path: Path, demo_ckpt: Path, demo_pictures: Path, caplog: pytest.LogCaptureFixture
+):
     from train_tools.commands import _report_result
 
     version = make_version(tmp_path, demo_pictures).version("p", "v1")
@@ -159,23 +206,34 @@ def test_same_seed_same_lora(tmp_path: Path, demo_ckpt: Path, demo_pictures: Pat
         torch.testing.assert_close(outs[0][k], outs[1][k])
 
 
-def test_fp16_on_cpu_falls_back_with_a_message(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path,
-                                               caplog: pytest.LogCaptureFixture):
+def test_fp16_on_cpu_falls_back_with_a_message(
+    tmp_path: Path, demo_ckpt: Path, demo_pictures: Path, caplog: pytest.LogCaptureFixture
+):
     store = make_version(tmp_path, demo_pictures)
     with caplog.at_level(logging.WARNING):
-        result = Trainer(store.version("p", "v1"), tiny_config(epochs=1, mixed_precision="fp16"), demo_ckpt,
-                         device="cpu").run()
+        result = Trainer(
+            store.version("p", "v1"), tiny_config(epochs=1, mixed_precision="fp16"), demo_ckpt, device="cpu"
+        ).run()
     assert result.final_file is not None and result.final_file.exists()
     assert "needs a CUDA GPU" in caplog.text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "epoch=3"], "Did you mean 'epochs'"),
-    (["--set", "optimizer=Adam"], "'optimizer'"),
-    (["--ckpt", "no-such-model"], "was not found"),
-])
-def test_cli_user_errors_are_one_line(tmp_path: Path, demo_pictures: Path, demo_ckpt: Path, args: list[str],
-                                      message: str, caplog: pytest.LogCaptureFixture):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "epoch=3"], "Did you mean 'epochs'"),
+        (["--set", "optimizer=Adam"], "'optimizer'"),
+        (["--ckpt", "no-such-model"], "was not found"),
+    ],
+)
+def test_cli_user_errors_are_one_line(
+    tmp_path: Path,
+    demo_pictures: Path,
+    demo_ckpt: Path,
+    args: list[str],
+    message: str,
+    caplog: pytest.LogCaptureFixture,
+):
     make_version(tmp_path, demo_pictures)
     if "--ckpt" not in args:
         args = [*args, "--ckpt", str(demo_ckpt)]
@@ -187,8 +245,9 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, demo_pictures: Path, demo_
     assert Store(tmp_path).version("p", "v1").runs() == []
 
 
-def test_not_a_checkpoint_is_refused_and_nothing_is_lost(tmp_path: Path, demo_pictures: Path,
-                                                         caplog: pytest.LogCaptureFixture):
+def test_not_a_checkpoint_is_refused_and_nothing_is_lost(
+    tmp_path: Path, demo_pictures: Path, caplog: pytest.LogCaptureFixture
+):
     store = make_version(tmp_path, demo_pictures)
     fake = tmp_path / "model.safetensors"
     fake.write_text("this is not a model")
@@ -203,8 +262,9 @@ def test_not_a_checkpoint_is_refused_and_nothing_is_lost(tmp_path: Path, demo_pi
     assert store.version("p", "v1").runs() == []
 
 
-def test_samples_during_and_preview_grid_after_training(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path,
-                                                         monkeypatch: pytest.MonkeyPatch):
+def test_samples_during_and_preview_grid_after_training(
+    tmp_path: Path, demo_ckpt: Path, demo_pictures: Path, monkeypatch: pytest.MonkeyPatch
+):
     """sample_every_n_epochs and preview_at_end: pictures of the saved files, made by the run itself."""
     import dataclasses
 
@@ -215,12 +275,22 @@ def test_samples_during_and_preview_grid_after_training(tmp_path: Path, demo_ckp
 
     defaults = settings.default_settings
     # Fewer sampling steps and weights than a user's defaults: the same code, a tenth of the CPU time.
-    monkeypatch.setattr(settings, "default_settings", lambda *a, **k: dataclasses.replace(
-        defaults(*a, **k), steps=2, weights=(0.5, 1.0)))
+    monkeypatch.setattr(
+        settings,
+        "default_settings",
+        lambda *a, **k: dataclasses.replace(defaults(*a, **k), steps=2, weights=(0.5, 1.0)),
+    )
     monkeypatch.setattr(samples, "default_settings", settings.default_settings)  # the grid at the end's name
     store = make_version(tmp_path, demo_pictures)
-    config = tiny_config(epochs=2, save_every_n_epochs=1, sample_every_n_epochs=2, preview_at_end=True,
-                         resolution=64, min_bucket_reso=64, max_bucket_reso=128)
+    config = tiny_config(
+        epochs=2,
+        save_every_n_epochs=1,
+        sample_every_n_epochs=2,
+        preview_at_end=True,
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+    )
     result = Trainer(store.version("p", "v1"), config, demo_ckpt, device="cpu").run()
     samples = sorted(p.name for p in (result.run_dir / "samples").glob("*.png"))
     assert samples == ["epoch-000002-1.png", "epoch-000002-2.png"]  # epoch 2 only, two seeds
@@ -237,8 +307,9 @@ def test_gradient_checkpointing_learns_the_same_lora(tmp_path: Path, demo_ckpt: 
     version = store.version("p", "v1")
     files = {}
     for checkpointing in (False, True):
-        config = tiny_config(epochs=1, gradient_checkpointing=checkpointing, train_text_encoder=True,
-                             learning_rate=1e-2, clip_skip=1)
+        config = tiny_config(
+            epochs=1, gradient_checkpointing=checkpointing, train_text_encoder=True, learning_rate=1e-2, clip_skip=1
+        )
         result = Trainer(version, config, demo_ckpt, device="cpu", run_name=f"gc-{checkpointing}").run()
         files[checkpointing] = result.files[-1]
     plain, checkpointed = (read_tensors(files[False]), read_tensors(files[True]))
@@ -256,8 +327,24 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_a_learning_rate_list_trains_one_run_per_value(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
     store = make_version(tmp_path, demo_pictures)
-    rc = main(["--data-dir", str(tmp_path), "train", "p", "v1", "--ckpt", str(demo_ckpt), *TINY,
-               "--set", "epochs=1", "--set", "optimizer=AdamW", "--set", "learning_rate=1e-3,2e-3"])
+    rc = main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "train",
+            "p",
+            "v1",
+            "--ckpt",
+            str(demo_ckpt),
+            *TINY,
+            "--set",
+            "epochs=1",
+            "--set",
+            "optimizer=AdamW",
+            "--set",
+            "learning_rate=1e-3,2e-3",
+        ]
+    )
     assert rc == 0
     runs = store.version("p", "v1").runs()
     assert len(runs) == 2

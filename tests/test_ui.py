@@ -21,6 +21,7 @@ import train_tools.ui.gradio_compat as gradio_compat
 import train_tools.ui.html as ui_html
 import train_tools.ui.layout as ui_layout
 import train_tools.ui.logic as ui_logic
+import train_tools.ui.results_logic as ui_results_logic
 import train_tools.ui.uploads as ui_uploads
 import train_tools.ui.views as ui_views
 from train_tools.config import TrainConfig, fields_info
@@ -71,6 +72,7 @@ def make_version(logic: ui_logic.TabLogic, project: str = "猫 cat", version: st
 
 # ---------------------------------------------------------------------- building and wiring
 
+
 def _functions(blocks: gr.Blocks) -> list[Any]:
     fns = blocks.fns
     return list(fns.values()) if isinstance(fns, dict) else list(fns)
@@ -119,7 +121,7 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     monkeypatch.setattr(ui_logic, "core_prepare", lambda v, config, host=None, task=None: "")
     monkeypatch.setattr(ui_logic, "core_demo_pictures", lambda v: 12)
     monkeypatch.setattr(ui_logic, "training_work", lambda *a: fake_work())
-    monkeypatch.setattr(ui_logic, "preview_work", lambda *a: fake_work())
+    monkeypatch.setattr(ui_results_logic, "preview_work", lambda *a: fake_work())
     import train_tools.previews.grid_info
     import train_tools.training.resume
     import train_tools.ui.jobs
@@ -129,19 +131,27 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
     cell = types.SimpleNamespace(has_lora=True, file=version.trains_dir / "run1" / "p-v1.safetensors", weight=0.8)
     grid = types.SimpleNamespace(cell=lambda row, col: cell, cell_at=lambda x, y: cell)
     monkeypatch.setattr(train_tools.previews.grid_info, "grid_info_for", lambda path: grid)
-    monkeypatch.setattr(train_tools.previews.grid_info, "install_cell",
-                        lambda c, lora_dir, **k: lora_dir / c.file.name)
+    monkeypatch.setattr(train_tools.previews.grid_info, "install_cell", lambda c, lora_dir, **k: lora_dir / c.file.name)
     tab = ui_layout.build_tab(host, logic.jobs)
     comps = tab.train_tools.components
     grid_png = str(version.trains_dir / "run1" / "previews" / "grid-1.png")  # a grid of the version's run
     # Values a user would have on the page.
-    current = {id(comps["project"]): "p", id(comps["version"]): "v1", id(comps["new_project"]): "q",
-               id(comps["new_version"]): "v2", id(comps["result_file"]): "run1/p-v1.safetensors",
-               id(comps["upload"]): [str(upload)], id(comps["upload_reg"]): [str(upload)],
-               id(comps["setting_base_model"]): "mine.safetensors",
-               id(comps["caption_target"]): str(version.originals_dir / "a.png"), id(comps["caption"]): "a  red\nball",
-               id(comps["tag"]): "red", id(comps["tag_new"]): "blue", id(comps["grid_path"]): grid_png,
-               id(comps["preview_cell"]): {"grid": grid_png, "row": 0, "col": 1}}
+    current = {
+        id(comps["project"]): "p",
+        id(comps["version"]): "v1",
+        id(comps["new_project"]): "q",
+        id(comps["new_version"]): "v2",
+        id(comps["result_file"]): "run1/p-v1.safetensors",
+        id(comps["upload"]): [str(upload)],
+        id(comps["upload_reg"]): [str(upload)],
+        id(comps["setting_base_model"]): "mine.safetensors",
+        id(comps["caption_target"]): str(version.originals_dir / "a.png"),
+        id(comps["caption"]): "a  red\nball",
+        id(comps["tag"]): "red",
+        id(comps["tag_new"]): "blue",
+        id(comps["grid_path"]): grid_png,
+        id(comps["preview_cell"]): {"grid": grid_png, "row": 0, "col": 1},
+    }
     functions = _functions(tab)
     assert len(functions) >= 15
     for fn in functions:
@@ -183,6 +193,7 @@ def test_polling_uses_the_gradio_version_mechanism(host):
 
 
 # ---------------------------------------------------------------------- projects, versions, settings
+
 
 def test_create_project_and_version_and_reopen_after_reload(logic):
     out = logic.create_project("猫 cat")
@@ -228,6 +239,7 @@ def test_settings_values_round_trip_through_the_controls():
 
 
 # ---------------------------------------------------------------------- dataset
+
 
 def test_uploaded_files_from_each_gradio_and_staged_under_their_own_names(tmp_path):
     a = tmp_path / "tmpab12cat.png"
@@ -287,8 +299,9 @@ def test_upload_and_update_dataset_with_the_real_dataset_code(logic, tmp_path):
     assert len(ui_views.original_images(version)) == 3
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128)
     heard: list[tuple[str, int, int]] = []
-    gallery, line, tags, message = logic.update_dataset("猫 cat", "v1", *values_of(config),
-                                                        progress=lambda *a: heard.append(a))
+    gallery, line, tags, message = logic.update_dataset(
+        "猫 cat", "v1", *values_of(config), progress=lambda *a: heard.append(a)
+    )
     assert line.startswith("3 images"), line
     # The uploaded caption is used, after the trigger word (the project's name when none is set).
     assert any(caption == "猫 cat, my caption" for _, caption in gallery), gallery
@@ -310,6 +323,7 @@ def test_progress_bar_only_where_the_page_still_launches_without_a_queue(host):
 
 
 # ---------------------------------------------------------------------- training job, progress, results
+
 
 def fake_work(steps: int = 4, sleep: float = 0.0, fail: Exception | None = None, save_to: Path | None = None):
     def work(reporter, stop):
@@ -410,8 +424,11 @@ def test_begin_train_without_pictures_or_model_says_what_to_do(logic):
 def test_results_list_and_copy_to_lora_folder(logic):
     version = make_version(logic)
     old = fake_lora(version.trains_dir / "20240101-000000" / "猫 cat-v1.safetensors", {"ss_epoch": "2"})
-    new = fake_lora(version.trains_dir / "20240102-000000" / "猫 cat-v1-000002.safetensors",
-                    {"ss_epoch": "2", "ss_steps": "96"}, payload=b"\1" * 8)
+    new = fake_lora(
+        version.trains_dir / "20240102-000000" / "猫 cat-v1-000002.safetensors",
+        {"ss_epoch": "2", "ss_steps": "96"},
+        payload=b"\1" * 8,
+    )
     (new.parent / "猫 cat-v1-000002.png").write_bytes(b"preview")
     files = ui_views.list_results(version)
     assert [f.path for f in files] == [new, old]  # newest run first
@@ -437,7 +454,7 @@ def test_progress_html_and_chart_follow_the_numbers():
     html = ui_html.progress_html(status)
     assert 'data-step="1000"' in html and 'data-total="1000"' in html and "epoch 2/2" in html
     svg = ui_html.loss_chart_svg(status.losses)
-    raw = svg.split("class=\"tt-raw\"")[1].split("points=\"")[1].split("\"")[0]
+    raw = svg.split('class="tt-raw"')[1].split('points="')[1].split('"')[0]
     assert len(raw.split()) <= ui_html.MAX_CHART_POINTS
     assert ui_html.loss_chart_svg([0.5]) == ""
     idle = ui_html.progress_html(JobManager().status())
@@ -479,11 +496,14 @@ def test_the_bar_shows_preparing_before_the_first_step():
     finish.set()
     jobs.wait(10)
     rec = jobs.current.reporter
-    assert rec.tasks == [("Downloading the captioner (first use only)", 150_000_000, 300_000_000, "B"),
-                         ("Preparing pictures", 3, 12, "")]
+    assert rec.tasks == [
+        ("Downloading the captioner (first use only)", 150_000_000, 300_000_000, "B"),
+        ("Preparing pictures", 3, 12, ""),
+    ]
 
 
 # ---------------------------------------------------------------------- the standalone app and its command line
+
 
 def test_bare_command_and_app_command_open_the_app_with_their_flags(tmp_path, monkeypatch):
     import train_tools.ui.app as app
@@ -589,10 +609,14 @@ def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new
                 assert gate.wait(10)
             for epoch in (1, 2):  # the trainer's names: an epoch file, then the final file
                 reporter.step(StepInfo(epoch, 2, epoch, 2, 0.5, 0.5, 1e-4, 4.0, 0.0))
-                file = version.trains_dir / run / (f"{name}-{epoch:06d}.safetensors" if epoch == 1
-                                                   else f"{name}.safetensors")
-                reporter.saved(fake_lora(file, {"ss_epoch": str(epoch), "ss_steps": str(epoch)},
-                                         payload=payload * 8), epoch)
+                file = (
+                    version.trains_dir
+                    / run
+                    / (f"{name}-{epoch:06d}.safetensors" if epoch == 1 else f"{name}.safetensors")
+                )
+                reporter.saved(
+                    fake_lora(file, {"ss_epoch": str(epoch), "ss_steps": str(epoch)}, payload=payload * 8), epoch
+                )
             return [types.SimpleNamespace(interrupted=False)]
 
         return work
@@ -605,7 +629,8 @@ def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new
 
     def poll() -> str:
         _progress, results, choices, _grid, _grid_path, page["seen"] = logic.poll(
-            "猫 cat", "v1", page["choice"], page["seen"])
+            "猫 cat", "v1", page["choice"], page["seen"]
+        )
         if is_update(choices) and "value" in choices:
             assert choices["value"] in choices["choices"]
             page["choice"] = choices["value"]
@@ -628,8 +653,9 @@ def test_after_a_second_training_the_file_choice_and_copy_to_lora_follow_the_new
     assert page["choice"] == f"20240102-000000/{name}.safetensors"
 
     logic.copy_to_lora("猫 cat", "v1", page["choice"])
-    assert (logic.host.lora_dir / f"{name}.safetensors").read_bytes() == \
-        (version.trains_dir / "20240102-000000" / f"{name}.safetensors").read_bytes()
+    assert (logic.host.lora_dir / f"{name}.safetensors").read_bytes() == (
+        version.trains_dir / "20240102-000000" / f"{name}.safetensors"
+    ).read_bytes()
     # Opening the version again, or the results refresh button, offers the same newest file first.
     assert update_value(logic.refresh_results("猫 cat", "v1")[1]) == page["choice"]
     view = logic.open_version("猫 cat", "v1")
@@ -671,8 +697,12 @@ def test_the_tag_list_shows_each_tag_and_its_count_apart_with_or_without_the_sty
 
     counts = [("simple shapes", 12), ("my cat", 12), ("square picture", 6), ("<b>bold</b> & co", 1)]
     markup = ui_html.tags_html(counts)
-    assert tag_chips(markup) == [("simple shapes", "12"), ("my cat", "12"), ("square picture", "6"),
-                                 ("<b>bold</b> & co", "1")]  # shown as text, not as markup
+    assert tag_chips(markup) == [
+        ("simple shapes", "12"),
+        ("my cat", "12"),
+        ("square picture", "6"),
+        ("<b>bold</b> & co", "1"),
+    ]  # shown as text, not as markup
     assert "<b>bold</b>" not in markup and "4 tags" in markup
     items = re.findall(r"<li class=\"tt-tag\"[^>]*>", markup)
     assert len(items) == 4

@@ -22,7 +22,6 @@ from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 @pytest.fixture()
 def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The stand-in WebUI with a data folder of its own, two checkpoints, and --ckpt-dir/--lora-dir unset."""
@@ -39,8 +38,15 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.Sim
     (sd_dir / "anime" / "toon.safetensors").write_bytes(b"y")
     sd_models.list_models()
     script_callbacks.clear()
-    yield types.SimpleNamespace(data=data, sd_dir=sd_dir, call_queue=call_queue, devices=devices,
-                                script_callbacks=script_callbacks, sd_models=sd_models, shared=shared)
+    yield types.SimpleNamespace(
+        data=data,
+        sd_dir=sd_dir,
+        call_queue=call_queue,
+        devices=devices,
+        script_callbacks=script_callbacks,
+        sd_models=sd_models,
+        shared=shared,
+    )
     purge_fake_webui()
 
 
@@ -54,16 +60,19 @@ def load_glue() -> types.ModuleType:
 
 def test_importing_the_script_is_light_and_registers_tab_and_settings(tmp_path: Path):
     # A fresh interpreter, as at WebUI start: the script must not pull in torch, diffusers or gradio.
-    code = ("import sys, importlib.util\n"
-            f"sys.path.insert(0, {str(FAKE_WEBUI)!r})\n"
-            f"spec = importlib.util.spec_from_file_location('glue', {str(ROOT / 'scripts' / 'train_tools_tab.py')!r})\n"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "from modules import script_callbacks as sc\n"
-            "heavy = [n for n in ('torch', 'diffusers', 'transformers', 'gradio') if n in sys.modules]\n"
-            "print(len(sc.ui_tabs_callbacks), len(sc.ui_settings_callbacks), heavy)\n")
+    code = (
+        "import sys, importlib.util\n"
+        f"sys.path.insert(0, {str(FAKE_WEBUI)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('glue', {str(ROOT / 'scripts' / 'train_tools_tab.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "from modules import script_callbacks as sc\n"
+        "heavy = [n for n in ('torch', 'diffusers', 'transformers', 'gradio') if n in sys.modules]\n"
+        "print(len(sc.ui_tabs_callbacks), len(sc.ui_settings_callbacks), heavy)\n"
+    )
     env = {**os.environ, "FAKE_WEBUI_DATA": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1 1 []"
 
@@ -154,8 +163,14 @@ def test_training_runs_in_the_gpu_queue_with_the_model_moved_off_and_back(webui)
     host = WebuiHost()
     jobs = JobManager()
     calls: list[str] = []
-    jobs.start(_fake_work(calls, webui), label="t", wrap=host.run_on_gpu, before=host.before_training,
-               after=host.after_training, extra_reporter=host.progress_sink)
+    jobs.start(
+        _fake_work(calls, webui),
+        label="t",
+        wrap=host.run_on_gpu,
+        before=host.before_training,
+        after=host.after_training,
+        extra_reporter=host.progress_sink,
+    )
     status = jobs.wait(10)
     assert status.state == FINISHED, status.message
     assert calls == ["work locked=True model=['unload']"]
@@ -190,8 +205,12 @@ def test_the_webui_interrupt_button_stops_training(webui):
     host = WebuiHost()
     jobs = JobManager()
     calls: list[str] = []
-    jobs.start(_fake_work(calls, webui, steps=200, sleep=0.01), label="t", wrap=host.run_on_gpu,
-               extra_reporter=host.progress_sink)
+    jobs.start(
+        _fake_work(calls, webui, steps=200, sleep=0.01),
+        label="t",
+        wrap=host.run_on_gpu,
+        extra_reporter=host.progress_sink,
+    )
     deadline = time.time() + 5
     while jobs.status().step < 2 and time.time() < deadline:
         time.sleep(0.01)
@@ -225,14 +244,19 @@ def test_begin_train_from_the_tab_goes_through_the_webui(webui, monkeypatch):
     assert "started" in message
     assert logic.jobs.wait(10).state == FINISHED
     # The host goes with the work: the trainer captions with the WebUI's own interrogators through it.
-    assert seen == {"checkpoint": webui.sd_dir / "real.safetensors", "device": "cpu", "base": title,
-                    "host": "WebuiHost"}
+    assert seen == {
+        "checkpoint": webui.sd_dir / "real.safetensors",
+        "device": "cpu",
+        "base": title,
+        "host": "WebuiHost",
+    }
     assert version.load_settings().base_model == title
     assert str(version.path).startswith(str(webui.data.resolve() / "outputs" / "train_tools"))
 
 
-@pytest.mark.parametrize("kind, expected", [("deepbooru", "1girl, red_background, solo"),
-                                            ("blip", "a picture of size 64x64")])  # the prepared one
+@pytest.mark.parametrize(
+    "kind, expected", [("deepbooru", "1girl, red_background, solo"), ("blip", "a picture of size 64x64")]
+)  # the prepared one
 def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
     """Update Dataset with the WebUI's DeepBooru / BLIP: the captions come from the host's models, which are
     loaded once for the dataset and released afterwards."""
@@ -260,5 +284,4 @@ def test_the_webuis_own_captioners_caption_the_dataset(webui, kind, expected):
 
         assert deepbooru.model.calls == ["start", "tag_multi", "tag_multi", "stop"]
     else:
-        assert webui.shared.interrogator.calls == ["load", "generate_caption", "generate_caption",
-                                                   "send_blip_to_ram"]
+        assert webui.shared.interrogator.calls == ["load", "generate_caption", "generate_caption", "send_blip_to_ram"]

@@ -33,8 +33,9 @@ def layer_names(model: nn.Module, prefix: str) -> dict[str, nn.Module]:
     return names
 
 
-def lora_update(down: torch.Tensor, up: torch.Tensor, alpha: float | None, multiplier: float,
-                weight_shape: torch.Size) -> torch.Tensor:
+def lora_update(
+    down: torch.Tensor, up: torch.Tensor, alpha: float | None, multiplier: float, weight_shape: torch.Size
+) -> torch.Tensor:
     """The weight delta A1111 adds for one layer (float32)."""
     down = down.float()
     up = up.float()
@@ -52,8 +53,9 @@ def lora_update(down: torch.Tensor, up: torch.Tensor, alpha: float | None, multi
     return delta * scale
 
 
-def apply_kohya_lora(module_or_model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
-                     multiplier: float) -> set[str]:
+def apply_kohya_lora(
+    module_or_model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, multiplier: float
+) -> set[str]:
     """Add the LoRA in ``tensors`` whose keys start with ``prefix + '_'`` to ``module_or_model`` in place.
 
     Returns the keys used. Raises AssertionError on a key with that prefix that matches no layer, on an
@@ -79,8 +81,9 @@ def apply_kohya_lora(module_or_model: nn.Module, tensors: dict[str, torch.Tensor
             if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
                 raise AssertionError(f"LoRA layer {name!r} lacks lora_down or lora_up")
             alpha = float(parts["alpha"].item()) if "alpha" in parts else None
-            delta = lora_update(parts["lora_down.weight"], parts["lora_up.weight"], alpha, multiplier,
-                                layer.weight.shape)
+            delta = lora_update(
+                parts["lora_down.weight"], parts["lora_up.weight"], alpha, multiplier, layer.weight.shape
+            )
             layer.weight += delta.to(layer.weight.dtype)
             used.update(f"{name}.{part}" for part in parts)
     return used

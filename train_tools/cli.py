@@ -23,12 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .commands import cmd_dataset, cmd_install, cmd_preview, cmd_runs, cmd_train
-from .config import fields_info, parse_assignments
+from .config import fields_info
+from .config_values import parse_assignments
 from .errors import UserError, from_os_error
 from .models.resolve import default_ckpt_dirs
 from .store import Store
 
 log = logging.getLogger("train_tools")
+
 
 def _settings_help() -> str:
     lines = ["settings (--set key=value; defaults of the original Train Tools tab):"]
@@ -48,11 +50,19 @@ class CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> CommandParser:
     parser = CommandParser(prog="python -m train_tools", description="Train Tools: turn 10-20 pictures into a LoRA.")
-    parser.add_argument("--data-dir", type=Path, default=Path("."),
-                        help="folder holding outputs/train_tools/projects (default: the current folder)")
-    parser.add_argument("--ckpt-dir", type=Path, action="append", default=None,
-                        help="checkpoint folder to find base models by name "
-                             "(default: DATA_DIR/models/Stable-diffusion)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("."),
+        help="folder holding outputs/train_tools/projects (default: the current folder)",
+    )
+    parser.add_argument(
+        "--ckpt-dir",
+        type=Path,
+        action="append",
+        default=None,
+        help="checkpoint folder to find base models by name (default: DATA_DIR/models/Stable-diffusion)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -74,9 +84,12 @@ def build_parser() -> CommandParser:
     a.add_argument("project")
     a.add_argument("version")
     a.add_argument("paths", nargs="+", type=Path, help="image files or folders")
-    ar = dsub.add_parser("add-reg", help="copy regularisation (class) images, and their .txt captions, into the "
-                         "version: trained beside the dataset without the trigger word (see reg_caption, "
-                         "prior_loss_weight)")
+    ar = dsub.add_parser(
+        "add-reg",
+        help="copy regularisation (class) images, and their .txt captions, into the "
+        "version: trained beside the dataset without the trigger word (see reg_caption, "
+        "prior_loss_weight)",
+    )
     ar.add_argument("project")
     ar.add_argument("version")
     ar.add_argument("paths", nargs="+", type=Path, help="image files or folders")
@@ -87,20 +100,40 @@ def build_parser() -> CommandParser:
     d.add_argument("project")
     d.add_argument("version")
 
-    t = sub.add_parser("train", help="train a LoRA on the version's dataset",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help())
+    t = sub.add_parser(
+        "train",
+        help="train a LoRA on the version's dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_settings_help(),
+    )
     t.add_argument("project")
     t.add_argument("version")
     t.add_argument("--ckpt", help="base checkpoint (.safetensors/.ckpt), a path or a name in the checkpoint folder")
-    t.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a setting for this and later runs of the version")
+    t.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting for this and later runs of the version",
+    )
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    t.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
-                   help="go on with a stopped run (Interrupt, Ctrl-C, a crash, a reboot) in its own folder: the "
-                        "newest run, or RUN (its folder name in trains/); it keeps the settings it began with")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN",
+        help="go on with a stopped run (Interrupt, Ctrl-C, a crash, a reboot) in its own folder: the "
+        "newest run, or RUN (its folder name in trains/); it keeps the settings it began with",
+    )
 
-    s = sub.add_parser("settings", help="show or change a version's saved settings",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help())
+    s = sub.add_parser(
+        "settings",
+        help="show or change a version's saved settings",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_settings_help(),
+    )
     s.add_argument("project")
     s.add_argument("version")
     s.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
@@ -135,8 +168,11 @@ def build_parser() -> CommandParser:
     ins.add_argument("--name", help="installed name (default: the file's name)")
     ins.add_argument("--preview", type=Path, help="picture for the card (default: from the run's newest grid)")
     ins.add_argument("--activation-text", help="words added with the LoRA (default: the trigger word)")
-    ins.add_argument("--overwrite", action="store_true", help="replace a LoRA of the same name (default: keep "
-                     "both, the new one with a suffix)")
+    ins.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a LoRA of the same name (default: keep both, the new one with a suffix)",
+    )
 
     dc = sub.add_parser("demo-checkpoint", help="write the tiny demo model (random weights) to PATH")
     dc.add_argument("path", type=Path)

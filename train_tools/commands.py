@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .config import parse_assignments
+from .config_values import parse_assignments
 from .errors import UserError
 from .models.resolve import resolve_checkpoint
 from .store import Store, Version
@@ -70,8 +70,7 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
     stop = StopFlag()
     with _CtrlC(stop), _hold_device(version, args.device):
         for cfg in configs:
-            result = Trainer(version, cfg, checkpoint, reporter=TerminalReporter(), stop=stop,
-                             device=args.device).run()
+            result = Trainer(version, cfg, checkpoint, reporter=TerminalReporter(), stop=stop, device=args.device).run()
             if _report_result(result, version):
                 return 130
     return 0
@@ -97,9 +96,14 @@ def _report_result(result: Any, version: Version) -> bool:
     for path in result.files:
         log.info("  %s", path.name)
     if result.interrupted:
-        log.warning("Training was interrupted after %d steps; the files above hold what it learned. Go on with: "
-                    "python -m train_tools train \"%s\" \"%s\" --resume %s", result.steps, version.project,
-                    version.name, result.run_dir.name)
+        log.warning(
+            "Training was interrupted after %d steps; the files above hold what it learned. Go on with: "
+            'python -m train_tools train "%s" "%s" --resume %s',
+            result.steps,
+            version.project,
+            version.name,
+            result.run_dir.name,
+        )
         return True
     return False
 
@@ -111,8 +115,10 @@ def cmd_resume(args: argparse.Namespace, version: Version, ckpt_dirs: list[Path]
     from .training.trainer import Trainer
 
     if args.assignments:
-        raise UserError("--set cannot change a resumed run: it keeps the settings it began with; start a new run "
-                        "(without --resume) to change them.")
+        raise UserError(
+            "--set cannot change a resumed run: it keeps the settings it began with; start a new run "
+            "(without --resume) to change them."
+        )
     run_dir = find_run(version, args.resume or None)
     if run_is_finished(run_dir):
         log.info("Run %s is finished; there is nothing to resume.", run_dir.name)
@@ -126,8 +132,9 @@ def cmd_resume(args: argparse.Namespace, version: Version, ckpt_dirs: list[Path]
         checkpoint = resolve_checkpoint(config.base_model, ckpt_dirs)
     stop = StopFlag()
     with _CtrlC(stop), _hold_device(version, args.device):
-        result = Trainer(version, config, checkpoint, reporter=TerminalReporter(), stop=stop, device=args.device,
-                         resume_from=run_dir).run()
+        result = Trainer(
+            version, config, checkpoint, reporter=TerminalReporter(), stop=stop, device=args.device, resume_from=run_dir
+        ).run()
     return 130 if _report_result(result, version) else 0
 
 
@@ -153,9 +160,11 @@ def cmd_preview(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -
     version = store.version(args.project, args.version)
     run_dir = choose_run(version, args.run)
     config = run_config(run_dir)
-    changes = {key: getattr(args, key) for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale",
-                                                   "sampler", "width", "height", "weights")
-               if getattr(args, key) is not None}
+    changes = {
+        key: getattr(args, key)
+        for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "width", "height", "weights")
+        if getattr(args, key) is not None
+    }
     settings = default_settings(config, version.project, **changes)
     if args.ckpt:
         checkpoint = resolve_checkpoint(args.ckpt, ckpt_dirs)
@@ -165,8 +174,9 @@ def cmd_preview(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -
     with _CtrlC(stop):
         previewer = DiffusersPreviewer.from_checkpoint(checkpoint, clip_skip=config.clip_skip, device=args.device)
         try:
-            grid = generate_grid(run_dir, previewer, settings, include_base=not args.no_base,
-                                 reporter=PictureBarReporter(), stop=stop)
+            grid = generate_grid(
+                run_dir, previewer, settings, include_base=not args.no_base, reporter=PictureBarReporter(), stop=stop
+            )
         finally:
             previewer.close()
     sys.stdout.write(f"{grid}\n")
@@ -186,8 +196,10 @@ def _version_lora_file(version: Version, choice: str) -> Path:
         path = run_dir / choice
         if path.is_file():
             return path.resolve()
-    raise UserError(f"'{choice}' is not a file nor a LoRA of the runs of {version.project} / {version.name}; "
-                    "list them with 'python -m train_tools runs'.")
+    raise UserError(
+        f"'{choice}' is not a file nor a LoRA of the runs of {version.project} / {version.name}; "
+        "list them with 'python -m train_tools runs'."
+    )
 
 
 def cmd_install(args: argparse.Namespace, store: Store) -> int:
@@ -207,11 +219,19 @@ def cmd_install(args: argparse.Namespace, store: Store) -> int:
             picture = cell.image
             weight = cell.weight if weight is None else weight
     if picture is None:
-        log.info("No preview picture for %s (make one with 'python -m train_tools preview'); installing without.",
-                 file.name)
+        log.info(
+            "No preview picture for %s (make one with 'python -m train_tools preview'); installing without.", file.name
+        )
     activation = args.activation_text if args.activation_text is not None else trigger_word(config, version.project)
-    target = install_lora(file, args.lora_dir, weight=1.0 if weight is None else weight, activation_text=activation,
-                          preview=picture, overwrite=args.overwrite, name=args.name)
+    target = install_lora(
+        file,
+        args.lora_dir,
+        weight=1.0 if weight is None else weight,
+        activation_text=activation,
+        preview=picture,
+        overwrite=args.overwrite,
+        name=args.name,
+    )
     sys.stdout.write(f"{target}\n")
     return 0
 

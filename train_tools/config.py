@@ -8,24 +8,16 @@ Defaults are those of the original Train Tools tab.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from .config_values import coerce, is_hex_colour, unknown_key_message
 from .errors import UserError
 from .names import MAX_COMPONENT_BYTES, check_name
 
 OPTIMIZERS = ("Lion", "AdamW", "AdamW8bit", "Lion8bit", "SGDNesterov", "Prodigy", "AdaFactor")
-LR_SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("fp16", "bf16", "no")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_MODES = ("use", "ignore", "prepend", "append")
@@ -48,8 +40,7 @@ def _f(
     ``ss`` names the key the value is written under in the LoRA file's metadata (the kohya ``ss_*`` names
     that WebUIs and model sites read).
     """
-    meta = {"label": label, "help": help, "ss": ss, "choices": choices, "min": min, "max": max,
-            "advanced": advanced}
+    meta = {"label": label, "help": help, "ss": ss, "choices": choices, "min": min, "max": max, "advanced": advanced}
     return field(default=default, metadata=meta)
 
 
@@ -58,109 +49,287 @@ class TrainConfig:
     """Every parameter of a training run. Keys are the snake_case of the tab's labels."""
 
     # --- the common ones, shown first in the tab ---
-    base_model: str = _f("", "Train base model",
-                         "Checkpoint to train on: a file path, or a name from the checkpoint folder.",
-                         ss="ss_sd_model_name")
-    epochs: int = _f(20, "Number of epochs", "Passes over the dataset (x repeats).", ss="ss_num_epochs", min=1,
-                     max=10000)
-    save_every_n_epochs: int = _f(2, "Save every n epochs", "Write a LoRA file every n epochs; the last epoch is "
-                                  "always saved.", min=1, max=10000)
-    batch_size: int = _f(1, "Batch size", "Images per step: larger is faster but needs more VRAM.",
-                         ss="ss_batch_size_per_device", min=1, max=256)
-    repeats: int = _f(0, "Repeats", "How often each image is seen per epoch; 0 = auto, max(4, 512 // images).",
-                      min=0, max=10000)
-    learning_rate: float = _f(1e-4, "Learning rate", "Step size of the optimizer.", ss="ss_learning_rate",
-                              min=0.0, max=1.0)
-    network_dim: int = _f(128, "Network dim", "LoRA rank: larger holds more detail and makes a larger file.",
-                          ss="ss_network_dim", min=1, max=1024)
-    network_alpha: float = _f(64.0, "Network alpha", "Scales the update by alpha / dim.", ss="ss_network_alpha",
-                              min=0.0, max=1024.0)
-    optimizer: str = _f("Lion", "Optimizer", "Lion and AdamW are the usual choices; 8bit ones save VRAM.",
-                        ss="ss_optimizer", choices=OPTIMIZERS)
-    clip_skip: int = _f(2, "Clip skip", "2 for anime checkpoints; 1 or 2 for photo-real (try both).",
-                        ss="ss_clip_skip", min=1, max=12)
-    resolution: int = _f(512, "Resolution", "Training side length in pixels (the pixel budget of each bucket).",
-                         ss="ss_resolution", min=64, max=4096)
-    mixed_precision: str = _f("fp16", "Mixed precision", "fp16 or bf16 on a GPU; the CPU trains in fp32.",
-                              ss="ss_mixed_precision", choices=MIXED_PRECISIONS)
-    seed: int = _f(42, "Seed", "Same seed, same data and settings: same LoRA.", ss="ss_seed", min=0,
-                   max=2**32 - 1)
+    base_model: str = _f(
+        "",
+        "Train base model",
+        "Checkpoint to train on: a file path, or a name from the checkpoint folder.",
+        ss="ss_sd_model_name",
+    )
+    epochs: int = _f(
+        20, "Number of epochs", "Passes over the dataset (x repeats).", ss="ss_num_epochs", min=1, max=10000
+    )
+    save_every_n_epochs: int = _f(
+        2, "Save every n epochs", "Write a LoRA file every n epochs; the last epoch is always saved.", min=1, max=10000
+    )
+    batch_size: int = _f(
+        1,
+        "Batch size",
+        "Images per step: larger is faster but needs more VRAM.",
+        ss="ss_batch_size_per_device",
+        min=1,
+        max=256,
+    )
+    repeats: int = _f(
+        0, "Repeats", "How often each image is seen per epoch; 0 = auto, max(4, 512 // images).", min=0, max=10000
+    )
+    learning_rate: float = _f(
+        1e-4, "Learning rate", "Step size of the optimizer.", ss="ss_learning_rate", min=0.0, max=1.0
+    )
+    network_dim: int = _f(
+        128,
+        "Network dim",
+        "LoRA rank: larger holds more detail and makes a larger file.",
+        ss="ss_network_dim",
+        min=1,
+        max=1024,
+    )
+    network_alpha: float = _f(
+        64.0, "Network alpha", "Scales the update by alpha / dim.", ss="ss_network_alpha", min=0.0, max=1024.0
+    )
+    optimizer: str = _f(
+        "Lion",
+        "Optimizer",
+        "Lion and AdamW are the usual choices; 8bit ones save VRAM.",
+        ss="ss_optimizer",
+        choices=OPTIMIZERS,
+    )
+    clip_skip: int = _f(
+        2, "Clip skip", "2 for anime checkpoints; 1 or 2 for photo-real (try both).", ss="ss_clip_skip", min=1, max=12
+    )
+    resolution: int = _f(
+        512,
+        "Resolution",
+        "Training side length in pixels (the pixel budget of each bucket).",
+        ss="ss_resolution",
+        min=64,
+        max=4096,
+    )
+    mixed_precision: str = _f(
+        "fp16",
+        "Mixed precision",
+        "fp16 or bf16 on a GPU; the CPU trains in fp32.",
+        ss="ss_mixed_precision",
+        choices=MIXED_PRECISIONS,
+    )
+    seed: int = _f(42, "Seed", "Same seed, same data and settings: same LoRA.", ss="ss_seed", min=0, max=2**32 - 1)
     train_text_encoder: bool = _f(True, "Train text encoder", "Also adapt the text encoder (the original did).")
     # --- advanced ---
-    unet_lr: float = _f(0.0, "UNet learning rate", "0 = use the learning rate.", ss="ss_unet_lr", min=0.0,
-                        max=1.0, advanced=True)
-    text_encoder_lr: float = _f(0.0, "Text encoder learning rate", "0 = use the learning rate.",
-                                ss="ss_text_encoder_lr", min=0.0, max=1.0, advanced=True)
-    lr_scheduler: str = _f("cosine_with_restarts", "LR scheduler", "How the learning rate changes over training.",
-                           ss="ss_lr_scheduler", choices=LR_SCHEDULERS, advanced=True)
-    lr_warmup_steps: int = _f(0, "LR warmup steps", "Steps at the start with a rising learning rate.",
-                              ss="ss_lr_warmup_steps", min=0, max=1_000_000, advanced=True)
-    enable_bucket: bool = _f(True, "Aspect ratio buckets", "Keep each picture's aspect ratio instead of cropping.",
-                             ss="ss_enable_bucket", advanced=True)
-    min_bucket_reso: int = _f(320, "Min bucket side", "Smallest bucket side in pixels.", ss="ss_min_bucket_reso",
-                              min=64, max=4096, advanced=True)
-    max_bucket_reso: int = _f(960, "Max bucket side", "Largest bucket side in pixels.", ss="ss_max_bucket_reso",
-                              min=64, max=8192, advanced=True)
-    caption_mode: str = _f("use", "Uploaded captions", "What to do with a .txt caption uploaded beside an image: "
-                           "use it, ignore it, or put it before / after the automatic caption.",
-                           choices=CAPTION_MODES, advanced=True)
-    trigger_word: str = _f("", "Trigger word", "Put first in every caption; empty = the project name.",
-                           advanced=True)
-    reg_caption: str = _f("", "Class caption", "Caption of the regularisation (class) pictures that have no .txt "
-                          "of their own, e.g. 'a photo of a cat'; never gets the trigger word.", advanced=True)
-    prior_loss_weight: float = _f(1.0, "Prior loss weight", "How much the regularisation (class) pictures count "
-                                  "in the loss; 1 = as much as the training pictures.", ss="ss_prior_loss_weight",
-                                  min=0.0, max=100.0, advanced=True)
-    captioner: str = _f("none", "Automatic captioner", "Caption pictures automatically when preparing: wd14 = "
-                        "booru tags (anime), blip = a short sentence (photos), deepbooru = the WebUI's own tagger "
-                        "(in the WebUI only); combined with uploaded captions "
-                        "per 'Uploaded captions'.", choices=CAPTIONERS, advanced=True)
-    tagger_general_threshold: float = _f(0.35, "Tagger threshold", "WD14: general tags at least this confident "
-                                         "are kept; lower = more tags.", min=0.0, max=1.0, advanced=True)
-    tagger_character_threshold: float = _f(0.85, "Tagger character threshold", "WD14: character names at least "
-                                           "this confident are kept.", min=0.0, max=1.0, advanced=True)
-    tagger_include_rating: bool = _f(False, "Tagger rating tag", "WD14: also write the rating (general, "
-                                     "sensitive, questionable, explicit).", advanced=True)
-    tagger_exclude: str = _f("", "Tagger excluded tags", "WD14: comma-separated tags never written (e.g. the "
-                             "features every picture shares).", advanced=True)
-    background_color: str = _f("#ffffff", "Background colour", "Transparent pixels are flattened onto this colour.",
-                               advanced=True)
-    min_image_size: int = _f(64, "Min image side", "Pictures with a shorter side are refused as too small.",
-                             min=8, max=4096, advanced=True)
-    bucket_no_upscale: bool = _f(True, "No upscaling", "Small pictures get a smaller bucket instead of being "
-                                 "enlarged.", ss="ss_bucket_no_upscale", advanced=True)
-    flip_aug: bool = _f(False, "Flip augmentation", "Also train on mirrored copies (not for asymmetric subjects).",
-                        ss="ss_flip_aug", advanced=True)
-    shuffle_caption: bool = _f(False, "Shuffle caption", "Shuffle the comma-separated tags every step.",
-                               ss="ss_shuffle_caption", advanced=True)
-    keep_tokens: int = _f(0, "Keep tokens", "With shuffle: the first n tags stay in place.",
-                          ss="ss_keep_tokens", min=0, max=225, advanced=True)
-    max_token_length: int = _f(75, "Max token length", "Caption tokens seen by the text encoder (75, 150, 225).",
-                               ss="ss_max_token_length", min=75, max=225, advanced=True)
-    noise_offset: float = _f(0.0, "Noise offset", "Helps very dark or bright images; 0.05-0.1 typical.",
-                             ss="ss_noise_offset", min=0.0, max=1.0, advanced=True)
-    min_snr_gamma: float = _f(0.0, "Min SNR gamma", "Loss weighting; 5 is common, 0 = off.",
-                              ss="ss_min_snr_gamma", min=0.0, max=100.0, advanced=True)
-    max_grad_norm: float = _f(1.0, "Max grad norm", "Gradient clipping; 0 = off.", ss="ss_max_grad_norm",
-                              min=0.0, max=1000.0, advanced=True)
-    gradient_checkpointing: bool = _f(False, "Gradient checkpointing", "Less VRAM, about 20% slower.",
-                                      ss="ss_gradient_checkpointing", advanced=True)
-    cache_latents: bool = _f(True, "Cache latents", "Encode each image once instead of every step.",
-                             ss="ss_cache_latents", advanced=True)
-    torch_compile: bool = _f(False, "torch.compile", "Compile the UNet: faster steps on a GPU after a minute "
-                             "or more of compiling at the start; needs a C++ compiler.", advanced=True)
-    save_precision: str = _f("fp16", "Save precision", "Precision of the saved LoRA file.",
-                             choices=SAVE_PRECISIONS, advanced=True)
-    output_name: str = _f("", "Output name", "File name of the LoRA; empty = <project>-<version>.",
-                          ss="ss_output_name", advanced=True)
+    unet_lr: float = _f(
+        0.0, "UNet learning rate", "0 = use the learning rate.", ss="ss_unet_lr", min=0.0, max=1.0, advanced=True
+    )
+    text_encoder_lr: float = _f(
+        0.0,
+        "Text encoder learning rate",
+        "0 = use the learning rate.",
+        ss="ss_text_encoder_lr",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    lr_scheduler: str = _f(
+        "cosine_with_restarts",
+        "LR scheduler",
+        "How the learning rate changes over training.",
+        ss="ss_lr_scheduler",
+        choices=LR_SCHEDULERS,
+        advanced=True,
+    )
+    lr_warmup_steps: int = _f(
+        0,
+        "LR warmup steps",
+        "Steps at the start with a rising learning rate.",
+        ss="ss_lr_warmup_steps",
+        min=0,
+        max=1_000_000,
+        advanced=True,
+    )
+    enable_bucket: bool = _f(
+        True,
+        "Aspect ratio buckets",
+        "Keep each picture's aspect ratio instead of cropping.",
+        ss="ss_enable_bucket",
+        advanced=True,
+    )
+    min_bucket_reso: int = _f(
+        320,
+        "Min bucket side",
+        "Smallest bucket side in pixels.",
+        ss="ss_min_bucket_reso",
+        min=64,
+        max=4096,
+        advanced=True,
+    )
+    max_bucket_reso: int = _f(
+        960,
+        "Max bucket side",
+        "Largest bucket side in pixels.",
+        ss="ss_max_bucket_reso",
+        min=64,
+        max=8192,
+        advanced=True,
+    )
+    caption_mode: str = _f(
+        "use",
+        "Uploaded captions",
+        "What to do with a .txt caption uploaded beside an image: "
+        "use it, ignore it, or put it before / after the automatic caption.",
+        choices=CAPTION_MODES,
+        advanced=True,
+    )
+    trigger_word: str = _f("", "Trigger word", "Put first in every caption; empty = the project name.", advanced=True)
+    reg_caption: str = _f(
+        "",
+        "Class caption",
+        "Caption of the regularisation (class) pictures that have no .txt "
+        "of their own, e.g. 'a photo of a cat'; never gets the trigger word.",
+        advanced=True,
+    )
+    prior_loss_weight: float = _f(
+        1.0,
+        "Prior loss weight",
+        "How much the regularisation (class) pictures count in the loss; 1 = as much as the training pictures.",
+        ss="ss_prior_loss_weight",
+        min=0.0,
+        max=100.0,
+        advanced=True,
+    )
+    captioner: str = _f(
+        "none",
+        "Automatic captioner",
+        "Caption pictures automatically when preparing: wd14 = "
+        "booru tags (anime), blip = a short sentence (photos), deepbooru = the WebUI's own tagger "
+        "(in the WebUI only); combined with uploaded captions "
+        "per 'Uploaded captions'.",
+        choices=CAPTIONERS,
+        advanced=True,
+    )
+    tagger_general_threshold: float = _f(
+        0.35,
+        "Tagger threshold",
+        "WD14: general tags at least this confident are kept; lower = more tags.",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    tagger_character_threshold: float = _f(
+        0.85,
+        "Tagger character threshold",
+        "WD14: character names at least this confident are kept.",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    tagger_include_rating: bool = _f(
+        False,
+        "Tagger rating tag",
+        "WD14: also write the rating (general, sensitive, questionable, explicit).",
+        advanced=True,
+    )
+    tagger_exclude: str = _f(
+        "",
+        "Tagger excluded tags",
+        "WD14: comma-separated tags never written (e.g. the features every picture shares).",
+        advanced=True,
+    )
+    background_color: str = _f(
+        "#ffffff", "Background colour", "Transparent pixels are flattened onto this colour.", advanced=True
+    )
+    min_image_size: int = _f(
+        64, "Min image side", "Pictures with a shorter side are refused as too small.", min=8, max=4096, advanced=True
+    )
+    bucket_no_upscale: bool = _f(
+        True,
+        "No upscaling",
+        "Small pictures get a smaller bucket instead of being enlarged.",
+        ss="ss_bucket_no_upscale",
+        advanced=True,
+    )
+    flip_aug: bool = _f(
+        False,
+        "Flip augmentation",
+        "Also train on mirrored copies (not for asymmetric subjects).",
+        ss="ss_flip_aug",
+        advanced=True,
+    )
+    shuffle_caption: bool = _f(
+        False, "Shuffle caption", "Shuffle the comma-separated tags every step.", ss="ss_shuffle_caption", advanced=True
+    )
+    keep_tokens: int = _f(
+        0,
+        "Keep tokens",
+        "With shuffle: the first n tags stay in place.",
+        ss="ss_keep_tokens",
+        min=0,
+        max=225,
+        advanced=True,
+    )
+    max_token_length: int = _f(
+        75,
+        "Max token length",
+        "Caption tokens seen by the text encoder (75, 150, 225).",
+        ss="ss_max_token_length",
+        min=75,
+        max=225,
+        advanced=True,
+    )
+    noise_offset: float = _f(
+        0.0,
+        "Noise offset",
+        "Helps very dark or bright images; 0.05-0.1 typical.",
+        ss="ss_noise_offset",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    min_snr_gamma: float = _f(
+        0.0,
+        "Min SNR gamma",
+        "Loss weighting; 5 is common, 0 = off.",
+        ss="ss_min_snr_gamma",
+        min=0.0,
+        max=100.0,
+        advanced=True,
+    )
+    max_grad_norm: float = _f(
+        1.0, "Max grad norm", "Gradient clipping; 0 = off.", ss="ss_max_grad_norm", min=0.0, max=1000.0, advanced=True
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Gradient checkpointing", "Less VRAM, about 20% slower.", ss="ss_gradient_checkpointing", advanced=True
+    )
+    cache_latents: bool = _f(
+        True, "Cache latents", "Encode each image once instead of every step.", ss="ss_cache_latents", advanced=True
+    )
+    torch_compile: bool = _f(
+        False,
+        "torch.compile",
+        "Compile the UNet: faster steps on a GPU after a minute "
+        "or more of compiling at the start; needs a C++ compiler.",
+        advanced=True,
+    )
+    save_precision: str = _f(
+        "fp16", "Save precision", "Precision of the saved LoRA file.", choices=SAVE_PRECISIONS, advanced=True
+    )
+    output_name: str = _f(
+        "", "Output name", "File name of the LoRA; empty = <project>-<version>.", ss="ss_output_name", advanced=True
+    )
     # --- previews (pictures made with the saved LoRA files) ---
-    preview_at_end: bool = _f(False, "Previews at the end", "After training, make the preview grid: one row per "
-                              "saved epoch, one column per LoRA weight.", advanced=True)
-    sample_every_n_epochs: int = _f(0, "Sample every n epochs", "Make a few sample pictures with each saved LoRA "
-                                    "file every n epochs, to watch training; 0 = off.", min=0, max=10000,
-                                    advanced=True)
-    preview_prompt: str = _f("", "Preview prompt", "Prompt of the previews and samples; empty = the trigger word.",
-                             advanced=True)
+    preview_at_end: bool = _f(
+        False,
+        "Previews at the end",
+        "After training, make the preview grid: one row per saved epoch, one column per LoRA weight.",
+        advanced=True,
+    )
+    sample_every_n_epochs: int = _f(
+        0,
+        "Sample every n epochs",
+        "Make a few sample pictures with each saved LoRA file every n epochs, to watch training; 0 = off.",
+        min=0,
+        max=10000,
+        advanced=True,
+    )
+    preview_prompt: str = _f(
+        "", "Preview prompt", "Prompt of the previews and samples; empty = the trigger word.", advanced=True
+    )
 
     # ------------------------------------------------------------------ derived values
     def effective_unet_lr(self) -> float:
@@ -184,7 +353,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in known:
-                raise UserError(_unknown_key_message(key, known))
+                raise UserError(unknown_key_message(key, known))
         types = get_type_hints(cls)
         values = {key: coerce(key, types[key], value) for key, value in data.items()}
         config = cls(**values)
@@ -213,7 +382,7 @@ class TrainConfig:
                     raise UserError(f"Setting '{f.name}' must be at most {meta['max']:g}; got {value:g}.")
         if self.min_bucket_reso > self.max_bucket_reso:
             raise UserError("Setting 'min_bucket_reso' must not be larger than 'max_bucket_reso'.")
-        if not _is_hex_colour(self.background_color):
+        if not is_hex_colour(self.background_color):
             raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{self.background_color}'.")
         if self.max_token_length not in (75, 150, 225):
             raise UserError("Setting 'max_token_length' must be 75, 150 or 225.")
@@ -222,8 +391,9 @@ class TrainConfig:
         else:
             # The one setting that becomes a file name; how long it may be depends on the version's folder
             # (``Version.check_settings``).
-            self.output_name = check_name(self.output_name, "output name (setting 'output_name')",
-                                          max_bytes=MAX_COMPONENT_BYTES)
+            self.output_name = check_name(
+                self.output_name, "output name (setting 'output_name')", max_bytes=MAX_COMPONENT_BYTES
+            )
 
     def ss_metadata(self) -> dict[str, str]:
         """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings)."""
@@ -245,63 +415,3 @@ class TrainConfig:
 def fields_info() -> list[dataclasses.Field]:
     """The settings fields in display order, for building the CLI help and the tab."""
     return list(dataclasses.fields(TrainConfig))
-
-
-def coerce(key: str, typ: Any, value: Any) -> Any:
-    """Turn ``value`` (possibly a string from the command line or JSON) into ``typ``, or raise a UserError."""
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            raise ValueError(value)
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError(value)
-                return int(value)
-            return int(str(value).strip())
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            result = float(str(value).strip()) if isinstance(value, str) else float(value)
-            if not math.isfinite(result):
-                raise ValueError(value)
-            return result
-        if typ is str:
-            if not isinstance(value, str):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[typ]
-        raise UserError(f"Setting '{key}' must be {kind}; got {value!r}.") from None
-    raise UserError(f"Setting '{key}' has an unsupported type.")
-
-
-def parse_assignments(pairs: list[str]) -> dict[str, str]:
-    """Parse ``key=value`` strings from the command line."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"'{pair}' is not key=value; write for example --set epochs=10.")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _unknown_key_message(key: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown setting '{key}'.{hint} Run 'python -m train_tools train --help' to list the settings."
-
-
-def _is_hex_colour(value: str) -> bool:
-    digits = value[1:] if value.startswith("#") else ""
-    return len(digits) in (3, 6) and all(c in "0123456789abcdefABCDEF" for c in digits)

@@ -62,8 +62,22 @@ from .lockfile import LOCK_DIR_ENV, DeviceBusy, busy, open_lock_file, read_holde
 log = logging.getLogger(__name__)
 
 SHARED_DIR_NAME = "train_tools-locks"
-__all__ = ["LOCK_DIR_ENV", "SHARED_DIR_NAME", "DeviceBusy", "acquire", "device_name", "ensure_free", "hold", "holder",
-           "ensure_file_free", "hold_version", "lock_dir", "lock_path", "release", "version_lock_path"]
+__all__ = [
+    "LOCK_DIR_ENV",
+    "SHARED_DIR_NAME",
+    "DeviceBusy",
+    "acquire",
+    "device_name",
+    "ensure_free",
+    "hold",
+    "holder",
+    "ensure_file_free",
+    "hold_version",
+    "lock_dir",
+    "lock_path",
+    "release",
+    "version_lock_path",
+]
 
 
 @dataclass
@@ -78,6 +92,7 @@ _warned: set[str] = set()
 
 
 # ---------------------------------------------------------------------- where the locks live
+
 
 def _warn_once(text: str) -> None:
     if text not in _warned:
@@ -139,14 +154,18 @@ def lock_dir() -> Path:
         if problem is None:
             return shared
         folder = _private_dir()
-        _warn_once(f"Train Tools cannot use the shared lock folder {shared}: {problem}. It uses {folder} "
-                   "instead, so training runs of other users of this computer are not seen; delete or fix "
-                   f"{shared}, or set {LOCK_DIR_ENV}.")
+        _warn_once(
+            f"Train Tools cannot use the shared lock folder {shared}: {problem}. It uses {folder} "
+            "instead, so training runs of other users of this computer are not seen; delete or fix "
+            f"{shared}, or set {LOCK_DIR_ENV}."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"Train Tools cannot create its lock folder {folder} ({exc.strerror or exc}); set "
-                        f"{LOCK_DIR_ENV} to a folder it may write, then try again.") from exc
+        raise UserError(
+            f"Train Tools cannot create its lock folder {folder} ({exc.strerror or exc}); set "
+            f"{LOCK_DIR_ENV} to a folder it may write, then try again."
+        ) from exc
     return folder
 
 
@@ -179,8 +198,10 @@ def acquire_file(path: Path, label: str, what: str, data_dir: Path | None = None
         if writable:
             write_holder(fd, label, data_dir)
         else:
-            _warn_once(f"The lock file {path} belongs to another user and cannot be written, so other runs "
-                       "cannot be told what holds it; ask its owner or an administrator to delete it.")
+            _warn_once(
+                f"The lock file {path} belongs to another user and cannot be written, so other runs "
+                "cannot be told what holds it; ask its owner or an administrator to delete it."
+            )
         _held[key] = _Held(fd, 1)
     log.debug("Took %s for %s", path, label)
     return path

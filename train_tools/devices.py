@@ -14,9 +14,31 @@ import sys
 from .errors import UserError
 
 #: torch's device types; a name outside them is a typo (torch itself is asked when it is loaded).
-_DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "hip", "npu", "hpu", "mtia", "xla", "ipu", "vulkan",
-                           "privateuseone", "maia", "meta", "lazy", "ve", "fpga", "opengl", "opencl", "ideep",
-                           "mkldnn"})
+_DEVICE_TYPES = frozenset(
+    {
+        "cpu",
+        "cuda",
+        "mps",
+        "xpu",
+        "hip",
+        "npu",
+        "hpu",
+        "mtia",
+        "xla",
+        "ipu",
+        "vulkan",
+        "privateuseone",
+        "maia",
+        "meta",
+        "lazy",
+        "ve",
+        "fpga",
+        "opengl",
+        "opencl",
+        "ideep",
+        "mkldnn",
+    }
+)
 _SPELLING = re.compile(r"([a-z][a-z0-9_]*)(?::(\d{1,4}))?")
 
 
@@ -44,8 +66,10 @@ def _parse(device: str) -> tuple[str, int | None]:
     match = _SPELLING.fullmatch(text)
     if match is None or (match.group(1) not in _DEVICE_TYPES and not _torch_knows(text)):
         shown = "".join(c for c in str(device).strip()[:40] if c.isprintable())
-        raise UserError(f"'{shown}' is not a device to train on; write cpu, cuda (the first GPU), cuda:1 (the "
-                        "second), mps (a Mac's GPU), or leave it empty to use the GPU when there is one.")
+        raise UserError(
+            f"'{shown}' is not a device to train on; write cpu, cuda (the first GPU), cuda:1 (the "
+            "second), mps (a Mac's GPU), or leave it empty to use the GPU when there is one."
+        )
     return match.group(1), int(match.group(2)) if match.group(2) is not None else None
 
 
@@ -81,8 +105,10 @@ def device_name(device: str | None) -> str:
     if kind == "cuda":
         count = _cuda_count()
         if count is not None and index >= count:
-            raise UserError(f"There is no GPU cuda:{index}: this computer has {count} (cuda:0"
-                            f"{f' to cuda:{count - 1}' if count > 1 else ''}); pick one of them.")
+            raise UserError(
+                f"There is no GPU cuda:{index}: this computer has {count} (cuda:0"
+                f"{f' to cuda:{count - 1}' if count > 1 else ''}); pick one of them."
+            )
     return f"{kind}:{index}"
 
 

@@ -29,13 +29,16 @@ def from_os_error(exc: BaseException, target: Path | str | None = None) -> UserE
     where = target if target is not None else exc.filename
     shown = str(where) if where is not None else "a file"
     if exc.errno in _NOT_WRITABLE or isinstance(exc, PermissionError):
-        return UserError(f"Cannot write {shown}: the folder is read-only or belongs to another user. Choose a data "
-                         "folder you can write to (--data-dir, or the WebUI's data dir), or give yourself write "
-                         "permission on it.")
+        return UserError(
+            f"Cannot write {shown}: the folder is read-only or belongs to another user. Choose a data "
+            "folder you can write to (--data-dir, or the WebUI's data dir), or give yourself write "
+            "permission on it."
+        )
     if exc.errno in _DISK_FULL or "No space left on device" in str(exc):
         name = Path(shown).name or shown
-        return UserError(f"The disk is full while writing {name}; free some space and try again (earlier files "
-                         "are intact).")
+        return UserError(
+            f"The disk is full while writing {name}; free some space and try again (earlier files are intact)."
+        )
     if exc.errno == errno.ENAMETOOLONG:
         name = Path(shown).name or shown
         return UserError(f"The file name '{name[:60]}...' is too long for this disk; use a shorter name.")

@@ -29,6 +29,7 @@ _MAX_FIELD = 200
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _OPEN_FLAGS = _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
+
 class DeviceBusy(UserError):
     """Another training run holds the device."""
 
@@ -55,8 +56,10 @@ def _program() -> str:
 
 
 def unusable(path: Path, reason: str) -> UserError:
-    return UserError(f"Train Tools cannot use the lock file {path} ({reason}); delete it, or set {LOCK_DIR_ENV} "
-                     "to a folder of your own, then try again.")
+    return UserError(
+        f"Train Tools cannot use the lock file {path} ({reason}); delete it, or set {LOCK_DIR_ENV} "
+        "to a folder of your own, then try again."
+    )
 
 
 def open_lock_file(path: Path) -> tuple[int, bool]:
@@ -135,8 +138,14 @@ def read_holder(fd: int) -> dict[str, Any] | None:
 
 
 def write_holder(fd: int, label: str, data_dir: Path | None) -> None:
-    line = {"pid": os.getpid(), "started": time.time(), "label": _clean(label),
-            "data_dir": str(data_dir) if data_dir is not None else None, "program": _program(), "user": _user()}
+    line = {
+        "pid": os.getpid(),
+        "started": time.time(),
+        "label": _clean(label),
+        "data_dir": str(data_dir) if data_dir is not None else None,
+        "program": _program(),
+        "user": _user(),
+    }
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(line) + "\n").encode("utf-8"))
@@ -174,5 +183,7 @@ def describe_holder(info: dict[str, Any] | None, data_dir: Path | None = None) -
 
 
 def busy(info: dict[str, Any] | None, what: str, data_dir: Path | None) -> DeviceBusy:
-    return DeviceBusy(f"{what[0].upper()}{what[1:]} is busy with {describe_holder(info, data_dir)}; wait for it to "
-                      "finish or stop it (Interrupt, or Ctrl-C in its terminal), then try again.")
+    return DeviceBusy(
+        f"{what[0].upper()}{what[1:]} is busy with {describe_holder(info, data_dir)}; wait for it to "
+        "finish or stop it (Interrupt, or Ctrl-C in its terminal), then try again."
+    )

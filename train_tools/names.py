@@ -29,8 +29,11 @@ from .errors import UserError
 
 #: Windows' reserved device names; the superscript digits are reserved too (``COM¹`` opens COM1).
 _DIGITS = [str(i) for i in range(10)] + ["¹", "²", "³"]
-WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
-                             | {f"COM{d}" for d in _DIGITS} | {f"LPT{d}" for d in _DIGITS})
+WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
+    | {f"COM{d}" for d in _DIGITS}
+    | {f"LPT{d}" for d in _DIGITS}
+)
 _FORBIDDEN_CHARS = frozenset('/\\<>:"|?*')
 #: One name (project, version, output name) in bytes: with the suffixes a run adds (see ``run_file_names``)
 #: it stays under the 255-byte file-name limit.
@@ -61,8 +64,7 @@ def _invisible(name: str) -> list[str]:
     bad = []
     for i, c in enumerate(name):
         category = unicodedata.category(c)
-        if c == _ZERO_WIDTH_JOINER and 0 < i < len(name) - 1 and _emoji_like(name[i - 1]) and _emoji_like(
-                name[i + 1]):
+        if c == _ZERO_WIDTH_JOINER and 0 < i < len(name) - 1 and _emoji_like(name[i - 1]) and _emoji_like(name[i + 1]):
             continue
         if category in ("Cf", "Zl", "Zp", "Co", "Cs", "Cn"):
             bad.append(c)
@@ -94,14 +96,15 @@ def check_name(name: object, what: str = "name", *, max_bytes: int = MAX_NAME_BY
         raise UserError(f"The {what} contains a control character; use letters, digits and spaces.")
     invisible = _invisible(name)
     if invisible:
-        raise UserError(f"The {what} contains an invisible or text-reordering character ({_code_points(invisible)})"
-                        "; retype the name without it.")
+        raise UserError(
+            f"The {what} contains an invisible or text-reordering character ({_code_points(invisible)})"
+            "; retype the name without it."
+        )
     if name in (".", "..") or name.startswith(".."):
         raise UserError(f"The {what} '{name}' could point outside the project folder; choose another name.")
     bad = sorted(c for c in set(name) if c in _FORBIDDEN_CHARS)
     if bad:
-        raise UserError(f"The {what} '{name}' contains {' '.join(bad)}, which cannot be used in a file or folder "
-                        "name.")
+        raise UserError(f"The {what} '{name}' contains {' '.join(bad)}, which cannot be used in a file or folder name.")
     if name.endswith("."):
         raise UserError(f"The {what} '{name}' ends with a dot, which Windows cannot store; remove it.")
     if is_windows_reserved(name):
@@ -110,8 +113,10 @@ def check_name(name: object, what: str = "name", *, max_bytes: int = MAX_NAME_BY
         raise UserError(f"The {what} '{name}' starts with a dot, which hides it; remove the dot.")
     size = len(name.encode("utf-8"))
     if size > max_bytes:
-        raise UserError(f"The {what} is too long ({size} bytes); use at most {max_bytes} bytes (about "
-                        f"{max_bytes // 3} Japanese or {max_bytes} Latin letters).")
+        raise UserError(
+            f"The {what} is too long ({size} bytes); use at most {max_bytes} bytes (about "
+            f"{max_bytes // 3} Japanese or {max_bytes} Latin letters)."
+        )
     return name
 
 
@@ -126,23 +131,20 @@ def check_unique(name: str, existing: Iterable[str], what: str) -> None:
     key = name_key(name)
     for other in existing:
         if other != name and name_key(other) == key:
-            raise UserError(f"The {what} '{name}' differs from the existing '{other}' only by upper/lower case or "
-                            "how its letters are composed; on Windows and macOS they would be one folder. Choose "
-                            f"another name or open '{other}'.")
+            raise UserError(
+                f"The {what} '{name}' differs from the existing '{other}' only by upper/lower case or "
+                "how its letters are composed; on Windows and macOS they would be one folder. Choose "
+                f"another name or open '{other}'."
+            )
 
 
 def run_file_names(output_name: str) -> list[tuple[str, ...]]:
     """The longest relative paths (as components) a run writes below its version folder."""
     run = ("trains", LONGEST_RUN_FOLDER)
-    return [
-        run + (f"{output_name}{LONGEST_LORA_SUFFIX}",),
-        run + LONGEST_STATE_PATH,
-        run + LONGEST_PREVIEW_PATH,
-    ]
+    return [run + (f"{output_name}{LONGEST_LORA_SUFFIX}",), run + LONGEST_STATE_PATH, run + LONGEST_PREVIEW_PATH]
 
 
-def check_paths_fit(base: Path, relative: Iterable[tuple[str, ...]], what: str, *,
-                    windows: bool | None = None) -> None:
+def check_paths_fit(base: Path, relative: Iterable[tuple[str, ...]], what: str, *, windows: bool | None = None) -> None:
     """Refuse when a file ``base / *parts`` (with its temporary twin) cannot be stored: a component over 255
     bytes, or a whole path over the system's limit (259 characters on Windows, 4095 bytes elsewhere)."""
     windows = os.name == "nt" if windows is None else windows
@@ -152,17 +154,23 @@ def check_paths_fit(base: Path, relative: Iterable[tuple[str, ...]], what: str, 
         for component in [*folders, f".{file_name}.abcdefgh.tmp"]:
             size = len(component.encode("utf-8"))
             if size > MAX_COMPONENT_BYTES:
-                raise UserError(f"The {what} is too long: it would make the file name '{component[1:40]}...' "
-                                f"{size} bytes long, and disks take at most {MAX_COMPONENT_BYTES}; use a shorter "
-                                "name.")
+                raise UserError(
+                    f"The {what} is too long: it would make the file name '{component[1:40]}...' "
+                    f"{size} bytes long, and disks take at most {MAX_COMPONENT_BYTES}; use a shorter "
+                    "name."
+                )
         full = str(base.joinpath(*folders, f".{file_name}.abcdefgh.tmp"))
         if windows and len(full.encode("utf-16-le")) // 2 > WINDOWS_MAX_PATH:
-            raise UserError(f"The {what} is too long for Windows: a file of the run would have a path of "
-                            f"{len(full)} characters, over Windows' {WINDOWS_MAX_PATH}; use shorter names or a data "
-                            "folder nearer the drive's root (e.g. C:\\train).")
+            raise UserError(
+                f"The {what} is too long for Windows: a file of the run would have a path of "
+                f"{len(full)} characters, over Windows' {WINDOWS_MAX_PATH}; use shorter names or a data "
+                "folder nearer the drive's root (e.g. C:\\train)."
+            )
         if not windows and len(os.fsencode(full)) > POSIX_MAX_PATH:
-            raise UserError(f"The {what} is too long: a file of the run would have a path of {len(os.fsencode(full))}"
-                            f" bytes, over this system's {POSIX_MAX_PATH}; use shorter names or a shorter data folder.")
+            raise UserError(
+                f"The {what} is too long: a file of the run would have a path of {len(os.fsencode(full))}"
+                f" bytes, over this system's {POSIX_MAX_PATH}; use shorter names or a shorter data folder."
+            )
 
 
 def check_run_paths(version_path: Path, output_name: str, what: str, *, windows: bool | None = None) -> None:

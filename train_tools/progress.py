@@ -38,8 +38,10 @@ class StepInfo:
 
     def line(self) -> str:
         eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, self.eta_s)))
-        return (f"step {self.step}/{self.total_steps}, epoch {self.epoch}/{self.total_epochs}, "
-                f"loss {self.avg_loss:.4f}, {self.steps_per_s:.2f} it/s, ETA {eta}")
+        return (
+            f"step {self.step}/{self.total_steps}, epoch {self.epoch}/{self.total_epochs}, "
+            f"loss {self.avg_loss:.4f}, {self.steps_per_s:.2f} it/s, ETA {eta}"
+        )
 
 
 class Stopped(BaseException):
@@ -128,8 +130,7 @@ class TerminalReporter(Reporter):
     def step(self, info: StepInfo) -> None:
         if self._bar is not None:
             self._bar.n = info.step
-            self._bar.set_postfix(epoch=f"{info.epoch}/{info.total_epochs}", loss=f"{info.avg_loss:.4f}",
-                                  refresh=False)
+            self._bar.set_postfix(epoch=f"{info.epoch}/{info.total_epochs}", loss=f"{info.avg_loss:.4f}", refresh=False)
             self._bar.refresh()
 
     def saved(self, path: Path, epoch: int) -> None:
@@ -163,8 +164,9 @@ class TerminalBar:
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, unit_scale=self.unit_scale,
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, desc=self.desc, unit=self.unit, unit_scale=self.unit_scale, dynamic_ncols=True
+            )
         self._bar.total = total
         self._bar.n = done
         self._bar.refresh()

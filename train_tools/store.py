@@ -31,6 +31,7 @@ __all__ = ["MAX_NAME_BYTES", "Store", "Version", "check_name", "projects_root"]
 
 log = logging.getLogger(__name__)
 
+
 def projects_root(data_dir: Path) -> Path:
     return Path(data_dir) / "outputs" / "train_tools" / "projects"
 
@@ -81,8 +82,11 @@ class Version:
         if not self.settings_path.exists():
             return TrainConfig()
         try:
-            data = fileio.read_json(self.settings_path, "fix it (as UTF-8 JSON) or delete it to start from the "
-                                    "defaults", what="The settings file")
+            data = fileio.read_json(
+                self.settings_path,
+                "fix it (as UTF-8 JSON) or delete it to start from the defaults",
+                what="The settings file",
+            )
         except FileNotFoundError:
             return TrainConfig()
         return TrainConfig.from_dict(data)
@@ -94,8 +98,11 @@ class Version:
     def check_settings(self, config: TrainConfig) -> None:
         """Validate ``config`` and refuse an output name with which this version's runs could not save."""
         config.validate()
-        what = "output name (setting 'output_name')" if config.output_name else (
-            f"project and version name together ('{self.default_output_name}', the LoRA files' name)")
+        what = (
+            "output name (setting 'output_name')"
+            if config.output_name
+            else (f"project and version name together ('{self.default_output_name}', the LoRA files' name)")
+        )
         check_run_paths(self.path, self.output_name(config), what)
 
     def save_settings(self, config: TrainConfig) -> None:
@@ -180,10 +187,14 @@ class Store:
         name = check_name(version, "version name")
         project_dir = self._project_dir(project)
         if not project_dir.is_dir():
-            raise UserError(f"There is no project named '{project}'; create it with "
-                            f"'python -m train_tools project create \"{project}\"'.")
+            raise UserError(
+                f"There is no project named '{project}'; create it with "
+                f"'python -m train_tools project create \"{project}\"'."
+            )
         path = project_dir / "versions" / name
         if not path.is_dir():
-            raise UserError(f"Project '{project}' has no version '{name}'; create it with "
-                            f"'python -m train_tools version create \"{project}\" \"{name}\"'.")
+            raise UserError(
+                f"Project '{project}' has no version '{name}'; create it with "
+                f'\'python -m train_tools version create "{project}" "{name}"\'.'
+            )
         return Version(project, name, path)

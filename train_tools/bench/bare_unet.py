@@ -36,12 +36,12 @@ def bare_inputs(args: Sequence[Any], dtype: torch.dtype) -> BareInputs:
     hidden = getattr(text, "hidden", text)
     added = text.added_cond_kwargs(dtype) if hasattr(text, "added_cond_kwargs") else None
     added = {k: v.detach() for k, v in added.items()} if added else None  # no graph back into a trained encoder
-    return BareInputs(latents.detach().to(dtype), timesteps.detach(), hidden.detach().to(dtype), added,
-                      noise.detach())
+    return BareInputs(latents.detach().to(dtype), timesteps.detach(), hidden.detach().to(dtype), added, noise.detach())
 
 
-def _bare_step(unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any],
-               forward: Callable[..., Any] | None = None) -> None:
+def _bare_step(
+    unet: torch.nn.Module, x: BareInputs, autocast: Callable[[], Any], forward: Callable[..., Any] | None = None
+) -> None:
     """One UNet forward + backward on ``x``; the gradients it leaves are the caller's to clear."""
     with autocast():
         pred = (forward or unet)(x.noisy, x.timesteps, x.hidden, added_cond_kwargs=x.added).sample
@@ -73,8 +73,9 @@ def bare_step_between(trainer: Any, args: Sequence[Any], device: torch.device) -
     return seconds
 
 
-def count_flops(unet: UNet2DConditionModel, x: BareInputs, autocast: Callable[[], Any],
-                params: Sequence[torch.nn.Parameter]) -> float:
+def count_flops(
+    unet: UNet2DConditionModel, x: BareInputs, autocast: Callable[[], Any], params: Sequence[torch.nn.Parameter]
+) -> float:
     """Model FLOPs of one UNet forward + backward at the run's batch size.
 
     Counted at batch 1 and scaled (every op of the UNet is linear in the batch), without gradient

@@ -56,15 +56,23 @@ def build_stand_in_tagger(folder: Path, side: int = 448, n_tags: int = 10861) ->
         return None
     rng = np.random.default_rng(0)
     weights = rng.normal(0, 2, (3, n_tags)).astype(np.float32)
-    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
-             helper.make_node("Div", ["m", "c255"], ["mn"]),
-             helper.make_node("MatMul", ["mn", "w"], ["logits"]),
-             helper.make_node("Sigmoid", ["logits"], ["scores"])]
-    inits = [helper.make_tensor("c255", TensorProto.FLOAT, [], [255.0]),
-             helper.make_tensor("w", TensorProto.FLOAT, [3, n_tags], weights.flatten().tolist())]
-    graph = helper.make_graph(nodes, "stand_in", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                 ["N", side, side, 3])],
-                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", n_tags])], inits)
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
+        helper.make_node("Div", ["m", "c255"], ["mn"]),
+        helper.make_node("MatMul", ["mn", "w"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["scores"]),
+    ]
+    inits = [
+        helper.make_tensor("c255", TensorProto.FLOAT, [], [255.0]),
+        helper.make_tensor("w", TensorProto.FLOAT, [3, n_tags], weights.flatten().tolist()),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stand_in",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", side, side, 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", n_tags])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,18 +127,24 @@ def run(n: int, models_dir: Path | None, repo: str) -> list[tuple[str, str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train_tools.bench.dataset",
-                                     description=(__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train_tools.bench.dataset", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument("-n", "--images", type=int, default=48, help="pictures to generate (default 48)")
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="folder with train_tools/wd14/<model>/ or interrogators/ (a real tagger is timed "
-                             "when found there)")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="folder with train_tools/wd14/<model>/ or interrogators/ (a real tagger is timed when found there)",
+    )
     parser.add_argument("--repo", default=wd14.DEFAULT_WD14_REPO, help="which WD14 model to look for")
     args = parser.parse_args(argv)
     write = sys.stdout.write
     n = max(1, args.images)
-    header = (f"Train Tools dataset benchmark: {platform.platform()}, Python {platform.python_version()}, "
-              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {n} pictures\n")
+    header = (
+        f"Train Tools dataset benchmark: {platform.platform()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {n} pictures\n"
+    )
     write(header)
     rows = run(n, args.models_dir, args.repo)
     width = max(len(name) for name, _ in rows)

@@ -92,8 +92,9 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
     latent_times: list[float] = []
     text_times: list[float] = []
     start = time.perf_counter()
-    trainer = Trainer(version, bench_config(spec, repeats), ckpt, reporter=reporter, device=spec.device,
-                      run_name="bench")
+    trainer = Trainer(
+        version, bench_config(spec, repeats), ckpt, reporter=reporter, device=spec.device, run_name="bench"
+    )
     trainer.flat_layout = spec.flat
     trainer_box.append(trainer)
     captured: dict[str, Any] = {}

@@ -39,12 +39,24 @@ class BenchSpec:
 
     @property
     def title(self) -> str:
-        parts = [f"{self.family} {self.size}", f"{self.resolution}x{self.resolution}", f"batch {self.batch}",
-                 _precision_label(self.mixed_precision),
-                 f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}", self.optimizer]
-        parts += [flag for flag, on in (("torch.compile", self.compile), ("channels_last", self.channels_last),
-                                        ("text encoder trained", self.train_text_encoder),
-                                        ("LoRA weights as separate tensors", not self.flat)) if on]
+        parts = [
+            f"{self.family} {self.size}",
+            f"{self.resolution}x{self.resolution}",
+            f"batch {self.batch}",
+            _precision_label(self.mixed_precision),
+            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}",
+            self.optimizer,
+        ]
+        parts += [
+            flag
+            for flag, on in (
+                ("torch.compile", self.compile),
+                ("channels_last", self.channels_last),
+                ("text encoder trained", self.train_text_encoder),
+                ("LoRA weights as separate tensors", not self.flat),
+            )
+            if on
+        ]
         return " · ".join(parts)
 
 
@@ -55,15 +67,36 @@ def preset_specs(preset: str, device: str) -> list[BenchSpec]:
     if preset == "cpu-tiny":
         return [BenchSpec(family="sd1", size="tiny", resolution=128, batch=2, device=device, steps=20)]
     if preset == "gpu-sd15":
-        runs = [BenchSpec(family="sd1", size="full", resolution=512, batch=b, gradient_checkpointing=gc_on,
-                          mixed_precision=gpu_precision, device=device, steps=30)
-                for b in (1, 4) for gc_on in (False, True)]
+        runs = [
+            BenchSpec(
+                family="sd1",
+                size="full",
+                resolution=512,
+                batch=b,
+                gradient_checkpointing=gc_on,
+                mixed_precision=gpu_precision,
+                device=device,
+                steps=30,
+            )
+            for b in (1, 4)
+            for gc_on in (False, True)
+        ]
         # The low-VRAM set-up the memory target is about: batch 1, checkpointing, an 8-bit optimizer.
         return runs + [dataclasses.replace(runs[1], optimizer="AdamW8bit")]
     if preset == "gpu-sdxl":
-        return [BenchSpec(family="sdxl", size="full", resolution=1024, batch=b, gradient_checkpointing=gc_on,
-                          mixed_precision=gpu_precision, device=device, steps=20)
-                for b, gc_on in ((1, False), (1, True), (4, True))]
+        return [
+            BenchSpec(
+                family="sdxl",
+                size="full",
+                resolution=1024,
+                batch=b,
+                gradient_checkpointing=gc_on,
+                mixed_precision=gpu_precision,
+                device=device,
+                steps=20,
+            )
+            for b, gc_on in ((1, False), (1, True), (4, True))
+        ]
     raise UserError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
 
 

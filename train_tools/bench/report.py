@@ -114,33 +114,60 @@ def format_result(r: BenchResult) -> str:
         ("batch size", str(s.batch)),
         ("steps/s (steady state)", _num(r.steps_per_s, 3)),
         ("images/s", _num(r.images_per_s, 3)),
-        ("step time mean / median / max", (f"{_num(r.step_s * 1000, 1)} / {_num(r.step_median_s * 1000, 1)} / "
-                                           f"{_num(r.step_max_s * 1000, 1)} ms over {s.steps} steps")),
-        ("time to first step", (f"{_num(r.first_step_s, 2)} s (model load {_num(r.load_s, 2)} s, latent caching "
-                                f"{_num(r.latents_s, 2)} s, text caching {_num(r.text_cache_s, 2)} s)")),
+        (
+            "step time mean / median / max",
+            (
+                f"{_num(r.step_s * 1000, 1)} / {_num(r.step_median_s * 1000, 1)} / "
+                f"{_num(r.step_max_s * 1000, 1)} ms over {s.steps} steps"
+            ),
+        ),
+        (
+            "time to first step",
+            (
+                f"{_num(r.first_step_s, 2)} s (model load {_num(r.load_s, 2)} s, latent caching "
+                f"{_num(r.latents_s, 2)} s, text caching {_num(r.text_cache_s, 2)} s)"
+            ),
+        ),
     ]
     if r.peak_allocated is not None:
         rows.append(("peak memory", f"GPU {_gib(r.peak_allocated)} allocated, {_gib(r.peak_reserved)} reserved"))
     else:
         rows.append(("peak memory", f"process RSS {_gib(r.peak_rss)}"))
     rows += [
-        ("bare UNet fwd+bwd (bound)", (f"{_num(r.bare_step_s * 1000, 1)} / {_num(r.bare_median_s * 1000, 1)} ms "
-                                       "mean / median")),
-        ("trainer overhead", (f"{_num(r.overhead, 3)}x the bound, median step over median bare step "
-                              f"({_num((r.overhead - 1) * 100, 1)}% over)")),
+        (
+            "bare UNet fwd+bwd (bound)",
+            (f"{_num(r.bare_step_s * 1000, 1)} / {_num(r.bare_median_s * 1000, 1)} ms mean / median"),
+        ),
+        (
+            "trainer overhead",
+            (
+                f"{_num(r.overhead, 3)}x the bound, median step over median bare step "
+                f"({_num((r.overhead - 1) * 100, 1)}% over)"
+            ),
+        ),
         ("model FLOPs/step", f"{_flops(r.flops_per_step)} (UNet fwd+bwd, no recomputation)"),
     ]
     mfu, bare_mfu = r.mfu(r.step_s), r.mfu(r.bare_step_s)
     if mfu is not None and bare_mfu is not None and r.peak is not None:
-        rows.append(("MFU", (f"{mfu * 100:.1f}% (bare UNet {bare_mfu * 100:.1f}%) of {r.peak[1]:g} TFLOPS "
-                             f"({r.peak[0]}, dense bf16/fp16)")))
+        rows.append(
+            (
+                "MFU",
+                (
+                    f"{mfu * 100:.1f}% (bare UNet {bare_mfu * 100:.1f}%) of {r.peak[1]:g} TFLOPS "
+                    f"({r.peak[0]}, dense bf16/fp16)"
+                ),
+            )
+        )
     elif s.device.startswith("cuda"):
         rows.append(("MFU", "n/a (peak rate of this GPU unknown)"))
     lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     total = r.instrumented_step_ms
-    lines += [(f"Step phases (over {r.phase_steps_run} more steps, timed phase by phase with a sync at each "
-               "boundary):"), "",
-              "| phase | ms/step | share |", "|---|---|---|"]
+    lines += [
+        (f"Step phases (over {r.phase_steps_run} more steps, timed phase by phase with a sync at each boundary):"),
+        "",
+        "| phase | ms/step | share |",
+        "|---|---|---|",
+    ]
     other = total - sum(r.phases_ms.values())
     for name, ms in [*r.phases_ms.items(), ("other (bookkeeping, logging)", other)]:
         lines.append(f"| {name} | {_num(ms, 2)} | {_num(ms / total * 100, 1)}% |")
@@ -150,22 +177,33 @@ def format_result(r: BenchResult) -> str:
 
 
 def format_summary(results: Sequence[BenchResult]) -> str:
-    lines = ["### Summary", "", "| run | steps/s | images/s | overhead | MFU | peak memory |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "### Summary",
+        "",
+        "| run | steps/s | images/s | overhead | MFU | peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r.error is not None:
             lines.append(f"| {r.spec.title} | not measured: {r.error[:80]} | | | | |")
             continue
         mfu = r.mfu(r.step_s)
         memory = _gib(r.peak_allocated) if r.peak_allocated is not None else f"RSS {_gib(r.peak_rss)}"
-        lines.append(f"| {r.spec.title} | {_num(r.steps_per_s, 3)} | {_num(r.images_per_s, 3)} | "
-                     f"{_num(r.overhead, 3)}x | {'n/a' if mfu is None else f'{mfu * 100:.1f}%'} | {memory} |")
+        lines.append(
+            f"| {r.spec.title} | {_num(r.steps_per_s, 3)} | {_num(r.images_per_s, 3)} | "
+            f"{_num(r.overhead, 3)}x | {'n/a' if mfu is None else f'{mfu * 100:.1f}%'} | {memory} |"
+        )
     return "\n".join(lines + [""])
 
 
 def environment_line() -> str:
     import diffusers
 
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"diffusers {diffusers.__version__}",
-             f"{torch.get_num_threads()} CPU threads", platform.platform()]
+    parts = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"diffusers {diffusers.__version__}",
+        f"{torch.get_num_threads()} CPU threads",
+        platform.platform(),
+    ]
     return "Environment: " + ", ".join(parts)

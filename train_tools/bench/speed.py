@@ -46,14 +46,25 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train_tools.bench.speed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, help="cpu-tiny (default without a GPU), gpu-sd15 (default with "
-                   "one: SD1.5 at 512, batch 1 and 4, checkpointing off and on, and batch 1 with checkpointing and "
-                   "AdamW8bit) or gpu-sdxl (SDXL at 1024)")
+    p = argparse.ArgumentParser(
+        prog="python -m train_tools.bench.speed",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="cpu-tiny (default without a GPU), gpu-sd15 (default with "
+        "one: SD1.5 at 512, batch 1 and 4, checkpointing off and on, and batch 1 with checkpointing and "
+        "AdamW8bit) or gpu-sdxl (SDXL at 1024)",
+    )
     p.add_argument("--family", choices=FAMILIES)
-    p.add_argument("--model-size", dest="size", choices=("tiny", "full"),
-                   help="tiny demo model or the full architecture with random weights")
+    p.add_argument(
+        "--model-size",
+        dest="size",
+        choices=("tiny", "full"),
+        help="tiny demo model or the full architecture with random weights",
+    )
     p.add_argument("--resolution", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
@@ -64,15 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-steps", type=int, help="extra steps timed phase by phase (default min(10, steps))")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the UNet")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the text encoder (default: frozen, its outputs cached)")
+    p.add_argument(
+        "--train-text-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the text encoder (default: frozen, its outputs cached)",
+    )
     p.add_argument("--network-dim", type=int)
-    p.add_argument("--flat", action=argparse.BooleanOptionalAction, default=None,
-                   help="lay the LoRA weights out in one tensor per group where the optimizer allows it (default; "
-                        "--no-flat keeps them separate, to measure what the layout gives)")
+    p.add_argument(
+        "--flat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lay the LoRA weights out in one tensor per group where the optimizer allows it (default; "
+        "--no-flat keeps them separate, to measure what the layout gives)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "train_tools_bench",
-                   help="where the models are kept between runs (default: %(default)s)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "train_tools_bench",
+        help="where the models are kept between runs (default: %(default)s)",
+    )
     p.add_argument("--keep", action="store_true", help="keep each run's data folder")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -83,8 +106,23 @@ def specs_from_args(args: argparse.Namespace) -> list[BenchSpec]:
     preset = args.preset or ("gpu-sd15" if device.startswith("cuda") else "cpu-tiny")
     if preset.startswith("gpu") and not device.startswith("cuda"):
         raise UserError(f"The {preset} preset needs a CUDA GPU; use --preset cpu-tiny on this machine.")
-    names = ("family", "size", "resolution", "batch", "gradient_checkpointing", "optimizer", "mixed_precision",
-             "steps", "warmup", "phase_steps", "compile", "channels_last", "train_text_encoder", "network_dim", "flat")
+    names = (
+        "family",
+        "size",
+        "resolution",
+        "batch",
+        "gradient_checkpointing",
+        "optimizer",
+        "mixed_precision",
+        "steps",
+        "warmup",
+        "phase_steps",
+        "compile",
+        "channels_last",
+        "train_text_encoder",
+        "network_dim",
+        "flat",
+    )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     overrides["device"] = device
     specs = apply_overrides(preset_specs(preset, device), overrides)

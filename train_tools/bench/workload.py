@@ -62,8 +62,9 @@ def make_pictures(folder: Path, resolution: int, count: int) -> Path:
         noise = torch.randint(0, 96, (resolution, resolution, 3), generator=gen)
         pixels = ((ramp * (i + 1) / count + noise) % 256).to(torch.uint8).numpy()
         Image.fromarray(pixels, "RGB").save(folder / f"bench_{i:03d}.png")
-        (folder / f"bench_{i:03d}.txt").write_text(f"a photo of a test pattern, number {i}, high quality",
-                                                   encoding="utf-8")
+        (folder / f"bench_{i:03d}.txt").write_text(
+            f"a photo of a test pattern, number {i}, high quality", encoding="utf-8"
+        )
     return folder
 
 
@@ -77,12 +78,24 @@ def plan(spec: BenchSpec) -> tuple[int, int, int]:
 
 def bench_config(spec: BenchSpec, repeats: int) -> TrainConfig:
     return TrainConfig(
-        resolution=spec.resolution, min_bucket_reso=64, max_bucket_reso=max(spec.resolution * 2, 256),
-        batch_size=spec.batch, repeats=repeats, epochs=1, save_every_n_epochs=1, optimizer=spec.optimizer,
-        mixed_precision=spec.mixed_precision, gradient_checkpointing=spec.gradient_checkpointing,
-        train_text_encoder=spec.train_text_encoder, network_dim=spec.network_dim,
-        network_alpha=spec.network_dim / 2, lr_scheduler="constant", torch_compile=spec.compile,
-        save_precision="fp16", seed=0)
+        resolution=spec.resolution,
+        min_bucket_reso=64,
+        max_bucket_reso=max(spec.resolution * 2, 256),
+        batch_size=spec.batch,
+        repeats=repeats,
+        epochs=1,
+        save_every_n_epochs=1,
+        optimizer=spec.optimizer,
+        mixed_precision=spec.mixed_precision,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        train_text_encoder=spec.train_text_encoder,
+        network_dim=spec.network_dim,
+        network_alpha=spec.network_dim / 2,
+        lr_scheduler="constant",
+        torch_compile=spec.compile,
+        save_precision="fp16",
+        seed=0,
+    )
 
 
 @contextlib.contextmanager
@@ -93,8 +106,9 @@ def offline_tokenizer_fallback() -> Iterator[None]:
 
     real = loader.tokenizer_for
 
-    def tokenizer_for(vocab_size: int, pad_token: str = tokenizers.EOS, kind: str = "clip-l",
-                      tokenizer_dir: Path | None = None) -> Any:
+    def tokenizer_for(
+        vocab_size: int, pad_token: str = tokenizers.EOS, kind: str = "clip-l", tokenizer_dir: Path | None = None
+    ) -> Any:
         try:
             return real(vocab_size, pad_token, kind, tokenizer_dir)
         except UserError:

@@ -33,7 +33,7 @@ def choose_bucket(width: int, height: int, options: PrepareOptions) -> tuple[int
     if not options.enable_bucket:
         side = max(step, options.resolution // step * step)
         return side, side
-    budget = options.resolution ** 2
+    budget = options.resolution**2
     res_side = max(step, options.resolution // step * step)
     lo = max(step, min(-(-options.min_bucket_reso // step) * step, res_side))
     hi = max(lo, options.max_bucket_reso // step * step)
@@ -51,8 +51,9 @@ def choose_bucket(width: int, height: int, options: PrepareOptions) -> tuple[int
     return step, step
 
 
-def _fitting_buckets(w: int, h: int, step: int, budget: int, lo: int, hi: int, cap_w: int, cap_h: int
-                     ) -> list[tuple[int, int]]:
+def _fitting_buckets(
+    w: int, h: int, step: int, budget: int, lo: int, hi: int, cap_w: int, cap_h: int
+) -> list[tuple[int, int]]:
     """Buckets the picture fills after resizing one side exactly and cropping the other by under a step."""
     out = []
     for bw in range(lo, min(hi, cap_w) + 1, step):
@@ -66,8 +67,9 @@ def _fitting_buckets(w: int, h: int, step: int, budget: int, lo: int, hi: int, c
     return out
 
 
-def _nearest_ratio_bucket(w: int, h: int, step: int, budget: int, lo: int, hi: int, cap_w: int, cap_h: int
-                          ) -> tuple[int, int] | None:
+def _nearest_ratio_bucket(
+    w: int, h: int, step: int, budget: int, lo: int, hi: int, cap_w: int, cap_h: int
+) -> tuple[int, int] | None:
     best: tuple[int, int] | None = None
     best_key: tuple[float, int] | None = None
     for bw in range(lo, min(hi, cap_w) + 1, step):
@@ -94,8 +96,9 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     scale = max(bw / w, bh / h)
     box_w, box_h = bw / scale, bh / scale
     left, top = (w - box_w) / 2, (h - box_h) / 2
-    return image.resize((bw, bh), Image.Resampling.LANCZOS, box=(left, top, left + box_w, top + box_h),
-                        reducing_gap=3.0)
+    return image.resize(
+        (bw, bh), Image.Resampling.LANCZOS, box=(left, top, left + box_w, top + box_h), reducing_gap=3.0
+    )
 
 
 def bucket_info(items: Sequence[DatasetItem]) -> dict[str, Any]:
@@ -105,6 +108,9 @@ def bucket_info(items: Sequence[DatasetItem]) -> dict[str, Any]:
     """
     counts = Counter(tuple(item.size) for item in items)
     buckets = {str(i): {"resolution": [w, h], "count": counts[(w, h)]} for i, (w, h) in enumerate(sorted(counts))}
-    errors = [abs(item.size[0] / item.size[1] - item.source_size[0] / item.source_size[1])
-              for item in items if item.source_size]
+    errors = [
+        abs(item.size[0] / item.size[1] - item.source_size[0] / item.source_size[1])
+        for item in items
+        if item.source_size
+    ]
     return {"buckets": buckets, "mean_img_ar_error": float(sum(errors) / len(errors)) if errors else 0.0}

@@ -87,8 +87,11 @@ def read_caption_edits(prepared: Path) -> dict[str, Any]:
     data = data if isinstance(data, dict) else {}
     captions = data.get("captions")
     rules = data.get("tag_rules")
-    return {"format": 1, "captions": captions if isinstance(captions, dict) else {},
-            "tag_rules": [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []}
+    return {
+        "format": 1,
+        "captions": captions if isinstance(captions, dict) else {},
+        "tag_rules": [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else [],
+    }
 
 
 def edited_caption(edits: dict[str, Any], stem: str, sha256: str | None) -> str | None:

@@ -58,16 +58,23 @@ def make_captioner(kind: str, *, models_dir: Path, host: Any = None, **options: 
     if kind == "blip":
         return BlipCaptioner(options.pop("model", DEFAULT_BLIP_REPO), models_dir=models_dir, **download, **options)
     if kind == "deepbooru":
-        raise UserError("The DeepBooru captioner is the WebUI's own: it works in the Train Tools tab inside the "
-                        "WebUI. Here, choose wd14 (booru tags like DeepBooru's) or blip.")
+        raise UserError(
+            "The DeepBooru captioner is the WebUI's own: it works in the Train Tools tab inside the "
+            "WebUI. Here, choose wd14 (booru tags like DeepBooru's) or blip."
+        )
     raise UserError(f"Automatic captioner must be one of {', '.join(KINDS)}; got '{kind}'.")
 
 
-def captioner_from_config(config: TrainConfig, *, models_dir: Path, host: Any = None,
-                          progress: ProgressFn | None = None, **options: Any) -> Captioner | None:
+def captioner_from_config(
+    config: TrainConfig, *, models_dir: Path, host: Any = None, progress: ProgressFn | None = None, **options: Any
+) -> Captioner | None:
     """``make_captioner`` with the settings of a training config (the ``captioner`` and ``tagger_*`` fields)."""
     if config.captioner == "wd14":
-        options = {"general_threshold": config.tagger_general_threshold,
-                   "character_threshold": config.tagger_character_threshold,
-                   "include_rating": config.tagger_include_rating, "exclude": config.tagger_exclude, **options}
+        options = {
+            "general_threshold": config.tagger_general_threshold,
+            "character_threshold": config.tagger_character_threshold,
+            "include_rating": config.tagger_include_rating,
+            "exclude": config.tagger_exclude,
+            **options,
+        }
     return make_captioner(config.captioner, models_dir=models_dir, host=host, progress=progress, **options)

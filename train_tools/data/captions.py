@@ -89,6 +89,7 @@ def rename_tag(prepared: Path, old: str, new: str) -> int:
 
 # ---------------------------------------------------------------------- helpers
 
+
 def _require_tag(tag: str | None, verb: str) -> str:
     cleaned = " ".join((tag or "").split()).strip(",").strip()
     if not cleaned:
@@ -102,8 +103,9 @@ def _stem_of(prepared: Path, image_name: str) -> str:
     name = Path(str(image_name or "")).name
     stem = name[: -len(".png")] if name.lower().endswith(".png") else name
     if not stem or not (prepared / f"{stem}.png").is_file():
-        raise UserError(f"'{name}' is not a prepared picture of this version; press Update Dataset, then click "
-                        "the picture again.")
+        raise UserError(
+            f"'{name}' is not a prepared picture of this version; press Update Dataset, then click the picture again."
+        )
     return stem
 
 

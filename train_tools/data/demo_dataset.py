@@ -19,9 +19,16 @@ from .uploads import add_originals
 log = logging.getLogger(__name__)
 
 _COLOURS = {
-    "red": (210, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 40), "green": (50, 160, 70),
-    "teal": (30, 150, 150), "blue": (40, 80, 200), "purple": (130, 60, 170), "pink": (235, 120, 170),
-    "white": (245, 245, 240), "black": (25, 25, 30),
+    "red": (210, 40, 40),
+    "orange": (240, 140, 30),
+    "yellow": (235, 210, 40),
+    "green": (50, 160, 70),
+    "teal": (30, 150, 150),
+    "blue": (40, 80, 200),
+    "purple": (130, 60, 170),
+    "pink": (235, 120, 170),
+    "white": (245, 245, 240),
+    "black": (25, 25, 30),
 }
 _SHAPES = ("circle", "square", "triangle", "star", "ring")
 _LANDSCAPE = ((640, 384), (576, 320), (512, 384))
@@ -39,8 +46,9 @@ def _sizes(n: int, rng: random.Random) -> list[tuple[int, int]]:
     return sizes[:n]
 
 
-def _background(draw: ImageDraw.ImageDraw, size: tuple[int, int], top: tuple[int, int, int],
-                bottom: tuple[int, int, int]) -> None:
+def _background(
+    draw: ImageDraw.ImageDraw, size: tuple[int, int], top: tuple[int, int, int], bottom: tuple[int, int, int]
+) -> None:
     """A vertical gradient, so the pictures are not flat fields."""
     w, h = size
     for y in range(h):
@@ -60,8 +68,9 @@ def _star(cx: float, cy: float, r: float, points: int = 5) -> list[tuple[float, 
     return out
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float],
-                colour: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], colour: tuple[int, int, int]
+) -> None:
     x0, y0, x1, y1 = box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
     if shape == "circle":

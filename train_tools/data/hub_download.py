@@ -50,5 +50,7 @@ def hf_download(repo: str, filename: str, folder: Path, progress: ProgressFn | N
     try:
         return Path(hf_hub_download(repo, filename, **kwargs))
     except Exception as exc:  # noqa: BLE001 - network and hub errors have many types; all mean "not now"
-        raise UserError(f"Downloading {filename} of {repo} failed ({type(exc).__name__}: {exc}); check the "
-                        f"internet connection, or put the file in {folder} yourself.") from None
+        raise UserError(
+            f"Downloading {filename} of {repo} failed ({type(exc).__name__}: {exc}); check the "
+            f"internet connection, or put the file in {folder} yourself."
+        ) from None

@@ -72,8 +72,13 @@ def load_items(prepared: Path, *, flip: bool = False) -> list[DatasetItem]:
         edited = edited_caption(edits, path.stem, entry.get("sha256"))
         caption = edited if edited is not None else caption
         source_size = entry.get("source_size")
-        item = DatasetItem(image=path, caption=caption, size=(int(size[0]), int(size[1])), source=source or "",
-                           source_size=tuple(source_size) if source_size else None)
+        item = DatasetItem(
+            image=path,
+            caption=caption,
+            size=(int(size[0]), int(size[1])),
+            source=source or "",
+            source_size=tuple(source_size) if source_size else None,
+        )
         items.append(item)
         if flip:
             items.append(dataclasses.replace(item, flipped=True))

@@ -54,8 +54,14 @@ class LatentDiskCache:
         self.resolution = int(resolution)
 
     def _meta(self, image_sha: str, size: tuple[int, int], flip: bool) -> dict[str, str]:
-        return {"format": FORMAT, "image_sha256": image_sha, "size": f"{size[0]}x{size[1]}",
-                "resolution": str(self.resolution), "flip": "1" if flip else "0", "vae": self.vae_id}
+        return {
+            "format": FORMAT,
+            "image_sha256": image_sha,
+            "size": f"{size[0]}x{size[1]}",
+            "resolution": str(self.resolution),
+            "flip": "1" if flip else "0",
+            "vae": self.vae_id,
+        }
 
     def path_for(self, image_sha: str, size: tuple[int, int], flip: bool) -> Path:
         """``<picture hash>-<variant hash>.safetensors``: the picture's part first, so stale entries are found
@@ -79,8 +85,7 @@ class LatentDiskCache:
             return None
         return tensors["mean"], tensors["std"]
 
-    def store(self, image_sha: str, size: tuple[int, int], flip: bool, mean: torch.Tensor, std: torch.Tensor
-              ) -> None:
+    def store(self, image_sha: str, size: tuple[int, int], flip: bool, mean: torch.Tensor, std: torch.Tensor) -> None:
         tensors = {"mean": mean.detach().float().cpu().contiguous(), "std": std.detach().float().cpu().contiguous()}
         meta = self._meta(image_sha, size, flip)
         write_with(self.path_for(image_sha, size, flip), lambda tmp: save_file(tensors, str(tmp), metadata=meta))

@@ -52,5 +52,8 @@ def read_manifest(prepared: Path) -> dict[str, Any]:
 def original_hashes(prepared: Path) -> dict[str, str]:
     """Prepared stem -> sha256 of the original it was made from, as the manifest records them."""
     items = read_manifest(Path(prepared)).get("items", {})
-    return {str(e["stem"]): str(e["sha256"]) for e in items.values()
-            if isinstance(e, dict) and e.get("stem") and e.get("sha256")}
+    return {
+        str(e["stem"]): str(e["sha256"])
+        for e in items.values()
+        if isinstance(e, dict) and e.get("stem") and e.get("sha256")
+    }

@@ -99,8 +99,10 @@ def load_original(path: Path, options: PrepareOptions) -> tuple[Image.Image, tup
 def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tuple[int, int]]:
     w, h = im.size
     if w * h > options.max_pixels:
-        raise Refused(f"too large: {w}x{h} is {w * h:,} pixels, more than the limit of {options.max_pixels:,} "
-                       "(a possible decompression bomb)")
+        raise Refused(
+            f"too large: {w}x{h} is {w * h:,} pixels, more than the limit of {options.max_pixels:,} "
+            "(a possible decompression bomb)"
+        )
     if min(w, h) < options.min_image_size:
         raise Refused(f"too small: {w}x{h}; the shorter side must be at least {options.min_image_size} pixels")
     if im.format == "JPEG":

@@ -25,8 +25,9 @@ PREPARING_CLASS = "Preparing class pictures"
 DOWNLOADING = "Downloading the captioner (first use only)"
 
 
-def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, task: TaskFn | None = None
-                    ) -> PrepareReport:
+def prepare_version(
+    version: Version, config: TrainConfig, *, host: Any = None, task: TaskFn | None = None
+) -> PrepareReport:
     """Bring ``prepared/`` up to date with the originals and the settings (captioner included): the one way
     the command line, the tab and the trainer prepare a version, so they always agree on the captions.
 
@@ -42,17 +43,18 @@ def prepare_version(version: Version, config: TrainConfig, *, host: Any = None, 
         return _prepare_version(version, config, host=host, reporting=reporting)
 
 
-def _prepare_version(version: Version, config: TrainConfig, *, host: Any,
-                     reporting: Callable[..., ProgressFn | None]) -> PrepareReport:
+def _prepare_version(
+    version: Version, config: TrainConfig, *, host: Any, reporting: Callable[..., ProgressFn | None]
+) -> PrepareReport:
     from .captioners import captioner_from_config
 
     models_dir = getattr(host, "models_dir", None) or version.data_dir / "models"
     options = PrepareOptions.from_config(config, trigger_word_default=version.project)
-    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host,
-                                         progress=reporting(DOWNLOADING, "B"))
+    auto_caption = captioner_from_config(config, models_dir=models_dir, host=host, progress=reporting(DOWNLOADING, "B"))
     try:
-        report = prepare_dataset(version.originals_dir, version.prepared_dir, options, reporting(PREPARING),
-                                 auto_caption=auto_caption)
+        report = prepare_dataset(
+            version.originals_dir, version.prepared_dir, options, reporting(PREPARING), auto_caption=auto_caption
+        )
     finally:
         close = getattr(auto_caption, "close", None)
         if callable(close):
@@ -89,14 +91,18 @@ def reg_prepare_options(config: TrainConfig) -> PrepareOptions:
     return options
 
 
-def prepare_reg(version: Version, config: TrainConfig, progress: ProgressFn | None = None
-                ) -> PrepareReport | None:
+def prepare_reg(version: Version, config: TrainConfig, progress: ProgressFn | None = None) -> PrepareReport | None:
     """Bring ``prepared_reg/`` up to date with ``reg/`` (the optional class pictures); None when the version has
     neither. A ``reg/`` emptied by the user empties ``prepared_reg/`` too."""
     if not version.reg_dir.is_dir() and not version.prepared_reg_dir.is_dir():
         return None
-    return prepare_dataset(version.reg_dir, version.prepared_reg_dir, reg_prepare_options(config), progress,
-                           auto_caption=FixedCaption(config.reg_caption))
+    return prepare_dataset(
+        version.reg_dir,
+        version.prepared_reg_dir,
+        reg_prepare_options(config),
+        progress,
+        auto_caption=FixedCaption(config.reg_caption),
+    )
 
 
 def load_reg_items(version: Version) -> list[DatasetItem]:
@@ -104,8 +110,9 @@ def load_reg_items(version: Version) -> list[DatasetItem]:
     return load_items(version.prepared_reg_dir)
 
 
-def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None,
-                  stop: StopFlag | None = None) -> list[DatasetItem]:
+def prepare_items(
+    version: Version, config: TrainConfig, reporter: Reporter, *, host: Any = None, stop: StopFlag | None = None
+) -> list[DatasetItem]:
     """Bring ``prepared/`` up to date with the originals and the settings, and read it; the reporter hears
     the progress (``Reporter.task``) and the pictures that could not be used.
 
@@ -122,6 +129,8 @@ def prepare_items(version: Version, config: TrainConfig, reporter: Reporter, *, 
         reporter.message(f"skipped {refusal}")
     items = load_items(version.prepared_dir)
     if not items:
-        raise UserError(f"Version '{version.name}' of '{version.project}' has no usable images; add pictures "
-                        "with 'python -m train_tools dataset add' or the Upload Dataset button.")
+        raise UserError(
+            f"Version '{version.name}' of '{version.project}' has no usable images; add pictures "
+            "with 'python -m train_tools dataset add' or the Upload Dataset button."
+        )
     return items

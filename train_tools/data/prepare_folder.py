@@ -44,8 +44,9 @@ def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
     """The pictures in ``originals`` (sorted), each with its caption files and a unique prepared stem."""
     if not originals.is_dir():
         return []
-    files = sorted((p for p in originals.iterdir() if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: nfc(p.name))
+    files = sorted(
+        (p for p in originals.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: nfc(p.name)
+    )
     texts = {file_key(p.name): p for p in files if p.name.lower().endswith(CAPTION_SUFFIX)}
     sources: list[_Source] = []
     used: set[str] = set()
@@ -54,8 +55,12 @@ def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
         if suffix == CAPTION_SUFFIX:
             continue
         if suffix not in IMAGE_SUFFIXES:
-            report.refused.append(Refusal(path.name, f"not a picture ({path.suffix or 'no'} files are not "
-                                                      "used; add JPEG, PNG, WebP, BMP, GIF or TIFF)"))
+            report.refused.append(
+                Refusal(
+                    path.name,
+                    f"not a picture ({path.suffix or 'no'} files are not used; add JPEG, PNG, WebP, BMP, GIF or TIFF)",
+                )
+            )
             continue
         stem = nfc(path.stem)
         unique = stem
@@ -64,8 +69,15 @@ def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
             unique = f"{stem}_{suffix[1:]}" if n == 1 else f"{stem}_{suffix[1:]}{n}"
             n += 1
         used.add(file_key(unique))
-        sources.append(_Source(path.name, path, unique, texts.get(file_key(stem + CAPTION_SUFFIX)),
-                               texts.get(file_key(stem + AUTO_CAPTION_SUFFIX))))
+        sources.append(
+            _Source(
+                path.name,
+                path,
+                unique,
+                texts.get(file_key(stem + CAPTION_SUFFIX)),
+                texts.get(file_key(stem + AUTO_CAPTION_SUFFIX)),
+            )
+        )
     return sources
 
 
@@ -75,8 +87,10 @@ def _file_hash(path: Path | None) -> str | None:
 
 #: Where the captioners lived when folders were first prepared (one flat package): their manifests cache the
 #: captions under that module name, so it stays the name of the id and those captions stay cached.
-_CAPTIONER_ID_MODULES = {"train_tools.data.wd14": "train_tools.captioners",
-                         "train_tools.data.blip": "train_tools.captioners"}
+_CAPTIONER_ID_MODULES = {
+    "train_tools.data.wd14": "train_tools.captioners",
+    "train_tools.data.blip": "train_tools.captioners",
+}
 
 
 def _captioner_id(auto_caption: Callable[[Image.Image], str] | None) -> str | None:
@@ -90,8 +104,9 @@ def _captioner_id(auto_caption: Callable[[Image.Image], str] | None) -> str | No
 class _Preparer:
     """One ``prepare_dataset`` call; its state is the old manifest, the new one, and the report."""
 
-    def __init__(self, prepared: Path, options: PrepareOptions,
-                 auto_caption: Callable[[Image.Image], str] | None) -> None:
+    def __init__(
+        self, prepared: Path, options: PrepareOptions, auto_caption: Callable[[Image.Image], str] | None
+    ) -> None:
         self.prepared = prepared
         self.options = options
         self.auto_caption = auto_caption
@@ -108,10 +123,14 @@ class _Preparer:
         self.edits = read_caption_edits(prepared)
 
     def manifest(self) -> dict[str, Any]:
-        return {"format": 1, "image_options": self.options.image_signature(),
-                "caption_options": {"caption_mode": self.options.caption_mode,
-                                    "trigger_word": self.options.trigger_word},
-                "flip_aug": self.options.flip_aug, "items": self.items, "refused": self.refused}
+        return {
+            "format": 1,
+            "image_options": self.options.image_signature(),
+            "caption_options": {"caption_mode": self.options.caption_mode, "trigger_word": self.options.trigger_word},
+            "flip_aug": self.options.flip_aug,
+            "items": self.items,
+            "refused": self.refused,
+        }
 
     def refuse(self, source: _Source, sha: str | None, reason: str) -> None:
         self.report.refused.append(Refusal(source.name, reason))
@@ -140,8 +159,12 @@ class _Preparer:
             except Refused as exc:
                 self.refuse(source, sha, str(exc))
                 return
-            entry = {"sha256": sha, "stem": source.stem, "pixels": pixel_hash(upright_image),
-                     "source_size": list(upright_size)}
+            entry = {
+                "sha256": sha,
+                "stem": source.stem,
+                "pixels": pixel_hash(upright_image),
+                "source_size": list(upright_size),
+            }
             if self._is_duplicate(source, entry):
                 return
             image = self._write_image(upright_image, upright_size, entry)
@@ -166,12 +189,12 @@ class _Preparer:
         self.report.duplicates.append((source.name, kept))
         return True
 
-    def _write_image(self, image: Image.Image, upright_size: tuple[int, int], entry: dict[str, Any]
-                     ) -> Image.Image:
+    def _write_image(self, image: Image.Image, upright_size: tuple[int, int], entry: dict[str, Any]) -> Image.Image:
         bucket = choose_bucket(upright_size[0], upright_size[1], self.options)
         fitted = fit_to_bucket(image, bucket)
-        fileio.write_with(self.prepared / f"{entry['stem']}.png",
-                          lambda tmp: fitted.save(tmp, format="PNG", compress_level=6))
+        fileio.write_with(
+            self.prepared / f"{entry['stem']}.png", lambda tmp: fitted.save(tmp, format="PNG", compress_level=6)
+        )
         entry["size"] = list(bucket)
         entry.pop("caption", None)
         entry.pop("auto", None)
@@ -219,9 +242,14 @@ class _Preparer:
                 self.report.removed += 0 if is_temp else int(path.suffix.lower() == ".png")
 
 
-def prepare_dataset(originals: Path, prepared: Path, options: PrepareOptions,
-                    progress: Callable[[int, int], None] | None = None, *,
-                    auto_caption: Callable[[Image.Image], str] | None = None) -> PrepareReport:
+def prepare_dataset(
+    originals: Path,
+    prepared: Path,
+    options: PrepareOptions,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    auto_caption: Callable[[Image.Image], str] | None = None,
+) -> PrepareReport:
     """Bring ``prepared/`` up to date with ``originals/``: one bucket-sized PNG and one caption per picture.
 
     Only what changed is redone: a manifest remembers each original's hash and the options it was made with;

@@ -67,8 +67,9 @@ class PrepareOptions:
         try:
             rgb = ImageColor.getrgb(self.background_color)
         except ValueError:
-            raise UserError(f"Background colour '{self.background_color}' is not a colour; write it like "
-                            "#ffffff.") from None
+            raise UserError(
+                f"Background colour '{self.background_color}' is not a colour; write it like #ffffff."
+            ) from None
         return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
 
     def image_signature(self) -> dict[str, Any]:

@@ -35,8 +35,10 @@ class PrepareReport:
     def summary(self) -> str:
         parts = [f"{self.prepared} pictures ready ({self.encoded} newly prepared)"]
         if self.duplicates:
-            parts.append(f"{len(self.duplicates)} duplicates skipped: "
-                         + ", ".join(f"{dup} (same as {kept})" for dup, kept in self.duplicates[:3]))
+            parts.append(
+                f"{len(self.duplicates)} duplicates skipped: "
+                + ", ".join(f"{dup} (same as {kept})" for dup, kept in self.duplicates[:3])
+            )
         if self.refused:
             parts.append(f"{len(self.refused)} refused: " + "; ".join(str(r) for r in self.refused[:5]))
         return "; ".join(parts) + "."

@@ -18,8 +18,9 @@ class BucketBatchSampler:
     with itself.
     """
 
-    def __init__(self, items: Sequence[DatasetItem], batch_size: int, *, seed: int = 0, repeats: int = 1,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, items: Sequence[DatasetItem], batch_size: int, *, seed: int = 0, repeats: int = 1, shuffle: bool = True
+    ) -> None:
         if batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {batch_size}.")
         if repeats < 1:
@@ -51,7 +52,7 @@ class BucketBatchSampler:
                 if self.shuffle:
                     rng.shuffle(order)
                 pool.extend(order)
-            batches.extend(pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size))
+            batches.extend(pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size))
         if self.shuffle:
             rng.shuffle(batches)
         return iter(batches)
@@ -68,8 +69,9 @@ class RegularisedBatchSampler:
     class pictures fall into other buckets, an epoch may hold a batch more or less than the one before.
     """
 
-    def __init__(self, items: Sequence[DatasetItem], n_train: int, batch_size: int, *, seed: int = 0,
-                 repeats: int = 1) -> None:
+    def __init__(
+        self, items: Sequence[DatasetItem], n_train: int, batch_size: int, *, seed: int = 0, repeats: int = 1
+    ) -> None:
         if batch_size < 1:
             raise UserError(f"Batch size must be at least 1; got {batch_size}.")
         if repeats < 1:
@@ -115,8 +117,10 @@ class RegularisedBatchSampler:
     def batch_count(self, epoch: int) -> int:
         """How many batches ``epoch`` has (without drawing them)."""
         reg = self._reg_counts(epoch)
-        return sum(-(-(len(self.train_buckets.get(size, [])) * self.repeats + reg[size]) // self.batch_size)
-                   for size in self.buckets)
+        return sum(
+            -(-(len(self.train_buckets.get(size, [])) * self.repeats + reg[size]) // self.batch_size)
+            for size in self.buckets
+        )
 
     def __len__(self) -> int:
         return self.batch_count(self.epoch)
@@ -134,7 +138,7 @@ class RegularisedBatchSampler:
                 rng.shuffle(order)
                 train.extend(order)
             pool = _riffle(train, reg.get(size, []), rng)
-            batches.extend(pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size))
+            batches.extend(pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size))
         rng.shuffle(batches)
         return iter(batches)
 

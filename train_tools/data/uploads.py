@@ -84,8 +84,14 @@ def add_originals(paths: Sequence[Path], originals: Path) -> AddReport:
     return report
 
 
-def _add_image(path: Path, originals: Path, report: AddReport, hashes: dict[str, str], used_stems: set[str],
-               final_stem: dict[tuple[Path, str], str]) -> None:
+def _add_image(
+    path: Path,
+    originals: Path,
+    report: AddReport,
+    hashes: dict[str, str],
+    used_stems: set[str],
+    final_stem: dict[tuple[Path, str], str],
+) -> None:
     name = nfc(path.name)
     try:
         sha = fileio.sha256_file(path)
@@ -122,8 +128,13 @@ def _add_caption(path: Path, originals: Path, report: AddReport, final_stem: dic
             if fileio.sha256_file(target) == fileio.sha256_file(path):
                 report.skipped.append(name)
             else:
-                report.refused.append(Refusal(name, f"a different caption {target.name} is already there; edit "
-                                                    "it in the tab, or delete it first to replace it"))
+                report.refused.append(
+                    Refusal(
+                        name,
+                        f"a different caption {target.name} is already there; edit "
+                        "it in the tab, or delete it first to replace it",
+                    )
+                )
             return
         _copy(path, target)
     except OSError as exc:

@@ -35,8 +35,29 @@ WD14_TAGS_FILE = "selected_tags.csv"
 # selected_tags.csv categories.
 GENERAL, CHARACTER, RATING = 0, 4, 9
 # Tags of the WD14 vocabulary that are faces drawn with characters: their underscores are part of the face.
-KAOMOJI = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9",
-                     ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
+KAOMOJI = frozenset(
+    {
+        "0_0",
+        "(o)_(o)",
+        "+_+",
+        "+_-",
+        "._.",
+        "<o>_<o>",
+        "<|>_<|>",
+        "=_=",
+        ">_<",
+        "3_3",
+        "6_9",
+        ">_o",
+        "@_@",
+        "^_^",
+        "o_o",
+        "u_u",
+        "x_x",
+        "|_|",
+        "||_||",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -51,13 +72,13 @@ def read_tags_csv(path: Path) -> list[TagInfo]:
         with open(path, encoding="utf-8", newline="") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"The tagger's tag list {path} could not be read ({exc}); download selected_tags.csv "
-                        "again.") from None
+        raise UserError(
+            f"The tagger's tag list {path} could not be read ({exc}); download selected_tags.csv again."
+        ) from None
     try:
         return [TagInfo(row["name"], int(row["category"])) for row in rows]
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path} is not a WD14 tag list: it needs the columns tag_id, name, category, count."
-                        ) from None
+        raise UserError(f"{path} is not a WD14 tag list: it needs the columns tag_id, name, category, count.") from None
 
 
 def tag_key(tag: str) -> str:
@@ -84,16 +105,27 @@ class WD14Tagger:
     from the model's input shape, and returns one sigmoid score per row of selected_tags.csv.
     """
 
-    def __init__(self, model_path: Path, tags_csv: Path, *, general_threshold: float = 0.35,
-                 character_threshold: float = 0.85, include_rating: bool = False,
-                 underscores_to_spaces: bool = True, exclude: Sequence[str] | str = (),
-                 providers: Sequence[str] | None = None, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        tags_csv: Path,
+        *,
+        general_threshold: float = 0.35,
+        character_threshold: float = 0.85,
+        include_rating: bool = False,
+        underscores_to_spaces: bool = True,
+        exclude: Sequence[str] | str = (),
+        providers: Sequence[str] | None = None,
+        batch_size: int = 8,
+    ) -> None:
         self.model_path = Path(model_path)
         self.tags_csv = Path(tags_csv)
         for path in (self.model_path, self.tags_csv):
             if not path.is_file():
-                raise UserError(f"The tagger file {path} is missing; put the model's {WD14_MODEL_FILE} and "
-                                f"{WD14_TAGS_FILE} in one folder.")
+                raise UserError(
+                    f"The tagger file {path} is missing; put the model's {WD14_MODEL_FILE} and "
+                    f"{WD14_TAGS_FILE} in one folder."
+                )
         self.tags = read_tags_csv(self.tags_csv)
         self.general_threshold = float(general_threshold)
         self.character_threshold = float(character_threshold)
@@ -109,10 +141,12 @@ class WD14Tagger:
     def __repr__(self) -> str:
         # The manifest caches captions under this text: it must be stable across runs and name what matters.
         size = self.model_path.stat().st_size if self.model_path.is_file() else 0
-        return (f"WD14Tagger({self.model_path.parent.name}/{self.model_path.name}:{size}, "
-                f"general={self.general_threshold:g}, character={self.character_threshold:g}, "
-                f"rating={self.include_rating}, spaces={self.underscores_to_spaces}, "
-                f"exclude={sorted(self._excluded)})")
+        return (
+            f"WD14Tagger({self.model_path.parent.name}/{self.model_path.name}:{size}, "
+            f"general={self.general_threshold:g}, character={self.character_threshold:g}, "
+            f"rating={self.include_rating}, spaces={self.underscores_to_spaces}, "
+            f"exclude={sorted(self._excluded)})"
+        )
 
     # ------------------------------------------------------------------ the model
     @property
@@ -127,18 +161,23 @@ class WD14Tagger:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("The WD14 tagger needs onnxruntime: run 'pip install onnxruntime' (or "
-                            "onnxruntime-gpu) in Train Tools' Python environment.") from None
+            raise UserError(
+                "The WD14 tagger needs onnxruntime: run 'pip install onnxruntime' (or "
+                "onnxruntime-gpu) in Train Tools' Python environment."
+            ) from None
         providers = self.providers or preferred_providers(ort.get_available_providers())
         try:
             session = ort.InferenceSession(str(self.model_path), providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad files
-            raise UserError(f"The tagger model {self.model_path} could not be loaded ({exc}); download it "
-                            "again.") from None
+            raise UserError(
+                f"The tagger model {self.model_path} could not be loaded ({exc}); download it again."
+            ) from None
         outputs = session.get_outputs()[0].shape
         if isinstance(outputs[-1], int) and outputs[-1] != len(self.tags):
-            raise UserError(f"The tagger model gives {outputs[-1]} scores but {self.tags_csv.name} lists "
-                            f"{len(self.tags)} tags: the two files belong to different models.")
+            raise UserError(
+                f"The tagger model gives {outputs[-1]} scores but {self.tags_csv.name} lists "
+                f"{len(self.tags)} tags: the two files belong to different models."
+            )
         log.info("Loaded the tagger %s (%s)", self.model_path, ", ".join(session.get_providers()))
         return session
 
@@ -148,8 +187,10 @@ class WD14Tagger:
         shape = self.session.get_inputs()[0].shape
         side = shape[1] if len(shape) == 4 else None
         if not isinstance(side, int) or side <= 0:
-            raise UserError(f"The tagger model {self.model_path.name} does not declare its input size; use a "
-                            "WD14 model (input [batch, side, side, 3]).")
+            raise UserError(
+                f"The tagger model {self.model_path.name} does not declare its input size; use a "
+                "WD14 model (input [batch, side, side, 3])."
+            )
         return side
 
     def _fixed_batch(self) -> int | None:
@@ -182,7 +223,7 @@ class WD14Tagger:
         chunk = fixed or self.batch_size
         rows: list[np.ndarray] = []
         for start in range(0, len(images), chunk):
-            batch = [self.preprocess(im) for im in images[start:start + chunk]]
+            batch = [self.preprocess(im) for im in images[start : start + chunk]]
             n = len(batch)
             if fixed and n < fixed:
                 batch += [batch[-1]] * (fixed - n)  # a model with a fixed batch size needs it full
@@ -251,16 +292,23 @@ def wd14_folder(models_dir: Path, repo: str = DEFAULT_WD14_REPO) -> Path:
     return Path(models_dir) / "train_tools" / "wd14" / repo.rstrip("/").split("/")[-1]
 
 
-def ensure_wd14(models_dir: Path, repo: str = DEFAULT_WD14_REPO, *, allow_download: bool | None = None,
-                progress: ProgressFn | None = None) -> tuple[Path, Path]:
+def ensure_wd14(
+    models_dir: Path,
+    repo: str = DEFAULT_WD14_REPO,
+    *,
+    allow_download: bool | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[Path, Path]:
     """The model files of ``repo``: found on disk, or downloaded once into ``wd14_folder``."""
     found = find_wd14(models_dir, repo)
     if found is not None:
         return found
     folder = wd14_folder(models_dir, repo)
     if not may_download(allow_download):
-        raise UserError(f"The WD14 tagger is not downloaded and downloads are off: put {WD14_MODEL_FILE} and "
-                        f"{WD14_TAGS_FILE} of https://huggingface.co/{repo} in {folder}.")
+        raise UserError(
+            f"The WD14 tagger is not downloaded and downloads are off: put {WD14_MODEL_FILE} and "
+            f"{WD14_TAGS_FILE} of https://huggingface.co/{repo} in {folder}."
+        )
     log.info("Downloading the WD14 tagger %s into %s", repo, folder)
     paths = [hf_download(repo, filename, folder, progress) for filename in (WD14_TAGS_FILE, WD14_MODEL_FILE)]
     return paths[1], paths[0]

@@ -31,8 +31,9 @@ class Host:
     #: Whether the tab offers the built-in demo pictures (and, with no checkpoint, the demo model).
     offer_demo = False
 
-    def __init__(self, data_dir: Path, ckpt_dirs: Sequence[Path], lora_dir: Path,
-                 models_dir: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, ckpt_dirs: Sequence[Path], lora_dir: Path, models_dir: Path | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.ckpt_dirs = [Path(d).expanduser().resolve() for d in ckpt_dirs]
         self.lora_dir = Path(lora_dir).expanduser().resolve()
@@ -82,8 +83,11 @@ class Host:
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"data_dir": str(self.data_dir), "ckpt_dirs": [str(d) for d in self.ckpt_dirs],
-                "lora_dir": str(self.lora_dir)}
+        return {
+            "data_dir": str(self.data_dir),
+            "ckpt_dirs": [str(d) for d in self.ckpt_dirs],
+            "lora_dir": str(self.lora_dir),
+        }
 
 
 class StandaloneHost(Host):
@@ -91,11 +95,21 @@ class StandaloneHost(Host):
 
     name = "standalone"
 
-    def __init__(self, data_dir: Path, ckpt_dirs: Sequence[Path] | None = None, lora_dir: Path | None = None,
-                 *, offer_demo: bool = True, device: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        ckpt_dirs: Sequence[Path] | None = None,
+        lora_dir: Path | None = None,
+        *,
+        offer_demo: bool = True,
+        device: str | None = None,
+    ) -> None:
         data_dir = Path(data_dir).expanduser().resolve()
-        super().__init__(data_dir, list(ckpt_dirs) if ckpt_dirs else default_ckpt_dirs(data_dir),
-                         lora_dir or data_dir / "models" / "Lora")
+        super().__init__(
+            data_dir,
+            list(ckpt_dirs) if ckpt_dirs else default_ckpt_dirs(data_dir),
+            lora_dir or data_dir / "models" / "Lora",
+        )
         self.offer_demo = offer_demo
         self._device = device
 

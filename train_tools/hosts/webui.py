@@ -109,8 +109,9 @@ class WebuiHost(Host):
         data_dir, ckpt_dirs, lora_dir = webui_paths()
         from modules import paths_internal
 
-        super().__init__(data_dir, ckpt_dirs, lora_dir,
-                         models_dir=Path(getattr(paths_internal, "models_path", data_dir / "models")))
+        super().__init__(
+            data_dir, ckpt_dirs, lora_dir, models_dir=Path(getattr(paths_internal, "models_path", data_dir / "models"))
+        )
         self._unloaded = False
 
     # ------------------------------------------------------------------ checkpoints
@@ -140,8 +141,10 @@ class WebuiHost(Host):
         try:
             return resolve_checkpoint(choice, self.ckpt_dirs, any_path=False)
         except UserError:
-            raise UserError(f"The base model '{choice}' is not in the WebUI's checkpoint list any more; press the "
-                            "refresh button beside 'Train base model' and choose again.") from None
+            raise UserError(
+                f"The base model '{choice}' is not in the WebUI's checkpoint list any more; press the "
+                "refresh button beside 'Train base model' and choose again."
+            ) from None
 
     # ------------------------------------------------------------------ training
     def device(self) -> str | None:
@@ -218,6 +221,8 @@ class WebuiHost(Host):
     # ------------------------------------------------------------------ previews
     def captioner(self, kind: str) -> Callable[[Any], str] | None:
         """The WebUI's own DeepBooru and BLIP: already downloaded, and they share the GPU with the WebUI."""
+        from .webui_captioners import WebuiBlip, WebuiDeepbooru
+
         if kind == "deepbooru":
             return WebuiDeepbooru()
         if kind == "blip":
@@ -278,11 +283,21 @@ class WebuiPreviewer:
         if self.clip_skip:
             overrides["CLIP_stop_at_last_layers"] = int(self.clip_skip)
         p = processing.StableDiffusionProcessingTxt2Img(
-            prompt=self.prompt_for(settings.prompt, lora, weight), negative_prompt=settings.negative_prompt,
-            seed=int(settings.seed), steps=int(settings.steps), cfg_scale=float(settings.cfg_scale),
-            sampler_name=settings.sampler, width=int(settings.width), height=int(settings.height), batch_size=1,
-            n_iter=1, do_not_save_samples=True, do_not_save_grid=True, override_settings=overrides,
-            override_settings_restore_afterwards=True)
+            prompt=self.prompt_for(settings.prompt, lora, weight),
+            negative_prompt=settings.negative_prompt,
+            seed=int(settings.seed),
+            steps=int(settings.steps),
+            cfg_scale=float(settings.cfg_scale),
+            sampler_name=settings.sampler,
+            width=int(settings.width),
+            height=int(settings.height),
+            batch_size=1,
+            n_iter=1,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+            override_settings=overrides,
+            override_settings_restore_afterwards=True,
+        )
         try:
             processed = processing.process_images(p)
         finally:
@@ -317,8 +332,10 @@ def checkpoint_title(checkpoint: Path) -> str | None:
         filename = getattr(info, "filename", None)
         if filename and Path(filename).resolve() == wanted:
             return str(getattr(info, "title", title))
-    log.warning("Train Tools: %s is not in the WebUI's checkpoint list; previews use the loaded checkpoint.",
-                Path(checkpoint).name)
+    log.warning(
+        "Train Tools: %s is not in the WebUI's checkpoint list; previews use the loaded checkpoint.",
+        Path(checkpoint).name,
+    )
     return None
 
 
@@ -327,54 +344,13 @@ def add_settings() -> None:
     from modules import shared
 
     section = ("train_tools", "Train Tools")
-    shared.opts.add_option(OPT_UNLOAD, shared.OptionInfo(
-        True, "Move the loaded checkpoint off the GPU while training (brought back afterwards)", section=section))
-    shared.opts.add_option(OPT_DEVICE, shared.OptionInfo(
-        "", "Device to train on (empty: the WebUI's device; e.g. cuda:1)", section=section))
-
-
-class WebuiDeepbooru:
-    """``modules.deepbooru.model``: loaded once for a whole dataset (its ``tag()`` loads and unloads the model
-    for every picture), unloaded by ``close()``."""
-
-    def __init__(self) -> None:
-        from modules import deepbooru
-
-        self.model = deepbooru.model
-        self.started = False
-
-    def __call__(self, image: Any) -> str:
-        if not self.started:
-            self.model.start()
-            self.started = True
-        return str(self.model.tag_multi(image))
-
-    def close(self) -> None:
-        if self.started:
-            self.model.stop()
-            self.started = False
-
-
-class WebuiBlip:
-    """``shared.interrogator``'s BLIP sentence alone (its ``interrogate()`` appends CLIP artist and style terms,
-    which are noise in a training caption); falls back to ``interrogate()`` on hosts without the parts."""
-
-    def __init__(self) -> None:
-        from modules import shared
-
-        self.interrogator = shared.interrogator
-        self.loaded = False
-
-    def __call__(self, image: Any) -> str:
-        it = self.interrogator
-        if not (hasattr(it, "generate_caption") and hasattr(it, "load")):
-            return str(it.interrogate(image))
-        if not self.loaded:
-            it.load()
-            self.loaded = True
-        return str(it.generate_caption(image))
-
-    def close(self) -> None:
-        if self.loaded and hasattr(self.interrogator, "send_blip_to_ram"):
-            self.interrogator.send_blip_to_ram()  # what the WebUI itself does after interrogating
-        self.loaded = False
+    shared.opts.add_option(
+        OPT_UNLOAD,
+        shared.OptionInfo(
+            True, "Move the loaded checkpoint off the GPU while training (brought back afterwards)", section=section
+        ),
+    )
+    shared.opts.add_option(
+        OPT_DEVICE,
+        shared.OptionInfo("", "Device to train on (empty: the WebUI's device; e.g. cuda:1)", section=section),
+    )

@@ -47,9 +47,18 @@ _NETWORK_EXTS = (".safetensors", ".pt", ".ckpt")
 USER_METADATA_KEYS = ("description", "sd version", "activation text", "preferred weight", "notes")
 
 
-def install_lora(file: Path, lora_dir: Path, *, weight: float, activation_text: str, preview: Path | None,
-                 overwrite: bool = False, name: str | None = None, description: str | None = None,
-                 notes: str = "") -> Path:
+def install_lora(
+    file: Path,
+    lora_dir: Path,
+    *,
+    weight: float,
+    activation_text: str,
+    preview: Path | None,
+    overwrite: bool = False,
+    name: str | None = None,
+    description: str | None = None,
+    notes: str = "",
+) -> Path:
     """Copy ``file`` into ``lora_dir`` as ``<name>.safetensors`` with its picture and card metadata.
 
     ``name`` defaults to the file's stem; when taken (and not ``overwrite``) a suffix makes it free. Returns
@@ -84,9 +93,10 @@ def install_lora(file: Path, lora_dir: Path, *, weight: float, activation_text: 
         _remove_shadowing(lora_dir, target_name, keep_preview=picture is not None)
     if picture is not None:
         fileio.write_bytes(lora_dir / f"{target_name}{PREVIEW_SUFFIX}", _png(picture))
-    fileio.write_json(lora_dir / f"{target_name}.json",
-                      user_metadata(metadata, activation_text=activation_text, weight=weight,
-                                    description=description, notes=notes))
+    fileio.write_json(
+        lora_dir / f"{target_name}.json",
+        user_metadata(metadata, activation_text=activation_text, weight=weight, description=description, notes=notes),
+    )
     # The LoRA last: a WebUI listing the folder meanwhile finds it complete with its picture and words.
     fileio.write_bytes(target, data)
     log.info("Installed %s in %s (weight %g)", target.name, lora_dir, weight)
@@ -125,14 +135,16 @@ def sd_version(metadata: dict[str, str]) -> str:
     return "Unknown"
 
 
-def user_metadata(metadata: dict[str, str], *, activation_text: str, weight: float, description: str | None = None,
-                  notes: str = "") -> dict[str, Any]:
+def user_metadata(
+    metadata: dict[str, str], *, activation_text: str, weight: float, description: str | None = None, notes: str = ""
+) -> dict[str, Any]:
     """A1111's ``<name>.json`` for the card."""
     if description is None:
         epoch = metadata.get("ss_epoch")
         base = metadata.get("ss_sd_model_name")
-        description = "Trained with Train Tools" + (f", epoch {epoch}" if epoch else "") + (
-            f", on {base}" if base else "") + "."
+        description = (
+            "Trained with Train Tools" + (f", epoch {epoch}" if epoch else "") + (f", on {base}" if base else "") + "."
+        )
     return {
         "description": description,
         "sd version": sd_version(metadata),

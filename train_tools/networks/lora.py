@@ -161,8 +161,7 @@ def attach_lora(
     for param in lora_parameters(model, adapter_name):
         param.data = param.data.float()
         param.requires_grad_(True)
-    log.info("Attached LoRA (rank %d, alpha %g) to %d layers of %s.", rank, alpha, len(targets),
-             type(model).__name__)
+    log.info("Attached LoRA (rank %d, alpha %g) to %d layers of %s.", rank, alpha, len(targets), type(model).__name__)
     return model
 
 

@@ -57,26 +57,65 @@ FAMILIES: dict[str, _Family] = {
     "sd1": _Family("sd_v1", False, "stable-diffusion-v1/lora", "epsilon", ("lora_te",)),
     "sd2": _Family("sd_v2", True, "stable-diffusion-v2-512/lora", "epsilon", ("lora_te",)),
     "sd2v": _Family("sd_v2_v", True, "stable-diffusion-v2-768-v/lora", "v", ("lora_te",)),
-    "sdxl": _Family("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base/lora", "epsilon",
-                    ("lora_te1", "lora_te2")),
+    "sdxl": _Family("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base/lora", "epsilon", ("lora_te1", "lora_te2")),
 }
 
 # The metadata every file carries (the reference's "must have" list); tests and readers check against it.
 REQUIRED_METADATA_KEYS: tuple[str, ...] = (
-    "ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
-    "ss_v2", "ss_sd_model_name", "ss_resolution", "ss_clip_skip", "ss_num_train_images",
-    "ss_training_started_at", "ss_tag_frequency", "ss_dataset_dirs", "ss_epoch", "ss_steps",
-    "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_optimizer", "ss_lr_scheduler", "ss_num_epochs",
-    "ss_batch_size_per_device", "ss_mixed_precision", "ss_seed", "ss_noise_offset", "ss_min_snr_gamma",
-    "ss_gradient_checkpointing", "ss_cache_latents", "ss_enable_bucket", "ss_min_bucket_reso",
-    "ss_max_bucket_reso", "ss_bucket_info", "ss_flip_aug", "ss_shuffle_caption", "ss_keep_tokens",
-    "ss_max_token_length", "ss_training_finished_at", "ss_new_sd_model_hash", "sshs_model_hash",
-    "sshs_legacy_hash", "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.title",
-    "modelspec.resolution", "modelspec.date", "modelspec.prediction_type",
+    "ss_output_name",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_base_model_version",
+    "ss_v2",
+    "ss_sd_model_name",
+    "ss_resolution",
+    "ss_clip_skip",
+    "ss_num_train_images",
+    "ss_training_started_at",
+    "ss_tag_frequency",
+    "ss_dataset_dirs",
+    "ss_epoch",
+    "ss_steps",
+    "ss_learning_rate",
+    "ss_unet_lr",
+    "ss_text_encoder_lr",
+    "ss_optimizer",
+    "ss_lr_scheduler",
+    "ss_num_epochs",
+    "ss_batch_size_per_device",
+    "ss_mixed_precision",
+    "ss_seed",
+    "ss_noise_offset",
+    "ss_min_snr_gamma",
+    "ss_gradient_checkpointing",
+    "ss_cache_latents",
+    "ss_enable_bucket",
+    "ss_min_bucket_reso",
+    "ss_max_bucket_reso",
+    "ss_bucket_info",
+    "ss_flip_aug",
+    "ss_shuffle_caption",
+    "ss_keep_tokens",
+    "ss_max_token_length",
+    "ss_training_finished_at",
+    "ss_new_sd_model_hash",
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "modelspec.sai_model_spec",
+    "modelspec.architecture",
+    "modelspec.title",
+    "modelspec.resolution",
+    "modelspec.date",
+    "modelspec.prediction_type",
 )
 # Metadata values that are JSON text rather than plain strings.
 JSON_METADATA_KEYS: tuple[str, ...] = (
-    "ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_network_args", "ssmd_cover_images",
+    "ss_tag_frequency",
+    "ss_dataset_dirs",
+    "ss_bucket_info",
+    "ss_network_args",
+    "ssmd_cover_images",
 )
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
@@ -99,8 +138,9 @@ def kohya_state_dict(
     spec = _family(family)
     text_encoders = list(text_encoders)
     if len(text_encoders) > len(spec.text_encoder_prefixes):
-        raise ValueError(f"A {family} LoRA has at most {len(spec.text_encoder_prefixes)} text encoder(s); "
-                         f"got {len(text_encoders)}.")
+        raise ValueError(
+            f"A {family} LoRA has at most {len(spec.text_encoder_prefixes)} text encoder(s); got {len(text_encoders)}."
+        )
     out: dict[str, torch.Tensor] = {}
     if unet is not None:
         _add_model(out, unet, UNET_PREFIX, adapter_name, text_encoder=False)
@@ -111,8 +151,9 @@ def kohya_state_dict(
     return out
 
 
-def _add_model(out: dict[str, torch.Tensor], model: nn.Module, prefix: str, adapter_name: str, *,
-               text_encoder: bool) -> None:
+def _add_model(
+    out: dict[str, torch.Tensor], model: nn.Module, prefix: str, adapter_name: str, *, text_encoder: bool
+) -> None:
     found = 0
     for path, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
@@ -145,7 +186,7 @@ def _base_path(path: str, text_encoder: bool) -> str:
         changed = False
         for wrapper in _WRAPPER_PREFIXES:
             if path.startswith(wrapper):
-                path, changed = path[len(wrapper):], True
+                path, changed = path[len(wrapper) :], True
     path = path.replace("._orig_mod.", ".")
     if text_encoder and not path.startswith("text_model."):
         # transformers 5 dropped CLIPTextModel's ``text_model`` wrapper; every loader expects the 4.x names
@@ -187,34 +228,36 @@ def build_metadata(
     finished = time.time() if training_finished_at is None else float(training_finished_at)
     resolution = int(config.resolution)
     meta = dict(config.ss_metadata())
-    meta.update({
-        "ss_output_name": output_name,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.network_dim),
-        "ss_network_alpha": str(float(config.network_alpha)),
-        "ss_network_args": json.dumps(_network_args(config)),
-        "ss_network_train_unet_only": str(not config.train_text_encoder),
-        "ss_base_model_version": spec.base_model_version,
-        "ss_v2": str(spec.v2),
-        "ss_sd_model_name": Path(base_model_path).name if base_model_path else Path(config.base_model).name,
-        "ss_new_sd_model_hash": base_model_sha256 or "",
-        "ss_resolution": f"({resolution}, {resolution})",
-        "ss_num_train_images": str(int(num_train_images)),
-        "ss_tag_frequency": json.dumps(tag_frequency),
-        "ss_dataset_dirs": json.dumps(dataset_dirs),
-        "ss_bucket_info": json.dumps(bucket_info),
-        "ss_epoch": str(int(epoch)),
-        "ss_steps": str(int(steps)),
-        "ss_training_started_at": str(float(training_started_at)),
-        "ss_training_finished_at": str(finished),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": spec.architecture,
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": output_name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.fromtimestamp(finished).astimezone().isoformat(timespec="seconds"),
-        "modelspec.prediction_type": spec.prediction_type,
-    })
+    meta.update(
+        {
+            "ss_output_name": output_name,
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(config.network_dim),
+            "ss_network_alpha": str(float(config.network_alpha)),
+            "ss_network_args": json.dumps(_network_args(config)),
+            "ss_network_train_unet_only": str(not config.train_text_encoder),
+            "ss_base_model_version": spec.base_model_version,
+            "ss_v2": str(spec.v2),
+            "ss_sd_model_name": Path(base_model_path).name if base_model_path else Path(config.base_model).name,
+            "ss_new_sd_model_hash": base_model_sha256 or "",
+            "ss_resolution": f"({resolution}, {resolution})",
+            "ss_num_train_images": str(int(num_train_images)),
+            "ss_tag_frequency": json.dumps(tag_frequency),
+            "ss_dataset_dirs": json.dumps(dataset_dirs),
+            "ss_bucket_info": json.dumps(bucket_info),
+            "ss_epoch": str(int(epoch)),
+            "ss_steps": str(int(steps)),
+            "ss_training_started_at": str(float(training_started_at)),
+            "ss_training_finished_at": str(finished),
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": spec.architecture,
+            "modelspec.implementation": "diffusers",
+            "modelspec.title": output_name,
+            "modelspec.resolution": f"{resolution}x{resolution}",
+            "modelspec.date": datetime.fromtimestamp(finished).astimezone().isoformat(timespec="seconds"),
+            "modelspec.prediction_type": spec.prediction_type,
+        }
+    )
     if not config.train_text_encoder:
         # Nothing was trained at that rate; a number here would claim a text-encoder LoRA the file lacks.
         meta["ss_text_encoder_lr"] = "0.0"
@@ -249,8 +292,9 @@ def _family(family: str) -> _Family:
 
 
 # ---------------------------------------------------------------------------------------------- file
-def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-              dtype: torch.dtype = torch.float16) -> None:
+def save_lora(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], dtype: torch.dtype = torch.float16
+) -> None:
     """Write the LoRA file atomically, with ``sshs_model_hash``/``sshs_legacy_hash`` describing its tensors.
 
     Weights are cast to ``dtype``. Every ``.alpha`` stays a float32 0-dim tensor: kohya writes it in the save
@@ -293,7 +337,7 @@ def tensor_buffer(data: bytes) -> memoryview:
     if len(data) < 8:
         raise ValueError("Not a safetensors file: shorter than its header length.")
     (header_len,) = struct.unpack("<Q", data[:8])
-    return memoryview(data)[8 + header_len:]
+    return memoryview(data)[8 + header_len :]
 
 
 def _buffer_hashes(buffer: bytes | memoryview) -> tuple[str, str]:

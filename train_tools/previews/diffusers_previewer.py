@@ -38,9 +38,15 @@ def _sd_pipeline(model: LoadedModel) -> Any:
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-        scheduler=scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=model.vae,
+        text_encoder=model.text_encoders[0],
+        tokenizer=model.tokenizers[0],
+        unet=model.unet,
+        scheduler=scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _sdxl_pipeline(model: LoadedModel) -> Any:
@@ -49,9 +55,15 @@ def _sdxl_pipeline(model: LoadedModel) -> Any:
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline(
-        vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-        tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet,
-        scheduler=scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config), add_watermarker=False)
+        vae=model.vae,
+        text_encoder=model.text_encoders[0],
+        text_encoder_2=model.text_encoders[1],
+        tokenizer=model.tokenizers[0],
+        tokenizer_2=model.tokenizers[1],
+        unet=model.unet,
+        scheduler=scheduler_for(DEFAULT_SAMPLER, model.noise_scheduler.config),
+        add_watermarker=False,
+    )
 
 
 @dataclass
@@ -79,8 +91,10 @@ class DiffusersPreviewer:
         from ..networks.lora_format import FAMILIES
 
         if model.family not in FAMILIES or len(model.text_encoders) not in (1, 2):
-            raise UserError(f"Previews of {model.family.upper()} checkpoints are not supported outside the WebUI; "
-                            "use an SD1, SD2 or SDXL checkpoint.")
+            raise UserError(
+                f"Previews of {model.family.upper()} checkpoints are not supported outside the WebUI; "
+                "use an SD1, SD2 or SDXL checkpoint."
+            )
         self.model = model
         self.clip_skip = int(clip_skip)
         self.device = torch.device(device) if device is not None else next(model.unet.parameters()).device
@@ -97,8 +111,9 @@ class DiffusersPreviewer:
         self._applied: tuple[Path | None, float] = (None, 0.0)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path, *, clip_skip: int = 1, device: str | None = None,
-                        dtype: torch.dtype | None = None) -> DiffusersPreviewer:
+    def from_checkpoint(
+        cls, checkpoint: Path, *, clip_skip: int = 1, device: str | None = None, dtype: torch.dtype | None = None
+    ) -> DiffusersPreviewer:
         """Load ``checkpoint`` for previews: on the GPU in fp16 when there is one, else on the CPU in fp32."""
         import torch
 
@@ -154,16 +169,24 @@ class DiffusersPreviewer:
             rank = down.shape[0]
             alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
             if _delta_numel(down, up) != layer.weight.numel():
-                raise UserError(f"{path.name} does not fit this checkpoint (layer {name} has another size); "
-                                "preview a LoRA with the checkpoint it was trained on.")
+                raise UserError(
+                    f"{path.name} does not fit this checkpoint (layer {name} has another size); "
+                    "preview a LoRA with the checkpoint it was trained on."
+                )
             device = layer.weight.device
             out[name] = _LoraLayer(down.to(device, torch.float32), up.to(device, torch.float32), alpha / rank)
         if not out:
-            raise UserError(f"No layer of {path.name} fits {self.model.path.name}; it was trained for another kind "
-                            "of model (SD1, SD2 or SDXL): preview it with the checkpoint it was trained on.")
+            raise UserError(
+                f"No layer of {path.name} fits {self.model.path.name}; it was trained for another kind "
+                "of model (SD1, SD2 or SDXL): preview it with the checkpoint it was trained on."
+            )
         if unmatched:
-            log.warning("%d layer(s) of %s do not fit %s and are left out of the previews.", unmatched, path.name,
-                        self.model.path.name)
+            log.warning(
+                "%d layer(s) of %s do not fit %s and are left out of the previews.",
+                unmatched,
+                path.name,
+                self.model.path.name,
+            )
         return out
 
     def _check_family(self, path: Path, meta: dict[str, str], names: Iterable[str]) -> None:
@@ -176,8 +199,10 @@ class DiffusersPreviewer:
         version = str(meta.get("ss_base_model_version", "")).strip().lower()
         if foreign or (version and version.startswith("sdxl") != self.is_sdxl):
             kind = "SDXL" if self.is_sdxl else "SD1/SD2"
-            raise UserError(f"{path.name} was trained for another kind of model than {self.model.path.name} "
-                            f"({kind}): preview it with the checkpoint it was trained on.")
+            raise UserError(
+                f"{path.name} was trained for another kind of model than {self.model.path.name} "
+                f"({kind}): preview it with the checkpoint it was trained on."
+            )
 
     def apply_lora(self, lora: Path | None, weight: float) -> None:
         """Make the model's weights base + ``lora`` at ``weight`` (None or 0: the base model exactly)."""
@@ -217,8 +242,10 @@ class DiffusersPreviewer:
 
         from ..models.text_encoding import Conditioning, encode_ids, token_rows
 
-        ids = [[tok(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
-               for tok in self.model.tokenizers]
+        ids = [
+            [tok(p, add_special_tokens=False, truncation=False)["input_ids"] for p in prompts]
+            for tok in self.model.tokenizers
+        ]
         chunks = max(1, *(math.ceil(len(i) / 75) for per_tok in ids for i in per_tok))
         clip_skip = self.clip_skip if self.model.family == "sd1" else 1
         hidden: list[torch.Tensor] = []
@@ -246,9 +273,15 @@ class DiffusersPreviewer:
         cond = self.encode([prompt, settings.negative_prompt])
         generator = torch.Generator("cpu").manual_seed(int(settings.seed))
         args: dict[str, Any] = {
-            "prompt_embeds": cond.hidden[:1], "negative_prompt_embeds": cond.hidden[1:],
-            "num_inference_steps": settings.steps, "guidance_scale": settings.cfg_scale,
-            "width": settings.width, "height": settings.height, "generator": generator, "output_type": "latent"}
+            "prompt_embeds": cond.hidden[:1],
+            "negative_prompt_embeds": cond.hidden[1:],
+            "num_inference_steps": settings.steps,
+            "guidance_scale": settings.cfg_scale,
+            "width": settings.width,
+            "height": settings.height,
+            "generator": generator,
+            "output_type": "latent",
+        }
         if self.is_sdxl:
             args.update(self._sdxl_args(cond, settings))
         return self.decode(self.pipe(**args).images)
@@ -259,16 +292,23 @@ class DiffusersPreviewer:
         import torch
 
         if cond.pooled is None:
-            raise UserError(f"The second text encoder of {self.model.path.name} gave no pooled output; "
-                            "use a standard SDXL checkpoint.")
+            raise UserError(
+                f"The second text encoder of {self.model.path.name} gave no pooled output; "
+                "use a standard SDXL checkpoint."
+            )
         negative_hidden, negative_pooled = cond.hidden[1:], cond.pooled[1:]
         if not settings.negative_prompt.strip():
             # An empty negative prompt is no text at all for SDXL, as in the WebUI and diffusers.
             negative_hidden, negative_pooled = torch.zeros_like(negative_hidden), torch.zeros_like(negative_pooled)
         size = (settings.height, settings.width)
-        return {"negative_prompt_embeds": negative_hidden, "pooled_prompt_embeds": cond.pooled[:1],
-                "negative_pooled_prompt_embeds": negative_pooled, "original_size": size,
-                "crops_coords_top_left": (0, 0), "target_size": size}
+        return {
+            "negative_prompt_embeds": negative_hidden,
+            "pooled_prompt_embeds": cond.pooled[:1],
+            "negative_pooled_prompt_embeds": negative_pooled,
+            "original_size": size,
+            "crops_coords_top_left": (0, 0),
+            "target_size": size,
+        }
 
     def decode(self, latents: torch.Tensor) -> Image.Image:
         """The first picture of ``latents`` through the float32 VAE."""

@@ -34,10 +34,17 @@ log = logging.getLogger(__name__)
 BASE_LABEL = "no LoRA"
 
 
-def generate_grid(run_dir: Path, previewer: Previewer, settings: PreviewSettings, *,
-                  files: Sequence[RunFile] | None = None, include_base: bool = True,
-                  reporter: Reporter | None = None, stop: StopFlag | None = None,
-                  report_steps: bool = True) -> Path:
+def generate_grid(
+    run_dir: Path,
+    previewer: Previewer,
+    settings: PreviewSettings,
+    *,
+    files: Sequence[RunFile] | None = None,
+    include_base: bool = True,
+    reporter: Reporter | None = None,
+    stop: StopFlag | None = None,
+    report_steps: bool = True,
+) -> Path:
     """Make the epochs x weights grid of ``run_dir`` and return the grid picture's path.
 
     Progress goes to ``reporter`` (a message per picture and, with ``report_steps``, a StepInfo whose step
@@ -71,8 +78,9 @@ def generate_grid(run_dir: Path, previewer: Previewer, settings: PreviewSettings
                     break
                 what = BASE_LABEL if weight is None else f"{run_file.label}, weight {_weight_label(weight)}"
                 reporter.message(f"Preview {done + 1}/{total}: {what}")
-                image = previewer.generate(settings, None if weight is None else run_file.path,
-                                           0.0 if weight is None else weight)
+                image = previewer.generate(
+                    settings, None if weight is None else run_file.path, 0.0 if weight is None else weight
+                )
                 name = "base.png" if weight is None else f"r{r:03d}-e{run_file.epoch:06d}-w{_weight_label(weight)}.png"
                 path = folder / name
                 fileio.write_bytes(path, png_bytes(image))
@@ -87,18 +95,30 @@ def generate_grid(run_dir: Path, previewer: Previewer, settings: PreviewSettings
             break
     grid, layout = draw_grid(pictures, [f.label for f in rows], columns, settings.width, settings.height)
     fileio.write_bytes(grid_path, png_bytes(grid))
-    fileio.write_json(folder / GRID_JSON, {
-        "grid": grid_path.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": settings.to_dict(),
-        "interrupted": interrupted,
-        "layout": layout,
-        "cells": [{"row": cell.row, "col": cell.col, "epoch": cell.epoch,
-                   "file": cell.file.relative_to(run_dir).as_posix() if cell.file else None,
-                   "weight": cell.weight, "path": cell.image.name} for cell in cells],
-    })
-    reporter.message(("Previews stopped; " if interrupted else "Previews done: ") + f"{done} picture(s) in "
-                     f"{grid_path.name}")
+    fileio.write_json(
+        folder / GRID_JSON,
+        {
+            "grid": grid_path.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "settings": settings.to_dict(),
+            "interrupted": interrupted,
+            "layout": layout,
+            "cells": [
+                {
+                    "row": cell.row,
+                    "col": cell.col,
+                    "epoch": cell.epoch,
+                    "file": cell.file.relative_to(run_dir).as_posix() if cell.file else None,
+                    "weight": cell.weight,
+                    "path": cell.image.name,
+                }
+                for cell in cells
+            ],
+        },
+    )
+    reporter.message(
+        ("Previews stopped; " if interrupted else "Previews done: ") + f"{done} picture(s) in {grid_path.name}"
+    )
     reporter.finish()
     log.info("Preview grid: %s", grid_path)
     return grid_path
@@ -128,8 +148,17 @@ class PictureBarReporter(TerminalReporter):
 def _picture_step(done: int, total: int, row: int, rows: int, t0: float) -> StepInfo:
     elapsed = time.perf_counter() - t0
     speed = done / elapsed if elapsed > 0 else 0.0
-    return StepInfo(step=done, total_steps=total, epoch=row, total_epochs=rows, loss=0.0, avg_loss=0.0, lr=0.0,
-                    steps_per_s=speed, eta_s=(total - done) / speed if speed else 0.0)
+    return StepInfo(
+        step=done,
+        total_steps=total,
+        epoch=row,
+        total_epochs=rows,
+        loss=0.0,
+        avg_loss=0.0,
+        lr=0.0,
+        steps_per_s=speed,
+        eta_s=(total - done) / speed if speed else 0.0,
+    )
 
 
 def _weight_label(weight: float) -> str:
@@ -154,8 +183,13 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def draw_grid(pictures: dict[tuple[int, int], Image.Image], row_labels: Sequence[str], column_labels: Sequence[str],
-              cell_width: int, cell_height: int) -> tuple[Image.Image, dict[str, Any]]:
+def draw_grid(
+    pictures: dict[tuple[int, int], Image.Image],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    cell_width: int,
+    cell_height: int,
+) -> tuple[Image.Image, dict[str, Any]]:
     """The labelled grid (Pillow's default font) and its layout; cells not made are left grey."""
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -184,6 +218,12 @@ def draw_grid(pictures: dict[tuple[int, int], Image.Image], row_labels: Sequence
                 if picture.size != (cell_width, cell_height):
                     picture = picture.resize((cell_width, cell_height))
                 grid.paste(picture.convert("RGB"), box)
-    layout = {"left": left, "top": top, "cell_width": cell_width, "cell_height": cell_height,
-              "columns": list(column_labels), "rows": list(row_labels)}
+    layout = {
+        "left": left,
+        "top": top,
+        "cell_width": cell_width,
+        "cell_height": cell_height,
+        "columns": list(column_labels),
+        "rows": list(row_labels),
+    }
     return grid, layout

@@ -55,18 +55,35 @@ class GridInfo:
         folder = json_path.parent
         run_dir = folder.parent.parent
         try:  # a hand-edited or damaged description: a sentence, and no path that leads out of the run
-            cells = [GridCell(row=int(c["row"]), col=int(c["col"]), epoch=int(c["epoch"]),
-                              file=run_dir / _plain_name(c["file"]) if c.get("file") else None,
-                              weight=c.get("weight"), image=folder / _plain_name(c["path"])) for c in data["cells"]]
+            cells = [
+                GridCell(
+                    row=int(c["row"]),
+                    col=int(c["col"]),
+                    epoch=int(c["epoch"]),
+                    file=run_dir / _plain_name(c["file"]) if c.get("file") else None,
+                    weight=c.get("weight"),
+                    image=folder / _plain_name(c["path"]),
+                )
+                for c in data["cells"]
+            ]
             layout = data["layout"]
-            return cls(json_path=json_path, image=folder.parent / _plain_name(data["grid"]),
-                       settings=PreviewSettings.from_dict(data["settings"]), columns=list(layout["columns"]),
-                       rows=list(layout["rows"]), left=int(layout["left"]), top=int(layout["top"]),
-                       cell_width=max(1, int(layout["cell_width"])), cell_height=max(1, int(layout["cell_height"])),
-                       cells=cells, interrupted=bool(data.get("interrupted", False)))
+            return cls(
+                json_path=json_path,
+                image=folder.parent / _plain_name(data["grid"]),
+                settings=PreviewSettings.from_dict(data["settings"]),
+                columns=list(layout["columns"]),
+                rows=list(layout["rows"]),
+                left=int(layout["left"]),
+                top=int(layout["top"]),
+                cell_width=max(1, int(layout["cell_width"])),
+                cell_height=max(1, int(layout["cell_height"])),
+                cells=cells,
+                interrupted=bool(data.get("interrupted", False)),
+            )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            raise UserError(f"The preview grid description {json_path} is damaged ({type(exc).__name__}); make the "
-                            "previews again.") from None
+            raise UserError(
+                f"The preview grid description {json_path} is damaged ({type(exc).__name__}); make the previews again."
+            ) from None
 
     def cell(self, row: int, col: int) -> GridCell | None:
         return next((c for c in self.cells if c.row == row and c.col == col), None)
@@ -100,15 +117,23 @@ def latest_grid(run_dir: Path) -> GridInfo | None:
     return GridInfo.load(found[-1]) if found else None
 
 
-def install_cell(cell: GridCell, lora_dir: Path, *, activation_text: str, overwrite: bool = False,
-                 name: str | None = None) -> Path:
+def install_cell(
+    cell: GridCell, lora_dir: Path, *, activation_text: str, overwrite: bool = False, name: str | None = None
+) -> Path:
     """Install the LoRA file of a clicked cell with the cell's picture and weight (``lora_install``)."""
     from ..networks.install import install_lora
 
     if not cell.has_lora or cell.file is None or cell.weight is None:
         raise UserError("That picture is the model without a LoRA; click a picture in one of the weight columns.")
-    return install_lora(cell.file, lora_dir, weight=cell.weight, activation_text=activation_text,
-                        preview=cell.image, overwrite=overwrite, name=name)
+    return install_lora(
+        cell.file,
+        lora_dir,
+        weight=cell.weight,
+        activation_text=activation_text,
+        preview=cell.image,
+        overwrite=overwrite,
+        name=name,
+    )
 
 
 def find_cell(run_dir: Path, lora_file: Path, weight: float | None = None) -> GridCell | None:
@@ -116,8 +141,11 @@ def find_cell(run_dir: Path, lora_file: Path, weight: float | None = None) -> Gr
     info = latest_grid(run_dir)
     if info is None:
         return None
-    cells = [c for c in info.cells if c.file is not None and c.file.resolve() == Path(lora_file).resolve()
-             and c.weight is not None]
+    cells = [
+        c
+        for c in info.cells
+        if c.file is not None and c.file.resolve() == Path(lora_file).resolve() and c.weight is not None
+    ]
     if not cells:
         return None
     target = 1.0 if weight is None else float(weight)

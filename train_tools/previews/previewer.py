@@ -21,11 +21,9 @@ if TYPE_CHECKING:
 class Previewer(Protocol):
     """Makes one picture: ``lora`` None (or weight 0 in the standalone one) means the base model alone."""
 
-    def generate(self, settings: PreviewSettings, lora: Path | None, weight: float) -> Image.Image:
-        ...
+    def generate(self, settings: PreviewSettings, lora: Path | None, weight: float) -> Image.Image: ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 def make_previewer(host: Any, checkpoint: Path, *, clip_skip: int = 1, device: str | None = None) -> Previewer:

@@ -63,8 +63,7 @@ def choose_run(version: Version, run: str | None = None) -> Path:
     for path in runs:
         if path.name == run:
             return path
-    raise UserError(f"Version '{version.name}' has no run '{run}'; its runs are: "
-                    f"{', '.join(p.name for p in runs)}.")
+    raise UserError(f"Version '{version.name}' has no run '{run}'; its runs are: {', '.join(p.name for p in runs)}.")
 
 
 def run_lora_files(run_dir: Path) -> list[RunFile]:

@@ -27,15 +27,18 @@ def scheduler_for(name: str, base_config: Any) -> Any:
         "Euler a": ("EulerAncestralDiscreteScheduler", {}),
         "Euler": ("EulerDiscreteScheduler", {}),
         "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-        "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                            "use_karras_sigmas": True}),
+        "DPM++ 2M Karras": (
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        ),
         "DDIM": ("DDIMScheduler", {"timestep_spacing": "leading", "set_alpha_to_one": False}),
         "UniPC": ("UniPCMultistepScheduler", {}),
         "Heun": ("HeunDiscreteScheduler", {}),
     }
     if name not in table:
-        raise UserError(f"The sampler '{name}' is not available outside the WebUI; choose one of "
-                        f"{', '.join(SAMPLERS)}.")
+        raise UserError(
+            f"The sampler '{name}' is not available outside the WebUI; choose one of {', '.join(SAMPLERS)}."
+        )
     cls_name, extra = table[name]
     config.update(extra)
     return getattr(diffusers, cls_name).from_config(config)

@@ -23,8 +23,16 @@ def should_sample(config: TrainConfig, epoch: int) -> bool:
     return every > 0 and epoch > 0 and epoch % every == 0
 
 
-def sample_epoch(run_dir: Path, lora_file: Path, epoch: int, previewer: Previewer, settings: PreviewSettings,
-                 *, count: int = SAMPLES_PER_EPOCH, weight: float = 1.0) -> list[Path]:
+def sample_epoch(
+    run_dir: Path,
+    lora_file: Path,
+    epoch: int,
+    previewer: Previewer,
+    settings: PreviewSettings,
+    *,
+    count: int = SAMPLES_PER_EPOCH,
+    weight: float = 1.0,
+) -> list[Path]:
     """A few pictures of ``lora_file`` at ``weight`` (seeds seed, seed+1, ...) in ``<run>/samples/``."""
     settings = settings.validated().with_fixed_seed()
     out = []
@@ -36,10 +44,18 @@ def sample_epoch(run_dir: Path, lora_file: Path, epoch: int, previewer: Previewe
     return out
 
 
-def previews_at_end(run_dir: Path, config: TrainConfig, project: str, previewer: Previewer, *,
-                    reporter: Reporter | None = None, stop: StopFlag | None = None) -> Path | None:
+def previews_at_end(
+    run_dir: Path,
+    config: TrainConfig,
+    project: str,
+    previewer: Previewer,
+    *,
+    reporter: Reporter | None = None,
+    stop: StopFlag | None = None,
+) -> Path | None:
     """The grid a finished training makes when ``preview_at_end`` is on (None when it is off)."""
     if not config.preview_at_end:
         return None
-    return generate_grid(run_dir, previewer, default_settings(config, project), reporter=reporter, stop=stop,
-                         report_steps=False)
+    return generate_grid(
+        run_dir, previewer, default_settings(config, project), reporter=reporter, stop=stop, report_steps=False
+    )

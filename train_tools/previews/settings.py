@@ -49,9 +49,18 @@ class PreviewSettings:
         if seed < -1 or seed > 2**32 - 1:
             raise UserError(f"Preview seed must be -1 (random) or between 0 and {2**32 - 1}; got {seed}.")
         weights = parse_weights(self.weights)
-        return dataclasses.replace(self, prompt=str(self.prompt or ""), negative_prompt=str(self.negative_prompt or ""),
-                                   seed=seed, steps=steps, cfg_scale=cfg, sampler=str(self.sampler or DEFAULT_SAMPLER),
-                                   width=width, height=height, weights=weights)
+        return dataclasses.replace(
+            self,
+            prompt=str(self.prompt or ""),
+            negative_prompt=str(self.negative_prompt or ""),
+            seed=seed,
+            steps=steps,
+            cfg_scale=cfg,
+            sampler=str(self.sampler or DEFAULT_SAMPLER),
+            width=width,
+            height=height,
+            weights=weights,
+        )
 
     def with_fixed_seed(self) -> PreviewSettings:
         """Seed -1 replaced by a random one, so every cell of a grid uses the same number."""
@@ -101,6 +110,7 @@ def default_settings(config: TrainConfig, project: str, **changes: Any) -> Previ
     """The Preview section's defaults for a version: the preview prompt (else the trigger word) pre-filled,
     the training resolution as the picture size."""
     side = max(64, min(4096, int(config.resolution) // 8 * 8))
-    settings = PreviewSettings(prompt=config.preview_prompt.strip() or trigger_word(config, project),
-                               width=side, height=side)
+    settings = PreviewSettings(
+        prompt=config.preview_prompt.strip() or trigger_word(config, project), width=side, height=side
+    )
     return dataclasses.replace(settings, **changes).validated() if changes else settings

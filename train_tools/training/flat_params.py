@@ -61,8 +61,8 @@ def flatten_group(params: list[torch.nn.Parameter]) -> FlatParameter:
     offset = 0
     for p in params:
         n = p.numel()
-        p.data = data[offset:offset + n].view(p.shape)
-        p.grad = flat.grad[offset:offset + n].view(p.shape)
+        p.data = data[offset : offset + n].view(p.shape)
+        p.grad = flat.grad[offset : offset + n].view(p.shape)
         offset += n
     return flat
 
@@ -79,8 +79,7 @@ def flatten_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flats = [flatten_group(ps) for ps in buckets.values()]
         flat_groups.append({**group, "params": flats})
     n_views = sum(len(f.views) for g in flat_groups for f in g["params"])
-    log.debug("Laid %d LoRA tensors out in %d contiguous tensors.", n_views,
-              sum(len(g["params"]) for g in flat_groups))
+    log.debug("Laid %d LoRA tensors out in %d contiguous tensors.", n_views, sum(len(g["params"]) for g in flat_groups))
     return flat_groups
 
 
@@ -90,5 +89,9 @@ def views_intact(flat: FlatParameter) -> bool:
     if flat.grad is None:
         return False
     data_ptr, grad_ptr = flat.untyped_storage().data_ptr(), flat.grad.untyped_storage().data_ptr()
-    return all(p.untyped_storage().data_ptr() == data_ptr and p.grad is not None
-               and p.grad.untyped_storage().data_ptr() == grad_ptr for p in flat.views)
+    return all(
+        p.untyped_storage().data_ptr() == data_ptr
+        and p.grad is not None
+        and p.grad.untyped_storage().data_ptr() == grad_ptr
+        for p in flat.views
+    )

@@ -9,8 +9,11 @@ from ..config import TrainConfig
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError (any torch), MPS/ROCm's RuntimeError "... out of memory", a host MemoryError."""
-    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
-                  if isinstance(k, type))
+    kinds = tuple(
+        k
+        for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+        if isinstance(k, type)
+    )
     if isinstance(exc, (MemoryError, *kinds)):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

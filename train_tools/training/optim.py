@@ -50,8 +50,14 @@ class ForeachLion(torch.optim.Optimizer):
         exp_avg  = beta2 * exp_avg + (1 - beta2) * grad
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
         if not lr > 0.0:
             raise ValueError(f"Lion's learning rate must be above 0, not {lr}.")
         if not all(0.0 <= beta <= 1.0 for beta in betas):
@@ -82,11 +88,11 @@ class ForeachLion(torch.optim.Optimizer):
             limit = FOREACH_CHUNK.get(device.type, FOREACH_CHUNK_OTHER)
             params, grads, exp_avgs = _split_large(*tensors, limit=SPLIT_ABOVE.get(device.type, limit))
             for chunk in _chunks([p.numel() for p in params], limit):
-                _lion_foreach(params[chunk], grads[chunk], exp_avgs[chunk], lr=lr, wd=wd, beta1=beta1,
-                              beta2=beta2)
+                _lion_foreach(params[chunk], grads[chunk], exp_avgs[chunk], lr=lr, wd=wd, beta1=beta1, beta2=beta2)
 
-    def _by_device_and_dtype(self, group: dict[str, Any]
-                             ) -> dict[tuple[torch.device, torch.dtype], tuple[list, list, list]]:
+    def _by_device_and_dtype(
+        self, group: dict[str, Any]
+    ) -> dict[tuple[torch.device, torch.dtype], tuple[list, list, list]]:
         """Parameters with a gradient, with their gradients and states, split so that each foreach call gets
         tensors of one device and dtype (the condition of torch's fast multi-tensor kernels)."""
         buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}
@@ -135,8 +141,16 @@ def _chunks(sizes: list[int], limit: int) -> list[slice]:
     return slices
 
 
-def _lion_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
-                  lr: float, wd: float, beta1: float, beta2: float) -> None:
+def _lion_foreach(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    *,
+    lr: float,
+    wd: float,
+    beta1: float,
+    beta2: float,
+) -> None:
     """One Lion step over lists of same-device, same-dtype tensors (lion_pytorch's update_fn, batched)."""
     if wd != 0.0:  # lion-pytorch multiplies by 1.0 when wd is 0: the same values, one pass fewer
         torch._foreach_mul_(params, 1.0 - lr * wd)
@@ -152,8 +166,12 @@ def _lion_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
 
 
-def _torch_fast_path(cls: type[torch.optim.AdamW] | type[torch.optim.SGD], groups: list[dict[str, Any]],
-                     device: torch.device, **kwargs: Any) -> torch.optim.Optimizer:
+def _torch_fast_path(
+    cls: type[torch.optim.AdamW] | type[torch.optim.SGD],
+    groups: list[dict[str, Any]],
+    device: torch.device,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
     """torch's AdamW or SGD on its fastest path: the fused kernel (one kernel per tensor, every op of the
     update in one pass) where this torch has one for the device, else the foreach path on a GPU.
 
@@ -166,8 +184,14 @@ def _torch_fast_path(cls: type[torch.optim.AdamW] | type[torch.optim.SGD], group
     try:
         return cls(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError) as exc:  # no fused kernel for this device (RuntimeError) or class (older SGD)
-        log.debug("%s has no fused kernel for %s in torch %s (%s); using %s.", cls.__name__, device.type,
-                  torch.__version__, exc, "its per-tensor loop" if device.type == "cpu" else "foreach")
+        log.debug(
+            "%s has no fused kernel for %s in torch %s (%s); using %s.",
+            cls.__name__,
+            device.type,
+            torch.__version__,
+            exc,
+            "its per-tensor loop" if device.type == "cpu" else "foreach",
+        )
     return cls(groups, foreach=device.type != "cpu", **kwargs)
 
 
@@ -195,22 +219,32 @@ def _make_8bit(name: str, groups: list[dict[str, Any]], lr: float, device: torch
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise UserError(f"The {name} optimizer needs bitsandbytes, which is not installed here (Train Tools does "
-                        "not add it to a WebUI): choose AdamW or Lion, or run 'pip install bitsandbytes' with "
-                        "this Python.") from exc
+        raise UserError(
+            f"The {name} optimizer needs bitsandbytes, which is not installed here (Train Tools does "
+            "not add it to a WebUI): choose AdamW or Lion, or run 'pip install bitsandbytes' with "
+            "this Python."
+        ) from exc
     if device.type != "cuda":
         failure = _bnb_failure(name, device.type)
         if failure is not None:
-            log.info("bitsandbytes %s does not run %s on %s: %s", getattr(bnb, "__version__", "?"), name,
-                     device.type, failure)
-            raise UserError(f"The {name} optimizer needs a CUDA GPU with this bitsandbytes version; choose AdamW "
-                            "or Lion to train on this device.")
+            log.info(
+                "bitsandbytes %s does not run %s on %s: %s",
+                getattr(bnb, "__version__", "?"),
+                name,
+                device.type,
+                failure,
+            )
+            raise UserError(
+                f"The {name} optimizer needs a CUDA GPU with this bitsandbytes version; choose AdamW "
+                "or Lion to train on this device."
+            )
     cls = bnb.optim.AdamW8bit if name == "AdamW8bit" else bnb.optim.Lion8bit
     return cls(groups, lr=lr)
 
 
-def make_optimizer(name: str, param_groups: Iterable[dict[str, Any]], lr: float, *, device: torch.device
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, param_groups: Iterable[dict[str, Any]], lr: float, *, device: torch.device
+) -> torch.optim.Optimizer:
     """Build the named optimizer over ``param_groups`` (each may carry its own ``lr``), on the fastest path
     the optimizer has for ``device`` (fused or multi-tensor)."""
     groups = list(param_groups)
@@ -224,9 +258,11 @@ def make_optimizer(name: str, param_groups: Iterable[dict[str, Any]], lr: float,
         from prodigyopt import Prodigy
 
         if len({g.get("lr", lr) for g in groups} - {0.0}) > 1:
-            raise UserError("Prodigy takes one learning rate for all weights; set the UNet and text encoder "
-                            "learning rates to 0 (the learning rate is then used for both) or choose another "
-                            "optimizer.")
+            raise UserError(
+                "Prodigy takes one learning rate for all weights; set the UNet and text encoder "
+                "learning rates to 0 (the learning rate is then used for both) or choose another "
+                "optimizer."
+            )
         if lr < 0.1:
             log.warning("Prodigy finds its own step size and expects a learning rate near 1.0; %g was given.", lr)
         return Prodigy(groups, lr=lr, weight_decay=0.0)
@@ -239,10 +275,12 @@ def make_optimizer(name: str, param_groups: Iterable[dict[str, Any]], lr: float,
     raise UserError(f"Unknown optimizer '{name}'.")
 
 
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
-                      ) -> torch.optim.lr_scheduler.LRScheduler:
+def make_lr_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The named diffusers schedule (the names kohya's scripts and the tab use) over ``total_steps``."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps,
-                         num_training_steps=max(total_steps, 1))
+    return get_scheduler(
+        name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
+    )

@@ -62,8 +62,9 @@ def _read_snapshot(run_dir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     if not isinstance(data, dict):
-        raise UserError(f"The settings of run {Path(run_dir).name}, {path}, are not a table of settings; start "
-                        "a new run.")
+        raise UserError(
+            f"The settings of run {Path(run_dir).name}, {path}, are not a table of settings; start a new run."
+        )
     return data
 
 
@@ -129,8 +130,9 @@ def resume_point(run_dir: Path, fallback: TrainConfig | None = None) -> ResumePo
         return ResumePoint(run_dir, None, snapshot[0], snapshot[1], run_started_at(run_dir))
     if fallback is None:
         raise UserError(f"Run {run_dir.name} stopped before it wrote its settings; start a new run.")
-    log.warning("Run %s stopped before it wrote its settings; it starts again with the version's settings.",
-                run_dir.name)
+    log.warning(
+        "Run %s stopped before it wrote its settings; it starts again with the version's settings.", run_dir.name
+    )
     return ResumePoint(run_dir, None, fallback, None)
 
 
@@ -161,13 +163,17 @@ def find_run(version: Any, name: str | None = None) -> Path:
         except (OSError, ValueError) as exc:
             raise UserError(f"'{name}' is not a run of {version.project} / {version.name}.") from exc
         if resolved.parent != trains.resolve() or not resolved.is_dir():
-            raise UserError(f"'{name}' is not a run of {version.project} / {version.name}; list the runs with "
-                            f"'python -m train_tools runs \"{version.project}\" \"{version.name}\"'.")
+            raise UserError(
+                f"'{name}' is not a run of {version.project} / {version.name}; list the runs with "
+                f'\'python -m train_tools runs "{version.project}" "{version.name}"\'.'
+            )
         return resolved
     runs = version.runs()
     if not runs:
-        raise UserError(f"{version.project} / {version.name} has no run to resume; start one with Begin Train "
-                        "or 'python -m train_tools train'.")
+        raise UserError(
+            f"{version.project} / {version.name} has no run to resume; start one with Begin Train "
+            "or 'python -m train_tools train'."
+        )
     return max(runs, key=lambda p: (_started(p), p.name))
 
 

@@ -52,6 +52,7 @@ class TrainState:
 
 # ---------------------------------------------------------------------- random-number generators
 
+
 def capture_rng(rng: random.Random, gen: torch.Generator) -> dict[str, Any]:
     """Every generator a training step may draw from, as plain values."""
     out: dict[str, Any] = {
@@ -68,8 +69,13 @@ def capture_rng(rng: random.Random, gen: torch.Generator) -> dict[str, Any]:
         # stubs also allow the dict form, which only other bit generators give).
         legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
         kind, keys, pos, has_gauss, cached = legacy
-        out["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached": float(cached)}
+        out["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        }
     except ImportError:
         pass
     return out
@@ -87,8 +93,15 @@ def restore_rng(saved: dict[str, Any], rng: random.Random, gen: torch.Generator)
     if numpy_state:
         import numpy as np
 
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype("uint32"),
-                             numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"]))
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                numpy_state["keys"].numpy().astype("uint32"),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached"],
+            )
+        )
 
 
 def _python_state(state: tuple) -> dict[str, Any]:

@@ -36,8 +36,7 @@ def is_number(value: Any) -> TypeGuard[int | float]:
 
 def _is_plain(value: Any) -> bool:
     """None, a bool, a finite number or a short text: what an optimizer keeps beside its tensors."""
-    return value is None or isinstance(value, bool) or is_number(value) or (isinstance(value, str)
-                                                                             and len(value) < 100)
+    return value is None or isinstance(value, bool) or is_number(value) or (isinstance(value, str) and len(value) < 100)
 
 
 def _is_str_list(value: Any) -> bool:
@@ -52,25 +51,32 @@ def type_problem(obj: dict[str, Any]) -> str | None:
     checks: list[tuple[str, bool, str]] = [
         ("kind", isinstance(obj["kind"], str) and obj["kind"] in KIND_ORDER, f"one of {', '.join(KIND_ORDER)}"),
         ("finished", isinstance(obj["finished"], bool), "true or false"),
-        ("config", isinstance(obj["config"], dict) and all(isinstance(k, str) for k in obj["config"]),
-         "a table of settings"),
+        (
+            "config",
+            isinstance(obj["config"], dict) and all(isinstance(k, str) for k in obj["config"]),
+            "a table of settings",
+        ),
         ("base_model_path", isinstance(obj["base_model_path"], str), "a file path"),
-        ("base_sha256", obj["base_sha256"] is None or (isinstance(obj["base_sha256"], str)
-                                                       and bool(re.fullmatch(r"[0-9a-f]{64}", obj["base_sha256"]))),
-         "a sha256"),
+        (
+            "base_sha256",
+            obj["base_sha256"] is None
+            or (isinstance(obj["base_sha256"], str) and bool(re.fullmatch(r"[0-9a-f]{64}", obj["base_sha256"]))),
+            "a sha256",
+        ),
         ("started_at", is_number(obj["started_at"]) and obj["started_at"] >= 0, "a time"),
         ("files", _is_str_list(obj["files"]), "a list of file names"),
-        ("losses", isinstance(obj["losses"], list) and all(is_number(v) for v in obj["losses"]),
-         "a list of numbers"),
+        ("losses", isinstance(obj["losses"], list) and all(is_number(v) for v in obj["losses"]), "a list of numbers"),
         ("items", _is_str_list(obj["items"]), "a list of picture names"),
-        ("lora", isinstance(obj["lora"], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                       for k, v in obj["lora"].items()),
-         "a table of tensors"),
+        (
+            "lora",
+            isinstance(obj["lora"], dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj["lora"].items()),
+            "a table of tensors",
+        ),
         ("optimizer", isinstance(obj["optimizer"], dict), "a table"),
         ("scheduler", isinstance(obj["scheduler"], dict), "a table"),
         ("scaler", obj["scaler"] is None or isinstance(obj["scaler"], dict), "a table"),
-        ("rng", isinstance(obj["rng"], list) and all(isinstance(v, dict) for v in obj["rng"]),
-         "a list of tables"),
+        ("rng", isinstance(obj["rng"], list) and all(isinstance(v, dict) for v in obj["rng"]), "a list of tables"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -94,8 +100,7 @@ def _shown(value: Any, limit: int = 40) -> str:
 
 def damaged(run_dir: Path, problem: str) -> UserError:
     """The error for a state that does not hold together or does not fit its run."""
-    return UserError(f"The saved training state of run {Path(run_dir).name} is damaged ({problem}); start a new "
-                     "run.")
+    return UserError(f"The saved training state of run {Path(run_dir).name} is damaged ({problem}); start a new run.")
 
 
 def consistency_problem(state: TrainState, config: TrainConfig) -> str | None:
@@ -109,8 +114,10 @@ def consistency_problem(state: TrainState, config: TrainConfig) -> str | None:
         return f"epoch {state.epoch} is past the end of the run, which has {epochs} epochs"
     ends = state.epoch == epochs + 1
     if state.finished != (state.kind == FINAL) or state.finished != ends:
-        return (f"it is a {state.kind} state at epoch {state.epoch} of {epochs}, "
-                f"{'finished' if state.finished else 'not finished'}; those do not go together")
+        return (
+            f"it is a {state.kind} state at epoch {state.epoch} of {epochs}, "
+            f"{'finished' if state.finished else 'not finished'}; those do not go together"
+        )
     if state.kind != INTERRUPT and state.batch != 0:
         return f"a {state.kind} state is made at the end of an epoch, not after batch {state.batch}"
     if len(state.losses) != state.step:
@@ -131,13 +138,28 @@ def consistency_problem(state: TrainState, config: TrainConfig) -> str | None:
 
 def _plain_lora_name(name: str) -> bool:
     """A file name inside the run folder: no folder part, no way up or out."""
-    return (name.endswith(".safetensors") and not name.startswith(".") and "/" not in name and "\\" not in name
-            and "\x00" not in name and ":" not in name and Path(name).name == name)
+    return (
+        name.endswith(".safetensors")
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and ":" not in name
+        and Path(name).name == name
+    )
 
 
-def fit_problem(state: TrainState, *, batch_counts: list[int], weights: Mapping[str, torch.Tensor],
-                optimizer: Any, scheduler: Any, scaler: Any, rng_now: dict[str, Any], ticks: int = 1
-                ) -> str | None:
+def fit_problem(
+    state: TrainState,
+    *,
+    batch_counts: list[int],
+    weights: Mapping[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    rng_now: dict[str, Any],
+    ticks: int = 1,
+) -> str | None:
     """What in ``state`` does not fit the run it resumes, or None: ``batch_counts`` are the batches of each
     epoch (``batch_counts[0]`` of epoch 1), ``weights`` the LoRA weights built for the run (names already
     checked), the optimizer, schedule and gradient scaler those of the run before any step, ``rng_now`` what
@@ -146,16 +168,17 @@ def fit_problem(state: TrainState, *, batch_counts: list[int], weights: Mapping[
     if state.epoch <= epochs:
         in_epoch = batch_counts[state.epoch - 1]
         if state.batch > in_epoch:
-            return (f"batch {state.batch} is past the end of epoch {state.epoch}, which has {in_epoch} "
-                    f"batch{'es' if in_epoch != 1 else ''}")
+            return (
+                f"batch {state.batch} is past the end of epoch {state.epoch}, which has {in_epoch} "
+                f"batch{'es' if in_epoch != 1 else ''}"
+            )
     expected = sum(batch_counts[: state.epoch - 1]) + state.batch
     if state.step != expected:
         return f"step {state.step} is not where batch {state.batch} of epoch {state.epoch} ends (step {expected})"
     for name, param in weights.items():
         saved = state.lora[name]
         if tuple(saved.shape) != tuple(param.shape) or not saved.is_floating_point():
-            return (f"LoRA weight {_shown(name)} is {_shown(saved)} of {saved.dtype}, not of shape "
-                    f"{tuple(param.shape)}")
+            return f"LoRA weight {_shown(name)} is {_shown(saved)} of {saved.dtype}, not of shape {tuple(param.shape)}"
         if not bool(torch.isfinite(saved).all()):
             return f"LoRA weight {_shown(name)} holds NaN or infinite values"
     problem = _optimizer_problem(state.optimizer, optimizer)
@@ -196,8 +219,9 @@ def _optimizer_problem(saved: dict[str, Any], optimizer: Any) -> str | None:
     if not isinstance(groups, list) or len(groups) != len(live_groups):
         return "the optimizer's weight groups are not the run's"
     params: dict[int, torch.Tensor] = {}
-    for index, (group, live_group, tensors) in enumerate(zip(groups, live_groups, optimizer.param_groups,
-                                                             strict=False)):
+    for index, (group, live_group, tensors) in enumerate(
+        zip(groups, live_groups, optimizer.param_groups, strict=False)
+    ):
         if not isinstance(group, dict) or group.get("params") != live_group["params"]:
             return "the optimizer's weight groups are not the run's"
         # The run's own settings of the group as the run has them; some optimizers add more as they step
@@ -220,9 +244,11 @@ def _optimizer_problem(saved: dict[str, Any], optimizer: Any) -> str | None:
         shape = tuple(params[key].shape)
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                wrong = ((name in _WEIGHT_SHAPED and not value.is_floating_point())
-                         or (name in _WEIGHT_SHAPED | _WEIGHT_SHAPED_8BIT and tuple(value.shape) != shape)
-                         or (name == "step" and value.numel() != 1))
+                wrong = (
+                    (name in _WEIGHT_SHAPED and not value.is_floating_point())
+                    or (name in _WEIGHT_SHAPED | _WEIGHT_SHAPED_8BIT and tuple(value.shape) != shape)
+                    or (name == "step" and value.numel() != 1)
+                )
                 if wrong:
                     return f"the optimizer's {_shown(name)} of weight {key} is {_shown(value)} of {value.dtype}"
             elif not _is_plain(value):
@@ -234,8 +260,9 @@ def _rng_problem(saved: dict[str, Any], now: dict[str, Any], where: str) -> str 
     """A saved generator state against the generators of now: the same kinds of the same sizes. GPUs may
     differ in number (``restore_rng`` then leaves theirs), numpy may be missing on either side."""
     skip = {"cuda", "numpy"}
-    problem = structure_problem({k: v for k, v in saved.items() if k not in skip},
-                                {k: v for k, v in now.items() if k not in skip}, where)
+    problem = structure_problem(
+        {k: v for k, v in saved.items() if k not in skip}, {k: v for k, v in now.items() if k not in skip}, where
+    )
     if problem:
         return problem
     cuda = saved.get("cuda", [])

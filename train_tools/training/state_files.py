@@ -89,12 +89,15 @@ def load_state(path: Path) -> TrainState:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # not plain data (torch's own text advises unsafe loading: not shown)
-        raise UserError(f"The training state {path.name} is damaged (it holds more than plain tensors, numbers "
-                        "and text, and is not read); resume from an older state or start a new run.") from exc
+        raise UserError(
+            f"The training state {path.name} is damaged (it holds more than plain tensors, numbers "
+            "and text, and is not read); resume from an older state or start a new run."
+        ) from exc
     except (OSError, RuntimeError, ValueError, EOFError) as exc:  # damage: RuntimeError
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise UserError(f"The training state {path.name} is damaged ({reason}); resume from an older state or "
-                        "start a new run.") from exc
+        raise UserError(
+            f"The training state {path.name} is damaged ({reason}); resume from an older state or start a new run."
+        ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path.name} is not a Train Tools training state (format {FORMAT}); start a new run.")
     names = {f.name for f in fields(TrainState)}
@@ -106,8 +109,9 @@ def load_state(path: Path) -> TrainState:
     else:
         problem = type_problem(obj) or _name_problem(path, obj)
     if problem:
-        raise UserError(f"The training state {path.name} is damaged ({problem}); resume from an older state or "
-                        "start a new run.")
+        raise UserError(
+            f"The training state {path.name} is damaged ({problem}); resume from an older state or start a new run."
+        )
     return TrainState(**{k: v for k, v in obj.items() if k in names})
 
 

@@ -56,9 +56,19 @@ class TrainResult:
 class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
     """One training run. ``run()`` does everything; the steps are separate methods so tests can look inside."""
 
-    def __init__(self, version: Version, config: TrainConfig, checkpoint: Path, *, reporter: Reporter | None = None,
-                 stop: StopFlag | None = None, device: str | None = None, run_name: str | None = None,
-                 resume_from: Path | None = None, host: Any = None) -> None:
+    def __init__(
+        self,
+        version: Version,
+        config: TrainConfig,
+        checkpoint: Path,
+        *,
+        reporter: Reporter | None = None,
+        stop: StopFlag | None = None,
+        device: str | None = None,
+        run_name: str | None = None,
+        resume_from: Path | None = None,
+        host: Any = None,
+    ) -> None:
         self.host = host  # the program hosting the run (captioners, models folder); None = standalone defaults
         # Resuming: ``resume_from`` is a run folder (trains/<run>); the run continues there with the settings
         # it began with (its own snapshot wins over ``config``, the version's settings of today).
@@ -97,8 +107,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         from ..devicelock import hold, hold_version
 
         label = f"{self.version.project} / {self.version.name}"
-        with hold(self.version.data_dir, self.requested_device, label), \
-                hold_version(self.version.path, label):
+        with hold(self.version.data_dir, self.requested_device, label), hold_version(self.version.path, label):
             out_of_memory = False
             self.holds_version = True
             try:
@@ -148,8 +157,9 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
             step, start_epoch, start_batch = state.step, state.epoch, state.batch
             files = [run_dir / name for name in state.files if (run_dir / name).is_file()]
             losses = list(state.losses)
-            self.reporter.message(f"Resuming {run_dir.name} at step {step} of {self.total_steps} "
-                                  f"(epoch {start_epoch} of {cfg.epochs}).")
+            self.reporter.message(
+                f"Resuming {run_dir.name} at step {step} of {self.total_steps} (epoch {start_epoch} of {cfg.epochs})."
+            )
         self._first_step = step
         self.reporter.start(self.total_steps, cfg.epochs)
         epoch = start_epoch
@@ -165,7 +175,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
             batches = list(self.sampler)
             if acc.num_processes > 1:
                 local = self._local_batch_count(epoch)
-                batches = batches[: local * acc.num_processes][acc.process_index::acc.num_processes]
+                batches = batches[: local * acc.num_processes][acc.process_index :: acc.num_processes]
             # The order depends only on (seed, epoch): a resumed run skips the batches it already trained.
             done = start_batch if epoch == start_epoch else 0
             for indices in batches[done:]:
@@ -186,8 +196,9 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
                 done += 1
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise UserError("The loss became NaN/inf: lower the learning rate, or use bf16 or fp32 "
-                                    "instead of fp16.")
+                    raise UserError(
+                        "The loss became NaN/inf: lower the learning rate, or use bf16 or fp32 instead of fp16."
+                    )
                 losses.append(value)
                 self.reporter.step(self._step_info(step, epoch, losses, t0))
                 if self.stop.requested:
@@ -199,15 +210,26 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
             if last or epoch % cfg.save_every_n_epochs == 0:
                 name = f"{self.output_name}.safetensors" if last else f"{self.output_name}-{epoch:06d}.safetensors"
                 files.append(self.save(run_dir / name, epoch, step))
-                self._save_state(run_dir, FINAL if last else SAVE, epoch + 1, 0, step, finished=last, files=files,
-                                 losses=losses, rng=rng, gen=gen)
+                self._save_state(
+                    run_dir,
+                    FINAL if last else SAVE,
+                    epoch + 1,
+                    0,
+                    step,
+                    finished=last,
+                    files=files,
+                    losses=losses,
+                    rng=rng,
+                    gen=gen,
+                )
                 if files[-1] is not None:
                     self._sample(run_dir, files[-1], epoch)
         if interrupted:
             self.reporter.message(f"Interrupted at step {step}; saving what was learned so far.")
             files.append(self.save(run_dir / f"{self.output_name}-{epoch:06d}-interrupted.safetensors", epoch, step))
-            self._save_state(run_dir, INTERRUPT, epoch, done, step, finished=False, files=files, losses=losses,
-                             rng=rng, gen=gen)
+            self._save_state(
+                run_dir, INTERRUPT, epoch, done, step, finished=False, files=files, losses=losses, rng=rng, gen=gen
+            )
         result = TrainResult(run_dir, [f for f in files if f is not None], step, epoch, interrupted, losses)
         if not interrupted and cfg.preview_at_end and acc.is_main_process:
             if self.device.type == "cuda":
@@ -222,10 +244,17 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         # Steps of this session only: a resumed run did the earlier ones at another time.
         speed = (step - getattr(self, "_first_step", 0)) / elapsed if elapsed > 0 else 0.0
         window = losses[-20:]
-        return StepInfo(step=step, total_steps=self.total_steps, epoch=epoch, total_epochs=self.config.epochs,
-                        loss=losses[-1], avg_loss=sum(window) / len(window),
-                        lr=float(self.lr_scheduler.get_last_lr()[0]), steps_per_s=speed,
-                        eta_s=(self.total_steps - step) / speed if speed else 0.0)
+        return StepInfo(
+            step=step,
+            total_steps=self.total_steps,
+            epoch=epoch,
+            total_epochs=self.config.epochs,
+            loss=losses[-1],
+            avg_loss=sum(window) / len(window),
+            lr=float(self.lr_scheduler.get_last_lr()[0]),
+            steps_per_s=speed,
+            eta_s=(self.total_steps - step) / speed if speed else 0.0,
+        )
 
     # ------------------------------------------------------------------ the end
     def _finished_result(self, point: ResumePoint) -> TrainResult:
@@ -241,8 +270,19 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         acc = self.__dict__.get("accelerator")
         if acc is not None and hasattr(acc, "free_memory"):
             acc.free_memory()
-        for name in ("model", "optimizer", "lr_scheduler", "latent_cache", "cached_text", "tes", "te",
-                     "trainable", "optimized", "noise_scheduler", "unet"):
+        for name in (
+            "model",
+            "optimizer",
+            "lr_scheduler",
+            "latent_cache",
+            "cached_text",
+            "tes",
+            "te",
+            "trainable",
+            "optimized",
+            "noise_scheduler",
+            "unet",
+        ):
             if name in self.__dict__:
                 setattr(self, name, None)
         self.prepared = False

@@ -78,9 +78,11 @@ class TrainerBase:
     base_sha256: str | None
 
     if TYPE_CHECKING:  # what one part calls on another
+
         def encode_text(self, captions: list[str]) -> Conditioning: ...
 
         def _local_batch_count(self, epoch: int) -> int: ...
 
-        def _resumed_items(self, items: list[DatasetItem], reg_items: list[DatasetItem]
-                           ) -> tuple[list[DatasetItem], list[DatasetItem]]: ...
+        def _resumed_items(
+            self, items: list[DatasetItem], reg_items: list[DatasetItem]
+        ) -> tuple[list[DatasetItem], list[DatasetItem]]: ...

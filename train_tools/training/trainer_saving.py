@@ -51,8 +51,15 @@ class SavingMixin(TrainerBase):
 
     def _write_run_snapshot(self, run_dir: Path) -> None:
         """The run keeps its own copy of settings and captions, so later edits cannot change what it was."""
-        write_json(run_dir / "settings.json", {**self.config.to_dict(), "base_model_path": str(self.checkpoint),
-                                               "repeats_used": self.repeats, "started_at": self.started_at})
+        write_json(
+            run_dir / "settings.json",
+            {
+                **self.config.to_dict(),
+                "base_model_path": str(self.checkpoint),
+                "repeats_used": self.repeats,
+                "started_at": self.started_at,
+            },
+        )
         write_json(run_dir / "captions.json", {item.image.name: item.caption for item in self.items})
         if self.reg_items:
             write_json(run_dir / REG_CAPTIONS, {item.image.name: item.caption for item in self.reg_items})
@@ -100,8 +107,9 @@ class SavingMixin(TrainerBase):
         if getattr(self, "_preview", None) is None:
             from ..previews.previewer import make_previewer
 
-            self._preview = make_previewer(None, self.checkpoint, clip_skip=self.config.clip_skip,
-                                           device=str(self.device))
+            self._preview = make_previewer(
+                None, self.checkpoint, clip_skip=self.config.clip_skip, device=str(self.device)
+            )
         return self._preview
 
     def _close_previewer(self) -> None:
@@ -130,8 +138,9 @@ class SavingMixin(TrainerBase):
 
         self.reporter.message("Generating the preview grid")
         try:
-            grid = previews_at_end(run_dir, self.config, self.version.project, self._previewer(),
-                                   reporter=self.reporter, stop=self.stop)
+            grid = previews_at_end(
+                run_dir, self.config, self.version.project, self._previewer(), reporter=self.reporter, stop=self.stop
+            )
             if grid is not None:
                 self.reporter.message(f"Preview grid: {grid}")
         except UserError as exc:

@@ -32,8 +32,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "no":
         return "no"
     if device.type != "cuda":
-        log.warning("%s mixed precision needs a CUDA GPU; training in fp32 on the %s instead.", requested,
-                    device.type.upper())
+        log.warning(
+            "%s mixed precision needs a CUDA GPU; training in fp32 on the %s instead.", requested, device.type.upper()
+        )
         return "no"
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         log.warning("This GPU cannot do bf16; using fp16 mixed precision instead.")
@@ -84,8 +85,9 @@ class SetupMixin(TrainerBase):
         self.all_items = self.items + self.reg_items
         self.repeats = cfg.repeats or auto_repeats(len(self.items))
         if self.reg_items:
-            self.reporter.message(f"{len(self.reg_items)} class pictures (regularisation), prior loss weight "
-                                  f"{cfg.prior_loss_weight:g}")
+            self.reporter.message(
+                f"{len(self.reg_items)} class pictures (regularisation), prior loss weight {cfg.prior_loss_weight:g}"
+            )
 
     def _load_model_with_lora(self) -> list[dict[str, Any]]:
         """Load the checkpoint, freeze it, attach the LoRA; the optimizer's param groups (UNet, text encoder)."""
@@ -113,8 +115,7 @@ class SetupMixin(TrainerBase):
         for te in self.tes:
             move(te, self.device, self.weight_dtype)
         attach_lora(m.unet, unet_target_modules(m.unet), cfg.network_dim, cfg.network_alpha)
-        params: list[dict[str, Any]] = [
-            {"params": _fp32(lora_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
+        params: list[dict[str, Any]] = [{"params": _fp32(lora_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
         if self.train_te:
             te_params: list[torch.nn.Parameter] = []
             for te in self.tes:
@@ -137,16 +138,16 @@ class SetupMixin(TrainerBase):
         if m.family != "sd1" and cfg.clip_skip != 1:
             # The WebUI ignores clip skip for SD2's OpenCLIP text encoder (the penultimate layer is built in)
             # and for SDXL (both encoders' penultimate layers are used).
-            log.info("Clip skip %d is ignored for %s checkpoints, as the WebUI does.", cfg.clip_skip,
-                     m.family.upper())
+            log.info("Clip skip %d is ignored for %s checkpoints, as the WebUI does.", cfg.clip_skip, m.family.upper())
         return params
 
     def _plan_batches(self) -> None:
         """The sampler of each epoch's batches and the run's step count."""
         cfg = self.config
         if self.reg_items:
-            self.sampler: Any = RegularisedBatchSampler(self.all_items, len(self.items), cfg.batch_size,
-                                                        seed=cfg.seed, repeats=self.repeats)
+            self.sampler: Any = RegularisedBatchSampler(
+                self.all_items, len(self.items), cfg.batch_size, seed=cfg.seed, repeats=self.repeats
+            )
         else:
             self.sampler = BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
         self.batches_per_epoch = self._local_batch_count(1)
@@ -179,8 +180,9 @@ class SetupMixin(TrainerBase):
         optimizer = make_optimizer(cfg.optimizer, params, cfg.learning_rate, device=self.device)
         # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
         ticks = self.accelerator.num_processes
-        lr_scheduler = make_lr_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps * ticks,
-                                         total_steps=self.total_steps * ticks)
+        lr_scheduler = make_lr_scheduler(
+            cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps * ticks, total_steps=self.total_steps * ticks
+        )
         self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, lr_scheduler)
         self.noise_scheduler = m.noise_scheduler
         if self.flat and not all(views_intact(f) for f in self.optimized):
@@ -210,8 +212,9 @@ class SetupMixin(TrainerBase):
         for p in unreachable:
             p.requires_grad_(False)
         if unreachable:
-            log.info("%d text-encoder LoRA tensors get no gradient (layers after the one used); frozen.",
-                     len(unreachable))
+            log.info(
+                "%d text-encoder LoRA tensors get no gradient (layers after the one used); frozen.", len(unreachable)
+            )
 
     def _release_text_encoders(self) -> None:
         """Frozen encoders whose outputs are cached are not needed again: off the GPU they leave room for the
@@ -282,8 +285,9 @@ class SetupMixin(TrainerBase):
                     for path in cache.remove_leftovers():
                         log.info("Removed %s, half-written when a run stopped.", path.name)
         total = len(self.all_items) * len(flips)
-        self.reporter.message(f"Latents: {total - self.latent_encodes} of {total} from the cache, "
-                              f"{self.latent_encodes} encoded")
+        self.reporter.message(
+            f"Latents: {total - self.latent_encodes} of {total} from the cache, {self.latent_encodes} encoded"
+        )
         self.scaling_factor = float(self.model.vae.config.scaling_factor)
         if vae is not None:
             vae.to("cpu")

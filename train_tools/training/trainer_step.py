@@ -47,8 +47,9 @@ class StepMixin(TrainerBase):
         """
         tok = tokenizer if tokenizer is not None else self.tokenizer
         chunks = self.config.max_token_length // 75
-        ids = [tok(caption, add_special_tokens=False, truncation=False)["input_ids"][: 75 * chunks]
-               for caption in captions]
+        ids = [
+            tok(caption, add_special_tokens=False, truncation=False)["input_ids"][: 75 * chunks] for caption in captions
+        ]
         return token_rows(tok, ids, chunks)
 
     def encode_text(self, captions: list[str]) -> Conditioning:
@@ -94,16 +95,23 @@ class StepMixin(TrainerBase):
         weights = [self.config.prior_loss_weight if i >= n else 1.0 for i in indices]
         return torch.tensor(weights, dtype=torch.float32, device=self.device)
 
-    def loss(self, latents: torch.Tensor, text: Conditioning | torch.Tensor, noise: torch.Tensor,
-             timesteps: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        latents: torch.Tensor,
+        text: Conditioning | torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The batch's mean loss; ``weights`` (one per item, see ``loss_weights``) scale each item's part."""
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
         cond = text if isinstance(text, Conditioning) else Conditioning(text)
         dtype = self.weight_dtype
         with self.accelerator.autocast():
-            pred = self.model.unet(noisy.to(dtype), timesteps, cond.hidden.to(dtype),
-                                   added_cond_kwargs=cond.added_cond_kwargs(dtype)).sample
+            pred = self.model.unet(
+                noisy.to(dtype), timesteps, cond.hidden.to(dtype), added_cond_kwargs=cond.added_cond_kwargs(dtype)
+            ).sample
         if self.model.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, timesteps)
         else:

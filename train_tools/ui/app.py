@@ -15,23 +15,18 @@ newcomer can try the whole flow on a CPU.
 from __future__ import annotations
 
 import argparse
-import hmac
 import inspect
 import ipaddress
-import json
 import logging
-import math
 import os
-import threading
-import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..hosts.base import StandaloneHost
 from ..store import projects_root
+from .login import LoginThrottle, LoginThrottleMiddleware, login_checker, parse_auth
 
 log = logging.getLogger(__name__)
 
@@ -40,48 +35,78 @@ DEFAULT_PORT = 7860
 DEFAULT_LISTEN = "127.0.0.1"
 NETWORK_LISTEN = "0.0.0.0"
 
-#: Failed logins an address may make before it must wait; the wait then doubles with every further failure.
-FREE_LOGIN_TRIES = 3
-FIRST_LOGIN_WAIT_S = 2.0
-LONGEST_LOGIN_WAIT_S = 600.0
-OPEN_NETWORK_WARNING = ("WARNING: Train Tools listens on %s without --auth: anyone on your network can open it, "
-                        "train on this computer and write files into its folders. Add --auth USER:PASSWORD "
-                        "(or --auth-file FILE) to ask for a login.")
+OPEN_NETWORK_WARNING = (
+    "WARNING: Train Tools listens on %s without --auth: anyone on your network can open it, "
+    "train on this computer and write files into its folders. Add --auth USER:PASSWORD "
+    "(or --auth-file FILE) to ask for a login."
+)
 
 
 def add_app_arguments(parser: argparse.ArgumentParser, *, with_paths: bool) -> None:
     """The app's flags. ``with_paths`` adds --data-dir/--ckpt-dir/-v (the CLI's main parser already has them)."""
     if with_paths:
-        parser.add_argument("--data-dir", type=Path, default=Path("."),
-                            help="folder holding outputs/train_tools/projects (default: the current folder)")
-        parser.add_argument("--ckpt-dir", type=Path, action="append", default=None,
-                            help="checkpoint folder (default: DATA_DIR/models/Stable-diffusion); repeatable")
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=Path("."),
+            help="folder holding outputs/train_tools/projects (default: the current folder)",
+        )
+        parser.add_argument(
+            "--ckpt-dir",
+            type=Path,
+            action="append",
+            default=None,
+            help="checkpoint folder (default: DATA_DIR/models/Stable-diffusion); repeatable",
+        )
         parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
-    parser.add_argument("--lora-dir", type=Path, default=None,
-                        help="where 'Copy to Lora folder' puts files (default: DATA_DIR/models/Lora)")
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="where 'Copy to Lora folder' puts files (default: DATA_DIR/models/Lora)",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
-    parser.add_argument("--listen", nargs="?", const=NETWORK_LISTEN, default=DEFAULT_LISTEN, metavar="ADDRESS",
-                        help=f"serve your network too: --listen alone listens on {NETWORK_LISTEN}, or give an "
-                             f"address (default {DEFAULT_LISTEN}: this computer only); protect it with --auth")
-    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
-                        help="ask for this user name and password before showing anything; repeatable")
-    parser.add_argument("--auth-file", type=Path, default=None, metavar="FILE",
-                        help="a file of USER:PASSWORD lines (blank lines and # comments are skipped), like --auth")
+    parser.add_argument(
+        "--listen",
+        nargs="?",
+        const=NETWORK_LISTEN,
+        default=DEFAULT_LISTEN,
+        metavar="ADDRESS",
+        help=f"serve your network too: --listen alone listens on {NETWORK_LISTEN}, or give an "
+        f"address (default {DEFAULT_LISTEN}: this computer only); protect it with --auth",
+    )
+    parser.add_argument(
+        "--auth",
+        action="append",
+        default=[],
+        metavar="USER:PASSWORD",
+        help="ask for this user name and password before showing anything; repeatable",
+    )
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a file of USER:PASSWORD lines (blank lines and # comments are skipped), like --auth",
+    )
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train_tools",
-                                     description="Train Tools app: open the tab in a browser. Run "
-                                                 "'python -m train_tools --help' for the command line.")
+    parser = argparse.ArgumentParser(
+        prog="python -m train_tools",
+        description="Train Tools app: open the tab in a browser. Run "
+        "'python -m train_tools --help' for the command line.",
+    )
     add_app_arguments(parser, with_paths=True)
     return parser
 
 
 def host_from_args(args: argparse.Namespace) -> StandaloneHost:
-    return StandaloneHost(args.data_dir, args.ckpt_dir, args.lora_dir, offer_demo=True,
-                          device=getattr(args, "device", None))
+    return StandaloneHost(
+        args.data_dir, args.ckpt_dir, args.lora_dir, offer_demo=True, device=getattr(args, "device", None)
+    )
 
 
 def _assets() -> tuple[str, str]:
@@ -124,25 +149,6 @@ def create_app(host: StandaloneHost) -> tuple[Any, dict[str, Any]]:
     return demo, launch_kw
 
 
-def parse_auth(pairs: Sequence[str], auth_file: Path | None = None) -> list[tuple[str, str]]:
-    """``user:password`` pairs from --auth and the lines of --auth-file; a UserError names a bad one."""
-    lines = [(f"--auth {i + 1}", pair) for i, pair in enumerate(pairs)]
-    if auth_file is not None:
-        try:
-            text = Path(auth_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"Cannot read the --auth-file {auth_file} ({exc}); check the path.") from exc
-        lines += [(f"line {n} of {Path(auth_file).name}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
-                  if line.strip() and not line.strip().startswith("#")]
-    out = []
-    for where, pair in lines:
-        user, sep, password = pair.partition(":")
-        if not sep or not user.strip() or not password:
-            raise UserError(f"The login in {where} must look like user:password.")
-        out.append((user.strip(), password))
-    return out
-
-
 def is_loopback(listen: str) -> bool:
     """Whether ``listen`` serves this computer only (127.x.x.x, ::1, localhost)."""
     if listen.strip().lower() == "localhost":
@@ -151,158 +157,6 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(listen.strip().strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may well be reachable from the network
-
-
-def login_checker(logins: Sequence[tuple[str, str]]) -> Callable[[str, str], bool]:
-    """The ``auth`` callable for Gradio: whether (user, password) is one of ``logins``.
-
-    Every pair is compared, each with ``hmac.compare_digest``, so the time taken says nothing about which
-    user names exist or how much of a password was right.
-    """
-    pairs = [(user.encode("utf-8"), password.encode("utf-8")) for user, password in logins]
-
-    def check(username: str, password: str) -> bool:
-        given_user, given_password = str(username).strip().encode("utf-8"), str(password).encode("utf-8")
-        ok = False
-        for user, secret in pairs:
-            same_user = hmac.compare_digest(given_user, user)
-            same_password = hmac.compare_digest(given_password, secret)
-            ok |= same_user and same_password
-        return ok
-
-    return check
-
-
-@dataclass
-class _Failures:
-    count: int = 0
-    last: float = 0.0
-    wait_until: float = 0.0
-
-
-@dataclass
-class LoginThrottle:
-    """Slows down guessing: per client address, after ``free_tries`` failed logins in a row every login from
-    that address is refused for a while, ``first_wait_s`` after the last free try and twice as long after
-    each further failure (at most ``longest_wait_s``). A right login clears the address's count; other
-    addresses are not affected. An address that has not failed for ``forget_after_s`` is forgotten."""
-
-    free_tries: int = FREE_LOGIN_TRIES
-    first_wait_s: float = FIRST_LOGIN_WAIT_S
-    longest_wait_s: float = LONGEST_LOGIN_WAIT_S
-    forget_after_s: float = 3600.0
-    clock: Callable[[], float] = time.monotonic
-    _by_address: dict[str, _Failures] = field(default_factory=dict, repr=False)
-    _checking: set[str] = field(default_factory=set, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def wait_left(self, address: str) -> float:
-        """Seconds ``address`` must still wait before its next login is looked at (0: it may try now)."""
-        with self._lock:
-            entry = self._by_address.get(address)
-            return max(0.0, entry.wait_until - self.clock()) if entry else 0.0
-
-    def begin(self, address: str) -> float:
-        """Before a login from ``address`` is checked: 0 and the address marked busy until ``end``, or the
-        seconds it must wait. One login at a time per address: many sent at once would all find the count
-        below the limit."""
-        with self._lock:
-            entry = self._by_address.get(address)
-            wait = max(0.0, entry.wait_until - self.clock()) if entry else 0.0
-            if wait > 0:
-                return wait
-            if address in self._checking:
-                return 1.0
-            self._checking.add(address)
-            return 0.0
-
-    def end(self, address: str) -> None:
-        with self._lock:
-            self._checking.discard(address)
-
-    def failed(self, address: str) -> tuple[int, float]:
-        """Record a wrong login from ``address``: (its failures in a row, the seconds it must now wait; 0 while
-        its tries are free)."""
-        now = self.clock()
-        with self._lock:
-            self._forget_old(now)
-            entry = self._by_address.setdefault(address, _Failures())
-            entry.count += 1
-            entry.last = now
-            wait = 0.0
-            if entry.count >= self.free_tries:
-                wait = min(self.longest_wait_s, self.first_wait_s * 2.0 ** (entry.count - self.free_tries))
-                entry.wait_until = now + wait
-            return entry.count, wait
-
-    def succeeded(self, address: str) -> None:
-        with self._lock:
-            self._by_address.pop(address, None)
-
-    def _forget_old(self, now: float) -> None:
-        for address in [a for a, e in self._by_address.items()
-                        if now - e.last > self.forget_after_s and now >= e.wait_until]:
-            del self._by_address[address]
-
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-class LoginThrottleMiddleware:
-    """ASGI middleware in front of Gradio's ``POST /login``: counts failed logins per client address (the
-    socket's address; forwarded-for headers are not trusted) and answers 429 while an address must wait."""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], throttle: LoginThrottle) -> None:
-        self.app = app
-        self.throttle = throttle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = str(scope.get("path", "")).rstrip("/")
-        if scope.get("type") != "http" or scope.get("method") != "POST" or not path.endswith("/login"):
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
-        wait = self.throttle.begin(address)
-        if wait > 0:
-            await self._refuse(send, wait)
-            return
-        status: list[int] = []
-
-        async def watch(message: Message) -> None:
-            if message.get("type") == "http.response.start":
-                status.append(int(message.get("status", 0)))
-                # Counted before the answer goes out, so the next login from there sees this one's count.
-                self._count(address, status[0])
-                self.throttle.end(address)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        finally:
-            self.throttle.end(address)
-
-    def _count(self, address: str, status: int) -> None:
-        if status < 300:
-            self.throttle.succeeded(address)
-        elif status in (400, 401, 403):
-            count, wait = self.throttle.failed(address)
-            if wait > 0:
-                log.warning("Train Tools: %d wrong logins in a row from %s; logins from there are refused for "
-                            "%.0f s.", count, address, wait)
-
-    @staticmethod
-    async def _refuse(send: Send, wait: float) -> None:
-        seconds = max(1, math.ceil(wait))
-        unit = "second" if seconds == 1 else "seconds"
-        body = json.dumps({"detail": f"Too many wrong logins: wait {seconds} {unit}, then try again."}).encode()
-        await send({"type": "http.response.start", "status": 429,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", str(seconds).encode()),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def served_paths(host: StandaloneHost) -> tuple[list[str], list[str]]:
@@ -315,9 +169,16 @@ def served_paths(host: StandaloneHost) -> tuple[list[str], list[str]]:
     return [str(root)], [str(d) for d in blocked]
 
 
-def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAULT_LISTEN,
-          open_browser: bool = True, block: bool = True, auth: Sequence[tuple[str, str]] | None = None,
-          throttle: LoginThrottle | None = None) -> Any:
+def serve(
+    host: StandaloneHost,
+    *,
+    port: int = DEFAULT_PORT,
+    listen: str = DEFAULT_LISTEN,
+    open_browser: bool = True,
+    block: bool = True,
+    auth: Sequence[tuple[str, str]] | None = None,
+    throttle: LoginThrottle | None = None,
+) -> Any:
     """Start the web server; with ``block`` it runs until Ctrl-C.
 
     It serves this computer only unless ``listen`` says otherwise; ``auth`` (user, password) pairs put a
@@ -328,8 +189,12 @@ def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAU
     demo.queue()
     host.data_dir.mkdir(parents=True, exist_ok=True)
     allowed, blocked = served_paths(host)
-    log.info("Train Tools: data in %s, checkpoints from %s, LoRA files go to %s", host.data_dir,
-             ", ".join(str(d) for d in host.ckpt_dirs), host.lora_dir)
+    log.info(
+        "Train Tools: data in %s, checkpoints from %s, LoRA files go to %s",
+        host.data_dir,
+        ", ".join(str(d) for d in host.ckpt_dirs),
+        host.lora_dir,
+    )
     if not is_loopback(listen) and not auth:
         log.warning(OPEN_NETWORK_WARNING, listen)
     if auth:
@@ -337,15 +202,22 @@ def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAU
         if _accepts(demo.launch, "app_kwargs"):
             from starlette.middleware import Middleware
 
-            launch_kw["app_kwargs"] = {"middleware": [Middleware(LoginThrottleMiddleware,
-                                                                 throttle=throttle or LoginThrottle())]}
+            launch_kw["app_kwargs"] = {
+                "middleware": [Middleware(LoginThrottleMiddleware, throttle=throttle or LoginThrottle())]
+            }
         else:
             log.warning("This Gradio cannot slow down repeated wrong logins; choose long passwords.")
     if _accepts(demo.launch, "blocked_paths"):
         launch_kw["blocked_paths"] = blocked
     try:
-        demo.launch(server_name=listen, server_port=port, inbrowser=open_browser, allowed_paths=allowed,
-                    prevent_thread_lock=not block, **launch_kw)
+        demo.launch(
+            server_name=listen,
+            server_port=port,
+            inbrowser=open_browser,
+            allowed_paths=allowed,
+            prevent_thread_lock=not block,
+            **launch_kw,
+        )
     except OSError as exc:
         raise UserError(f"Cannot serve on {listen}:{port} ({exc}); pass another --port.") from exc
     return demo
@@ -354,8 +226,7 @@ def serve(host: StandaloneHost, *, port: int = DEFAULT_PORT, listen: str = DEFAU
 def run_app(args: argparse.Namespace) -> int:
     """Serve with parsed arguments (the CLI's ``app`` command and a bare ``python -m train_tools``)."""
     auth = parse_auth(getattr(args, "auth", None) or [], getattr(args, "auth_file", None))
-    serve(host_from_args(args), port=args.port, listen=args.listen, open_browser=not args.no_browser,
-          auth=auth or None)
+    serve(host_from_args(args), port=args.port, listen=args.listen, open_browser=not args.no_browser, auth=auth or None)
     return 0
 
 

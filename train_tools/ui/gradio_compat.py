@@ -40,8 +40,9 @@ def with_progress(fn: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
     return event
 
 
-def poll_every(root: gr.Blocks, seconds: float, fn: Callable[..., list[Any]], inputs: list[Any],
-               outputs: list[Any]) -> Any:
+def poll_every(
+    root: gr.Blocks, seconds: float, fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any]
+) -> Any:
     """Call ``fn`` every ``seconds`` while the page is open: ``gr.Timer`` in Gradio 4.40+, ``every=`` before."""
     if hasattr(gr, "Timer"):
         timer = gr.Timer(seconds)

@@ -58,10 +58,13 @@ def results_html(files: list[ResultFile]) -> str:
             f"<tr><td>{html.escape(f.run)}</td><td class='tt-file'>{html.escape(f.path.name)}</td>"
             f"<td>{human_size(f.size)}</td><td>{html.escape(f.epoch)}</td><td>{html.escape(f.steps)}</td>"
             f"<td><button class='tt-copy-prompt' title='copy the prompt tag' "
-            f"onclick=\"window.trainToolsCopyText &amp;&amp; trainToolsCopyText(this)\" "
-            f"data-text='&lt;lora:{stem}:0.8&gt;'>&lt;lora:{stem}:0.8&gt;</button></td></tr>")
-    return ("<table class='tt-results'><thead><tr><th>run</th><th>file</th><th>size</th><th>epoch</th>"
-            "<th>steps</th><th>prompt</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            f'onclick="window.trainToolsCopyText &amp;&amp; trainToolsCopyText(this)" '
+            f"data-text='&lt;lora:{stem}:0.8&gt;'>&lt;lora:{stem}:0.8&gt;</button></td></tr>"
+        )
+    return (
+        "<table class='tt-results'><thead><tr><th>run</th><th>file</th><th>size</th><th>epoch</th>"
+        "<th>steps</th><th>prompt</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def family_line(family: str) -> str:
@@ -71,10 +74,14 @@ def family_line(family: str) -> str:
 # The tag list's look is inline as well as in style.css: in A1111 1.10 and the standalone app the chips read
 # "simple shapes 12my cat 12" wherever the stylesheet does not reach them.
 _TAG_LIST_STYLE = "list-style:none;margin:0.3em 0;padding:0;display:flex;flex-wrap:wrap;gap:6px"
-_TAG_STYLE = ("display:inline-flex;align-items:center;gap:6px;margin:0;padding:1px 3px 1px 10px;"
-              "border:1px solid rgba(128,128,128,.45);border-radius:999px;line-height:1.6")
-_COUNT_STYLE = ("min-width:1.6em;padding:0 6px;border-radius:999px;background:rgba(128,128,128,.22);"
-                "text-align:center;font-weight:600;font-variant-numeric:tabular-nums")
+_TAG_STYLE = (
+    "display:inline-flex;align-items:center;gap:6px;margin:0;padding:1px 3px 1px 10px;"
+    "border:1px solid rgba(128,128,128,.45);border-radius:999px;line-height:1.6"
+)
+_COUNT_STYLE = (
+    "min-width:1.6em;padding:0 6px;border-radius:999px;background:rgba(128,128,128,.22);"
+    "text-align:center;font-weight:600;font-variant-numeric:tabular-nums"
+)
 
 
 def tags_html(counts: list[tuple[str, int]], limit: int = 80) -> str:
@@ -89,12 +96,18 @@ def tags_html(counts: list[tuple[str, int]], limit: int = 80) -> str:
         f'<li class="tt-tag" data-tag="{html.escape(tag)}" style="{_TAG_STYLE}" '
         f'title="{html.escape(tag)}: in {n} {"picture" if n == 1 else "pictures"}">'
         f'<span class="tt-tag-name">{html.escape(tag)}</span> <span class="tt-count" style="{_COUNT_STYLE}">{n}</span>'
-        f'</li>'
-        for tag, n in counts[:limit])
-    more = (f'<li class="tt-more" style="margin:0;padding:1px 6px;opacity:.75">and {len(counts) - limit} more</li>'
-            if len(counts) > limit else "")
-    head = (f'<div class="tt-tags-head" style="font-size:.9em;opacity:.8">{len(counts)} '
-            f'{"tag" if len(counts) == 1 else "tags"}, each with the number of pictures whose caption has it:</div>')
+        f"</li>"
+        for tag, n in counts[:limit]
+    )
+    more = (
+        f'<li class="tt-more" style="margin:0;padding:1px 6px;opacity:.75">and {len(counts) - limit} more</li>'
+        if len(counts) > limit
+        else ""
+    )
+    head = (
+        f'<div class="tt-tags-head" style="font-size:.9em;opacity:.8">{len(counts)} '
+        f"{'tag' if len(counts) == 1 else 'tags'}, each with the number of pictures whose caption has it:</div>"
+    )
     return f'<div class="tt-tags">{head}<ul class="tt-tag-list" style="{_TAG_LIST_STYLE}">{chips}{more}</ul></div>'
 
 
@@ -110,7 +123,7 @@ def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120)
     if len(losses) < 2:
         return ""
     bucket = max(1, math.ceil(len(losses) / MAX_CHART_POINTS))
-    points = [sum(losses[i:i + bucket]) / len(losses[i:i + bucket]) for i in range(0, len(losses), bucket)]
+    points = [sum(losses[i : i + bucket]) / len(losses[i : i + bucket]) for i in range(0, len(losses), bucket)]
     smooth, ema = [], points[0]
     for value in points:
         ema = 0.9 * ema + 0.1 * value
@@ -120,17 +133,20 @@ def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120)
 
     def path(values: list[float]) -> str:
         step = width / max(1, len(values) - 1)
-        return " ".join(f"{i * step:.1f},{height - 4 - (v - lo) / span * (height - 8):.1f}"
-                        for i, v in enumerate(values))
+        return " ".join(
+            f"{i * step:.1f},{height - 4 - (v - lo) / span * (height - 8):.1f}" for i, v in enumerate(values)
+        )
 
     # Presentation attributes as well as classes: the chart must read right even where style.css is missing.
-    return (f'<svg class="tt-chart" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
-            f'preserveAspectRatio="none" role="img" aria-label="loss per step">'
-            f'<polyline class="tt-raw" fill="none" stroke="#2f80ed" stroke-opacity="0.35" '
-            f'vector-effect="non-scaling-stroke" points="{path(points)}"/>'
-            f'<polyline class="tt-smooth" fill="none" stroke="#2f80ed" stroke-width="2" '
-            f'vector-effect="non-scaling-stroke" points="{path(smooth)}"/></svg>'
-            f'<div class="tt-chart-legend">loss {hi:.4f} (top) to {lo:.4f} (bottom) over {len(losses)} steps</div>')
+    return (
+        f'<svg class="tt-chart" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
+        f'preserveAspectRatio="none" role="img" aria-label="loss per step">'
+        f'<polyline class="tt-raw" fill="none" stroke="#2f80ed" stroke-opacity="0.35" '
+        f'vector-effect="non-scaling-stroke" points="{path(points)}"/>'
+        f'<polyline class="tt-smooth" fill="none" stroke="#2f80ed" stroke-width="2" '
+        f'vector-effect="non-scaling-stroke" points="{path(smooth)}"/></svg>'
+        f'<div class="tt-chart-legend">loss {hi:.4f} (top) to {lo:.4f} (bottom) over {len(losses)} steps</div>'
+    )
 
 
 def progress_html(status: JobStatus) -> str:
@@ -155,11 +171,13 @@ def progress_html(status: JobStatus) -> str:
     parts.append(f"elapsed {fmt_time(status.elapsed_s)}")
     kind = {FAILED: "error", INTERRUPTED: "warn", FINISHED: "ok"}.get(status.state, "info")
     color = {"error": "#d63031", "warn": "#e2a400", "ok": "#27ae60"}.get(kind, "#2f80ed")
-    return (f'<div class="tt-progress" data-state="{status.state}" data-step="{status.step}" '
-            f'data-total="{status.total_steps}" data-job="{status.job_id}">'
-            f'<div class="tt-label">{html.escape(status.label)}: {status.state}</div>'
-            f'<div class="tt-bar" style="height:14px;background:rgba(128,128,128,.25);border-radius:7px;'
-            f'overflow:hidden"><div class="tt-fill tt-{kind}" style="height:100%;background:{color};'
-            f'width:{percent:.1f}%"></div></div>'
-            f'<div class="tt-info">{html.escape(" · ".join(parts))}</div>'
-            f'{message_html(status.message, kind)}{loss_chart_svg(status.losses) if training else ""}</div>')
+    return (
+        f'<div class="tt-progress" data-state="{status.state}" data-step="{status.step}" '
+        f'data-total="{status.total_steps}" data-job="{status.job_id}">'
+        f'<div class="tt-label">{html.escape(status.label)}: {status.state}</div>'
+        f'<div class="tt-bar" style="height:14px;background:rgba(128,128,128,.25);border-radius:7px;'
+        f'overflow:hidden"><div class="tt-fill tt-{kind}" style="height:100%;background:{color};'
+        f'width:{percent:.1f}%"></div></div>'
+        f'<div class="tt-info">{html.escape(" · ".join(parts))}</div>'
+        f"{message_html(status.message, kind)}{loss_chart_svg(status.losses) if training else ''}</div>"
+    )

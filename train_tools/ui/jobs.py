@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 IDLE, WAITING, RUNNING, FINISHED = "idle", "waiting", "running", "finished"
 INTERRUPTED, FAILED = "interrupted", "failed"
 
-OOM_ADVICE = ("Out of GPU memory: lower the batch size, the resolution or the network dim, turn on gradient "
-              "checkpointing or use AdamW8bit, and close other programs that use the GPU.")
+OOM_ADVICE = (
+    "Out of GPU memory: lower the batch size, the resolution or the network dim, turn on gradient "
+    "checkpointing or use AdamW8bit, and close other programs that use the GPU."
+)
 
 # ``work`` receives the reporter to report to and the stop flag to honour; it returns what it made.
 Work = Callable[[Reporter, StopFlag], Any]
@@ -95,9 +97,16 @@ class JobManager:
         job = self._job
         return job is not None and job.state in (WAITING, RUNNING)
 
-    def start(self, work: Work, *, label: str = "training", wrap: Callable[[Callable[[], None]], Callable[[], Any]]
-              | None = None, before: Callable[[], None] | None = None, after: Callable[[], None] | None = None,
-              extra_reporter: Callable[[StopFlag], Reporter | None] | None = None) -> Job:
+    def start(
+        self,
+        work: Work,
+        *,
+        label: str = "training",
+        wrap: Callable[[Callable[[], None]], Callable[[], Any]] | None = None,
+        before: Callable[[], None] | None = None,
+        after: Callable[[], None] | None = None,
+        extra_reporter: Callable[[StopFlag], Reporter | None] | None = None,
+    ) -> Job:
         """Run ``work`` in a background thread; a UserError if a job is already running.
 
         ``wrap`` puts the body under the host's GPU queue; ``before``/``after`` free and restore the host's
@@ -107,8 +116,10 @@ class JobManager:
         with self._lock:
             if self.busy:
                 current = self._job
-                raise UserError(f"A training job is already running ({current.label if current else ''}); wait "
-                                "for it to finish or press Interrupt.")
+                raise UserError(
+                    f"A training job is already running ({current.label if current else ''}); wait "
+                    "for it to finish or press Interrupt."
+                )
             job = Job(self._next_id, label)
             self._next_id += 1
             self._job = job
@@ -138,7 +149,8 @@ class JobManager:
                     log.error("Train Tools: %s", job.message)
             else:
                 interrupted = bool(getattr(job.result, "interrupted", False)) or (
-                    isinstance(job.result, list) and any(getattr(r, "interrupted", False) for r in job.result))
+                    isinstance(job.result, list) and any(getattr(r, "interrupted", False) for r in job.result)
+                )
                 job.state = INTERRUPTED if interrupted or job.stop.requested else FINISHED
                 job.message = finish_message(job)
             finally:
@@ -209,7 +221,10 @@ class JobManager:
             message=job.message if job.state != RUNNING else _running_message(rec),
             files=list(rec.saved_files),
             elapsed_s=end - job.started,
-            task=task[0], task_done=task[1], task_total=task[2], task_unit=task[3],
+            task=task[0],
+            task_done=task[1],
+            task_total=task[2],
+            task_unit=task[3],
         )
 
 
@@ -254,8 +269,7 @@ def _ensure_free(version: Any, device: str | None) -> None:
     from ..devicelock import ensure_file_free, ensure_free, version_lock_path
 
     ensure_free(version.data_dir, device)
-    ensure_file_free(version_lock_path(version.path), f"version {version.project} / {version.name}",
-                     version.data_dir)
+    ensure_file_free(version_lock_path(version.path), f"version {version.project} / {version.name}", version.data_dir)
 
 
 @contextmanager
@@ -268,8 +282,7 @@ def _hold(version: Any, device: str | None) -> Iterator[None]:
         yield
 
 
-def training_work(version: Any, configs: list[Any], checkpoint: Path, device: str | None,
-                  host: Any = None) -> Work:
+def training_work(version: Any, configs: list[Any], checkpoint: Path, device: str | None, host: Any = None) -> Work:
     """The work of Begin Train: one Trainer run per config (a learning-rate list gives several).
 
     Refused at once (a UserError for the page) when another run, of this process or another (a second
@@ -284,8 +297,9 @@ def training_work(version: Any, configs: list[Any], checkpoint: Path, device: st
         results = []
         with _hold(version, device):
             for config in configs:
-                result = Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device,
-                                 host=host).run()
+                result = Trainer(
+                    version, config, checkpoint, reporter=reporter, stop=stop, device=device, host=host
+                ).run()
                 results.append(result)
                 if result.interrupted or stop.requested:
                     break
@@ -294,8 +308,14 @@ def training_work(version: Any, configs: list[Any], checkpoint: Path, device: st
     return work
 
 
-def resume_work(version: Any, run_dir: Path, checkpoint: Path | None, device: str | None,
-                resolve: Callable[[str], Path] | None = None, host: Any = None) -> Work:
+def resume_work(
+    version: Any,
+    run_dir: Path,
+    checkpoint: Path | None,
+    device: str | None,
+    resolve: Callable[[str], Path] | None = None,
+    host: Any = None,
+) -> Work:
     """The work of a Resume button: go on with ``run_dir`` (see ``resume.py``) in its own folder.
 
     ``checkpoint`` None means the base model the run began with: its recorded path, else its name through
@@ -311,14 +331,26 @@ def resume_work(version: Any, run_dir: Path, checkpoint: Path | None, device: st
         elif resolve is not None:
             checkpoint = resolve(config.base_model)
         else:
-            raise UserError(f"The base model of run {Path(run_dir).name} ({base_model_path or config.base_model}) "
-                            "was not found; put it back in the checkpoint folder to resume.")
+            raise UserError(
+                f"The base model of run {Path(run_dir).name} ({base_model_path or config.base_model}) "
+                "was not found; put it back in the checkpoint folder to resume."
+            )
 
     def work(reporter: Reporter, stop: StopFlag) -> list[Any]:
         from ..training.trainer import Trainer
 
         with _hold(version, device):
-            return [Trainer(version, config, checkpoint, reporter=reporter, stop=stop, device=device,
-                            resume_from=Path(run_dir), host=host).run()]
+            return [
+                Trainer(
+                    version,
+                    config,
+                    checkpoint,
+                    reporter=reporter,
+                    stop=stop,
+                    device=device,
+                    resume_from=Path(run_dir),
+                    host=host,
+                ).run()
+            ]
 
     return work

@@ -23,28 +23,24 @@ from .core_calls import (
     core_items,
     core_prepare,
     core_tag_counts,
-    preview_work,
 )
 from .html import FAMILY_NAMES, family_line, message_html, progress_html, results_html, tags_html
 from .jobs import training_work
-from .state import TabState
+from .results_logic import ResultsEvents
 from .uploads import add_uploaded, uploaded_files
 from .views import (
     FAMILY_FIELDS,
-    copy_to_lora_dir,
     dataset_view,
     grid_view,
     list_results,
     original_images,
     read_caption,
-    result_path,
-    run_of_choice,
     saved_choice,
     settings_from_values,
 )
 
 
-class TabLogic(TabState):
+class TabLogic(ResultsEvents):
     """The tab's behaviour, one method per event, returning plain values and ``gr.update``s."""
 
     def load_page(self) -> list[Any]:
@@ -56,9 +52,12 @@ class TabLogic(TabState):
         versions = self.store.versions(project) if project else []
         if version not in versions:
             version = versions[-1] if versions else None
-        return [self.project_update(project), self.version_update(project, version),
-                *self.version_view(self.version_or_none(project, version)), gr.update(value=progress_html(
-                    self.jobs.status()))]
+        return [
+            self.project_update(project),
+            self.version_update(project, version),
+            *self.version_view(self.version_or_none(project, version)),
+            gr.update(value=progress_html(self.jobs.status())),
+        ]
 
     def refresh_projects(self, project: str | None) -> list[Any]:
         projects = self.store.projects()
@@ -77,28 +76,47 @@ class TabLogic(TabState):
     def create_project(self, name: str) -> list[Any]:
         project = self.store.create_project(name or "")
         self.remember(project, None)
-        return [self.project_update(project), self.version_update(project, None), *self.version_view(None),
-                message_html(f"Created project '{project}'; now create a version.", "ok")]
+        return [
+            self.project_update(project),
+            self.version_update(project, None),
+            *self.version_view(None),
+            message_html(f"Created project '{project}'; now create a version.", "ok"),
+        ]
 
     def create_version(self, project: str | None, name: str) -> list[Any]:
         if not project:
             raise UserError("Create or choose a project first.")
         version = self.store.create_version(project, name or "v1")
         self.remember(project, version.name)
-        return [self.version_update(project, version.name), *self.version_view(version),
-                message_html(f"Created version '{version.name}' of '{project}'.", "ok")]
+        return [
+            self.version_update(project, version.name),
+            *self.version_view(version),
+            message_html(f"Created version '{version.name}' of '{project}'.", "ok"),
+        ]
 
     def upload(self, files: Any, project: str | None, version: str | None) -> list[Any]:
-        return self._upload(files, project, version, core_add_originals, "images (and .txt captions) on Upload "
-                            "Dataset")
+        return self._upload(files, project, version, core_add_originals, "images (and .txt captions) on Upload Dataset")
 
     def upload_reg(self, files: Any, project: str | None, version: str | None) -> list[Any]:
         """Regularisation (class) pictures: kept apart from the dataset, prepared with it by Update Dataset."""
-        return self._upload(files, project, version, core_add_reg, "class pictures (and .txt captions) on "
-                            "Regularisation images", then=" Press Update Dataset to prepare them.")
+        return self._upload(
+            files,
+            project,
+            version,
+            core_add_reg,
+            "class pictures (and .txt captions) on Regularisation images",
+            then=" Press Update Dataset to prepare them.",
+        )
 
-    def _upload(self, files: Any, project: str | None, version: str | None,
-                add: Callable[[list[Path], Version], str], where: str, then: str = "") -> list[Any]:
+    def _upload(
+        self,
+        files: Any,
+        project: str | None,
+        version: str | None,
+        add: Callable[[list[Path], Version], str],
+        where: str,
+        then: str = "",
+    ) -> list[Any]:
         v = self.require_version(project, version)
         named = uploaded_files(files)
         if not named:
@@ -113,8 +131,9 @@ class TabLogic(TabState):
         gallery, line = dataset_view(v, v.load_settings())
         return [gallery, line, message_html(f"Added {n} demo pictures; press Update Dataset.", "ok")]
 
-    def update_dataset(self, project: str | None, version: str | None, *values: Any,
-                       progress: TaskFn | None = None) -> list[Any]:
+    def update_dataset(
+        self, project: str | None, version: str | None, *values: Any, progress: TaskFn | None = None
+    ) -> list[Any]:
         """Prepare the version's pictures with the settings shown; ``progress`` hears how far it is."""
         v = self.require_version(project, version)
         config = settings_from_values(values)
@@ -127,8 +146,7 @@ class TabLogic(TabState):
                 raise UserError("There are no pictures to prepare: drop 10-20 images on Upload Dataset first.")
             skipped = core_prepare(v, config, self.host, progress)
         gallery, line = dataset_view(v, config)
-        return [gallery, line, tags_html(core_tag_counts(v)), message_html(f"Dataset updated. {skipped}".strip(),
-                                                                           "ok")]
+        return [gallery, line, tags_html(core_tag_counts(v)), message_html(f"Dataset updated. {skipped}".strip(), "ok")]
 
     def select_picture(self, project: str | None, version: str | None, index: Any) -> list[Any]:
         """A click on a gallery picture: its caption goes into the caption box for editing."""
@@ -166,8 +184,12 @@ class TabLogic(TabState):
         v = self.require_version(project, version)
         n = remove_tag(v.prepared_dir, (tag or "").strip())
         gallery, line = dataset_view(v, v.load_settings())
-        return [gallery, line, tags_html(core_tag_counts(v)),
-                message_html(f"Removed '{tag.strip()}' from {n} captions.", "ok")]
+        return [
+            gallery,
+            line,
+            tags_html(core_tag_counts(v)),
+            message_html(f"Removed '{tag.strip()}' from {n} captions.", "ok"),
+        ]
 
     def rename_tag(self, project: str | None, version: str | None, tag: str, new: str) -> list[Any]:
         from ..data.captions import rename_tag
@@ -175,8 +197,12 @@ class TabLogic(TabState):
         v = self.require_version(project, version)
         n = rename_tag(v.prepared_dir, (tag or "").strip(), (new or "").strip())
         gallery, line = dataset_view(v, v.load_settings())
-        return [gallery, line, tags_html(core_tag_counts(v)),
-                message_html(f"Renamed '{tag.strip()}' to '{new.strip()}' in {n} captions.", "ok")]
+        return [
+            gallery,
+            line,
+            tags_html(core_tag_counts(v)),
+            message_html(f"Renamed '{tag.strip()}' to '{new.strip()}' in {n} captions.", "ok"),
+        ]
 
     def choose_base_model(self, choice: str | None) -> list[Any]:
         """A checkpoint was picked: show its family and set the settings that family needs."""
@@ -200,67 +226,21 @@ class TabLogic(TabState):
             raise UserError("A job is already running; wait for it to finish or press Interrupt.")
         run = find_run(v)
         if run_is_finished(run):
-            raise UserError(f"The last run ({run.name}) finished; there is nothing to resume. Press Begin Train "
-                            "for a new run.")
-        work = resume_work(v, run, None, self.host.device(), resolve=self.host.resolve_checkpoint,
-                           host=self.host)
-        self.jobs.start(work, label=f"{v.project} / {v.name} (resumed)", wrap=self.host.run_on_gpu,
-                        before=self.host.before_training, after=self.host.after_training,
-                        extra_reporter=self.host.progress_sink)
+            raise UserError(
+                f"The last run ({run.name}) finished; there is nothing to resume. Press Begin Train for a new run."
+            )
+        work = resume_work(v, run, None, self.host.device(), resolve=self.host.resolve_checkpoint, host=self.host)
+        self.jobs.start(
+            work,
+            label=f"{v.project} / {v.name} (resumed)",
+            wrap=self.host.run_on_gpu,
+            before=self.host.before_training,
+            after=self.host.after_training,
+            extra_reporter=self.host.progress_sink,
+        )
         return [message_html(f"Resuming run {run.name}.", "ok"), progress_html(self.jobs.status())]
 
     # -------------------------------------------------------------- previews
-    def generate_previews(self, project: str | None, version: str | None, choice: str | None, prompt: str,
-                          negative: str, seed: Any, steps: Any, cfg_scale: Any, sampler: str, width: Any,
-                          height: Any, weights: str) -> list[Any]:
-        from ..previews.settings import PreviewSettings, parse_weights
-
-        v = self.require_version(project, version)
-        if not v.runs():
-            raise UserError("Train first: previews show the files of a run.")
-        if self.jobs.busy:
-            raise UserError("A job is already running; wait for it to finish or press Interrupt.")
-        run_dir = run_of_choice(v, choice)
-        settings = PreviewSettings(prompt=prompt or "", negative_prompt=negative or "", seed=int(seed or 0),
-                                   steps=int(steps or 20), cfg_scale=float(cfg_scale or 7.0),
-                                   sampler=sampler or "Euler a", width=int(width or 512),
-                                   height=int(height or 512), weights=parse_weights(weights or "")).validated()
-        # Previews need the host's model where it is (the WebUI's txt2img uses it): no before/after.
-        self.jobs.start(preview_work(v, run_dir, settings, self.host), label=f"previews of {run_dir.name}",
-                        wrap=self.host.run_on_gpu, extra_reporter=self.host.progress_sink)
-        return [message_html(f"Generating previews of run {run_dir.name}.", "ok"), progress_html(self.jobs.status())]
-
-    def select_cell(self, grid_path: str | None, index: Any) -> list[Any]:
-        """A click on the grid: the cell under the pointer becomes the one to install."""
-        from ..previews.grid_info import grid_info_for
-
-        if not grid_path or not isinstance(index, (list, tuple)) or len(index) != 2:
-            return [None, ""]
-        cell = grid_info_for(Path(grid_path)).cell_at(float(index[0]), float(index[1]))
-        if cell is None:
-            return [None, ""]
-        if not cell.has_lora or cell.file is None:
-            return [None, "That is the picture without LoRA; click one of the weight columns."]
-        chosen = {"grid": grid_path, "row": cell.row, "col": cell.col}
-        return [chosen, f"Selected **{cell.file.name}** at weight **{cell.weight:g}**."]
-
-    def install_cell(self, project: str | None, version: str | None, chosen: Any) -> list[Any]:
-        from ..previews.grid_info import grid_info_for, install_cell
-        from ..previews.settings import trigger_word
-
-        v = self.require_version(project, version)
-        if not isinstance(chosen, dict) or not chosen.get("grid"):
-            raise UserError("Click a picture of the preview grid first: its file and weight are installed.")
-        grid = Path(str(chosen["grid"])).resolve()
-        if v.trains_dir.resolve() not in grid.parents:  # the page's state, but a request may bring any path
-            raise UserError("That grid is not one of this version's runs; generate the previews again.")
-        cell = grid_info_for(grid).cell(int(chosen["row"]), int(chosen["col"]))
-        if cell is None:
-            raise UserError("That grid is gone; generate the previews again.")
-        target = install_cell(cell, self.host.lora_dir, activation_text=trigger_word(v.load_settings(), v.project))
-        return [message_html(f"Installed {target.name} with its preview in {target.parent}: press Refresh in the "
-                             f"Lora tab; its card inserts <lora:{target.stem}:{cell.weight:g}>.", "ok")]
-
     def refresh_checkpoints(self, value: str | None) -> list[Any]:
         return [self.checkpoint_update(value, refresh=True)]
 
@@ -283,15 +263,19 @@ class TabLogic(TabState):
             config = config.updated({"base_model": DEMO_FILE_NAME})
         v.save_settings(config)
         work = training_work(v, [config], checkpoint, self.host.device(), self.host)
-        self.jobs.start(work, label=f"{v.project} / {v.name}", wrap=self.host.run_on_gpu,
-                        before=self.host.before_training, after=self.host.after_training,
-                        extra_reporter=self.host.progress_sink)
-        return [message_html(f"Training started on {checkpoint.name}.", "ok"),
-                progress_html(self.jobs.status()), self.checkpoint_update(config.base_model)]
-
-    def show_grid(self, project: str | None, version: str | None, choice: str | None) -> list[Any]:
-        grid, grid_path = grid_view(self.version_or_none(project, version), choice)
-        return [grid, grid_path]
+        self.jobs.start(
+            work,
+            label=f"{v.project} / {v.name}",
+            wrap=self.host.run_on_gpu,
+            before=self.host.before_training,
+            after=self.host.after_training,
+            extra_reporter=self.host.progress_sink,
+        )
+        return [
+            message_html(f"Training started on {checkpoint.name}.", "ok"),
+            progress_html(self.jobs.status()),
+            self.checkpoint_update(config.base_model),
+        ]
 
     def interrupt(self) -> list[Any]:
         return [message_html(self.jobs.stop(), "warn")]
@@ -322,24 +306,3 @@ class TabLogic(TabState):
             choices = gr.update(choices=[f.choice for f in files], value=choice)
             grid, grid_path = grid_view(v, choice)
         return [progress_html(status), results, choices, grid, grid_path, key]
-
-    def refresh_results(self, project: str | None, version: str | None) -> list[Any]:
-        files = list_results(self.version_or_none(project, version))
-        return [results_html(files), gr.update(choices=[f.choice for f in files],
-                                               value=files[0].choice if files else None)]
-
-    def choose_result(self, project: str | None, version: str | None, choice: str | None) -> list[Any]:
-        v = self.version_or_none(project, version)
-        if v is None or not choice:
-            return [None]
-        try:
-            return [str(result_path(v, choice))]
-        except UserError:
-            return [None]
-
-    def copy_to_lora(self, project: str | None, version: str | None, choice: str | None) -> list[Any]:
-        v = self.require_version(project, version)
-        src = result_path(v, choice or "")
-        target = copy_to_lora_dir(src, self.host.lora_dir)
-        return [message_html(f"Copied {target.name} to {target.parent}: press Refresh in the Lora tab, then use "
-                             f"<lora:{target.stem}:0.8> in a prompt.", "ok")]

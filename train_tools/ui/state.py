@@ -91,11 +91,19 @@ class TabState:
         files = list_results(version)
         choice = files[0].choice if files else None
         grid, grid_path = grid_view(version, choice)
-        values += [gallery, line, results_html(files), gr.update(choices=[f.choice for f in files], value=choice),
-                   family_line(core_family(self.host, config.base_model)),
-                   tags_html(core_tag_counts(version) if version else []), grid, grid_path,
-                   config.preview_prompt or config.trigger_word or (version.project if version else ""),
-                   config.resolution, config.resolution]
+        values += [
+            gallery,
+            line,
+            results_html(files),
+            gr.update(choices=[f.choice for f in files], value=choice),
+            family_line(core_family(self.host, config.base_model)),
+            tags_html(core_tag_counts(version) if version else []),
+            grid,
+            grid_path,
+            config.preview_prompt or config.trigger_word or (version.project if version else ""),
+            config.resolution,
+            config.resolution,
+        ]
         return values
 
     def project_update(self, value: str | None) -> dict[str, Any]:
@@ -104,4 +112,3 @@ class TabState:
     def version_update(self, project: str | None, value: str | None) -> dict[str, Any]:
         choices = self.store.versions(project) if project else []
         return gr.update(choices=choices, value=value if value in choices else None)
-

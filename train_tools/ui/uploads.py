@@ -53,8 +53,9 @@ def add_uploaded(named: list[tuple[Path, str]], add: Callable[[list[Path]], str]
     return summary, "warn" if refused else "ok"
 
 
-def stage_with_original_names(files: list[tuple[Path, str]], folder: Path,
-                              refused: list[str] | None = None) -> list[Path]:
+def stage_with_original_names(
+    files: list[tuple[Path, str]], folder: Path, refused: list[str] | None = None
+) -> list[Path]:
     """Paths whose names are the user's own (images and .txt captions pair by name); copies only if needed.
 
     A name that cannot be stored (too long for the disk, a NUL, ``..``) is left out, with its reason added to
@@ -74,4 +75,3 @@ def stage_with_original_names(files: list[tuple[Path, str]], folder: Path,
             continue
         out.append(target)
     return out
-

@@ -73,8 +73,10 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
         # Class pictures add as many items per epoch as the training pictures x repeats.
         per_epoch = math.ceil(n * repeats * (2 if n_reg else 1) / config.batch_size)
         classes = f" and {n_reg} class images" if n_reg else ""
-        line = (f"{n} images{classes}, {repeats} repeats, {per_epoch} steps per epoch "
-                f"({per_epoch * config.epochs} steps for {config.epochs} epochs).")
+        line = (
+            f"{n} images{classes}, {repeats} repeats, {per_epoch} steps per epoch "
+            f"({per_epoch * config.epochs} steps for {config.epochs} epochs)."
+        )
         if _newest_mtime(originals) > _newest_mtime([i.image for i in items]):
             line += " New pictures were added since: press Update Dataset."
         return gallery, line
@@ -105,8 +107,9 @@ def list_results(version: Version | None) -> list[ResultFile]:
     for run in reversed(version.runs()):
         for path in sorted(run.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
             meta = read_lora_info(path)
-            out.append(ResultFile(run.name, path, path.stat().st_size, meta.get("ss_epoch", ""),
-                                  meta.get("ss_steps", "")))
+            out.append(
+                ResultFile(run.name, path, path.stat().st_size, meta.get("ss_epoch", ""), meta.get("ss_steps", ""))
+            )
     return out
 
 
@@ -161,4 +164,3 @@ def grid_view(version: Version | None, choice: str | None) -> tuple[str | None, 
     except UserError:
         return None, None
     return (str(info.image), str(info.image)) if info is not None else (None, None)
-

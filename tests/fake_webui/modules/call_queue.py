@@ -12,8 +12,9 @@ queue_lock = threading.Lock()
 tasks: list[str] = []
 
 
-def wrap_gradio_call(func: Callable[..., Any], extra_outputs: list[Any] | None = None,
-                     add_stats: bool = False) -> Callable[..., Any]:
+def wrap_gradio_call(
+    func: Callable[..., Any], extra_outputs: list[Any] | None = None, add_stats: bool = False
+) -> Callable[..., Any]:
     def f(*args: Any, **kwargs: Any) -> Any:
         try:
             res = list(func(*args, **kwargs))

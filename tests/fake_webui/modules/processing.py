@@ -24,10 +24,30 @@ calls: list[dict[str, Any]] = []
 
 _NETWORK = re.compile(r"<(lora|lyco):([^>]+)>")
 _ACCEPTED = {
-    "sd_model", "outpath_samples", "outpath_grids", "prompt", "negative_prompt", "styles", "seed", "subseed",
-    "subseed_strength", "sampler_name", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width",
-    "height", "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "override_settings",
-    "override_settings_restore_afterwards", "enable_hr",
+    "sd_model",
+    "outpath_samples",
+    "outpath_grids",
+    "prompt",
+    "negative_prompt",
+    "styles",
+    "seed",
+    "subseed",
+    "subseed_strength",
+    "sampler_name",
+    "scheduler",
+    "batch_size",
+    "n_iter",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "restore_faces",
+    "tiling",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "override_settings",
+    "override_settings_restore_afterwards",
+    "enable_hr",
 }
 
 
@@ -89,19 +109,47 @@ def process_images(p: StableDiffusionProcessingTxt2Img) -> Processed:
         for _kind, args in _NETWORK.findall(p.prompt):
             name, _, weight = args.partition(":")
             path = find_network(name)
-            networks.append({"name": name, "weight": float(weight or 1.0), "path": path,
-                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path else None})
+            networks.append(
+                {
+                    "name": name,
+                    "weight": float(weight or 1.0),
+                    "path": path,
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path else None,
+                }
+            )
         checkpoint = getattr(shared.opts, "sd_model_checkpoint", None)
-        calls.append({"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed, "steps": p.steps,
-                      "cfg_scale": p.cfg_scale, "sampler_name": p.sampler_name, "size": (p.width, p.height),
-                      "networks": networks, "checkpoint": checkpoint,
-                      "clip_skip": getattr(shared.opts, "CLIP_stop_at_last_layers", None),
-                      "saves": not (p.do_not_save_samples and p.do_not_save_grid)})
+        calls.append(
+            {
+                "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt,
+                "seed": p.seed,
+                "steps": p.steps,
+                "cfg_scale": p.cfg_scale,
+                "sampler_name": p.sampler_name,
+                "size": (p.width, p.height),
+                "networks": networks,
+                "checkpoint": checkpoint,
+                "clip_skip": getattr(shared.opts, "CLIP_stop_at_last_layers", None),
+                "saves": not (p.do_not_save_samples and p.do_not_save_grid),
+            }
+        )
         if shared.state.interrupted:
             return Processed(p, [])
         clean = _NETWORK.sub("", p.prompt)
-        key = repr((p.seed, clean, p.negative_prompt, p.steps, p.cfg_scale, p.sampler_name, p.width, p.height,
-                    checkpoint, [(n["sha256"], n["weight"]) for n in networks if n["path"]]))
+        key = repr(
+            (
+                p.seed,
+                clean,
+                p.negative_prompt,
+                p.steps,
+                p.cfg_scale,
+                p.sampler_name,
+                p.width,
+                p.height,
+                checkpoint,
+                [(n["sha256"], n["weight"]) for n in networks if n["path"]],
+            )
+        )
         rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16))
         pixels = rng.integers(0, 256, size=(p.height, p.width, 3), dtype=np.uint8)
         return Processed(p, [Image.fromarray(pixels)])

@@ -15,8 +15,11 @@ class CheckpointInfo:
     def __init__(self, filename: str) -> None:
         self.filename = os.path.abspath(filename)
         root = shared.cmd_opts.ckpt_dir or os.path.join(paths_internal.models_path, "Stable-diffusion")
-        rel = os.path.relpath(self.filename, root) if self.filename.startswith(os.path.abspath(root)) else \
-            os.path.basename(filename)
+        rel = (
+            os.path.relpath(self.filename, root)
+            if self.filename.startswith(os.path.abspath(root))
+            else os.path.basename(filename)
+        )
         self.name = rel.replace("\\", "/")
         self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
         self.model_name = os.path.splitext(self.name)[0]
@@ -56,8 +59,9 @@ def list_models() -> None:
 def get_closet_checkpoint_match(search: str) -> CheckpointInfo | None:
     if not search:
         return None
-    found = sorted((info for info in checkpoints_list.values() if search in info.title),
-                   key=lambda info: len(info.title))
+    found = sorted(
+        (info for info in checkpoints_list.values() if search in info.title), key=lambda info: len(info.title)
+    )
     return found[0] if found else None
 
 

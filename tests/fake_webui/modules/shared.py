@@ -7,8 +7,16 @@ from typing import Any
 
 
 class OptionInfo:
-    def __init__(self, default: Any = None, label: str = "", component: Any = None, component_args: Any = None,
-                 onchange: Any = None, section: tuple[str, str] | None = None, refresh: Any = None) -> None:
+    def __init__(
+        self,
+        default: Any = None,
+        label: str = "",
+        component: Any = None,
+        component_args: Any = None,
+        onchange: Any = None,
+        section: tuple[str, str] | None = None,
+        refresh: Any = None,
+    ) -> None:
         self.default = default
         self.label = label
         self.section = section
@@ -81,6 +89,7 @@ def refresh_checkpoints() -> None:
     from modules import sd_models
 
     sd_models.list_models()
+
 
 # Set by the WebUI at start-up (modules.initialize); extensions reach the BLIP interrogator through it.
 from modules.interrogate import InterrogateModels  # noqa: E402

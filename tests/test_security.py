@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers_app import free_port, tab_with_picture
 from tests.stand_ins import MakesAFile
 from train_tools import devicelock
 from train_tools.errors import UserError
@@ -232,22 +232,6 @@ def _start_fake_trainer(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
-def _version_with_picture(data: Path) -> tuple[Any, Any, Path]:
-    import train_tools.ui.logic as ui_logic
-    from train_tools.ui.jobs import JobManager
-
-    host = StandaloneHost(data)
-    logic = ui_logic.TabLogic(host, JobManager())
-    logic.create_project("p")
-    logic.create_version("p", "v1")
-    version = logic.store.version("p", "v1")
-    (version.originals_dir / "a.png").write_bytes(b"x")
-    ckpt = host.ckpt_dirs[0] / "mine.safetensors"
-    ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"x")
-    return logic, version, ckpt
-
-
 def test_two_begin_trains_at_once_run_exactly_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
@@ -258,7 +242,7 @@ def test_two_begin_trains_at_once_run_exactly_one(
     from train_tools.ui.jobs import FINISHED, JobManager
 
     seen = _start_fake_trainer(monkeypatch)
-    logic, version, ckpt = _version_with_picture(tmp_path / "data")
+    logic, version, ckpt = tab_with_picture(tmp_path / "data")
     values = [getattr(TrainConfig(base_model="mine.safetensors"), n) for n in ui_views.SETTING_FIELDS]
     barrier = threading.Barrier(2)
     outcomes: list[str] = []
@@ -423,12 +407,6 @@ def test_serve_binds_loopback_serves_only_the_projects_and_passes_the_login(
     assert network["server_name"] == "0.0.0.0" and network["auth"]("u", "p") and not network["auth"]("u", "x")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str, opener: urllib.request.OpenerDirector | None = None) -> int:
     try:
         with (opener or urllib.request.build_opener()).open(url, timeout=20) as response:
@@ -445,7 +423,7 @@ def test_the_app_refuses_requests_without_the_login_and_serves_only_project_file
     from train_tools.ui.app import serve
 
     host = StandaloneHost(tmp_path / "data")
-    port = _free_port()
+    port = free_port()
     demo = serve(host, port=port, open_browser=False, block=False, auth=[("ann", "s3cret")])
     try:
         assert demo.server_name == "127.0.0.1"

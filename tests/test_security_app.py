@@ -17,15 +17,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers_app import free_port
 from train_tools.hosts.base import StandaloneHost
 
 USER, PASSWORD = "ann", "s3cret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _login(port: int, password: str, source: str = "127.0.0.1") -> tuple[int, dict[str, str], str]:
@@ -72,7 +67,7 @@ def test_wrong_logins_make_that_address_wait_and_a_right_login_works_afterwards(
     from train_tools.ui.app import serve
     from train_tools.ui.login import LoginThrottle
 
-    port = _free_port()
+    port = free_port()
     throttle = LoginThrottle(free_tries=3, first_wait_s=1.5)
     demo = serve(
         StandaloneHost(tmp_path / "data"),

@@ -7,7 +7,6 @@ name that cannot be saved is refused up front instead of failing an epoch later.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ from typing import Any
 import pytest
 
 from tests import fixtures_training
+from tests.helpers_app import free_port, tab_with_picture
 from train_tools import names
 from train_tools.cli import main
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
-from train_tools.hosts.base import StandaloneHost
 from train_tools.store import Store
 
 one_thread = fixtures_training.one_thread
@@ -266,22 +265,6 @@ def test_the_command_line_still_takes_a_checkpoint_path(tmp_path: Path, demo_ckp
 # ---------------------------------------------------------------------- the tab and its HTTP API
 
 
-def _logic(tmp_path: Path) -> tuple[Any, Any, Path]:
-    import train_tools.ui.logic as ui_logic
-    from train_tools.ui.jobs import JobManager
-
-    host = StandaloneHost(tmp_path / "data")
-    logic = ui_logic.TabLogic(host, JobManager())
-    logic.create_project("p")
-    logic.create_version("p", "v1")
-    version = logic.store.version("p", "v1")
-    (version.originals_dir / "a.png").write_bytes(b"x")
-    ckpt = host.ckpt_dirs[0] / "mine.safetensors"
-    ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"x")
-    return logic, version, ckpt
-
-
 def _values(**changes: Any) -> list[Any]:
     import train_tools.ui.views as ui_views
 
@@ -294,7 +277,7 @@ def _values(**changes: Any) -> list[Any]:
 @pytest.mark.parametrize("index", range(17))
 def test_the_tab_refuses_a_hostile_output_name_and_starts_nothing(tmp_path: Path, index: int):
     value = hostile_output_names(tmp_path)[index]
-    logic, version, _ckpt = _logic(tmp_path)
+    logic, version, _ckpt = tab_with_picture(tmp_path / "data")
     before = files_under(tmp_path)
     with pytest.raises(UserError, match="setting 'output_name'"):
         logic.begin_train("p", "v1", *_values(output_name=value))
@@ -304,7 +287,7 @@ def test_the_tab_refuses_a_hostile_output_name_and_starts_nothing(tmp_path: Path
 
 
 def test_the_tab_opens_no_checkpoint_outside_the_checkpoint_folders(tmp_path: Path):
-    logic, _version, _ckpt = _logic(tmp_path)
+    logic, _version, _ckpt = tab_with_picture(tmp_path / "data")
     elsewhere = tmp_path / "elsewhere.safetensors"
     elsewhere.write_bytes(b"x")
     for choice in (str(elsewhere), "../../elsewhere.safetensors", "/etc/passwd"):
@@ -314,19 +297,13 @@ def test_the_tab_opens_no_checkpoint_outside_the_checkpoint_folders(tmp_path: Pa
 
 
 def test_the_tab_installs_no_grid_from_outside_the_version(tmp_path: Path):
-    logic, _version, _ckpt = _logic(tmp_path)
+    logic, _version, _ckpt = tab_with_picture(tmp_path / "data")
     fake = tmp_path / "outside" / "grid-1"
     fake.mkdir(parents=True)
     (fake / "grid.json").write_text("{}", encoding="utf-8")
     with pytest.raises(UserError, match="not one of this version's runs"):
         logic.install_cell("p", "v1", {"grid": str(fake.with_suffix(".png")), "row": 0, "col": 0})
     assert not logic.host.lora_dir.exists() or not any(logic.host.lora_dir.iterdir())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _call(base: str, deps: list[dict[str, Any]], api_name: str, data: list[Any], session: str) -> str:
@@ -363,10 +340,10 @@ def test_the_http_api_refuses_a_hostile_output_name_without_a_login(tmp_path: Pa
         pytest.skip("Gradio < 5 cannot start its server in this test environment (its own template error)")
     from train_tools.ui.app import serve
 
-    logic, _version, _ckpt = _logic(tmp_path)
+    logic, _version, _ckpt = tab_with_picture(tmp_path / "data")
     (tmp_path / "outside").mkdir()
     target = outside_target(tmp_path)
-    port = _free_port()
+    port = free_port()
     demo = serve(logic.host, port=port, open_browser=False, block=False)
     try:
         base = f"http://127.0.0.1:{port}"

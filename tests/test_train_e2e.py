@@ -216,6 +216,12 @@ def test_fp16_on_cpu_falls_back_with_a_message(
         ).run()
     assert result.final_file is not None and result.final_file.exists()
     assert "needs a CUDA GPU" in caplog.text
+    # The file says what the run trained in (fp32: kohya's "no"), not the fp16 that was asked for.
+    from safetensors import safe_open
+
+    with safe_open(str(result.final_file), "pt") as fh:
+        metadata = fh.metadata()
+    assert metadata["ss_mixed_precision"] == "no" and metadata["ss_optimizer"] == "AdamW"
 
 
 @pytest.mark.parametrize(

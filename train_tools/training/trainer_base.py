@@ -44,6 +44,7 @@ class TrainerBase:
     started_at: float
     accelerator: Any
     device: torch.device
+    mixed_precision_used: str  # what the run trains in ("no" = fp32), which the file's metadata records
     weight_dtype: torch.dtype
     # The pictures: training pictures, then class pictures (their indices follow the training pictures').
     items: list[DatasetItem]

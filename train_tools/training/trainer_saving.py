@@ -89,6 +89,7 @@ class SavingMixin(TrainerBase):
             training_started_at=self.started_at,
             training_finished_at=time.time(),
             bucket_info=bucket_info(self.items),
+            mixed_precision=self.mixed_precision_used,
         )
         # kohya's names for the class pictures; ss_tag_frequency and ss_dataset_dirs stay the training pictures'.
         reg_folder = f"1_{self.config.reg_caption.strip() or 'reg'}"

@@ -61,6 +61,7 @@ class SetupMixin(TrainerBase):
         self.started_at = time.time()
         device = pick_device(self.requested_device)
         precision = resolve_precision(cfg.mixed_precision, device)
+        self.mixed_precision_used = precision
         self.accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)

@@ -44,8 +44,15 @@ MAX_COMPONENT_BYTES = 255
 WINDOWS_MAX_PATH = 259
 #: Linux's PATH_MAX, less the terminating NUL.
 POSIX_MAX_PATH = 4095
-#: What ``fileio.atomic_path`` adds to a name for its temporary file: ``.<name>.<8 random>.tmp``.
-TEMP_FILE_EXTRA = len(".") + len(".abcdefgh") + len(".tmp")
+
+
+def _temp_twin(name: str) -> str:
+    """The longest name ``fileio.atomic_path`` gives the temporary file of ``name``: ``.<name>.<8 random>.tmp``."""
+    return f".{name}.{'x' * 8}.tmp"
+
+
+#: What ``fileio.atomic_path`` adds to a name for its temporary file.
+TEMP_FILE_EXTRA = len(_temp_twin(""))
 #: The longest epoch suffix a run writes (``TrainConfig.epochs`` is at most 10000, written as 6 digits).
 LONGEST_LORA_SUFFIX = "-000000-interrupted.safetensors"
 #: The longest other names a run writes in its folder and below it.
@@ -151,15 +158,16 @@ def check_paths_fit(base: Path, relative: Iterable[tuple[str, ...]], what: str, 
     base = Path(base)
     for parts in relative:
         *folders, file_name = parts
-        for component in [*folders, f".{file_name}.abcdefgh.tmp"]:
+        twin = _temp_twin(file_name)
+        for shown, component in [*((f, f) for f in folders), (file_name, twin)]:
             size = len(component.encode("utf-8"))
             if size > MAX_COMPONENT_BYTES:
                 raise UserError(
-                    f"The {what} is too long: it would make the file name '{component[1:40]}...' "
-                    f"{size} bytes long, and disks take at most {MAX_COMPONENT_BYTES}; use a shorter "
-                    "name."
+                    f"The {what} is too long: it would make the file name '{shown[:40]}...' "
+                    f"{size} bytes long, and disks take at most {MAX_COMPONENT_BYTES}; "
+                    "use a shorter name."
                 )
-        full = str(base.joinpath(*folders, f".{file_name}.abcdefgh.tmp"))
+        full = str(base.joinpath(*folders, twin))
         if windows and len(full.encode("utf-16-le")) // 2 > WINDOWS_MAX_PATH:
             raise UserError(
                 f"The {what} is too long for Windows: a file of the run would have a path of "

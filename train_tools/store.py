@@ -101,7 +101,7 @@ class Version:
         what = (
             "output name (setting 'output_name')"
             if config.output_name
-            else (f"project and version name together ('{self.default_output_name}', the LoRA files' name)")
+            else "version name (with the project name it names the LoRA files)"
         )
         check_run_paths(self.path, self.output_name(config), what)
 

@@ -230,7 +230,9 @@ def test_the_tab_says_the_folder_is_read_only(tmp_path: Path, monkeypatch: pytes
         assert "Cannot write" in str(out[0]) and "read-only" in str(out[0]), out
     from train_tools.ui.jobs import describe_failure
 
-    assert describe_failure(PermissionError(errno.EROFS, "Read-only file system", "/x")).startswith("Cannot write /x")
+    assert describe_failure(PermissionError(errno.EROFS, "Read-only file system", "/x")).startswith(
+        "Permission denied for /x: the folder is read-only"
+    )
 
 
 def test_os_errors_that_are_not_the_users_stay_errors():

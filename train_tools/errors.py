@@ -29,9 +29,11 @@ def from_os_error(exc: BaseException, target: Path | str | None = None) -> UserE
     where = target if target is not None else exc.filename
     shown = str(where) if where is not None else "a file"
     if exc.errno in _NOT_WRITABLE or isinstance(exc, PermissionError):
+        # With a target the error came from writing it; without one it may have been a read (a checkpoint).
+        doing = "Cannot write" if target is not None else "Permission denied for"
         return UserError(
-            f"Cannot write {shown}: the folder is read-only or belongs to another user. Choose a data "
-            "folder you can write to (--data-dir, or the WebUI's data dir), or give yourself write "
+            f"{doing} {shown}: the folder is read-only or belongs to another user. Choose a data "
+            "folder you can write to (--data-dir, or the WebUI's data dir), or give yourself "
             "permission on it."
         )
     if exc.errno in _DISK_FULL or "No space left on device" in str(exc):

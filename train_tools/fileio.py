@@ -53,15 +53,23 @@ def atomic_path(target: Path) -> Iterator[Path]:
         raise
 
 
-def make_dirs(path: Path) -> None:
-    """``mkdir -p``; a folder that may not be written becomes a sentence instead of a traceback."""
+@contextmanager
+def _as_sentence(target: Path) -> Iterator[None]:
+    """A file-system error a user can fix, writing ``target``, becomes its sentence (``errors.from_os_error``);
+    any other error passes through unchanged."""
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        yield
     except OSError as exc:
-        friendly = from_os_error(exc, path)
+        friendly = from_os_error(exc, target)
         if friendly is None:
             raise
         raise friendly from exc
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p``; a folder that may not be written becomes a sentence instead of a traceback."""
+    with _as_sentence(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
 
 
 def check_writable(folder: Path) -> None:
@@ -69,13 +77,8 @@ def check_writable(folder: Path) -> None:
     work that would otherwise fail file by file. Tries a real file: permission bits do not tell the whole story
     (read-only mounts, ACLs, root)."""
     make_dirs(folder)
-    try:
+    with _as_sentence(folder):
         fd, name = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=folder)
-    except OSError as exc:
-        friendly = from_os_error(exc, folder)
-        if friendly is None:
-            raise
-        raise friendly from exc
     os.close(fd)
     os.unlink(name)
 

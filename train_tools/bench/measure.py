@@ -96,6 +96,7 @@ def _measure(spec: BenchSpec, version: Any, ckpt: Path, device: torch.device, re
         version, bench_config(spec, repeats), ckpt, reporter=reporter, device=spec.device, run_name="bench"
     )
     trainer.flat_layout = spec.flat
+    trainer.exact_precision = True  # measure the precision asked for, also where a CPU emulates it
     trainer_box.append(trainer)
     captured: dict[str, Any] = {}
     original_loss = trainer.loss

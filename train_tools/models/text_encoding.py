@@ -51,7 +51,9 @@ def encode_chunk(te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_ski
     if clip_skip > 1:
         out = te(ids, output_hidden_states=True)
         norm = cast(torch.nn.LayerNorm, text_transformer(base if base is not None else te).final_layer_norm)
-        return norm(out.hidden_states[-clip_skip]), None
+        # In the norm's dtype: accelerate hands a trained encoder's outputs back in fp32 (upcast, so nothing is
+        # lost), and a CPU's layer norm refuses fp32 input with fp16/bf16 weights, autocast or not.
+        return norm(out.hidden_states[-clip_skip].to(norm.weight.dtype)), None
     return te(ids)[0], None
 
 

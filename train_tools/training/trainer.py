@@ -94,6 +94,9 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         # Lay the LoRA weights out flat where the optimizer allows it (flat_params.py); off only to measure or
         # test what the layout changes.
         self.flat_layout = True
+        # On a CPU, train in the precision it computes natively when the asked one would be emulated
+        # (precision.py); True trains in exactly the asked one where torch can (tests, the benchmark).
+        self.exact_precision = False
         self.prepared = False
         self.holds_version = False  # True inside ``run``: no other run uses the version's folders meanwhile
 

@@ -37,6 +37,7 @@ class TrainerBase:
     run_name: str | None
     output_name: str
     flat_layout: bool  # lay the LoRA weights out flat where the optimizer allows it (flat_params.py)
+    exact_precision: bool  # on a CPU, train in exactly the asked precision even where it is emulated
     prepared: bool
     holds_version: bool  # True inside ``run``: no other run uses the version's folders meanwhile
 

@@ -14,8 +14,10 @@ import torch
 from ..data.items import auto_repeats, image_to_tensor, open_prepared
 from ..data.preparation import load_reg_items, prepare_items
 from ..data.sampler import BucketBatchSampler, RegularisedBatchSampler
+from ..errors import UserError
 from ..fileio import sha256_file
 from ..models.text_encoding import Conditioning
+from .precision import DTYPES, make_accelerator, resolve_precision
 from .trainer_base import TrainerBase
 
 if TYPE_CHECKING:
@@ -27,25 +29,23 @@ log = logging.getLogger(__name__)
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """The mixed precision accelerate can do on ``device``; the CPU trains in fp32 (and says so)."""
-    if requested == "no":
-        return "no"
-    if device.type != "cuda":
-        log.warning(
-            "%s mixed precision needs a CUDA GPU; training in fp32 on the %s instead.", requested, device.type.upper()
-        )
-        return "no"
-    if requested == "bf16" and not torch.cuda.is_bf16_supported():
-        log.warning("This GPU cannot do bf16; using fp16 mixed precision instead.")
-        return "fp16"
-    return requested
-
-
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to train on: ``device``, or the first CUDA GPU when there is one, else the CPU. A GPU asked
+    for where torch has none is a UserError that says why, before anything loads."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        why = (
+            "the installed torch is a CPU-only build"
+            if torch.version.cuda is None
+            else "torch finds no GPU or no NVIDIA driver"
+        )
+        raise UserError(
+            f"Training on {device} needs a CUDA GPU, and {why} (torch {torch.__version__}): choose the device cpu, "
+            "or install torch for your GPU."
+        )
+    return chosen
 
 
 class SetupMixin(TrainerBase):
@@ -54,17 +54,16 @@ class SetupMixin(TrainerBase):
     def prepare(self) -> None:
         """Everything before the first step: the pictures, the model with its LoRA, the caches, the batches
         and the optimizer. Called by ``run``; callable first (tests, the benchmark) to look inside."""
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         cfg = self.config
         self.started_at = time.time()
         device = pick_device(self.requested_device)
-        precision = resolve_precision(cfg.mixed_precision, device)
+        precision = resolve_precision(cfg.mixed_precision, device, exact=self.exact_precision)
         self.mixed_precision_used = precision
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+        self.accelerator = make_accelerator(precision, device)
         self.device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        self.weight_dtype = DTYPES[precision]
         set_seed(cfg.seed)
         self._prepare_pictures()
         params = self._load_model_with_lora()

@@ -1,8 +1,9 @@
-"""What only a CUDA GPU can show (issues 2, 6, 7): mixed-precision training with the flat LoRA layout and
-fp16's gradient scaler, the optimizers' CUDA paths, a real out-of-memory stop, and resuming with a scaler.
+"""What only a CUDA GPU can show (issues 2, 6, 7, 15): the precision x optimizer matrix of
+``test_precision.py`` on CUDA, mixed-precision training with the flat LoRA layout and fp16's gradient scaler,
+the optimizers' CUDA paths, a real out-of-memory stop, and resuming with a scaler.
 
-Skipped without a GPU (CI has none). On a GPU machine: ``python -m pytest tests/test_gpu.py``, then the
-benchmarks (``python -m train_tools.bench.speed --preset gpu-sd15``, see BENCHMARKS.md).
+Skipped without a GPU (CI has none). On a GPU machine, one command runs these and the GPU benchmarks and
+keeps their output: ``bash .ci/gpu [folder]`` (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
+from tests.test_precision import OPTIMIZERS, PRECISIONS, check_combination
 from train_tools.config import TrainConfig
 from train_tools.progress import StopFlag
 from train_tools.store import Store, Version
@@ -76,6 +78,14 @@ def trained_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     den = sum(float(b[k].float().norm() ** 2) for k in keys)
     assert den > 0
     return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("mixed_precision", PRECISIONS)
+def test_the_precision_matrix_on_cuda(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, mixed_precision: str, optimizer: str
+):
+    check_combination(tmp_path, demo_ckpt, pictures, mixed_precision, optimizer, device=DEVICE)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

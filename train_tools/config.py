@@ -107,7 +107,7 @@ class TrainConfig:
     mixed_precision: str = _f(
         "fp16",
         "Mixed precision",
-        "fp16 or bf16 on a GPU; the CPU trains in fp32.",
+        "fp16 or bf16 on a GPU; a CPU trains in bf16 where it has bf16 instructions, else in fp32.",
         ss="ss_mixed_precision",
         choices=MIXED_PRECISIONS,
     )

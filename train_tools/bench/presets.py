@@ -12,7 +12,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import UserError
 
-PRESETS = ("cpu-tiny", "gpu-sd15", "gpu-sdxl")
+PRESETS = ("cpu-tiny", "cpu-precision", "gpu-sd15", "gpu-sdxl")
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
@@ -66,6 +66,8 @@ def preset_specs(preset: str, device: str) -> list[BenchSpec]:
     gpu_precision = _gpu_precision() if device.startswith("cuda") else "no"
     if preset == "cpu-tiny":
         return [BenchSpec(family="sd1", size="tiny", resolution=128, batch=2, device=device, steps=20)]
+    if preset == "cpu-precision":
+        return cpu_precision_specs(device)
     if preset == "gpu-sd15":
         runs = [
             BenchSpec(
@@ -98,6 +100,21 @@ def preset_specs(preset: str, device: str) -> list[BenchSpec]:
             for b, gc_on in ((1, False), (1, True), (4, True))
         ]
     raise UserError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
+
+
+def cpu_precision_specs(device: str) -> list[BenchSpec]:
+    """Is mixed precision worth it on this CPU? The tiny demo model in fp32, bf16 and fp16, and the full SD1.5
+    layout at 256 px in fp32 and bf16 (fp16, emulated on most CPUs, would take minutes a step there). bf16 runs
+    where the CPU computes it (AVX512-BF16 or AMX); the trainer then offers it to CPU users."""
+    from ..training.precision import cpu_has_bf16
+
+    precisions = ["no", "bf16", "fp16"] if cpu_has_bf16() else ["no", "fp16"]
+    tiny = BenchSpec(family="sd1", size="tiny", resolution=128, batch=2, device=device, steps=20)
+    full = BenchSpec(
+        family="sd1", size="full", resolution=256, batch=1, device=device, steps=5, warmup=2, phase_steps=2
+    )
+    runs = [dataclasses.replace(tiny, mixed_precision=p) for p in precisions]
+    return runs + [dataclasses.replace(full, mixed_precision=p) for p in precisions if p != "fp16"]
 
 
 def _gpu_precision() -> str:

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         choices=PRESETS,
-        help="cpu-tiny (default without a GPU), gpu-sd15 (default with "
+        help="cpu-tiny (default without a GPU), cpu-precision (fp32 against bf16 and fp16 on this CPU: the tiny "
+        "model, and SD1.5 at 256), gpu-sd15 (default with "
         "one: SD1.5 at 512, batch 1 and 4, checkpointing off and on, and batch 1 with checkpointing and "
         "AdamW8bit) or gpu-sdxl (SDXL at 1024)",
     )

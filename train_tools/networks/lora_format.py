@@ -219,13 +219,15 @@ def build_metadata(
     bucket_info: dict | None,
     cover_image_png: bytes | None = None,
     mixed_precision: str | None = None,
+    optimizer: str | None = None,
 ) -> dict[str, str]:
     """The file's metadata: the settings' ``ss_*`` strings plus the facts of this run, all values ``str``.
 
     ``sshs_model_hash``/``sshs_legacy_hash`` are added by ``save_lora`` (they depend on the saved tensors).
     ``training_finished_at=None`` (a mid-training save) records the time of this call, as kohya does.
-    ``mixed_precision`` is the precision the run really trained in ("no" = fp32, e.g. fp16 asked for on a CPU);
-    the file says that, not what was asked.
+    ``mixed_precision`` is the precision the run really trained in ("no" = fp32, e.g. bf16 asked for on a CPU
+    without bf16), and ``optimizer`` the optimizer that stepped, in kohya's ``module.Class(args)`` form
+    (``optim.describe_optimizer``): the file says those, not what was asked.
     """
     spec = _family(family)
     finished = time.time() if training_finished_at is None else float(training_finished_at)
@@ -233,6 +235,8 @@ def build_metadata(
     meta = dict(config.ss_metadata())
     if mixed_precision is not None:
         meta["ss_mixed_precision"] = mixed_precision
+    if optimizer is not None:
+        meta["ss_optimizer"] = optimizer
     meta.update(
         {
             "ss_output_name": output_name,

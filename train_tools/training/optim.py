@@ -242,18 +242,34 @@ def _make_8bit(name: str, groups: list[dict[str, Any]], lr: float, device: torch
     return cls(groups, lr=lr)
 
 
+# The arguments each optimizer is built with besides the learning rate: one table for building it and for
+# the file's ``ss_optimizer`` (``describe_optimizer``).
+OPTIMIZER_ARGS: dict[str, dict[str, Any]] = {
+    "AdamW": {"weight_decay": 1e-2},
+    "SGDNesterov": {"momentum": 0.9, "nesterov": True},
+    "Lion": {"weight_decay": 0.0},
+    "Prodigy": {"weight_decay": 0.0},
+    "AdaFactor": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+    "AdamW8bit": {},
+    "Lion8bit": {},
+}
+
+
 def make_optimizer(
     name: str, param_groups: Iterable[dict[str, Any]], lr: float, *, device: torch.device
 ) -> torch.optim.Optimizer:
     """Build the named optimizer over ``param_groups`` (each may carry its own ``lr``), on the fastest path
     the optimizer has for ``device`` (fused or multi-tensor)."""
     groups = list(param_groups)
+    if name not in OPTIMIZER_ARGS:
+        raise UserError(f"Unknown optimizer '{name}'.")
+    args = OPTIMIZER_ARGS[name]
     if name == "AdamW":
-        return _torch_fast_path(torch.optim.AdamW, groups, device, lr=lr, weight_decay=1e-2)
+        return _torch_fast_path(torch.optim.AdamW, groups, device, lr=lr, **args)
     if name == "SGDNesterov":
-        return _torch_fast_path(torch.optim.SGD, groups, device, lr=lr, momentum=0.9, nesterov=True)
+        return _torch_fast_path(torch.optim.SGD, groups, device, lr=lr, **args)
     if name == "Lion":
-        return ForeachLion(groups, lr=lr, weight_decay=0.0)
+        return ForeachLion(groups, lr=lr, **args)
     if name == "Prodigy":
         from prodigyopt import Prodigy
 
@@ -265,14 +281,22 @@ def make_optimizer(
             )
         if lr < 0.1:
             log.warning("Prodigy finds its own step size and expects a learning rate near 1.0; %g was given.", lr)
-        return Prodigy(groups, lr=lr, weight_decay=0.0)
+        return Prodigy(groups, lr=lr, **args)
     if name == "AdaFactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False)
-    if name in EIGHT_BIT:
-        return _make_8bit(name, groups, lr, device)
-    raise UserError(f"Unknown optimizer '{name}'.")
+        return Adafactor(groups, lr=lr, **args)
+    return _make_8bit(name, groups, lr, device)
+
+
+def describe_optimizer(name: str, optimizer: torch.optim.Optimizer) -> str:
+    """What the file's ``ss_optimizer`` says, in kohya's form: the class that stepped (module and name) and the
+    arguments it was given besides the learning rate, e.g. ``bitsandbytes.optim.adamw.AdamW8bit`` or
+    ``torch.optim.adamw.AdamW(weight_decay=0.01)``. ``optimizer`` may be accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    cls = type(inner)
+    args = ",".join(f"{key}={value}" for key, value in OPTIMIZER_ARGS.get(name, {}).items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 
 def make_lr_scheduler(

@@ -207,6 +207,22 @@ def fit_problem(
 # (quantized: any dtype).
 _WEIGHT_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"})
 _WEIGHT_SHAPED_8BIT = frozenset({"state1", "state2"})
+# The states that are tensors whenever an optimizer writes them (an 8-bit one's quantisation maps and scales too).
+_TENSORS_ONLY = _WEIGHT_SHAPED | _WEIGHT_SHAPED_8BIT | {"qmap1", "qmap2", "absmax1", "absmax2"}
+# bitsandbytes 0.48+ writes a weight's 8-bit states (state1/2, qmap1/2, absmax1/2) in one table under this name.
+_BNB_PACKED = "__bnb_optimizer_quant_state__"
+
+
+def _weight_states(values: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A weight's optimizer states by name, bitsandbytes' packed table unpacked (a packed table that is not
+    a table stays whole, and is refused as not plain)."""
+    out: list[tuple[str, Any]] = []
+    for name, value in values.items():
+        if name == _BNB_PACKED and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            out += [(k, v) for k, v in value.items() if k != _BNB_PACKED]
+        else:
+            out.append((name, value))
+    return out
 
 
 def _optimizer_problem(saved: dict[str, Any], optimizer: Any) -> str | None:
@@ -242,7 +258,7 @@ def _optimizer_problem(saved: dict[str, Any], optimizer: Any) -> str | None:
         if not _is_int(key) or key not in params or not isinstance(values, dict):
             return "the optimizer's state names weights the run does not have"
         shape = tuple(params[key].shape)
-        for name, value in values.items():
+        for name, value in _weight_states(values):
             if isinstance(value, torch.Tensor):
                 wrong = (
                     (name in _WEIGHT_SHAPED and not value.is_floating_point())
@@ -251,7 +267,7 @@ def _optimizer_problem(saved: dict[str, Any], optimizer: Any) -> str | None:
                 )
                 if wrong:
                     return f"the optimizer's {_shown(name)} of weight {key} is {_shown(value)} of {value.dtype}"
-            elif not _is_plain(value):
+            elif name in _TENSORS_ONLY or not _is_plain(value):
                 return f"the optimizer's {_shown(name)} of weight {key} is {_shown(value)}"
     return None
 

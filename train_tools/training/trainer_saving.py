@@ -70,6 +70,7 @@ class SavingMixin(TrainerBase):
         if not acc.is_main_process:
             return None
         from ..networks.lora_format import build_metadata, kohya_state_dict, save_lora
+        from .optim import describe_optimizer
 
         unet = acc.unwrap_model(self.model.unet)
         tes = [acc.unwrap_model(te) for te in self.tes] if self.train_te else []
@@ -90,6 +91,7 @@ class SavingMixin(TrainerBase):
             training_finished_at=time.time(),
             bucket_info=bucket_info(self.items),
             mixed_precision=self.mixed_precision_used,
+            optimizer=describe_optimizer(self.config.optimizer, self.optimizer),
         )
         # kohya's names for the class pictures; ss_tag_frequency and ss_dataset_dirs stay the training pictures'.
         reg_folder = f"1_{self.config.reg_caption.strip() or 'reg'}"

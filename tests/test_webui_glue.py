@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.stand_ins import FAKE_WEBUI, purge_fake_webui
+from tests import stand_ins
+from tests.stand_ins import FAKE_WEBUI
 from train_tools.errors import UserError
 from train_tools.progress import StepInfo, StopFlag
 from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager
@@ -22,32 +22,7 @@ from train_tools.ui.jobs import FINISHED, INTERRUPTED, JobManager
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
-def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
-    """The stand-in WebUI with a data folder of its own, two checkpoints, and --ckpt-dir/--lora-dir unset."""
-    purge_fake_webui()
-    monkeypatch.syspath_prepend(str(FAKE_WEBUI))
-    from modules import call_queue, devices, paths_internal, script_callbacks, sd_models, shared
-
-    data = tmp_path / "webui"
-    monkeypatch.setattr(paths_internal, "data_path", str(data))
-    monkeypatch.setattr(paths_internal, "models_path", str(data / "models"))
-    sd_dir = data / "models" / "Stable-diffusion"
-    (sd_dir / "anime").mkdir(parents=True)
-    (sd_dir / "real.safetensors").write_bytes(b"x")
-    (sd_dir / "anime" / "toon.safetensors").write_bytes(b"y")
-    sd_models.list_models()
-    script_callbacks.clear()
-    yield types.SimpleNamespace(
-        data=data,
-        sd_dir=sd_dir,
-        call_queue=call_queue,
-        devices=devices,
-        script_callbacks=script_callbacks,
-        sd_models=sd_models,
-        shared=shared,
-    )
-    purge_fake_webui()
+webui = stand_ins.webui
 
 
 def load_glue() -> types.ModuleType:

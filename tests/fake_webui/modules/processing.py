@@ -5,6 +5,8 @@ Like the WebUI it applies ``override_settings`` for one generation (and restores
 subfolders included); a name it cannot find is skipped, as the WebUI does. Every call is recorded in ``calls``.
 The picture is noise seeded by what decides a real picture (seed, prompt without the tags, sizes, sampler,
 checkpoint, and the found LoRA files' bytes with their weights), so equal requests give equal pictures.
+Each call also records where the loaded checkpoint was (``model_device``: None when none is loaded), so tests
+can tell a picture made with the model back on the GPU from one made while it was moved off.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from modules import paths_internal, shared
+from modules import paths_internal, sd_models, shared
 
 calls: list[dict[str, Any]] = []
 
@@ -131,6 +133,7 @@ def process_images(p: StableDiffusionProcessingTxt2Img) -> Processed:
                 "checkpoint": checkpoint,
                 "clip_skip": getattr(shared.opts, "CLIP_stop_at_last_layers", None),
                 "saves": not (p.do_not_save_samples and p.do_not_save_grid),
+                "model_device": getattr(sd_models.model_data.sd_model, "device", None),
             }
         )
         if shared.state.interrupted:

@@ -83,6 +83,7 @@ def _train(family: str, store: Store, root: Path) -> types.SimpleNamespace:
         learning_rate=2e-2,
         train_text_encoder=True,
         save_precision="fp32",
+        mixed_precision="no",  # as the previewer computes on a CPU: the recipes are compared, not precisions
         base_model=str(ckpt),
     )
     version.save_settings(config)

@@ -363,3 +363,43 @@ def test_a_damaged_8bit_state_is_refused_and_a_sound_one_passes():
     assert problem == "the optimizer's 'state1' of weight 0 is a tensor of shape (3,) of torch.uint8"
     saved["state"][0]["__bnb_optimizer_quant_state__"] = {"state1": "rm -rf"}
     assert "'state1' of weight 0 is" in str(_optimizer_problem(saved, fresh))
+
+
+# ---------------------------------------------------------------------- the VAE stays fp32 (fp16 overflows it)
+
+
+def test_fp16_training_caches_the_latents_of_an_fp32_vae(tmp_path: Path, demo_ckpt: Path, pictures: Path):
+    """SD's VAE overflows in fp16: the frozen UNet and text encoder are fp16, the VAE encodes in fp32, so the
+    cached latents are those of an fp32 run, bit for bit."""
+    version = new_version(tmp_path, pictures)
+    latents = {}
+    for mixed_precision in ("no", "fp16"):
+        config = matrix_config(mixed_precision, "AdamW", cache_latents=False)
+        trainer = exact_trainer(version, config, demo_ckpt, run_name=f"vae-{mixed_precision}")
+        trainer.prepare()
+        assert trainer.model.vae.dtype == torch.float32
+        latents[mixed_precision] = trainer.latent_cache
+        trainer.release_memory()
+    assert trainer.latent_encodes == len(latents["no"]) > 0  # encoded by this run, not read from a cache
+    for ours, theirs in zip(latents["fp16"], latents["no"], strict=True):
+        for (mean, std), (mean32, std32) in zip(ours, theirs, strict=True):
+            assert mean.dtype == torch.float32 and torch.equal(mean, mean32) and torch.equal(std, std32)
+
+
+def test_an_fp16_previewer_decodes_with_an_fp32_vae(demo_ckpt: Path):
+    """The previewer's GPU set-up (fp16 model, fp32 VAE), on the CPU: the picture matches the fp32 one."""
+    import numpy as np
+
+    from train_tools.previews.diffusers_previewer import DiffusersPreviewer
+    from train_tools.previews.settings import PreviewSettings
+
+    settings = PreviewSettings(prompt="a red circle", negative_prompt="", seed=3, steps=4, width=64, height=64)
+    pictures = []
+    for dtype in (torch.float16, torch.float32):
+        previewer = DiffusersPreviewer.from_checkpoint(demo_ckpt, device="cpu", dtype=dtype)
+        assert previewer.model.vae.dtype == torch.float32
+        assert next(previewer.model.unet.parameters()).dtype == dtype
+        pictures.append(np.asarray(previewer.generate(settings, None, 0.0), dtype=np.float32))
+        previewer.close()
+    assert pictures[0].shape == (64, 64, 3) and np.isfinite(pictures[0]).all()
+    assert float(np.abs(pictures[0] - pictures[1]).mean()) < 2.0  # of 255: fp16 rounding, not a broken picture

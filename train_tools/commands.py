@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .config import TrainConfig
 from .config_values import parse_assignments
 from .errors import UserError
 from .models.resolve import resolve_checkpoint
@@ -63,8 +64,11 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
         assignments["learning_rate"] = rates[0]
     if args.ckpt:
         assignments["base_model"] = args.ckpt
-    config = version.load_settings().updated(assignments)
+    saved = version.load_settings()
+    config = saved.updated(assignments)
     checkpoint = resolve_checkpoint(config.base_model, ckpt_dirs)
+    if config.base_model != saved.base_model:  # a model newly chosen: the demo's settings, or back from them
+        config = _settings_for_new_model(version, saved, assignments, checkpoint, args.device)
     version.save_settings(config)
     configs = [config] + [config.updated({"learning_rate": r}) for r in (rates or [])[1:]]
     stop = StopFlag()
@@ -74,6 +78,35 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
             if _report_result(result, version):
                 return 130
     return 0
+
+
+def _settings_for_new_model(
+    version: Version, saved: TrainConfig, assignments: dict[str, Any], checkpoint: Path, device: str | None
+) -> TrainConfig:
+    """The version's settings for a newly chosen checkpoint, as the tab sets them (``--set`` wins): the demo
+    model's quick-run settings, or the defaults back for those when a real model follows the demo."""
+    from .demo_settings import model_switch_changes
+    from .models.demo_model import is_demo_checkpoint
+
+    demo = is_demo_checkpoint(checkpoint)
+    changes = model_switch_changes(saved.to_dict(), demo=demo)
+    if not changes:
+        return saved.updated(assignments)
+    config = saved.updated(changes).updated(assignments)
+    if demo:
+        from .data.layout import IMAGE_SUFFIXES
+        from .demo_settings import DEMO_PICTURES
+        from .training.estimate import estimate_demo_run
+
+        folder = version.originals_dir
+        pictures = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+        log.info(
+            "Demo model: settings for a quick run, %s.",
+            estimate_demo_run(config, pictures or DEMO_PICTURES, device).sentence(),
+        )
+    else:
+        log.info("A real model after the demo model: %s back to their defaults.", ", ".join(changes))
+    return config
 
 
 @contextmanager

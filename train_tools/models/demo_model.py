@@ -13,14 +13,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .convert import components_from_models, diffusers_to_original
+from ..demo_settings import DEMO_MARKER
+from ..errors import UserError
 from ..fileio import write_text, write_with
 from .configs import FAMILIES, build_text_encoders, build_unet, build_vae, spec
+from .convert import components_from_models, diffusers_to_original
 
 log = logging.getLogger(__name__)
 
+
+def is_demo_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a demo model this module wrote (its safetensors metadata says so)."""
+    from .checkpoint import safetensors_header
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        metadata = safetensors_header(path).get("__metadata__") or {}
+    except (OSError, ValueError, UserError) as exc:  # not a readable checkpoint, so not the demo model
+        log.debug("Cannot read the header of %s: %s", path, exc)
+        return False
+    return isinstance(metadata, dict) and DEMO_MARKER in metadata
+
+
 # The WebUI's sidecar config convention: parameterization "v" marks a 768-v SD2 model.
-_SD2_YAML = "model:\n  params:\n    parameterization: \"{p}\"\n"
+_SD2_YAML = 'model:\n  params:\n    parameterization: "{p}"\n'
 
 
 def build_demo_checkpoint(path: Path, family: str = "sd1", seed: int = 0) -> Path:
@@ -43,7 +61,7 @@ def build_demo_checkpoint(path: Path, family: str = "sd1", seed: int = 0) -> Pat
         text_encoders = build_text_encoders(model_spec)
     original = diffusers_to_original(components_from_models(unet, vae, text_encoders), model_spec)
     tensors = {name: tensor.contiguous() for name, tensor in original.items()}
-    metadata = {"format": "pt", "train_tools_demo": model_spec.name, "seed": str(seed)}
+    metadata = {"format": "pt", DEMO_MARKER: model_spec.name, "seed": str(seed)}
     write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     if family in ("sd2", "sd2v"):
         write_text(path.with_suffix(".yaml"), _SD2_YAML.format(p="v" if family == "sd2v" else "eps"))

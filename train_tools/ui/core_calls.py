@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..demo_settings import DEMO_PICTURES
 from ..errors import UserError
 from ..hosts.base import DEMO_CHOICE, Host
 from ..progress import TaskFn
@@ -86,6 +87,29 @@ def core_family(host: Host, choice: str | None) -> str:
         return ""
 
 
+def core_is_demo(host: Host, choice: str | None) -> bool:
+    """Whether the chosen checkpoint is the built-in demo model (offered, or its file picked by name)."""
+    if not choice:
+        return False
+    if choice == DEMO_CHOICE:
+        return True
+    from ..models.demo_model import is_demo_checkpoint
+
+    try:
+        return is_demo_checkpoint(host.resolve_checkpoint(choice))
+    except (UserError, OSError) as exc:
+        log.debug("Cannot tell whether %s is the demo model: %s", choice, exc)
+        return False
+
+
+def core_demo_estimate(config: Any, pictures: int, device: str | None) -> str:
+    """How long a run of ``config`` on the demo model takes here, as a phrase ("about 60 s on this machine
+    (155 steps ...)"), measured on ``device`` (see training/estimate.py)."""
+    from ..training.estimate import estimate_demo_run
+
+    return estimate_demo_run(config, pictures, device).sentence()
+
+
 def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> Callable[..., list[Any]]:
     """The work of Generate previews: the run's checkpoint (or the chosen one), its files at each weight."""
 
@@ -122,4 +146,4 @@ def core_auto_repeats(n: int) -> int:
 def core_demo_pictures(version: Version) -> int:
     from ..data.demo_dataset import make_demo_dataset
 
-    return len(make_demo_dataset(version.originals_dir, n=12))
+    return len(make_demo_dataset(version.originals_dir, n=DEMO_PICTURES))

@@ -71,6 +71,11 @@ def family_line(family: str) -> str:
     return f"Detected: **{FAMILY_NAMES[family]}**" if family in FAMILY_NAMES else ""
 
 
+def demo_line(estimate: str) -> str:
+    """The family line for the demo model: what it is, and how long a run of the settings shown takes here."""
+    return f"Demo model (tiny {FAMILY_NAMES['sd1']}): a run of these settings takes **{estimate}**"
+
+
 # The tag list's look is inline as well as in style.css: in A1111 1.10 and the standalone app the chips read
 # "simple shapes 12my cat 12" wherever the stylesheet does not reach them.
 _TAG_LIST_STYLE = "list-style:none;margin:0.3em 0;padding:0;display:flex;flex-wrap:wrap;gap:6px"

@@ -28,7 +28,7 @@ from .gradio_compat import on_page_load, poll_every, with_progress
 from .html import message_html, progress_html, results_html, tags_html
 from .jobs import JOBS, JobManager
 from .logic import TabLogic
-from .views import FAMILY_FIELDS, SETTING_FIELDS
+from .views import MODEL_FIELDS, SETTING_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +274,12 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
     wire(c["save_caption"].click, logic.save_caption, [*pv, c["caption_target"], c["caption"]], [*dataset_outputs, msg])
     wire(c["remove_tag"].click, logic.remove_tag, [*pv, c["tag"]], [*dataset_outputs, msg])
     wire(c["rename_tag"].click, logic.rename_tag, [*pv, c["tag"], c["tag_new"]], [*dataset_outputs, msg])
+    model_settings = [settings[name] for name in MODEL_FIELDS]
     wire(
         settings["base_model"].input,
         logic.choose_base_model,
-        [settings["base_model"]],
-        [c["family"], *[settings[name] for name in FAMILY_FIELDS], msg],
+        [*pv, settings["base_model"], *model_settings],
+        [c["family"], *model_settings, msg],
     )
     wire(c["resume"].click, logic.resume_train, pv, [msg, c["progress"]])
     preview_inputs = [

@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from .. import fileio
+from ..demo_settings import model_switch_changes
 from ..errors import UserError
 from ..hosts.base import DEMO_CHOICE, DEMO_FILE_NAME, require_checkpoint_choice
 from ..progress import TaskFn
@@ -20,16 +21,17 @@ from .core_calls import (
     core_add_reg,
     core_demo_pictures,
     core_family,
+    core_is_demo,
     core_items,
     core_prepare,
     core_tag_counts,
 )
-from .html import FAMILY_NAMES, family_line, message_html, progress_html, results_html, tags_html
+from .html import FAMILY_NAMES, message_html, progress_html, results_html, tags_html
 from .jobs import training_work
 from .results_logic import ResultsEvents
 from .uploads import add_uploaded, uploaded_files
 from .views import (
-    FAMILY_FIELDS,
+    MODEL_FIELDS,
     dataset_view,
     grid_view,
     list_results,
@@ -204,18 +206,37 @@ class TabLogic(ResultsEvents):
             message_html(f"Renamed '{tag.strip()}' to '{new.strip()}' in {n} captions.", "ok"),
         ]
 
-    def choose_base_model(self, choice: str | None) -> list[Any]:
-        """A checkpoint was picked: show its family and set the settings that family needs."""
+    def choose_base_model(
+        self, project: str | None, version: str | None, choice: str | None, *current: Any
+    ) -> list[Any]:
+        """A checkpoint was picked: show its family and set the settings it needs (``MODEL_FIELDS``; ``current``
+        holds their values now): its family's, or for the demo model the demo settings with how long the run
+        takes here. A real checkpoint picked after the demo model gets the defaults back for what the demo
+        settings had set, so the demo's small run never carries over to a real model."""
+        from ..config import TrainConfig
         from ..models.configs import family_defaults
 
         family = core_family(self.host, choice)
-        defaults = family_defaults(family) if family else {}
-        updates = [gr.update(value=defaults[name]) if name in defaults else gr.update() for name in FAMILY_FIELDS]
+        demo = core_is_demo(self.host, choice)
+        now = dict(zip(MODEL_FIELDS, current, strict=False))
+        wanted = model_switch_changes(now, demo=demo)
         note = ""
-        if family and family != "sd1":
-            shown = ", ".join(f"{name} {value}" for name, value in defaults.items())
-            note = message_html(f"{FAMILY_NAMES[family]} checkpoint: set {shown}.", "info")
-        return [family_line(family), *updates, note]
+        if demo:
+            note = message_html(
+                "Demo model: settings for a quick run (how long it takes is shown under Base model).", "info"
+            )
+        elif family:
+            wanted.update(family_defaults(family))
+            if family != "sd1":
+                shown = ", ".join(f"{name} {value}" for name, value in family_defaults(family).items())
+                note = message_html(f"{FAMILY_NAMES[family]} checkpoint: set {shown}.", "info")
+        updates = [gr.update(value=wanted[name]) if name in wanted else gr.update() for name in MODEL_FIELDS]
+        try:
+            shown_config = TrainConfig().updated({**now, **wanted})
+        except UserError:  # a control holds a value the settings refuse: Begin Train will say which
+            shown_config = TrainConfig().updated(wanted)
+        line = self.model_line(choice, shown_config, self.version_or_none(project, version))
+        return [line, *updates, note]
 
     def resume_train(self, project: str | None, version: str | None) -> list[Any]:
         from ..training.resume import find_run, run_is_finished

@@ -13,13 +13,14 @@ import gradio as gr
 
 from .. import fileio
 from ..config import TrainConfig
+from ..demo_settings import DEMO_PICTURES, model_switch_changes
 from ..errors import UserError
 from ..hosts.base import Host
 from ..store import Store, Version, projects_root
-from .core_calls import core_family, core_tag_counts
-from .html import family_line, results_html, tags_html
+from .core_calls import core_demo_estimate, core_family, core_is_demo, core_tag_counts
+from .html import demo_line, family_line, results_html, tags_html
 from .jobs import JOBS, JobManager
-from .views import SETTING_FIELDS, dataset_view, grid_view, list_results
+from .views import SETTING_FIELDS, dataset_view, grid_view, list_results, original_images
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,15 @@ class TabState:
     def version_view(self, version: Version | None) -> list[Any]:
         """Values for VERSION_OUTPUTS: every setting, the gallery, the dataset line, the results."""
         config = version.load_settings() if version else TrainConfig()
+        model = self.checkpoint_update(config.base_model)
+        chosen = model.get("value")
+        if config == TrainConfig() and core_is_demo(self.host, chosen):
+            # Untouched defaults, no model chosen, and the demo model is what the list shows: its settings are
+            # what a run gets.
+            config = config.updated(model_switch_changes({}, demo=True))
         values: list[Any] = []
         for name in SETTING_FIELDS:
-            if name == "base_model":
-                values.append(self.checkpoint_update(config.base_model))
-            else:
-                values.append(gr.update(value=getattr(config, name)))
+            values.append(model if name == "base_model" else gr.update(value=getattr(config, name)))
         gallery, line = dataset_view(version, config)
         files = list_results(version)
         choice = files[0].choice if files else None
@@ -96,7 +100,7 @@ class TabState:
             line,
             results_html(files),
             gr.update(choices=[f.choice for f in files], value=choice),
-            family_line(core_family(self.host, config.base_model)),
+            self.model_line(chosen, config, version),
             tags_html(core_tag_counts(version) if version else []),
             grid,
             grid_path,
@@ -105,6 +109,14 @@ class TabState:
             config.resolution,
         ]
         return values
+
+    def model_line(self, choice: str | None, config: TrainConfig, version: Version | None) -> str:
+        """The line under the base model: its family, or for the demo model how long a run of ``config``
+        takes on this machine (measured, see training/estimate.py)."""
+        if core_is_demo(self.host, choice):
+            pictures = len(original_images(version)) if version is not None else 0
+            return demo_line(core_demo_estimate(config, pictures or DEMO_PICTURES, self.host.device()))
+        return family_line(core_family(self.host, choice))
 
     def project_update(self, value: str | None) -> dict[str, Any]:
         return gr.update(choices=self.store.projects(), value=value)

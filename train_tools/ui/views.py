@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import fileio
 from ..config import TrainConfig, fields_info
+from ..demo_settings import DEMO_SETTINGS
 from ..errors import UserError
 from ..store import Version
 from .core_calls import core_auto_repeats, core_items, core_reg_count, ds_image_suffixes
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 SETTING_FIELDS = [f.name for f in fields_info()]
 # The settings a checkpoint's family changes when it is picked (models.configs.family_defaults gives values).
 FAMILY_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "clip_skip", "gradient_checkpointing")
+# The settings picking a checkpoint may change: its family's, and the demo model's (demo_settings.py).
+MODEL_FIELDS = tuple(dict.fromkeys((*FAMILY_FIELDS, *DEMO_SETTINGS)))
 
 
 def settings_from_values(values: Sequence[Any]) -> TrainConfig:

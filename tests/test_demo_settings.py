@@ -1,0 +1,155 @@
+"""The demo model's quick-run settings (issue 16, item 1): chosen in the tab or on the command line, the demo
+model gets settings that finish the demo flow in minutes on a CPU, with how long the run takes here shown
+before Begin Train; a real checkpoint chosen afterwards gets the defaults back, and the user's own settings
+are left alone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import fixtures_training
+from tests.test_ui import is_update, update_value
+from train_tools.cli import main
+from train_tools.config import TrainConfig
+from train_tools.demo_settings import DEMO_PICTURES, DEMO_SETTINGS, model_switch_changes
+from train_tools.hosts.base import DEMO_CHOICE, StandaloneHost
+from train_tools.store import Store
+from train_tools.training import estimate
+from train_tools.ui import logic as ui_logic
+from train_tools.ui.jobs import JobManager
+from train_tools.ui.views import MODEL_FIELDS, SETTING_FIELDS
+
+demo_ckpt = fixtures_training.demo_ckpt
+one_thread = fixtures_training.one_thread
+
+
+def test_switching_models_sets_the_demo_settings_and_takes_them_back():
+    defaults = TrainConfig()
+    assert model_switch_changes(defaults.to_dict(), demo=True) == DEMO_SETTINGS
+    demo = defaults.updated(DEMO_SETTINGS)
+    back = model_switch_changes(demo.to_dict(), demo=False)
+    assert back == {name: getattr(defaults, name) for name in DEMO_SETTINGS}
+    assert defaults.updated(DEMO_SETTINGS).updated(back) == defaults
+    # The user changed one of them: those are the user's settings now, left as they are.
+    assert model_switch_changes(demo.updated({"epochs": 7}).to_dict(), demo=False) == {}
+    assert model_switch_changes(defaults.to_dict(), demo=False) == {}
+
+
+def test_the_estimate_counts_the_steps_the_trainer_takes(tmp_path: Path, demo_ckpt: Path):
+    """The step count behind "about N s" is the run's: the trainer's own plan for the demo pictures, at most
+    one partial batch per epoch more."""
+    from train_tools.data.demo_dataset import make_demo_dataset
+    from train_tools.training.trainer import Trainer
+
+    store = Store(tmp_path)
+    store.create_project("p")
+    version = store.create_version("p", "v1")
+    make_demo_dataset(version.originals_dir, n=DEMO_PICTURES)
+    config = TrainConfig().updated(DEMO_SETTINGS)
+    trainer = Trainer(version, config, demo_ckpt, device="cpu")
+    trainer.prepare()
+    planned = estimate.training_steps(config, DEMO_PICTURES)
+    assert planned - config.epochs <= trainer.total_steps <= planned
+    assert estimate.grid_pictures(config) == 7  # one file at the end, at six weights, and the base model
+    assert estimate.grid_pictures(config.updated({"preview_at_end": False})) == 0
+
+
+def test_the_estimate_is_measured_and_grows_with_the_run(monkeypatch: pytest.MonkeyPatch):
+    config = TrainConfig().updated(DEMO_SETTINGS)
+    seen: list[tuple[Any, ...]] = []
+
+    def measured(*args: Any) -> tuple[float, float]:
+        seen.append(args)
+        return 0.05, 0.01
+
+    monkeypatch.setattr(estimate, "_measured_seconds", measured)
+    short = estimate.estimate_demo_run(config, 12, "cpu")
+    assert seen == [(64, 4, 16, True, "cpu")]  # measured at the run's resolution, batch and rank, here
+    steps = estimate.training_steps(config, 12)
+    assert short.seconds == pytest.approx(estimate.FIXED_SECONDS + steps * 0.05 + 7 * 20 * 0.01)
+    longer = estimate.estimate_demo_run(config.updated({"epochs": 10}), 12, "cpu")
+    assert longer.steps == 2 * short.steps and longer.seconds > short.seconds
+    assert short.sentence().startswith("about ") and "s on this machine" in short.sentence()
+
+
+# ---------------------------------------------------------------------- the tab
+
+
+@pytest.fixture()
+def logic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ui_logic.TabLogic:
+    monkeypatch.setattr(estimate, "_measured_seconds", lambda *args: (0.05, 0.01))
+    host = StandaloneHost(tmp_path / "data", offer_demo=True)
+    logic = ui_logic.TabLogic(host, JobManager())
+    logic.create_project("p")
+    logic.create_version("p", "v1")
+    return logic
+
+
+def shown(answer: list[Any]) -> dict[str, Any]:
+    return {name: update_value(u) for name, u in zip(MODEL_FIELDS, answer[1:-1], strict=True) if "value" in u}
+
+
+def test_choosing_the_demo_model_in_the_tab_sets_quick_settings_and_says_how_long(logic: ui_logic.TabLogic):
+    user = TrainConfig()
+    answer = logic.choose_base_model("p", "v1", DEMO_CHOICE, *[getattr(user, n) for n in MODEL_FIELDS])
+    assert shown(answer) == DEMO_SETTINGS
+    assert "Demo model" in answer[0] and "s on this machine" in answer[0] and "steps" in answer[0]
+    assert "quick run" in str(answer[-1])
+    # Then a real checkpoint: the demo's settings give way to the defaults (and its family's).
+    real = logic.host.ckpt_dirs[0] / "real.safetensors"
+    real.parent.mkdir(parents=True, exist_ok=True)
+    from tests.test_ui import fake_lora
+
+    fake_lora(real, {})
+    demo = user.updated(DEMO_SETTINGS)
+    back = shown(logic.choose_base_model("p", "v1", "real.safetensors", *[getattr(demo, n) for n in MODEL_FIELDS]))
+    assert {n: back[n] for n in DEMO_SETTINGS} == {n: getattr(user, n) for n in DEMO_SETTINGS}
+    # Settings the user changed after the demo set them stay the user's.
+    edited = demo.updated({"epochs": 3})
+    kept = shown(logic.choose_base_model("p", "v1", "real.safetensors", *[getattr(edited, n) for n in MODEL_FIELDS]))
+    assert kept == {}  # (a file of no known family: no family settings either)
+
+
+def test_a_new_version_on_the_demo_model_shows_the_demo_settings(logic: ui_logic.TabLogic):
+    """With no checkpoint of the user's, the list shows the demo model: a new version's settings are the
+    demo's, and the line under the model says how long the run takes."""
+    view = logic.version_view(logic.store.version("p", "v1"))
+    values = {name: update_value(u) for name, u in zip(SETTING_FIELDS, view, strict=False) if is_update(u)}
+    assert values["base_model"] == DEMO_CHOICE
+    assert {name: values[name] for name in DEMO_SETTINGS} == DEMO_SETTINGS
+    line = view[len(SETTING_FIELDS) + 4]
+    assert "Demo model" in line and "s on this machine" in line
+    # A version whose settings name a model keeps them.
+    version = logic.store.version("p", "v1")
+    version.save_settings(TrainConfig(base_model="mine.safetensors", epochs=9))
+    again = logic.version_view(version)
+    assert update_value(again[SETTING_FIELDS.index("epochs")]) == 9
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def test_the_command_line_sets_the_demo_settings_when_the_demo_model_is_chosen(
+    tmp_path: Path, demo_ckpt: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(estimate, "_measured_seconds", lambda *args: (0.05, 0.01))
+    data = tmp_path / "data"
+    for args in (["project", "create", "p"], ["version", "create", "p", "v1"], ["dataset", "demo", "p", "v1"]):
+        assert main(["--data-dir", str(data), *args]) == 0
+    with caplog.at_level(logging.INFO):
+        # --set wins over the demo settings: a short run for the test.
+        code = main(
+            ["--data-dir", str(data), "train", "p", "v1", "--ckpt", str(demo_ckpt), "--device", "cpu"]
+            + ["--set", "epochs=1", "--set", "repeats=1", "--set", "preview_at_end=false"]
+        )
+    assert code == 0
+    assert "Demo model: settings for a quick run, about" in caplog.text
+    saved = Store(data).version("p", "v1").load_settings()
+    assert (saved.epochs, saved.repeats, saved.preview_at_end) == (1, 1, False)
+    assert {n: getattr(saved, n) for n in DEMO_SETTINGS if n not in ("epochs", "repeats", "preview_at_end")} == {
+        n: v for n, v in DEMO_SETTINGS.items() if n not in ("epochs", "repeats", "preview_at_end")
+    }

@@ -1,0 +1,141 @@
+"""How long a run of the tiny demo model takes on this machine, told before Begin Train.
+
+The figure comes from this machine, not from a table: the demo UNet (the tiny published layout, random
+weights, built in milliseconds) with a LoRA of the run's rank trains a few steps at the run's batch and
+resolution, and samples a few steps as the preview grid will; the run's step count times those times, plus
+what loading, preparing the pictures and caching cost besides, is the estimate. Real checkpoints get no
+estimate here (measuring them would mean loading them); the tab's ETA during training covers them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# What a demo run costs besides its steps, measured on a 2-core AMD EPYC (the run's log, prepare to first step
+# and the end): loading the model 0.4 s, preparing 12 pictures at 64 px 1-2 s, caching latents and text 0.1 s,
+# writing the files and grid; doubled, as the estimate should rather be long than short.
+FIXED_SECONDS = 6.0
+TIMED_STEPS = 5  # the median of these: one step slowed by something else running does not count
+# One measurement at a time: two at once would each slow the other down (and measure that).
+_MEASURING = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float  # the whole run: preparing, training and the preview grid
+    steps: int  # training steps
+    grid_pictures: int  # pictures of the preview grid at the end (0 without one)
+
+    def sentence(self) -> str:
+        grid = f" and a preview grid of {self.grid_pictures} pictures" if self.grid_pictures else ""
+        return f"about {_round_up(self.seconds)} s on this machine ({self.steps} steps{grid})"
+
+
+def training_steps(config: TrainConfig, pictures: int) -> int:
+    """The run's steps: every picture ``repeats`` times per epoch, in batches (one bucket's partial batch
+    per epoch counted on top, as aspect-ratio buckets may leave one)."""
+    from ..data.items import auto_repeats
+
+    pictures = max(1, pictures)
+    repeats = config.repeats or auto_repeats(pictures)
+    per_epoch = math.ceil(pictures * repeats / config.batch_size) + (1 if config.batch_size > 1 else 0)
+    return per_epoch * config.epochs
+
+
+def grid_pictures(config: TrainConfig) -> int:
+    """The preview grid's pictures: each saved file at each weight, plus the base model's column."""
+    if not config.preview_at_end:
+        return 0
+    from ..previews.settings import DEFAULT_WEIGHTS
+
+    files = config.epochs // config.save_every_n_epochs + (0 if config.epochs % config.save_every_n_epochs == 0 else 1)
+    return files * (len(DEFAULT_WEIGHTS) + 1)
+
+
+def estimate_demo_run(config: TrainConfig, pictures: int, device: str | None = None) -> Estimate:
+    """The time of a demo-model run of ``config`` on ``pictures`` pictures here (see the module's note)."""
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with _MEASURING:
+        step_s, sample_s = _measured_seconds(
+            int(config.resolution),
+            int(config.batch_size),
+            int(config.network_dim),
+            bool(config.train_text_encoder),
+            chosen,
+        )
+    steps = training_steps(config, pictures)
+    grid = grid_pictures(config)
+    from ..previews.settings import PreviewSettings
+
+    sampling = grid * PreviewSettings().steps * sample_s
+    return Estimate(FIXED_SECONDS + steps * step_s + sampling, steps, grid)
+
+
+@functools.cache
+def _measured_seconds(resolution: int, batch: int, rank: int, train_te: bool, device: str) -> tuple[float, float]:
+    """(a training step, a sampling step) of the demo UNet with a rank-``rank`` LoRA, in seconds, measured."""
+    from ..models.configs import build_unet, spec
+    from ..networks.lora import attach_lora, lora_parameters, unet_target_modules
+
+    target = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = build_unet(spec("sd1", tiny=True)).to(target)
+        unet.requires_grad_(False)
+        attach_lora(unet, unet_target_modules(unet), rank, rank / 2)
+        params = lora_parameters(unet)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        side = max(8, resolution // 8)
+        latents = torch.randn(batch, 4, side, side, device=target)
+        context = torch.randn(batch, 77, int(unet.config.cross_attention_dim), device=target)
+        timesteps = torch.randint(0, 1000, (batch,), device=target)
+
+        def train_step() -> None:
+            loss = unet(latents, timesteps, context).sample.float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def sample_step() -> None:  # the prompt and the negative prompt in one batch, as the previewer does
+            with torch.no_grad():
+                unet(latents[:1].repeat(2, 1, 1, 1), timesteps[:1].repeat(2), context[:1].repeat(2, 1, 1))
+
+        step_s = _timed(train_step, target)
+        sample_s = _timed(sample_step, target)
+    # The trained text encoder adds its forward and backward per step: about a third of the tiny UNet's.
+    if train_te:
+        step_s *= 1.35
+    log.debug("Demo UNet on %s: %.1f ms a training step, %.1f ms a sampling step", device, step_s * 1e3, sample_s * 1e3)
+    return step_s, sample_s
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    fn()  # warm-up: the first call allocates and picks kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(TIMED_STEPS):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _round_up(seconds: float) -> int:
+    """Seconds shown as a person would say them: to the next 5 s under a minute, the next 10 s above."""
+    step = 5 if seconds < 60 else 10
+    return int(math.ceil(seconds / step) * step)

@@ -10,6 +10,7 @@
     python -m train_tools preview NAME v1 [--run RUN] [--weights 0.4,0.8,1.0] [--prompt ...]
     python -m train_tools install NAME v1 FILE [--weight W] --lora-dir DIR
     python -m train_tools demo-checkpoint PATH
+    python -m train_tools demo-model pretrain [--out PATH] [--seed N] [--vae-steps N] [--unet-steps N]
 
 Errors a user can fix print one line and exit with status 2; Ctrl-C stops training cleanly after saving.
 """
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .commands import cmd_dataset, cmd_install, cmd_preview, cmd_runs, cmd_train
+from .commands import cmd_dataset, cmd_demo_pretrain, cmd_install, cmd_preview, cmd_runs, cmd_train
 from .config import fields_info
 from .config_values import parse_assignments
 from .errors import UserError, from_os_error
@@ -178,6 +179,20 @@ def build_parser() -> CommandParser:
     dc.add_argument("path", type=Path)
     dc.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
 
+    dm = sub.add_parser("demo-model", help="the demo model that has learned the shapes world")
+    dmsub = dm.add_subparsers(dest="action", metavar="ACTION", required=True)
+    pre = dmsub.add_parser(
+        "pretrain",
+        help="pretrain the tiny SD1 model (VAE, text encoder, UNet) on the shapes "
+        "world; the same seed gives the same weights on one machine",
+    )
+    pre.add_argument("--out", type=Path, default=Path("shapes-demo.safetensors"), help="checkpoint to write")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--pictures", type=int, help="pictures of the world rendered for training")
+    pre.add_argument("--vae-steps", type=int, help="VAE training steps")
+    pre.add_argument("--unet-steps", type=int, help="UNet + text encoder training steps")
+    pre.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+
     from .ui.app import add_app_arguments
 
     ap = sub.add_parser("app", help="open the Train Tools tab in a browser (the default with no command)")
@@ -244,6 +259,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         path = build_demo_checkpoint(args.path, family=args.family)
         out.write(f"wrote {path}\n")
         return 0
+    if args.command == "demo-model":
+        return cmd_demo_pretrain(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

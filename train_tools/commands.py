@@ -305,3 +305,26 @@ def cmd_dataset(args: argparse.Namespace, store: Store) -> int:
     classes = f" and {n_reg} class images" if n_reg else ""
     out.write(f"{len(items)} images{classes}, {repeats} repeats, about {steps} steps per epoch\n")
     return 0
+
+
+def cmd_demo_pretrain(args: argparse.Namespace) -> int:
+    """``demo-model pretrain``: the shapes demo model, written to ``--out``; 130 when stopped by Ctrl-C."""
+    import dataclasses
+
+    import torch
+
+    from .progress import StopFlag, TerminalReporter
+    from .training.demo_pretrain import PretrainSettings, pretrain
+
+    changes = {key: getattr(args, key) for key in ("pictures", "vae_steps", "unet_steps") if getattr(args, key)}
+    settings = dataclasses.replace(PretrainSettings(seed=args.seed), **changes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stop = StopFlag()
+    with _CtrlC(stop):
+        path = pretrain(args.out, settings, reporter=TerminalReporter(), stop=stop)
+    if path is None:
+        log.warning("Stopped; no checkpoint was written.")
+        return 130
+    sys.stdout.write(f"wrote {path}\n")
+    return 0

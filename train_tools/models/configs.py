@@ -143,9 +143,11 @@ _SD_VAE: dict[str, Any] = {
     "scaling_factor": 0.18215,
 }
 _SDXL_VAE: dict[str, Any] = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
-# Four blocks, so three downsamplings: the latent is 1/8 of the image, as in the real VAE.
+# Four blocks, so three downsamplings: the latent is 1/8 of the image, as in the real VAE. One norm group: with
+# 8 groups of 2 channels, a GroupNorm wipes out what tells flat colours apart, and the shapes demo model
+# (training/demo_pretrain.py) learned its colours several times slower. The group count is no tensor's shape.
 _TINY_VAE: dict[str, Any] = {**_SD_VAE, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
-                             "norm_num_groups": 8, "sample_size": 128}
+                             "norm_num_groups": 1, "sample_size": 128}
 _TINY_SDXL_VAE: dict[str, Any] = {**_TINY_VAE, "scaling_factor": 0.13025}
 
 # ---------------------------------------------------------------------------------------------- text

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from ..demo_settings import DEMO_MARKER
 from ..errors import UserError
 from ..fileio import write_text, write_with
-from .configs import FAMILIES, build_text_encoders, build_unet, build_vae, spec
+from .configs import FAMILIES, ModelSpec, build_text_encoders, build_unet, build_vae, spec
 from .convert import components_from_models, diffusers_to_original
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,18 @@ def build_demo_checkpoint(path: Path, family: str = "sd1", seed: int = 0) -> Pat
         unet = build_unet(model_spec)
         vae = build_vae(model_spec)
         text_encoders = build_text_encoders(model_spec)
-    original = diffusers_to_original(components_from_models(unet, vae, text_encoders), model_spec)
-    tensors = {name: tensor.contiguous() for name, tensor in original.items()}
     metadata = {"format": "pt", DEMO_MARKER: model_spec.name, "seed": str(seed)}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    save_single_file(path, model_spec, unet, vae, text_encoders, metadata)
     if family in ("sd2", "sd2v"):
         write_text(path.with_suffix(".yaml"), _SD2_YAML.format(p="v" if family == "sd2v" else "eps"))
-    log.info("Wrote the tiny %s demo checkpoint %s (%d tensors)", family, path, len(tensors))
+    log.info("Wrote the tiny %s demo checkpoint %s", family, path)
     return path
+
+
+def save_single_file(path: Path, model_spec: ModelSpec, unet: torch.nn.Module, vae: torch.nn.Module,
+                     text_encoders: list[torch.nn.Module], metadata: dict[str, str]) -> int:
+    """Write the modules as one original-layout ``.safetensors`` file (as a WebUI checkpoint); the tensor count."""
+    original = diffusers_to_original(components_from_models(unet, vae, text_encoders), model_spec)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in original.items()}
+    write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return len(tensors)

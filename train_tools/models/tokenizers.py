@@ -52,6 +52,11 @@ _TINY_WORDS = (
     "simple", "looking", "viewer", "solo", "high", "quality", "best", "masterpiece", "detailed", "art",
     "anime", "realistic", "light", "dark", "night", "day", "the", "with", "and", "of", "in", "on", "at",
     "an", "a",
+    # The shapes world's words (train_tools/data/shapes_world.py), and a few spare ones for concepts a demo
+    # LoRA can teach. Appending keeps the earlier tokens' ids; the shipped shapes demo checkpoint's text
+    # encoder has exactly this vocabulary, so changing the list means pretraining that checkpoint again.
+    "circle", "square", "triangle", "star", "ring", "yellow", "purple", "orange", "pink", "zigzag", "heart",
+    "cross", "stripes", "dots",
 )
 
 
@@ -77,17 +82,30 @@ def _base_vocab() -> list[str]:
     return chars + [c + "</w>" for c in chars]
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until no pair has a merge."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
 def tiny_merges() -> list[tuple[str, str]]:
-    """Merges that build each of the tiny word list's words left to right, first occurrence wins."""
+    """Merges that make each word of the tiny list one token: the word is split by the merges so far (as the
+    tokenizer will split it), then its pieces are joined left to right by new merges, ranked after all the
+    earlier ones, so the words before keep their tokens."""
     merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in _TINY_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for nxt in symbols[1:]:
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        current = pieces[0]
+        for nxt in pieces[1:]:
             pair = (current, nxt)
-            if pair not in seen:
-                seen.add(pair)
+            if pair not in ranks:
+                ranks[pair] = len(merges)
                 merges.append(pair)
             current += nxt
     return merges

@@ -49,3 +49,10 @@ def lora_layer_count(model: nn.Module) -> int:
 def lora_file_layer_count(tensors: dict[str, torch.Tensor], prefix: str) -> int:
     """How many layers a kohya-layout LoRA file holds under ``prefix`` (one ``.alpha`` per layer)."""
     return sum(key.startswith(prefix + "_") and key.endswith(".alpha") for key in tensors)
+
+
+def diffusers_has_peft_backend() -> bool:
+    """Whether diffusers' LoRA loader works here: it needs transformers >= 4.34 (A1111 pins 4.30.2)."""
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    return bool(USE_PEFT_BACKEND)

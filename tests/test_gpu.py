@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 
 from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
-from tests.test_precision import OPTIMIZERS, PRECISIONS, check_combination
+from tests.test_precision import OPTIMIZERS, PRECISIONS, check_combination, new_version, relative_difference
 from train_tools.config import TrainConfig
 from train_tools.progress import StopFlag
-from train_tools.store import Store, Version
 from train_tools.training import flat_params
 from train_tools.training.optim import ForeachLion, make_optimizer
 from train_tools.training.state_files import latest_state
@@ -58,28 +57,6 @@ def gpu_config(**changes: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def new_version(folder: Path, pictures: Path) -> Version:
-    from train_tools.data.uploads import add_originals
-
-    store = Store(folder)
-    store.create_project("p")
-    version = store.create_version("p", "v1")
-    add_originals([pictures], version.originals_dir)
-    return version
-
-
-def trained_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Relative difference of the LoRA "up" weights (B), which start at zero: all of them is training, so a
-    run that trained nothing, or something else, differs by 1 or more."""
-    assert a.keys() == b.keys() and a
-    keys = [k for k in a if "lora_up" in k]
-    assert keys
-    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in keys)
-    den = sum(float(b[k].float().norm() ** 2) for k in keys)
-    assert den > 0
-    return (num / den) ** 0.5
-
-
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("mixed_precision", PRECISIONS)
 def test_the_precision_matrix_on_cuda(
@@ -107,7 +84,7 @@ def test_mixed_precision_trains_the_same_lora_flat_or_separate(
     assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_up" in k)  # B moved off zero
     # GPU kernels are not bit-reproducible from run to run (atomics in the backward), and AdamW's first steps
     # amplify that where a gradient is near zero, so: close, not equal.
-    assert trained_difference(a, b) < 0.1
+    assert relative_difference(a, b) < 0.1
     assert flat_result.losses == pytest.approx(separate_result.losses, rel=1e-2, abs=1e-3)
 
 
@@ -212,4 +189,4 @@ def test_resume_with_the_fp16_gradient_scaler(tmp_path: Path, demo_ckpt: Path, p
     resumed = Trainer(version, config, demo_ckpt, device=DEVICE, resume_from=first.run_dir).run()
     assert resumed.steps == straight.steps and not resumed.interrupted
     assert resumed.losses[:3] == first.losses
-    assert trained_difference(load_file(str(resumed.final_file)), load_file(str(straight.final_file))) < 0.1
+    assert relative_difference(load_file(str(resumed.final_file)), load_file(str(straight.final_file))) < 0.1

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tests.helpers_models import lora_file_layer_count, lora_layer_count
+from tests.helpers_models import diffusers_has_peft_backend, lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
 from train_tools import fileio
 from train_tools.config import TrainConfig
@@ -146,16 +146,10 @@ def test_webui_formula_matches_peft_model(trained: dict) -> None:
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def _diffusers_has_peft_backend() -> bool:
-    from diffusers.utils import USE_PEFT_BACKEND
-
-    return bool(USE_PEFT_BACKEND)
-
-
 # A1111 1.10 pins transformers 4.30.2, too old for diffusers' LoRA loader (it needs >= 4.34): there the check
 # cannot run at all, so it is skipped with that reason; the WebUI-formula checks below still run everywhere.
 @pytest.mark.skipif(
-    not _diffusers_has_peft_backend(),
+    not diffusers_has_peft_backend(),
     reason="diffusers' LoRA loader needs transformers>=4.34 (the host pins an older one)",
 )
 def test_diffusers_loads_every_key_and_agrees(trained: dict, tmp_path: Path) -> None:

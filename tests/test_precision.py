@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
-from tests.helpers_models import lora_file_layer_count, lora_layer_count
+from tests.helpers_models import diffusers_has_peft_backend, lora_file_layer_count, lora_layer_count
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.progress import StopFlag
@@ -114,12 +114,6 @@ def eight_bit_missing(optimizer: str, device: str = "cpu") -> str | None:
     return None
 
 
-def diffusers_has_peft_backend() -> bool:
-    from diffusers.utils import USE_PEFT_BACKEND
-
-    return bool(USE_PEFT_BACKEND)
-
-
 def diffusers_loads_every_key(ckpt: Path, lora: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -209,6 +203,7 @@ def _packed(state: dict[str, Any]) -> list[torch.Tensor]:
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """How far the LoRA "up" weights (B, which start at zero) of ``a`` are from ``b``'s, relative to ``b``'s."""
+    assert a.keys() == b.keys() and a
     keys = [k for k in b if "lora_up" in k]
     num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in keys)
     den = sum(float(b[k].float().norm() ** 2) for k in keys)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers_models import lora_file_layer_count, lora_layer_count
+from tests.helpers_models import diffusers_has_peft_backend, lora_file_layer_count, lora_layer_count
 from tests.webui_formula import apply_kohya_lora
 from train_tools.cli import main
 from train_tools.config import TrainConfig
@@ -154,12 +154,6 @@ def test_cli_trains_sdxl_with_both_text_encoders(cli_lora: Path, xl_ckpt: Path) 
     assert meta["ss_epoch"] == "2" and meta["ss_gradient_checkpointing"] == "True"
 
 
-def _diffusers_has_peft_backend() -> bool:
-    from diffusers.utils import USE_PEFT_BACKEND
-
-    return bool(USE_PEFT_BACKEND)
-
-
 def _run_models(
     unet: torch.nn.Module, te1: torch.nn.Module, te2: torch.nn.Module, inputs: dict
 ) -> tuple[torch.Tensor, ...]:
@@ -188,7 +182,7 @@ def _webui_outputs(
 
 
 @pytest.mark.skipif(
-    not _diffusers_has_peft_backend(),
+    not diffusers_has_peft_backend(),
     reason="diffusers' LoRA loader needs transformers>=4.34 (the host pins an older one)",
 )
 def test_diffusers_sdxl_pipeline_loads_every_key_and_agrees_with_the_webui(cli_lora: Path, xl_ckpt: Path) -> None:

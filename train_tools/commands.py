@@ -94,16 +94,11 @@ def _settings_for_new_model(
         return saved.updated(assignments)
     config = saved.updated(changes).updated(assignments)
     if demo:
-        from .data.layout import IMAGE_SUFFIXES
-        from .demo_settings import DEMO_PICTURES
         from .training.estimate import estimate_demo_run
+        from .ui.views import original_images
 
-        folder = version.originals_dir
-        pictures = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
-        log.info(
-            "Demo model: settings for a quick run, %s.",
-            estimate_demo_run(config, pictures or DEMO_PICTURES, device).sentence(),
-        )
+        found = estimate_demo_run(config, len(original_images(version)), device)
+        log.info("Demo model: settings for a quick run, %s.", found.sentence())
     else:
         log.info("A real model after the demo model: %s back to their defaults.", ", ".join(changes))
     return config

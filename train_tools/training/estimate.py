@@ -68,7 +68,11 @@ def grid_pictures(config: TrainConfig) -> int:
 
 
 def estimate_demo_run(config: TrainConfig, pictures: int, device: str | None = None) -> Estimate:
-    """The time of a demo-model run of ``config`` on ``pictures`` pictures here (see the module's note)."""
+    """The time of a demo-model run of ``config`` on ``pictures`` pictures here (see the module's note); a
+    version with no pictures yet counts the demo pictures it is about to get."""
+    from ..demo_settings import DEMO_PICTURES
+
+    pictures = pictures or DEMO_PICTURES
     chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with _MEASURING:
         step_s, sample_s = _measured_seconds(

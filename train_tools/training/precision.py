@@ -78,16 +78,13 @@ def resolve_precision(requested: str, device: torch.device, *, exact: bool = Fal
         failure = cpu_fp16_failure()
         if failure is None and (exact or cpu_has_fp16()):
             return "fp16"
+        why = "is not possible: " + failure if failure else "is emulated and slower than fp32"
         if cpu_has_bf16():
             log.warning(
-                "fp16 on this CPU %s; training in bf16, which it computes natively (faster, and no loss scaling).",
-                "is not possible: " + failure if failure else "is emulated and slower than fp32",
+                "fp16 on this CPU %s; training in bf16, which it computes natively (faster, and no loss scaling).", why
             )
             return "bf16"
-        log.warning(
-            "fp16 on this CPU %s, and it has no bf16 instructions; training in fp32.",
-            "is not possible: " + failure if failure else "is emulated and slower than fp32",
-        )
+        log.warning("fp16 on this CPU %s, and it has no bf16 instructions; training in fp32.", why)
         return "no"
     if exact or cpu_has_bf16():
         return "bf16"

@@ -190,11 +190,11 @@ def serve(
         # The tab shows how long a demo run takes here: measured once now (a few seconds, most of it loading
         # the model code the app needs anyway), so that no page event waits for it.
         from ..config import TrainConfig
-        from ..demo_settings import DEMO_PICTURES, DEMO_SETTINGS
+        from ..demo_settings import DEMO_SETTINGS
         from ..training.estimate import estimate_demo_run
 
         log.info("Measuring how long a run of the demo model takes on this machine...")
-        found = estimate_demo_run(TrainConfig().updated(DEMO_SETTINGS), DEMO_PICTURES, host.device())
+        found = estimate_demo_run(TrainConfig().updated(DEMO_SETTINGS), 0, host.device())
         log.info("A run of the demo model takes %s.", found.sentence())
     demo.queue()
     host.data_dir.mkdir(parents=True, exist_ok=True)

@@ -226,16 +226,17 @@ class TabLogic(ResultsEvents):
                 "Demo model: settings for a quick run (how long it takes is shown under Base model).", "info"
             )
         elif family:
-            wanted.update(family_defaults(family))
+            defaults = family_defaults(family)
+            wanted.update(defaults)
             if family != "sd1":
-                shown = ", ".join(f"{name} {value}" for name, value in family_defaults(family).items())
+                shown = ", ".join(f"{name} {value}" for name, value in defaults.items())
                 note = message_html(f"{FAMILY_NAMES[family]} checkpoint: set {shown}.", "info")
         updates = [gr.update(value=wanted[name]) if name in wanted else gr.update() for name in MODEL_FIELDS]
         try:
             shown_config = TrainConfig().updated({**now, **wanted})
         except UserError:  # a control holds a value the settings refuse: Begin Train will say which
             shown_config = TrainConfig().updated(wanted)
-        line = self.model_line(choice, shown_config, self.version_or_none(project, version))
+        line = self.model_line(choice, demo, shown_config, self.version_or_none(project, version))
         return [line, *updates, note]
 
     def resume_train(self, project: str | None, version: str | None) -> list[Any]:

@@ -13,7 +13,7 @@ import gradio as gr
 
 from .. import fileio
 from ..config import TrainConfig
-from ..demo_settings import DEMO_PICTURES, model_switch_changes
+from ..demo_settings import model_switch_changes
 from ..errors import UserError
 from ..hosts.base import Host
 from ..store import Store, Version, projects_root
@@ -84,7 +84,8 @@ class TabState:
         config = version.load_settings() if version else TrainConfig()
         model = self.checkpoint_update(config.base_model)
         chosen = model.get("value")
-        if config == TrainConfig() and core_is_demo(self.host, chosen):
+        demo = core_is_demo(self.host, chosen)
+        if demo and config == TrainConfig():
             # Untouched defaults, no model chosen, and the demo model is what the list shows: its settings are
             # what a run gets.
             config = config.updated(model_switch_changes({}, demo=True))
@@ -100,7 +101,7 @@ class TabState:
             line,
             results_html(files),
             gr.update(choices=[f.choice for f in files], value=choice),
-            self.model_line(chosen, config, version),
+            self.model_line(chosen, demo, config, version),
             tags_html(core_tag_counts(version) if version else []),
             grid,
             grid_path,
@@ -110,12 +111,12 @@ class TabState:
         ]
         return values
 
-    def model_line(self, choice: str | None, config: TrainConfig, version: Version | None) -> str:
+    def model_line(self, choice: str | None, demo: bool, config: TrainConfig, version: Version | None) -> str:
         """The line under the base model: its family, or for the demo model how long a run of ``config``
         takes on this machine (measured, see training/estimate.py)."""
-        if core_is_demo(self.host, choice):
+        if demo:
             pictures = len(original_images(version)) if version is not None else 0
-            return demo_line(core_demo_estimate(config, pictures or DEMO_PICTURES, self.host.device()))
+            return demo_line(core_demo_estimate(config, pictures, self.host.device()))
         return family_line(core_family(self.host, choice))
 
     def project_update(self, value: str | None) -> dict[str, Any]:

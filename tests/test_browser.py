@@ -178,7 +178,7 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             # The demo model is the model shown (no checkpoint of the user's): the settings shown are its
             # quick-run settings, and the line under it says how long the run takes on this machine.
             expect(page.locator("#train_tools_base_model input").first).to_have_value(
-                "Use demo model (tiny, random weights: tries the whole flow on a CPU)"
+                "Use demo model (tiny, draws only simple shapes: tries the whole flow on a CPU)"
             )
             family = page.locator("#train_tools_family")
             expect(family).to_contain_text("s on this machine", timeout=60_000)
@@ -186,7 +186,7 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             assert found is not None, family.inner_text()
             promised = int(found.group(1))
             assert 0 < promised <= 180, family.inner_text()  # the demo's promise: the whole flow within 3 minutes
-            for elem_id, value in [("epochs", "5"), ("batch_size", "4"), ("resolution", "64"), ("network_dim", "16")]:
+            for elem_id, value in [("epochs", "20"), ("batch_size", "4"), ("resolution", "64"), ("network_dim", "16")]:
                 expect(page.locator(f"#train_tools_{elem_id} input").first).to_have_value(value)
             shot(page, "03-settings")
 

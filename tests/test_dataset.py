@@ -20,13 +20,14 @@ from tests.image_zoo import GREEN, ORANGE, bomb_png, noisy_rgb, write_zoo
 from train_tools.config import TrainConfig
 from train_tools.data import buckets, prepare_folder
 from train_tools.data.caption_text import compose_caption
-from train_tools.data.demo_dataset import make_demo_dataset
+from train_tools.data.demo_dataset import DEMO_CONCEPT, make_demo_dataset
 from train_tools.data.items import DatasetItem, auto_repeats, image_to_tensor, load_items, open_prepared, tag_frequency
 from train_tools.data.layout import MANIFEST_NAME
 from train_tools.data.prepare_folder import prepare_dataset
 from train_tools.data.prepare_options import PrepareOptions
 from train_tools.data.reports import PrepareReport, Refusal
 from train_tools.data.sampler import BucketBatchSampler
+from train_tools.data.shapes_checker import judge
 from train_tools.data.uploads import add_originals
 from train_tools.errors import UserError
 
@@ -560,6 +561,11 @@ def test_demo_dataset_prepares_without_refusals(tmp_path):
         with Image.open(p) as im:
             assert min(im.size) >= 256 and max(im.size) <= 640
             shapes.append("wide" if im.width > im.height else "tall" if im.height > im.width else "square")
+            # Each shows what its caption says: the demo's new shape, in the shapes world's colours.
+            verdict = judge(im.convert("RGB").resize((64 * im.width // min(im.size), 64 * im.height // min(im.size))))
+        caption = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        assert caption == f"a {verdict.colour} {DEMO_CONCEPT} on a {verdict.background} background"
+        assert verdict.shape == DEMO_CONCEPT
     assert shapes.count("wide") == 3 and shapes.count("tall") == 3 and shapes.count("square") == 6
     report = prepare(tmp_path)
     assert report.prepared == 12 and not report.refused and not report.duplicates

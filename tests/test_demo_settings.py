@@ -15,7 +15,7 @@ from tests import fixtures_training
 from tests.test_ui import is_update, update_value
 from train_tools.cli import main
 from train_tools.config import TrainConfig
-from train_tools.demo_settings import DEMO_PICTURES, DEMO_SETTINGS, model_switch_changes
+from train_tools.demo_settings import DEMO_CLASS_PICTURES, DEMO_PICTURES, DEMO_SETTINGS, model_switch_changes
 from train_tools.hosts.base import DEMO_CHOICE, StandaloneHost
 from train_tools.store import Store
 from train_tools.training import estimate
@@ -42,17 +42,18 @@ def test_switching_models_sets_the_demo_settings_and_takes_them_back():
 def test_the_estimate_counts_the_steps_the_trainer_takes(tmp_path: Path, demo_ckpt: Path):
     """The step count behind "about N s" is the run's: the trainer's own plan for the demo pictures, at most
     one partial batch per epoch more."""
-    from train_tools.data.demo_dataset import make_demo_dataset
+    from train_tools.data.demo_dataset import make_demo_class_pictures, make_demo_dataset
     from train_tools.training.trainer import Trainer
 
     store = Store(tmp_path)
     store.create_project("p")
     version = store.create_version("p", "v1")
     make_demo_dataset(version.originals_dir, n=DEMO_PICTURES)
+    make_demo_class_pictures(version.reg_dir, n=DEMO_CLASS_PICTURES)
     config = TrainConfig().updated(DEMO_SETTINGS)
     trainer = Trainer(version, config, demo_ckpt, device="cpu")
     trainer.prepare()
-    planned = estimate.training_steps(config, DEMO_PICTURES)
+    planned = estimate.training_steps(config, DEMO_PICTURES, DEMO_CLASS_PICTURES)
     assert planned - config.epochs <= trainer.total_steps <= planned
     assert estimate.grid_pictures(config) == 7  # one file at the end, at six weights, and the base model
     assert estimate.grid_pictures(config.updated({"preview_at_end": False})) == 0
@@ -68,11 +69,14 @@ def test_the_estimate_is_measured_and_grows_with_the_run(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(estimate, "_measured_seconds", measured)
     short = estimate.estimate_demo_run(config, 12, "cpu")
-    assert seen == [(64, 4, 16, True, "cpu")]  # measured at the run's resolution, batch and rank, here
+    assert seen == [(64, 4, 16, 16, False, "cpu")]  # measured at the run's resolution, batch and rank, here
     steps = estimate.training_steps(config, 12)
     assert short.seconds == pytest.approx(estimate.FIXED_SECONDS + steps * 0.05 + 7 * 20 * 0.01)
-    longer = estimate.estimate_demo_run(config.updated({"epochs": 10}), 12, "cpu")
+    longer = estimate.estimate_demo_run(config.updated({"epochs": 40}), 12, "cpu")
     assert longer.steps == 2 * short.steps and longer.seconds > short.seconds
+    with_classes = estimate.estimate_demo_run(config, 12, "cpu", 36)  # a class picture beside each one trained
+    assert with_classes.steps == estimate.training_steps(config, 12, 36) > 1.9 * short.steps
+    assert estimate.estimate_demo_run(config, 0, "cpu").steps == with_classes.steps  # the demo's, about to come
     assert short.sentence().startswith("about ") and "s on this machine" in short.sentence()
 
 
@@ -153,3 +157,27 @@ def test_the_command_line_sets_the_demo_settings_when_the_demo_model_is_chosen(
     assert {n: getattr(saved, n) for n in DEMO_SETTINGS if n not in ("epochs", "repeats", "preview_at_end")} == {
         n: v for n, v in DEMO_SETTINGS.items() if n not in ("epochs", "repeats", "preview_at_end")
     }
+
+
+def test_the_demo_choice_installs_the_shipped_shapes_model(tmp_path: Path):
+    """ "Use demo model" puts the pretrained shapes model (shipped in the package) in the checkpoint folder; an
+    older random demo model there is replaced, anything else in the way is refused with a sentence."""
+    from safetensors import safe_open
+
+    from train_tools.errors import UserError
+    from train_tools.models.demo_model import SHAPES_DEMO, build_demo_checkpoint, is_demo_checkpoint
+
+    assert SHAPES_DEMO.is_file() and SHAPES_DEMO.stat().st_size < 10_000_000
+    with safe_open(str(SHAPES_DEMO), "pt") as fh:
+        assert fh.metadata()["train_tools_demo"] == "sd1-tiny-shapes"
+    host = StandaloneHost(tmp_path / "data", offer_demo=True)
+    path = host.resolve_checkpoint(DEMO_CHOICE)
+    assert path.read_bytes() == SHAPES_DEMO.read_bytes() and is_demo_checkpoint(path)
+    before = path.stat().st_mtime_ns
+    assert host.resolve_checkpoint(DEMO_CHOICE) == path and path.stat().st_mtime_ns == before  # found, not copied
+    build_demo_checkpoint(path)  # the random demo model earlier versions installed
+    assert host.resolve_checkpoint(DEMO_CHOICE).read_bytes() == SHAPES_DEMO.read_bytes()
+    path.write_bytes(b"someone's file")
+    with pytest.raises(UserError, match="in the way of the demo model"):
+        host.resolve_checkpoint(DEMO_CHOICE)
+    assert path.read_bytes() == b"someone's file"

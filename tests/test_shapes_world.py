@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file
 
 from train_tools.data.shapes_checker import judge, score
-from train_tools.data.shapes_world import PALETTE, SHAPES, Scene, all_prompts, render, world_pictures
+from train_tools.data.shapes_world import NEW_SHAPES, PALETTE, SHAPES, Scene, all_prompts, render, world_pictures
 
 # Few enough pictures for seconds; every shape and most colour pairs appear in them.
 N = 150
@@ -39,8 +39,10 @@ def test_world_covers_every_shape_and_colour_and_keeps_them_apart():
     assert gaps.min() > 120  # clearly distinguishable, even blurred
 
 
-def test_checker_reads_the_captions_of_rendered_pictures():
-    pictures = world_pictures(1, N)
+@pytest.mark.parametrize("shapes", [SHAPES, NEW_SHAPES], ids=["world", "new"])
+def test_checker_reads_the_captions_of_rendered_pictures(shapes):
+    pictures = world_pictures(1, N, shapes=shapes)
+    assert {p.scene.shape for p in pictures} == set(shapes)
     verdicts = [judge(p.image) for p in pictures]
     assert score(verdicts, [p.scene for p in pictures]) == {"shape": 1.0, "colour": 1.0, "background": 1.0, "all": 1.0}
 
@@ -61,17 +63,17 @@ def _noisy(image: Image.Image, sigma: float, seed: int) -> Image.Image:
     ids=["blur", "noise", "downsampled"],
 )
 def test_checker_survives_blur_and_noise(damage):
-    pictures = world_pictures(2, 80)
+    pictures = world_pictures(2, 80) + world_pictures(2, 20, shapes=NEW_SHAPES)
     verdicts = [judge(damage(p.image, i)) for i, p in enumerate(pictures)]
     assert score(verdicts, [p.scene for p in pictures])["all"] >= 0.95
 
 
 def test_checker_tells_shapes_and_colours_apart_and_says_no_when_it_should():
-    for shape in SHAPES:
+    for shape in SHAPES + NEW_SHAPES:
         scene = Scene(shape, "red", "blue", 0.5, 0.5, 0.3)
         verdict = judge(render(scene))
         assert (verdict.shape, verdict.colour, verdict.background) == (shape, "red", "blue")
-        for other in SHAPES:
+        for other in SHAPES + NEW_SHAPES:
             if other != shape:
                 wrong = dataclasses.replace(scene, shape=other)
                 assert verdict.matches(wrong) == {"shape": False, "colour": True, "background": True, "all": False}
@@ -112,6 +114,21 @@ def test_pretrain_twice_from_one_seed_gives_the_same_weights(tmp_path: Path):
     assert model.family == "sd1" and model.spec.tiny and model.prediction_type == "epsilon"
     tokens = model.tokenizers[0]("a purple triangle on a yellow background")["input_ids"]
     assert len(tokens) == 2 + 7  # one token per word between the start and end tokens
+
+
+def test_random_caption_prefixes_never_use_the_world_or_the_new_shapes():
+    """The stand-in trigger words of the pretrain: the world's words and the shapes kept for LoRAs stay out."""
+    from train_tools.models.tokenizers import tiny_tokenizer
+    from train_tools.training.demo_pretrain import _prefix_pool
+
+    tok = tiny_tokenizer()
+    captions = [p.caption for p in world_pictures(0, 400)]
+    pool = set(_prefix_pool(tok, [tok(c, add_special_tokens=False)["input_ids"] for c in captions]))
+    for word in ("red", "circle", "background", "on", "a", *NEW_SHAPES, ","):
+        assert not pool & set(tok(word, add_special_tokens=False)["input_ids"]), word
+    assert not pool & set(tok.all_special_ids)
+    assert set(tok("demo", add_special_tokens=False)["input_ids"]) <= pool  # a project name's pieces are in it
+    assert len(pool) > 500
 
 
 def test_pretrain_stopped_writes_nothing(tmp_path: Path):

@@ -370,3 +370,46 @@ def test_a_learning_rate_list_trains_one_run_per_value(tmp_path: Path, demo_ckpt
     assert sorted(rates) == [1e-3, 2e-3]
     # The version keeps the first value as its setting (a list is not a setting).
     assert store.version("p", "v1").load_settings().learning_rate == 1e-3
+
+
+def test_conv_dim_trains_a_locon_that_diffusers_loads(tmp_path: Path, demo_ckpt: Path, demo_pictures: Path):
+    """``conv_dim`` > 0 adds the UNet's 3x3 convolutions at their own rank and alpha (LoCon): the file has them,
+    with kohya's network_args, and diffusers' strict loader maps every key; 0 (the default) leaves them out."""
+    from tests.helpers_models import diffusers_has_peft_backend
+    from tests.test_precision import diffusers_loads_every_key, tensors_of
+    from train_tools.data.uploads import add_originals
+
+    store = Store(tmp_path)
+    store.create_project("p")
+    version = store.create_version("p", "v1")
+    add_originals(sorted(demo_pictures.iterdir()), version.originals_dir)
+    config = tiny_config(epochs=1, conv_dim=3, conv_alpha=1.5, save_precision="fp32")
+    lora = Trainer(version, config, demo_ckpt, device="cpu").run().final_file
+    assert lora is not None
+    tensors, meta = tensors_of(lora)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape[:2] == (3, 32) and tensors[f"{conv}.lora_down.weight"].ndim == 4
+    assert float(tensors[f"{conv}.alpha"]) == 1.5
+    assert tensors["lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight"].shape[0] == 4  # a Linear
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "1.5"}
+    assert float(tensors[f"{conv}.lora_up.weight"].abs().max()) > 0  # trained, not left at zero
+    if diffusers_has_peft_backend():  # not with A1111's transformers 4.30
+        diffusers_loads_every_key(demo_ckpt, lora)
+    plain = Trainer(version, tiny_config(epochs=1), demo_ckpt, device="cpu", run_name="plain").run().final_file
+    assert plain is not None and not any("resnets" in k for k in tensors_of(plain)[0])
+
+
+def test_min_snr_weights_are_diffusers_compute_snr():
+    """The min-SNR weight's SNR, computed by hand (diffusers.training_utils cannot be imported with A1111's
+    transformers), equals diffusers' ``compute_snr`` where that imports."""
+    from diffusers import DDPMScheduler
+
+    from train_tools.training.trainer_step import signal_to_noise
+
+    try:
+        from diffusers import training_utils
+    except (ImportError, AttributeError) as exc:  # A1111's transformers 4.30: the reason for signal_to_noise
+        pytest.skip(f"diffusers.training_utils does not import here: {exc}")
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(signal_to_noise(sched, t), training_utils.compute_snr(sched, t))

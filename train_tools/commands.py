@@ -97,7 +97,9 @@ def _settings_for_new_model(
         from .training.estimate import estimate_demo_run
         from .ui.views import original_images
 
-        found = estimate_demo_run(config, len(original_images(version)), device)
+        found = estimate_demo_run(
+            config, len(original_images(version)), device, len(original_images(version, version.reg_dir))
+        )
         log.info("Demo model: settings for a quick run, %s.", found.sentence())
     else:
         log.info("A real model after the demo model: %s back to their defaults.", ", ".join(changes))
@@ -280,10 +282,13 @@ def cmd_dataset(args: argparse.Namespace, store: Store) -> int:
         out.write(f"Class pictures: {report.summary()}\n")
         return 0 if report.added else 2
     if args.action == "demo":
-        from .data.demo_dataset import make_demo_dataset
+        from .data.demo_dataset import make_demo_class_pictures, make_demo_dataset
+        from .demo_settings import DEMO_CLASS_PICTURES, DEMO_PICTURES
 
-        paths = make_demo_dataset(version.originals_dir)
+        paths = make_demo_dataset(version.originals_dir, n=DEMO_PICTURES)
+        added_classes = make_demo_class_pictures(version.reg_dir, n=DEMO_CLASS_PICTURES)
         out.write(f"added {len(paths)} demo pictures to {version.originals_dir}\n")
+        out.write(f"added {len(added_classes)} class pictures of the demo model's world to {version.reg_dir}\n")
         return 0
     config = version.load_settings()
     from .data.preparation import load_reg_items, prepare_items

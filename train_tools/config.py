@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from .config_values import coerce, is_hex_colour, unknown_key_message
+from .config_values import setting_field as _f
 from .errors import UserError
 from .names import MAX_COMPONENT_BYTES, check_name
 
@@ -22,26 +23,6 @@ MIXED_PRECISIONS = ("fp16", "bf16", "no")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_MODES = ("use", "ignore", "prepend", "append")
 CAPTIONERS = ("none", "wd14", "blip", "deepbooru")
-
-
-def _f(
-    default: Any,
-    label: str,
-    help: str,
-    *,
-    ss: str | None = None,
-    choices: tuple[str, ...] | None = None,
-    min: float | None = None,
-    max: float | None = None,
-    advanced: bool = False,
-) -> Any:
-    """A settings field: its default plus what the UI, the CLI and the file metadata need to know of it.
-
-    ``ss`` names the key the value is written under in the LoRA file's metadata (the kohya ``ss_*`` names
-    that WebUIs and model sites read).
-    """
-    meta = {"label": label, "help": help, "ss": ss, "choices": choices, "min": min, "max": max, "advanced": advanced}
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -85,6 +66,23 @@ class TrainConfig:
     )
     network_alpha: float = _f(
         64.0, "Network alpha", "Scales the update by alpha / dim.", ss="ss_network_alpha", min=0.0, max=1024.0
+    )
+    conv_dim: int = _f(
+        0,
+        "Conv dim (LoCon)",
+        "Also adapt the UNet's 3x3 convolutions at this rank (LoCon): they carry shapes and textures the "
+        "attention layers alone learn slowly; 0 = off (a plain LoRA).",
+        min=0,
+        max=1024,
+        advanced=True,
+    )
+    conv_alpha: float = _f(
+        1.0,
+        "Conv alpha",
+        "Scales the convolutions' update by conv alpha / conv dim.",
+        min=0.0,
+        max=1024.0,
+        advanced=True,
     )
     optimizer: str = _f(
         "Lion",

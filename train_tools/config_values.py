@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import field
 from typing import Any
 
 from .errors import UserError
@@ -69,3 +70,23 @@ def unknown_key_message(key: str, known: set[str]) -> str:
 def is_hex_colour(value: str) -> bool:
     digits = value[1:] if value.startswith("#") else ""
     return len(digits) in (3, 6) and all(c in "0123456789abcdefABCDEF" for c in digits)
+
+
+def setting_field(
+    default: Any,
+    label: str,
+    help: str,
+    *,
+    ss: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    advanced: bool = False,
+) -> Any:
+    """A settings field: its default plus what the UI, the CLI and the file metadata need to know of it.
+
+    ``ss`` names the key the value is written under in the LoRA file's metadata (the kohya ``ss_*`` names
+    that WebUIs and model sites read).
+    """
+    meta = {"label": label, "help": help, "ss": ss, "choices": choices, "min": min, "max": max, "advanced": advanced}
+    return field(default=default, metadata=meta)

@@ -10,30 +10,44 @@ from typing import Any
 #: The file's metadata key that marks the demo model (its value: the tiny family's name).
 DEMO_MARKER = "train_tools_demo"
 
-#: How many demo pictures "Add demo pictures" (and ``dataset demo``) adds.
+#: How many demo pictures "Add demo pictures" (and ``dataset demo``) adds, and how many class pictures of the
+#: world beside them (``data/demo_dataset.py``).
 DEMO_PICTURES = 12
+DEMO_CLASS_PICTURES = 36
+
+#: The demo's trigger word: first in the demo pictures' captions, and in the preview grid's prompt.
+DEMO_TRIGGER = "demo"
 
 #: The run settings the demo model gets when it is chosen (the tab's base model, or ``--ckpt`` on the command
-#: line), laid over the version's: the whole demo (prepare the pictures, train, the preview grid) in about a
-#: minute on a 2-core CPU instead of the hours the settings for real checkpoints would take. 64 px is the size
-#: the tiny model's pictures are made at; one file at the end (save every = epochs) keeps the grid one row.
-#: A real checkpoint chosen afterwards gets the defaults back for these (see ``ui.logic`` and the CLI).
+#: line), laid over the version's: the whole demo (prepare the pictures, train, the preview grid) in a minute or
+#: two on a 2-core CPU instead of the hours the settings for real checkpoints would take, and a LoRA that
+#: teaches the shapes demo model the cross (chosen with ``python -m train_tools.bench_quality``, BENCHMARKS.md):
+#: LoCon (the tiny model's attention layers alone barely learn a new shape), min-SNR, the text encoder frozen.
+#: 64 px is the size the tiny model's pictures are made at; one file at the end (save every = epochs) keeps the
+#: grid one row. A real checkpoint chosen afterwards gets the defaults back for these (see ``ui.logic`` and the
+#: CLI).
 DEMO_SETTINGS: dict[str, Any] = {
     "resolution": 64,
     "min_bucket_reso": 64,
     "max_bucket_reso": 128,
     "batch_size": 4,
     "repeats": 10,
-    "epochs": 5,
-    "save_every_n_epochs": 5,
+    "epochs": 20,
+    "save_every_n_epochs": 20,
     "network_dim": 16,
     "network_alpha": 8.0,
+    "conv_dim": 16,
+    "conv_alpha": 8.0,
     "optimizer": "AdamW",
-    "learning_rate": 1e-3,
+    "learning_rate": 2e-3,
     "lr_scheduler": "constant",
+    "min_snr_gamma": 5.0,
+    "train_text_encoder": False,
     "mixed_precision": "no",
     "clip_skip": 1,
     "gradient_checkpointing": False,
+    "trigger_word": DEMO_TRIGGER,
+    "preview_prompt": f"{DEMO_TRIGGER}, a white cross on a blue background",
     "preview_at_end": True,
 }
 

@@ -8,7 +8,8 @@ The renderer's own measures, no learned weights, so the verdict is deterministic
   by the nearest palette colour (other than the background's); the shape's mask is then every pixel nearer to
   the foreground colour than to the background one (projected on the line between them, so blur cuts edges
   in the middle), its largest 4-connected piece;
-* shape, from the mask: a hole (pixels of background enclosed by it) makes a ring; low solidity (area over
+* shape, from the mask: a hole (pixels of background enclosed by it) makes a ring; empty corners and full
+  middles of its bounding box's 3x3 grid a cross (the demo dataset's new shape); low solidity (area over
   convex hull area: a star's is about 0.6) a star; else the extent (area over the bounding box: square about
   1, circle about 0.79, triangle about 0.5) tells square, circle and triangle apart.
 """
@@ -33,6 +34,10 @@ TOP_HEAVY_TRIANGLE = 0.58  # upper half's area over the lower half's: a triangle
 SOLIDITY_STAR = 0.9
 EXTENT_SQUARE = 0.88
 EXTENT_CIRCLE = 0.64
+# A cross: every corner cell of the bounding box's 3x3 grid at most this full (a circle's are about 0.45, a
+# triangle's or a star's lower ones more), and the middle row and column at least CROSS_ARMS full.
+CROSS_CORNERS = 0.25
+CROSS_ARMS = 0.6
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Verdict:
     solidity: float = 0.0
     holes: float = 0.0
     top_heavy: float = 0.0
+    corners: float = 0.0  # the fullest corner cell of the bounding box's 3x3 grid
+    arms: float = 0.0  # the emptiest of the other five cells
 
     def matches(self, scene: Scene) -> dict[str, bool]:
         """Per attribute, and ``all``: does the picture show ``scene``'s shape, colour and background?"""
@@ -129,6 +136,17 @@ def _hull_area(mask: np.ndarray) -> float:
     return abs(area2) / 2.0
 
 
+def _grid_cells(filled: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[float, float]:
+    """(fullest corner cell, emptiest middle-row-or-column cell) of the 3x3 grid over the mask's bounding box."""
+    box = filled[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
+    rows = np.array_split(np.arange(box.shape[0]), 3)
+    cols = np.array_split(np.arange(box.shape[1]), 3)
+    cells = np.array([[box[np.ix_(r, c)].mean() if r.size and c.size else 0.0 for c in cols] for r in rows])
+    corners = float(max(cells[0, 0], cells[0, 2], cells[2, 0], cells[2, 2]))
+    arms = float(min(cells[0, 1], cells[1, 0], cells[1, 1], cells[1, 2], cells[2, 1]))
+    return corners, arms
+
+
 def judge(image: Image.Image) -> Verdict:
     """The checker's verdict on one picture of the world (any size; the world's pictures are 64x64)."""
     pixels = np.asarray(image.convert("RGB").filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
@@ -167,8 +185,11 @@ def judge(image: Image.Image) -> Verdict:
     rows = np.arange(h, dtype=np.float32)[:, None] + 0.5
     upper = float((filled & (rows < middle)).sum())
     top_heavy = upper / max(float(filled.sum()) - upper, 1.0)
+    corners, arms = _grid_cells(filled, ys, xs)
     if holes > HOLE_RING:
         shape = "ring"
+    elif corners <= CROSS_CORNERS and arms >= CROSS_ARMS:
+        shape = "cross"
     elif top_heavy < TOP_HEAVY_TRIANGLE:
         shape = "triangle"
     elif solidity < SOLIDITY_STAR:
@@ -179,7 +200,7 @@ def judge(image: Image.Image) -> Verdict:
         shape = "circle"
     else:
         shape = "triangle"
-    return Verdict(shape, colour, background, area / float(h * w), extent, solidity, holes, top_heavy)
+    return Verdict(shape, colour, background, area / float(h * w), extent, solidity, holes, top_heavy, corners, arms)
 
 
 def score(verdicts: list[Verdict], scenes: list[Scene]) -> dict[str, float]:

@@ -30,6 +30,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star", "ring")
+#: Shapes the renderer draws and the checker knows but the pretrained demo model never saw: the demo dataset's
+#: new concept (a LoRA teaches one of them; the base model cannot draw it).
+NEW_SHAPES = ("cross",)
 SIZE = 64  # the demo's picture side: 8x8 latents in the tiny SD1 model
 SUPERSAMPLE = 4
 # The shape's radius (of the circle it is drawn in) as a fraction of the side, and the background margin kept
@@ -38,6 +41,7 @@ MIN_RADIUS, MAX_RADIUS = 0.20, 0.34
 MARGIN = 0.06
 STAR_INNER = 0.5  # the star's inner radius over its outer one: arms thick enough to survive 8x downsampling
 RING_WIDTH = 0.36  # the ring's width over its radius: the hole stays visible
+CROSS_ARM = 0.3  # half arm width over the radius: arms 8-13 px wide at 64 px, inside the checker's middle cells
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,9 @@ def caption_for(shape: str, colour: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """One scene: every shape, colour and background equally likely (colour != background)."""
-    shape = rng.choice(SHAPES)
+def sample_scene(rng: random.Random, shapes: tuple[str, ...] = SHAPES) -> Scene:
+    """One scene: every shape of ``shapes``, colour and background equally likely (colour != background)."""
+    shape = rng.choice(shapes)
     colour, background = rng.sample(list(PALETTE), 2)
     radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
     low, high = radius + MARGIN, 1.0 - radius - MARGIN
@@ -96,12 +100,16 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
         draw.polygon([(cx, cy - r), (cx + r * 0.866, cy + r * 0.5), (cx - r * 0.866, cy + r * 0.5)], fill=fill)
     elif scene.shape == "star":
         draw.polygon(_star(cx, cy, r), fill=fill)
+    elif scene.shape == "cross":
+        arm = r * CROSS_ARM
+        draw.rectangle((cx - r, cy - arm, cx + r, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - r, cx + arm, cy + r), fill=fill)
     elif scene.shape == "ring":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         inner = r * (1.0 - RING_WIDTH)
         draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=PALETTE[scene.background])
     else:
-        raise ValueError(f"Unknown shape {scene.shape!r}; expected one of {', '.join(SHAPES)}.")
+        raise ValueError(f"Unknown shape {scene.shape!r}; expected one of {', '.join(SHAPES + NEW_SHAPES)}.")
     return image.resize((size, size), Image.Resampling.BOX)
 
 
@@ -115,17 +123,17 @@ class WorldPicture:
         return self.scene.caption
 
 
-def world(seed: int, size: int = SIZE) -> Iterator[WorldPicture]:
-    """An endless, deterministic stream of pictures of the world from ``seed``."""
+def world(seed: int, size: int = SIZE, shapes: tuple[str, ...] = SHAPES) -> Iterator[WorldPicture]:
+    """An endless, deterministic stream of pictures of the world (of ``shapes``) from ``seed``."""
     rng = random.Random(seed)
     while True:
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, shapes)
         yield WorldPicture(scene, render(scene, size))
 
 
-def world_pictures(seed: int, n: int, size: int = SIZE) -> list[WorldPicture]:
-    """The first ``n`` pictures of ``world(seed)``."""
-    stream = world(seed, size)
+def world_pictures(seed: int, n: int, size: int = SIZE, shapes: tuple[str, ...] = SHAPES) -> list[WorldPicture]:
+    """The first ``n`` pictures of ``world(seed, size, shapes)``."""
+    stream = world(seed, size, shapes)
     return [next(stream) for _ in range(n)]
 
 

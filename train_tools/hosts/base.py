@@ -18,8 +18,8 @@ from ..progress import Reporter, StopFlag
 
 log = logging.getLogger(__name__)
 
-# Shown in the base-model list when the user has no checkpoint yet; chosen, it builds the tiny demo model.
-DEMO_CHOICE = "Use demo model (tiny, random weights: tries the whole flow on a CPU)"
+# Shown in the base-model list when the user has no checkpoint yet; chosen, it installs the tiny shapes demo model.
+DEMO_CHOICE = "Use demo model (tiny, draws only simple shapes: tries the whole flow on a CPU)"
 DEMO_FILE_NAME = "train_tools_demo.safetensors"
 
 
@@ -130,14 +130,10 @@ class StandaloneHost(Host):
         return super().resolve_checkpoint(choice)
 
     def build_demo_checkpoint(self) -> Path:
-        """Write the demo model into the checkpoint folder on first use; later uses find it there."""
-        path = self.demo_checkpoint_path
-        if not path.is_file():
-            from ..models.demo_model import build_demo_checkpoint
+        """Put the shipped shapes demo model into the checkpoint folder on first use; later uses find it there."""
+        from ..models.demo_model import install_shapes_demo
 
-            log.info("Building the demo model at %s", path)
-            build_demo_checkpoint(path)
-        return path
+        return install_shapes_demo(self.demo_checkpoint_path)
 
     def device(self) -> str | None:
         return self._device

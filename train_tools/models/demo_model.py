@@ -1,13 +1,19 @@
-"""A tiny demo checkpoint: random weights in the real single-file layout, a few MB, made in a second or two.
+"""The tiny demo checkpoints, in the real single-file layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ...), so they go through the same loader as real checkpoints.
 
-It lets the whole flow (load, train, save a LoRA) run anywhere without downloading a real model. It is
-written exactly like a WebUI checkpoint (``model.diffusion_model.*``, ``first_stage_model.*``, ...), so it
-goes through the same loader as real checkpoints. Its pictures are noise: it is for testing, not for art.
+* The shapes demo model (``SHAPES_DEMO``, shipped in the package, 3.8 MB): the tiny SD1 model pretrained on
+  the shapes world by ``python -m train_tools demo-model pretrain`` (``training/demo_pretrain.py``). It draws
+  "a red circle on a blue background" and the like; it is what "Use demo model" installs, so a newcomer's
+  first LoRA visibly learns something. A toy world, not art.
+* Random tiny models of every family (``build_demo_checkpoint``), made in a second or two: the tests' and the
+  benchmark's models. Their pictures are noise.
 """
 
 from __future__ import annotations
 
+import filecmp
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +26,9 @@ from .configs import FAMILIES, ModelSpec, build_text_encoders, build_unet, build
 from .convert import components_from_models, diffusers_to_original
 
 log = logging.getLogger(__name__)
+
+#: The pretrained shapes demo model shipped with the package (see the module's docstring).
+SHAPES_DEMO = Path(__file__).with_name("shapes_demo.safetensors")
 
 
 def is_demo_checkpoint(path: Path) -> bool:
@@ -35,6 +44,19 @@ def is_demo_checkpoint(path: Path) -> bool:
         log.debug("Cannot read the header of %s: %s", path, exc)
         return False
     return isinstance(metadata, dict) and DEMO_MARKER in metadata
+
+
+def install_shapes_demo(path: Path) -> Path:
+    """Put the shipped shapes demo model at ``path`` unless the same file is there already (an older, random
+    demo model there is replaced: it is ours, and its pictures were noise); returns ``path``."""
+    path = Path(path)
+    if path.is_file() and filecmp.cmp(path, SHAPES_DEMO, shallow=False):
+        return path
+    if path.exists() and not is_demo_checkpoint(path):
+        raise UserError(f"{path} is in the way of the demo model and is not one; move it or rename it.")
+    log.info("Installing the shapes demo model at %s", path)
+    write_with(path, lambda tmp: shutil.copyfile(SHAPES_DEMO, tmp))
+    return path
 
 
 # The WebUI's sidecar config convention: parameterization "v" marks a 768-v SD2 model.

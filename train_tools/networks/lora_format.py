@@ -280,13 +280,10 @@ def build_metadata(
 
 
 def _network_args(config: TrainConfig) -> dict[str, str]:
-    """kohya's ``network_args`` (string values); only the LoCon dims, when a setting for them exists and is on."""
-    args: dict[str, str] = {}
-    conv_dim = getattr(config, "conv_dim", 0) or 0
-    if conv_dim:
-        args["conv_dim"] = str(conv_dim)
-        args["conv_alpha"] = str(float(getattr(config, "conv_alpha", 1.0)))
-    return args
+    """kohya's ``network_args`` (string values): the LoCon dims when LoCon is on."""
+    if not config.conv_dim:
+        return {}
+    return {"conv_dim": str(config.conv_dim), "conv_alpha": str(float(config.conv_alpha))}
 
 
 def _as_str(value: Any) -> str:

@@ -11,8 +11,12 @@ on one CPU:
    schedule (DDPM, scaled_linear 0.00085..0.012, 1000 steps): only the UNet's loss knows what the text must
    carry, and the tiny encoder is cheap to train with it. 10% of the captions are empty, so that classifier-
    free guidance works; half the batches read the text through clip skip 2 (the SD1 training default) and half
-   through the last layer (the previewer's default), so both give the model's pictures. The saved weights are
-   an exponential moving average of the trained ones.
+   through the last layer (the previewer's default), so both give the model's pictures. Half the captions get
+   one to three random tokens and a comma in front (never the world's words, never the shapes it keeps for
+   LoRAs to teach): a LoRA's trigger word goes first in every caption, and the model must draw the rest of
+   the prompt as if it were not there. The loss is weighted by min-SNR (gamma 5), which spends the tiny
+   model's capacity on the noisy steps that decide a picture's shape. The saved weights are an exponential
+   moving average of the trained ones.
 
 The result is written through the same conversion as every demo checkpoint: the WebUI's single-file layout.
 """
@@ -23,14 +27,16 @@ import copy
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ..data.shapes_world import SIZE, to_array, world_pictures
+from ..data.shapes_world import NEW_SHAPES, SIZE, to_array, world_pictures
 from ..demo_settings import DEMO_MARKER
 from ..models.configs import build_scheduler, build_text_encoders, build_unet, build_vae, spec
 from ..models.demo_model import save_single_file
@@ -43,21 +49,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """What the pretraining does. The defaults take about 6 minutes on a busy 2-core CPU (one torch thread) and
-    do not yet reach the issue's 80% checker score: more steps, above all the VAE's, are the known next lever."""
+    """What the pretraining does (the time and the checker's scores of these defaults: BENCHMARKS.md)."""
 
     seed: int = 0
     pictures: int = 6000  # rendered once; the UNet sees each about (unet_steps * unet_batch / pictures) times
-    vae_steps: int = 500
+    vae_steps: int = 4000
     vae_batch: int = 32
     vae_crop: int = 32  # the VAE is convolutional: it learns from 32x32 crops at a quarter of the cost
     vae_lr: float = 3e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 600
+    unet_steps: int = 3000
     unet_batch: int = 64
-    unet_lr: float = 2e-3
+    unet_lr: float = 3e-3
     warmup: float = 0.05  # of each stage's steps
     caption_dropout: float = 0.1
+    prefix_rate: float = 0.5  # captions with random tokens in front (a stand-in for a LoRA's trigger word)
+    snr_gamma: float = 5.0
     ema_decay: float = 0.995
 
     @property
@@ -180,6 +187,16 @@ class _Ema:
                 q.mul_(d).add_(p.detach(), alpha=1.0 - d)
 
 
+def _prefix_pool(tokenizer: Any, caption_ids: Iterable[list[int]]) -> list[int]:
+    """The token ids a caption's random prefix draws from: all but the special tokens, the comma, every token
+    of the world's captions and of the shapes kept for LoRAs to teach (those stay unseen)."""
+    kept = {i for ids in caption_ids for i in ids}
+    for word in (*NEW_SHAPES, ","):
+        kept.update(tokenizer(word, add_special_tokens=False)["input_ids"])
+    kept.update(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in kept]
+
+
 def train_unet(
     unet: torch.nn.Module,
     text_encoder: torch.nn.Module,
@@ -198,6 +215,8 @@ def train_unet(
     factor = 0.18215
     tokenizer = tiny_tokenizer()
     token_ids = {c: tokenizer(c, add_special_tokens=False, truncation=False)["input_ids"] for c in {*captions, ""}}
+    pool, comma = _prefix_pool(tokenizer, token_ids.values()), tokenizer(",", add_special_tokens=False)["input_ids"]
+    snr = alphas / (1.0 - alphas)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=0.0)
     ema = _Ema([unet, text_encoder], settings.ema_decay)
@@ -212,8 +231,14 @@ def train_unet(
             group["lr"] = lr
         index = [rng.randrange(len(captions)) for _ in range(settings.unet_batch)]
         texts = ["" if rng.random() < settings.caption_dropout else captions[i] for i in index]
+        prompt_ids = [
+            [*rng.sample(pool, rng.randint(1, 3)), *comma, *token_ids[t]]
+            if t and rng.random() < settings.prefix_rate
+            else token_ids[t]
+            for t in texts
+        ]
         clip_skip = 2 if step % 2 else 1
-        ids = token_rows(tokenizer, [token_ids[t] for t in texts], 1)
+        ids = token_rows(tokenizer, prompt_ids, 1)
         hidden, _ = encode_ids(text_encoder, ids, sdxl=False, clip_skip=clip_skip)
         picked = torch.tensor(index)
         x0 = (mean[picked] + std[picked] * torch.randn(mean[picked].shape, generator=generator)) * factor
@@ -222,7 +247,8 @@ def train_unet(
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
         prediction = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(prediction, noise)
+        per_picture = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_picture * snr[t].clamp(max=settings.snr_gamma) / snr[t]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -46,14 +46,16 @@ class Estimate:
         return f"about {_round_up(self.seconds)} s on this machine ({self.steps} steps{grid})"
 
 
-def training_steps(config: TrainConfig, pictures: int) -> int:
+def training_steps(config: TrainConfig, pictures: int, class_pictures: int = 0) -> int:
     """The run's steps: every picture ``repeats`` times per epoch, in batches (one bucket's partial batch
-    per epoch counted on top, as aspect-ratio buckets may leave one)."""
+    per epoch counted on top, as aspect-ratio buckets may leave one); with class pictures, as many of them
+    again (the trainer draws one per training picture seen), in batches of their own."""
     from ..data.items import auto_repeats
 
     pictures = max(1, pictures)
     repeats = config.repeats or auto_repeats(pictures)
-    per_epoch = math.ceil(pictures * repeats / config.batch_size) + (1 if config.batch_size > 1 else 0)
+    seen = pictures * repeats * (2 if class_pictures else 1)
+    per_epoch = math.ceil(seen / config.batch_size) + (1 if config.batch_size > 1 else 0)
     return per_epoch * config.epochs
 
 
@@ -67,22 +69,26 @@ def grid_pictures(config: TrainConfig) -> int:
     return files * (len(DEFAULT_WEIGHTS) + 1)
 
 
-def estimate_demo_run(config: TrainConfig, pictures: int, device: str | None = None) -> Estimate:
-    """The time of a demo-model run of ``config`` on ``pictures`` pictures here (see the module's note); a
-    version with no pictures yet counts the demo pictures it is about to get."""
-    from ..demo_settings import DEMO_PICTURES
+def estimate_demo_run(
+    config: TrainConfig, pictures: int, device: str | None = None, class_pictures: int = 0
+) -> Estimate:
+    """The time of a demo-model run of ``config`` on ``pictures`` pictures (and ``class_pictures``) here (see
+    the module's note); a version with no pictures yet counts the demo pictures it is about to get."""
+    from ..demo_settings import DEMO_CLASS_PICTURES, DEMO_PICTURES
 
-    pictures = pictures or DEMO_PICTURES
+    if not pictures:
+        pictures, class_pictures = DEMO_PICTURES, DEMO_CLASS_PICTURES
     chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with _MEASURING:
         step_s, sample_s = _measured_seconds(
             int(config.resolution),
             int(config.batch_size),
             int(config.network_dim),
+            int(config.conv_dim),
             bool(config.train_text_encoder),
             chosen,
         )
-    steps = training_steps(config, pictures)
+    steps = training_steps(config, pictures, class_pictures)
     grid = grid_pictures(config)
     from ..previews.settings import PreviewSettings
 
@@ -91,8 +97,11 @@ def estimate_demo_run(config: TrainConfig, pictures: int, device: str | None = N
 
 
 @functools.cache
-def _measured_seconds(resolution: int, batch: int, rank: int, train_te: bool, device: str) -> tuple[float, float]:
-    """(a training step, a sampling step) of the demo UNet with a rank-``rank`` LoRA, in seconds, measured."""
+def _measured_seconds(
+    resolution: int, batch: int, rank: int, conv_rank: int, train_te: bool, device: str
+) -> tuple[float, float]:
+    """(a training step, a sampling step) of the demo UNet with a rank-``rank`` LoRA (and a rank-``conv_rank``
+    LoCon, 0 = none), in seconds, measured."""
     from ..models.configs import build_unet, spec
     from ..networks.lora import attach_lora, lora_parameters, unet_target_modules
 
@@ -101,7 +110,8 @@ def _measured_seconds(resolution: int, batch: int, rank: int, train_te: bool, de
         torch.manual_seed(0)
         unet = build_unet(spec("sd1", tiny=True)).to(target)
         unet.requires_grad_(False)
-        attach_lora(unet, unet_target_modules(unet), rank, rank / 2)
+        conv = conv_rank > 0
+        attach_lora(unet, unet_target_modules(unet, conv=conv), rank, rank / 2, conv_rank=conv_rank if conv else None)
         params = lora_parameters(unet)
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         side = max(8, resolution // 8)

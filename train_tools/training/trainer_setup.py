@@ -114,7 +114,15 @@ class SetupMixin(TrainerBase):
         move(m.unet, self.device, self.weight_dtype)
         for te in self.tes:
             move(te, self.device, self.weight_dtype)
-        attach_lora(m.unet, unet_target_modules(m.unet), cfg.network_dim, cfg.network_alpha)
+        conv = cfg.conv_dim > 0  # LoCon: the 3x3 convolutions too, at their own rank and alpha
+        attach_lora(
+            m.unet,
+            unet_target_modules(m.unet, conv=conv),
+            cfg.network_dim,
+            cfg.network_alpha,
+            conv_rank=cfg.conv_dim if conv else None,
+            conv_alpha=cfg.conv_alpha if conv else None,
+        )
         params: list[dict[str, Any]] = [{"params": _fp32(lora_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
         if self.train_te:
             te_params: list[torch.nn.Parameter] = []

@@ -118,9 +118,7 @@ class StepMixin(TrainerBase):
             target = noise
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.config.min_snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(sched, timesteps)
+            snr = signal_to_noise(sched, timesteps)
             weight = torch.clamp(snr, max=self.config.min_snr_gamma)
             weight = weight / (snr + 1) if self.model.prediction_type == "v_prediction" else weight / snr
             loss = loss * weight
@@ -193,3 +191,10 @@ class StepMixin(TrainerBase):
             timesteps = self.sample_timesteps(1, gen)
             total += float(self.loss(latents, text, noise, timesteps))
         return total / len(indices)
+
+
+def signal_to_noise(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar / (1 - alpha_bar), as diffusers' ``compute_snr`` has it; written here because
+    importing ``diffusers.training_utils`` fails with the transformers 4.30 that A1111 pins."""
+    alphas = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas / (1.0 - alphas)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..demo_settings import DEMO_PICTURES
+from ..demo_settings import DEMO_CLASS_PICTURES, DEMO_PICTURES
 from ..errors import UserError
 from ..hosts.base import DEMO_CHOICE, Host
 from ..progress import TaskFn
@@ -102,12 +102,12 @@ def core_is_demo(host: Host, choice: str | None) -> bool:
         return False
 
 
-def core_demo_estimate(config: Any, pictures: int, device: str | None) -> str:
+def core_demo_estimate(config: Any, pictures: int, class_pictures: int, device: str | None) -> str:
     """How long a run of ``config`` on the demo model takes here, as a phrase ("about 60 s on this machine
     (155 steps ...)"), measured on ``device`` (see training/estimate.py)."""
     from ..training.estimate import estimate_demo_run
 
-    return estimate_demo_run(config, pictures, device).sentence()
+    return estimate_demo_run(config, pictures, device, class_pictures).sentence()
 
 
 def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> Callable[..., list[Any]]:
@@ -144,6 +144,8 @@ def core_auto_repeats(n: int) -> int:
 
 
 def core_demo_pictures(version: Version) -> int:
-    from ..data.demo_dataset import make_demo_dataset
+    """Add the demo pictures and their class pictures; how many demo pictures were added."""
+    from ..data.demo_dataset import make_demo_class_pictures, make_demo_dataset
 
+    make_demo_class_pictures(version.reg_dir, n=DEMO_CLASS_PICTURES)
     return len(make_demo_dataset(version.originals_dir, n=DEMO_PICTURES))

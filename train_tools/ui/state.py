@@ -116,7 +116,8 @@ class TabState:
         takes on this machine (measured, see training/estimate.py)."""
         if demo:
             pictures = len(original_images(version)) if version is not None else 0
-            return demo_line(core_demo_estimate(config, pictures, self.host.device()))
+            classes = len(original_images(version, version.reg_dir)) if version is not None else 0
+            return demo_line(core_demo_estimate(config, pictures, classes, self.host.device()))
         return family_line(core_family(self.host, choice))
 
     def project_update(self, value: str | None) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def settings_from_values(values: Sequence[Any]) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
-def original_images(version: Version) -> list[Path]:
-    folder = version.originals_dir
+def original_images(version: Version, folder: Path | None = None) -> list[Path]:
+    """The version's uploaded pictures (or those in ``folder``, e.g. its class pictures' ``reg_dir``)."""
+    folder = version.originals_dir if folder is None else folder
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in ds_image_suffixes() and p.is_file())

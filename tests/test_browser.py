@@ -264,7 +264,7 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             page.reload()
             expect(page.locator("#train_tools_project input").first).to_have_value(PROJECT, timeout=60_000)
             expect(page.locator("#train_tools_version input").first).to_have_value("v1")
-            for elem_id, value in [("epochs", "5"), ("resolution", "64"), ("network_dim", "16"), ("batch_size", "4")]:
+            for elem_id, value in [("epochs", "20"), ("resolution", "64"), ("network_dim", "16"), ("batch_size", "4")]:
                 expect(page.locator(f"#train_tools_{elem_id} input").first).to_have_value(value)
             expect(page.locator("#train_tools_base_model input").first).to_have_value("train_tools_demo.safetensors")
             expect(page.locator("#train_tools_results")).to_contain_text(f"{PROJECT}-v1.safetensors")

@@ -33,6 +33,12 @@ TINY = [
     "repeats=1",
     "--set",
     "batch_size=2",
+    # The demo model's quick-run settings freeze the text encoder and add LoCon; these runs train a plain LoRA
+    # of both (the settings given with --set win).
+    "--set",
+    "conv_dim=0",
+    "--set",
+    "train_text_encoder=true",
 ]
 
 

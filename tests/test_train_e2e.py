@@ -414,7 +414,7 @@ def test_min_snr_weights_are_diffusers_compute_snr():
 
     try:
         from diffusers import training_utils
-    except (ImportError, AttributeError) as exc:  # A1111's transformers 4.30: the reason for signal_to_noise
+    except (ImportError, AttributeError, RuntimeError) as exc:  # A1111's transformers 4.30: why signal_to_noise
         pytest.skip(f"diffusers.training_utils does not import here: {exc}")
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 10, 500, 999])

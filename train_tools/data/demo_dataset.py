@@ -70,31 +70,28 @@ def make_demo_dataset(folder: Path, n: int = 12, seed: int = 0) -> list[Path]:
     The same ``seed`` gives the same pictures, so calling it twice adds nothing new.
     """
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory(prefix="train_tools_demo_") as tmp:
+    pictures = [_picture(i, size, rng) for i, size in enumerate(_sizes(max(0, n), rng))]
+    return _add(folder, "demo", [(image, scene.caption) for image, scene in pictures])
+
+
+def _add(folder: Path, stem: str, pictures: list[tuple[Image.Image, str]]) -> list[Path]:
+    """Add ``pictures`` (with their captions) to ``folder`` as ``<stem>_NN.png`` + ``.txt`` through
+    ``add_originals``; the pictures added."""
+    with tempfile.TemporaryDirectory(prefix=f"train_tools_{stem}_") as tmp:
         staged: list[Path] = []
-        for i, size in enumerate(_sizes(max(0, n), rng), start=1):
-            image, scene = _picture(i - 1, size, rng)
-            path = Path(tmp) / f"demo_{i:02d}.png"
+        for i, (image, caption) in enumerate(pictures, start=1):
+            path = Path(tmp) / f"{stem}_{i:02d}.png"
             image.save(path, format="PNG")
-            path.with_suffix(".txt").write_text(scene.caption + "\n", encoding="utf-8")
+            path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
             staged += [path, path.with_suffix(".txt")]
         report = add_originals(staged, Path(folder))
-    pictures = [p for p in report.added if p.suffix.lower() == ".png"]
-    log.info("Added %d demo pictures to %s", len(pictures), folder)
-    return pictures
+    added = [p for p in report.added if p.suffix.lower() == ".png"]
+    log.info("Added %d %s pictures to %s", len(added), stem.replace("_", " "), folder)
+    return added
 
 
 def make_demo_class_pictures(folder: Path, n: int = 12, seed: int = 0) -> list[Path]:
     """Add ``n`` pictures of the shapes world with their captions to ``folder`` (a version's class pictures);
     returns the pictures added. The same ``seed`` gives the same pictures, so a second call adds nothing."""
-    with tempfile.TemporaryDirectory(prefix="train_tools_demo_class_") as tmp:
-        staged: list[Path] = []
-        for i, picture in enumerate(world_pictures(1000 + seed, max(0, n), CLASS_SIDE), start=1):
-            path = Path(tmp) / f"demo_class_{i:02d}.png"
-            picture.image.save(path, format="PNG")
-            path.with_suffix(".txt").write_text(picture.caption + "\n", encoding="utf-8")
-            staged += [path, path.with_suffix(".txt")]
-        report = add_originals(staged, Path(folder))
-    pictures = [p for p in report.added if p.suffix.lower() == ".png"]
-    log.info("Added %d demo class pictures to %s", len(pictures), folder)
-    return pictures
+    pictures = world_pictures(1000 + seed, max(0, n), CLASS_SIDE)
+    return _add(folder, "demo_class", [(p.image, p.caption) for p in pictures])

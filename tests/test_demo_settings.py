@@ -69,7 +69,7 @@ def test_the_estimate_is_measured_and_grows_with_the_run(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(estimate, "_measured_seconds", measured)
     short = estimate.estimate_demo_run(config, 12, "cpu")
-    assert seen == [(64, 4, 16, 16, False, "cpu")]  # measured at the run's resolution, batch and rank, here
+    assert seen == [(64, 4, 16, 16, False, "cpu", "locon")]  # at the run's resolution, batch, rank and type, here
     steps = estimate.training_steps(config, 12)
     assert short.seconds == pytest.approx(estimate.FIXED_SECONDS + steps * 0.05 + 7 * 20 * 0.01)
     longer = estimate.estimate_demo_run(config.updated({"epochs": 40}), 12, "cpu")

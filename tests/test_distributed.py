@@ -73,7 +73,8 @@ def _worker(data_dir: Path, ckpt: Path, out_dir: Path) -> int:
     Trainer.prepare, Trainer.latents_for = prepare, latents_for  # type: ignore[method-assign]
     progress.TerminalReporter.step = step  # type: ignore[method-assign]
     args = ["--data-dir", str(data_dir), "train", "p", "v1", "--ckpt", str(ckpt), "--device", "cpu"]
-    for key, value in TRAIN_SETTINGS.items():
+    settings = {**TRAIN_SETTINGS, "network_type": os.environ.get("TEST_NETWORK_TYPE", "lora")}
+    for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     rc = cli.main(args)
     trainer = trainers[-1]
@@ -109,7 +110,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) -> None:
+# LoRA, and DoRA: its magnitudes and input scaling (networks/dora.py) are the one network type written here
+# rather than by peft.
+@pytest.mark.parametrize("network_type", ("lora", "dora"))
+def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path, network_type: str) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -145,6 +149,7 @@ def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) 
             "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
+            "TEST_NETWORK_TYPE": network_type,
         }
         log = open(tmp_path / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed below, after the process ends
         procs.append(
@@ -193,6 +198,8 @@ def test_two_processes_train_in_step_and_write_one_set_of_files(tmp_path: Path) 
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["p-v1-000001.safetensors", "p-v1.safetensors"]
     assert sorted(p.name for p in run.glob("*.json")) == ["captions.json", "settings.json"]
     assert not [p for p in run.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    scales = [k for k in load_file(str(run / "p-v1.safetensors")) if k.endswith(".dora_scale")]
+    assert bool(scales) == (network_type == "dora")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tests.helpers_models import diffusers_has_peft_backend, lora_file_layer_cou
 from tests.webui_formula import apply_kohya_lora
 from train_tools import fileio
 from train_tools.config import TrainConfig
-from train_tools.networks.lora import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
+from train_tools.networks.lora import attach_lora, lora_parameters
 from train_tools.networks.lora_format import (
     JSON_METADATA_KEYS,
     REQUIRED_METADATA_KEYS,
@@ -33,6 +33,7 @@ from train_tools.networks.lora_format import (
     read_lora,
     save_lora,
 )
+from train_tools.networks.targets import text_encoder_target_modules, unet_target_modules
 
 RANK = 4
 ALPHA = 2.0

@@ -23,8 +23,8 @@ from train_tools.models.checkpoint import detect_checkpoint_family, read_state_d
 from train_tools.models.configs import FAMILIES, family_defaults, spec
 from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.models.loader import load_model
-from train_tools.networks.lora import text_encoder_target_modules, unet_target_modules
 from train_tools.networks.lora_format import read_lora
+from train_tools.networks.targets import text_encoder_target_modules, unet_target_modules
 from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 from train_tools.training.trainer_step import sdxl_time_ids
@@ -46,6 +46,8 @@ TINY = [
     "batch_size=2",
     # The demo model's quick-run settings freeze the text encoder and add LoCon; these runs train a plain LoRA
     # of both (the settings given with --set win).
+    "--set",
+    "network_type=lora",
     "--set",
     "conv_dim=0",
     "--set",
@@ -414,3 +416,35 @@ def test_family_defaults() -> None:
     assert family_defaults("sdxl")["resolution"] == 1024
     with pytest.raises(ValueError):
         family_defaults("sd3")
+
+
+@pytest.mark.parametrize("network_type", ("loha", "dora"))
+def test_other_network_types_write_every_sdxl_layer_under_the_hosts_names(
+    xl_ckpt: Path, version: tuple[Path, Version], network_type: str
+) -> None:
+    """LoHa and DoRA on SDXL (both text encoders trained, the convolutions too): every key of the file names a
+    layer of the UNet, CLIP-L (``lora_te1``) or OpenCLIP-bigG (``lora_te2``), and A1111's formula merges each one
+    into a weight of that layer's shape."""
+    from tests.webui_formula import a1111_update, layer_names
+
+    _, v = version
+    config = tiny_config(epochs=1, network_type=network_type, conv_dim=2, train_text_encoder=True)
+    result = Trainer(v, config, xl_ckpt, device="cpu", run_name=network_type).run()
+    assert result.final_file is not None
+    tensors, meta = read_lora(result.final_file)
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    m = load_model(xl_ckpt)
+    layers = {
+        **layer_names(m.unet, "lora_unet"),
+        **layer_names(m.text_encoders[0], "lora_te1"),
+        **layer_names(m.text_encoders[1], "lora_te2"),
+    }
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = tensor
+    assert {n.split("_")[1] for n in groups} == {"unet", "te1", "te2"}
+    assert any("resnets" in n for n in groups)
+    for name, parts in groups.items():
+        weight = layers[name].weight  # KeyError: a name no host maps
+        assert a1111_update(parts, weight, 1.0).shape == weight.shape

@@ -36,6 +36,8 @@ TINY = [
     # The demo model's quick-run settings freeze the text encoder and add LoCon; these runs train a plain LoRA
     # of both (the settings given with --set win).
     "--set",
+    "network_type=lora",
+    "--set",
     "conv_dim=0",
     "--set",
     "train_text_encoder=true",

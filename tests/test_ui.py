@@ -716,3 +716,20 @@ def test_the_tag_list_shows_each_tag_and_its_count_apart_with_or_without_the_sty
     long = ui_html.tags_html([(f"tag{i}", 1) for i in range(85)], limit=80)
     assert len(tag_chips(long)) == 80 and "and 5 more" in long
     assert "No tags yet" in ui_html.tags_html([])
+
+
+def test_picking_a_network_type_sets_its_suggested_dims(logic):
+    """The tab's Network type sets the dims LyCORIS' guidelines suggest for it; LoRA brings the tab's back."""
+    from train_tools.ui.views import NETWORK_FIELDS
+
+    def values(kind: str) -> dict[str, object]:
+        *updates, note = logic.choose_network_type(kind)
+        assert kind in note
+        return {name: u["value"] for name, u in zip(NETWORK_FIELDS, updates, strict=True)}
+
+    loha = values("loha")
+    assert loha["network_dim"] == 16 and loha["conv_dim"] == 8
+    assert values("lokr")["lokr_factor"] == 8
+    lora = values("lora")
+    assert lora["network_dim"] == TrainConfig().network_dim and lora["conv_dim"] == 0
+    TrainConfig().updated({**loha, "network_type": "loha"})  # the values are valid settings

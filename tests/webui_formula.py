@@ -87,3 +87,74 @@ def apply_kohya_lora(
             layer.weight += delta.to(layer.weight.dtype)
             used.update(f"{name}.{part}" for part in parts)
     return used
+
+
+# ---------------------------------------------------------------------------------------------- other types
+def a1111_update(parts: dict[str, torch.Tensor], weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """The delta A1111 1.10 adds to ``weight`` for one layer of a LoRA/LoCon, LoHa or LoKr file, with or without
+    DoRA's ``dora_scale``, step by step as its ``network_lora/hada/lokr.py`` and ``network.py`` do it:
+    the product, reshaped to the weight; times alpha / dim (dim = the rank of the low-rank pair; LoKr with both
+    sides full: no scale); DoRA: merged weight times ``dora_scale`` over the merged weight's per-input-column
+    norm (``transpose(0, 1)`` then the norm of each row), minus the weight; at last times the multiplier."""
+    p = {k: v.float() for k, v in parts.items()}
+    w = weight.float()
+    dim: int | None
+    if "lora_up.weight" in p:
+        up, down = p["lora_up.weight"], p["lora_down.weight"]
+        dim = down.shape[0]
+        updown = up.reshape(up.shape[0], -1) @ down.reshape(dim, -1)
+    elif "hada_w1_a" in p:
+        dim = p["hada_w1_b"].shape[0]
+        updown = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+    elif any(k.startswith("lokr_") for k in p):
+        dim = None
+        w1 = p.get("lokr_w1")
+        if w1 is None:
+            w1, dim = p["lokr_w1_a"] @ p["lokr_w1_b"], p["lokr_w1_b"].shape[0]
+        w2 = p.get("lokr_w2")
+        if w2 is None:
+            w2, dim = p["lokr_w2_a"] @ p["lokr_w2_b"], p["lokr_w2_b"].shape[0]
+        if w2.dim() == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2)
+    else:
+        raise AssertionError(f"Not a layer A1111 reads: {sorted(p)}")
+    if updown.numel() != w.numel():
+        raise AssertionError(f"An update of {tuple(updown.shape)} does not fit {tuple(w.shape)}")
+    updown = updown.reshape(w.shape)
+    if "alpha" in p and dim is not None:
+        updown = updown * (float(p["alpha"]) / dim)
+    if "dora_scale" in p:
+        merged = updown + w
+        norm = (
+            merged.transpose(0, 1)
+            .reshape(merged.shape[1], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(merged.shape[1], *[1] * (w.dim() - 1))
+            .transpose(0, 1)
+        )
+        updown = merged * (p["dora_scale"] / norm) - w
+    return updown * multiplier
+
+
+def comfyui_dora_update(parts: dict[str, torch.Tensor], weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """ComfyUI's (and Forge's) DoRA: the axis told by ``dora_scale``'s shape (first side equal to the weight's
+    output side: per output row, else per input column), the norm plus the dtype's eps, the strength applied
+    as ``W + strength * (W' - W)``."""
+    p = {k: v.float() for k, v in parts.items() if k != "dora_scale"}
+    w = weight.float()
+    diff = a1111_update(p, w, 1.0)  # the plain update, scaled by alpha / dim, as ComfyUI computes it first
+    calc = w + diff
+    scale = parts["dora_scale"].float()
+    if scale.shape[0] == w.shape[0]:
+        norm = calc.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).reshape(w.shape[0], *[1] * (w.dim() - 1))
+    else:
+        norm = (
+            calc.transpose(0, 1)
+            .reshape(calc.shape[1], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(calc.shape[1], *[1] * (w.dim() - 1))
+            .transpose(0, 1)
+        )
+    calc = calc * (scale / (norm + torch.finfo(torch.float32).eps))
+    return multiplier * (calc - w)

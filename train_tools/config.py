@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
-from .config_values import coerce, is_hex_colour, unknown_key_message
+from .config_values import check_fields, check_rules, coerce, ss_strings, unknown_key_message
 from .config_values import setting_field as _f
 from .errors import UserError
-from .names import MAX_COMPONENT_BYTES, check_name
 
 OPTIMIZERS = ("Lion", "AdamW", "AdamW8bit", "Lion8bit", "SGDNesterov", "Prodigy", "AdaFactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -23,6 +22,8 @@ MIXED_PRECISIONS = ("fp16", "bf16", "no")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CAPTION_MODES = ("use", "ignore", "prepend", "append")
 CAPTIONERS = ("none", "wd14", "blip", "deepbooru")
+# The network types every host applies (the LoRA file format reference); networks/types.py builds each.
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 
 
 @dataclass
@@ -56,6 +57,15 @@ class TrainConfig:
     learning_rate: float = _f(
         1e-4, "Learning rate", "Step size of the optimizer.", ss="ss_learning_rate", min=0.0, max=1.0
     )
+    network_type: str = _f(
+        "lora",
+        "Network type",
+        "lora: the usual LoRA, attention layers only. locon: LoRA on the convolutions too (textures, shapes). "
+        "loha: Hadamard product of two low-rank pairs, more expressive at a low dim (use dim 4-32). lokr: "
+        "Kronecker product, very small files (set the LoKr factor). dora: LoRA with a learned magnitude per "
+        "input channel, closer to full fine-tuning, a little slower.",
+        choices=NETWORK_TYPES,
+    )
     network_dim: int = _f(
         128,
         "Network dim",
@@ -70,8 +80,8 @@ class TrainConfig:
     conv_dim: int = _f(
         0,
         "Conv dim (LoCon)",
-        "Also adapt the UNet's 3x3 convolutions at this rank (LoCon): they carry shapes and textures the "
-        "attention layers alone learn slowly; 0 = off (a plain LoRA).",
+        "Also adapt the UNet's 3x3 convolutions at this rank (LoCon; with loha, lokr and dora too): they carry "
+        "shapes and textures the attention layers alone learn slowly; 0 = off, or the network dim for locon.",
         min=0,
         max=1024,
         advanced=True,
@@ -82,6 +92,15 @@ class TrainConfig:
         "Scales the convolutions' update by conv alpha / conv dim.",
         min=0.0,
         max=1024.0,
+        advanced=True,
+    )
+    lokr_factor: int = _f(
+        -1,
+        "LoKr factor",
+        "LoKr: splits each layer's sides into factor x rest; smaller = smaller file; -1 = as square as "
+        "possible (LyCORIS' default; its guide suggests 4-16 for a small LoKr).",
+        min=-1,
+        max=1024,
         advanced=True,
     )
     optimizer: str = _f(
@@ -336,6 +355,18 @@ class TrainConfig:
     def effective_text_encoder_lr(self) -> float:
         return self.text_encoder_lr or self.learning_rate
 
+    def conv_rank(self) -> tuple[int, float] | None:
+        """(dim, alpha) of the 3x3 convolutions, or None when they are not adapted.
+
+        ``conv_dim`` > 0 turns them on for every type (kohya's LoRA with conv_dim is LoCon); "locon" without a
+        conv dim uses the network's dim and alpha (what LyCORIS does when conv_dim is not given).
+        """
+        if self.conv_dim > 0:
+            return self.conv_dim, self.conv_alpha
+        if self.network_type == "locon":
+            return self.network_dim, self.network_alpha
+        return None
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -365,48 +396,16 @@ class TrainConfig:
         return TrainConfig.from_dict(merged)
 
     def validate(self) -> None:
-        types = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            value = coerce(f.name, types[f.name], value)
-            setattr(self, f.name, value)
-            meta = f.metadata
-            if meta["choices"] is not None and value not in meta["choices"]:
-                raise UserError(f"Setting '{f.name}' must be one of {', '.join(meta['choices'])}; got '{value}'.")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if meta["min"] is not None and value < meta["min"]:
-                    raise UserError(f"Setting '{f.name}' must be at least {meta['min']:g}; got {value:g}.")
-                if meta["max"] is not None and value > meta["max"]:
-                    raise UserError(f"Setting '{f.name}' must be at most {meta['max']:g}; got {value:g}.")
-        if self.min_bucket_reso > self.max_bucket_reso:
-            raise UserError("Setting 'min_bucket_reso' must not be larger than 'max_bucket_reso'.")
-        if not is_hex_colour(self.background_color):
-            raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{self.background_color}'.")
-        if self.max_token_length not in (75, 150, 225):
-            raise UserError("Setting 'max_token_length' must be 75, 150 or 225.")
-        if not self.output_name.strip():
-            self.output_name = ""
-        else:
-            # The one setting that becomes a file name; how long it may be depends on the version's folder
-            # (``Version.check_settings``).
-            self.output_name = check_name(
-                self.output_name, "output name (setting 'output_name')", max_bytes=MAX_COMPONENT_BYTES
-            )
+        check_fields(self)
+        check_rules(self)
 
     def ss_metadata(self) -> dict[str, str]:
         """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings)."""
-        out: dict[str, str] = {}
-        for f in dataclasses.fields(self):
-            key = f.metadata["ss"]
-            if key is None:
-                continue
-            value = getattr(self, f.name)
-            if f.name == "resolution":
-                out[key] = f"({value}, {value})"
-            elif f.name in ("unet_lr", "text_encoder_lr") and not value:
-                out[key] = str(self.learning_rate)
-            else:
-                out[key] = str(value)
+        out = ss_strings(self)
+        out["ss_resolution"] = f"({self.resolution}, {self.resolution})"
+        for name in ("unet_lr", "text_encoder_lr"):
+            if not getattr(self, name):
+                out[f"ss_{name}"] = str(self.learning_rate)
         return out
 
 

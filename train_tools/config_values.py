@@ -4,12 +4,26 @@ numbers from JSON or the tab coerced to each field's type, and the sentences tha
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import field
-from typing import Any
+from typing import Any, get_type_hints
 
 from .errors import UserError
+from .names import MAX_COMPONENT_BYTES, check_name
+
+# What picking a network type in the tab sets (the command line sets only what it is told). LoRA: the tab's own
+# defaults (the original Train Tools'). The others: values within the ranges LyCORIS' guidelines give (LoCon dim
+# and conv dim up to 64, LoHa dim up to 32 since its rank is squared, LoKr a factor of 4 to 16, alpha 1 to half
+# the dim), DoRA at LoCon's dims (it trains a LoRA pair plus a magnitude).
+NETWORK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"network_dim": 128, "network_alpha": 64.0, "conv_dim": 0, "conv_alpha": 1.0, "lokr_factor": -1},
+    "locon": {"network_dim": 32, "network_alpha": 16.0, "conv_dim": 16, "conv_alpha": 8.0, "lokr_factor": -1},
+    "loha": {"network_dim": 16, "network_alpha": 8.0, "conv_dim": 8, "conv_alpha": 4.0, "lokr_factor": -1},
+    "lokr": {"network_dim": 16, "network_alpha": 8.0, "conv_dim": 0, "conv_alpha": 1.0, "lokr_factor": 8},
+    "dora": {"network_dim": 32, "network_alpha": 16.0, "conv_dim": 0, "conv_alpha": 1.0, "lokr_factor": -1},
+}
 
 
 def coerce(key: str, typ: Any, value: Any) -> Any:
@@ -90,3 +104,44 @@ def setting_field(
     """
     meta = {"label": label, "help": help, "ss": ss, "choices": choices, "min": min, "max": max, "advanced": advanced}
     return field(default=default, metadata=meta)
+
+
+def check_fields(config: Any) -> None:
+    """Coerce every field of a settings dataclass to its type, in place, and check its choices and range."""
+    types = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = coerce(f.name, types[f.name], getattr(config, f.name))
+        setattr(config, f.name, value)
+        meta = f.metadata
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise UserError(f"Setting '{f.name}' must be one of {', '.join(meta['choices'])}; got '{value}'.")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if meta["min"] is not None and value < meta["min"]:
+                raise UserError(f"Setting '{f.name}' must be at least {meta['min']:g}; got {value:g}.")
+            if meta["max"] is not None and value > meta["max"]:
+                raise UserError(f"Setting '{f.name}' must be at most {meta['max']:g}; got {value:g}.")
+
+
+def ss_strings(config: Any) -> dict[str, str]:
+    """``str(value)`` of every field that names an ``ss_*`` metadata key, under that key."""
+    return {f.metadata["ss"]: str(getattr(config, f.name)) for f in dataclasses.fields(config) if f.metadata["ss"]}
+
+
+def check_rules(config: Any) -> None:
+    """The rules between settings and on values that a type and range cannot say (``TrainConfig.validate``)."""
+    if config.min_bucket_reso > config.max_bucket_reso:
+        raise UserError("Setting 'min_bucket_reso' must not be larger than 'max_bucket_reso'.")
+    if not is_hex_colour(config.background_color):
+        raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{config.background_color}'.")
+    if config.lokr_factor in (0, 1):
+        raise UserError("Setting 'lokr_factor' must be -1 (as square as possible) or at least 2.")
+    if config.max_token_length not in (75, 150, 225):
+        raise UserError("Setting 'max_token_length' must be 75, 150 or 225.")
+    if not config.output_name.strip():
+        config.output_name = ""
+    else:
+        # The one setting that becomes a file name; how long it may be depends on the version's folder
+        # (``Version.check_settings``).
+        config.output_name = check_name(
+            config.output_name, "output name (setting 'output_name')", max_bytes=MAX_COMPONENT_BYTES
+        )

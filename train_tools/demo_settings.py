@@ -36,6 +36,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "save_every_n_epochs": 20,
     "network_dim": 16,
     "network_alpha": 8.0,
+    "network_type": "locon",
     "conv_dim": 16,
     "conv_alpha": 8.0,
     "optimizer": "AdamW",

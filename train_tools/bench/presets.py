@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
+from ..config import NETWORK_TYPES, TrainConfig
 from ..errors import UserError
 
-PRESETS = ("cpu-tiny", "cpu-precision", "gpu-sd15", "gpu-sdxl")
+PRESETS = ("cpu-tiny", "cpu-precision", "cpu-networks", "gpu-sd15", "gpu-sdxl", "gpu-networks")
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
@@ -34,6 +34,7 @@ class BenchSpec:
     channels_last: bool = False
     train_text_encoder: bool = False
     network_dim: int = 128
+    network_type: str = "lora"
     flat: bool = True  # LoRA weights laid out flat for the optimizers that allow it (flat_params.py)
     device: str = "cpu"
 
@@ -47,6 +48,8 @@ class BenchSpec:
             f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             self.optimizer,
         ]
+        if self.network_type != "lora":
+            parts.append(self.network_type)
         parts += [
             flag
             for flag, on in (
@@ -68,6 +71,8 @@ def preset_specs(preset: str, device: str) -> list[BenchSpec]:
         return [BenchSpec(family="sd1", size="tiny", resolution=128, batch=2, device=device, steps=20)]
     if preset == "cpu-precision":
         return cpu_precision_specs(device)
+    if preset in ("cpu-networks", "gpu-networks"):
+        return network_type_specs(device, gpu=preset == "gpu-networks")
     if preset == "gpu-sd15":
         runs = [
             BenchSpec(
@@ -100,6 +105,26 @@ def preset_specs(preset: str, device: str) -> list[BenchSpec]:
             for b, gc_on in ((1, False), (1, True), (4, True))
         ]
     raise UserError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
+
+
+def network_type_specs(device: str, gpu: bool) -> list[BenchSpec]:
+    """Each network type at the same dim: the tiny model on the CPU, SD1.5 at 512 (batch 1, checkpointing) on a
+    GPU. LoCon adds the convolutions at the network's dim; LoKr uses LyCORIS' default factor."""
+    if gpu:
+        base = BenchSpec(
+            family="sd1",
+            size="full",
+            resolution=512,
+            batch=1,
+            gradient_checkpointing=True,
+            mixed_precision=_gpu_precision(),
+            device=device,
+            steps=20,
+            network_dim=32,
+        )
+    else:
+        base = BenchSpec(family="sd1", size="tiny", resolution=128, batch=2, device=device, steps=20, network_dim=32)
+    return [dataclasses.replace(base, network_type=kind) for kind in NETWORK_TYPES]
 
 
 def cpu_precision_specs(device: str) -> list[BenchSpec]:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import OPTIMIZERS
+from ..config import NETWORK_TYPES, OPTIMIZERS
 from ..errors import UserError
 from .measure import run_one
 from .presets import FAMILIES, PRESETS, BenchSpec, apply_overrides, preset_specs
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         help="cpu-tiny (default without a GPU), cpu-precision (fp32 against bf16 and fp16 on this CPU: the tiny "
-        "model, and SD1.5 at 256), gpu-sd15 (default with "
+        "model, and SD1.5 at 256), cpu-networks / gpu-networks (each network type: the tiny model / SD1.5 at "
+        "512), gpu-sd15 (default with "
         "one: SD1.5 at 512, batch 1 and 4, checkpointing off and on, and batch 1 with checkpointing and "
         "AdamW8bit) or gpu-sdxl (SDXL at 1024)",
     )
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the text encoder (default: frozen, its outputs cached)",
     )
     p.add_argument("--network-dim", type=int)
+    p.add_argument("--network-type", choices=NETWORK_TYPES)
     p.add_argument(
         "--flat",
         action=argparse.BooleanOptionalAction,
@@ -122,6 +124,7 @@ def specs_from_args(args: argparse.Namespace) -> list[BenchSpec]:
         "channels_last",
         "train_text_encoder",
         "network_dim",
+        "network_type",
         "flat",
     )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}

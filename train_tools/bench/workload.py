@@ -89,6 +89,7 @@ def bench_config(spec: BenchSpec, repeats: int) -> TrainConfig:
         mixed_precision=spec.mixed_precision,
         gradient_checkpointing=spec.gradient_checkpointing,
         train_text_encoder=spec.train_text_encoder,
+        network_type=spec.network_type,
         network_dim=spec.network_dim,
         network_alpha=spec.network_dim / 2,
         lr_scheduler="constant",

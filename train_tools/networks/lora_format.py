@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import logging
-import math
 import struct
 import time
 from collections.abc import Sequence
@@ -23,13 +22,13 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..config import TrainConfig
 from ..errors import UserError
 from ..fileio import write_bytes
+from .types import layer_tensors, network_metadata
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +124,15 @@ def kohya_state_dict(
     unet: nn.Module | None = None,
     text_encoders: Sequence[nn.Module] = (),
     family: str = "sd1",
-    adapter_name: str = "default",
 ) -> dict[str, torch.Tensor]:
-    """The LoRA of peft-wrapped models as kohya keys: ``<prefix>_<path>.lora_down.weight`` / ``.lora_up.weight``
-    / ``.alpha``.
+    """The network of adapted models as kohya keys: ``<prefix>_<path>.<part>``, where the parts are
+    ``lora_down.weight`` / ``lora_up.weight`` / ``alpha`` for LoRA and LoCon, the LyCORIS names for LoHa and
+    LoKr and ``dora_scale`` beside LoRA's for DoRA (``types.layer_tensors``).
 
     ``unet`` gets ``lora_unet``; ``text_encoders`` get ``lora_te`` (SD1/SD2, one encoder) or ``lora_te1`` /
     ``lora_te2`` (SDXL, in that order). Pass only the models that were trained: a model without LoRA layers is
     an error, so an untrained text encoder must be left out. Weights are detached CPU copies in their training
-    dtype; ``alpha`` is a float32 scalar equal to peft's ``lora_alpha`` (the scale is alpha / rank).
+    dtype; ``alpha`` is a float32 scalar (the hosts' scale is alpha / rank).
     """
     spec = _family(family)
     text_encoders = list(text_encoders)
@@ -143,40 +142,28 @@ def kohya_state_dict(
         )
     out: dict[str, torch.Tensor] = {}
     if unet is not None:
-        _add_model(out, unet, UNET_PREFIX, adapter_name, text_encoder=False)
+        _add_model(out, unet, UNET_PREFIX, text_encoder=False)
     for prefix, te in zip(spec.text_encoder_prefixes, text_encoders, strict=False):
-        _add_model(out, te, prefix, adapter_name, text_encoder=True)
+        _add_model(out, te, prefix, text_encoder=True)
     if not out:
         raise ValueError("kohya_state_dict needs a UNet or a text encoder.")
     return out
 
 
-def _add_model(
-    out: dict[str, torch.Tensor], model: nn.Module, prefix: str, adapter_name: str, *, text_encoder: bool
-) -> None:
+def _add_model(out: dict[str, torch.Tensor], model: nn.Module, prefix: str, *, text_encoder: bool) -> None:
     found = 0
     for path, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        tensors = layer_tensors(module)
+        if tensors is None:
             continue
-        if adapter_name in getattr(module, "lora_magnitude_vector", {}):
-            raise ValueError("DoRA adapters cannot be written in the kohya LoRA format.")
         name = f"{prefix}_{_base_path(path, text_encoder).replace('.', '_')}"
         if f"{name}.alpha" in out:
             raise ValueError(f"Two layers map to the same LoRA key {name!r}.")
-        down = module.lora_A[adapter_name].weight
-        up = module.lora_B[adapter_name].weight
-        rank = module.r[adapter_name]
-        alpha = float(module.lora_alpha[adapter_name])
-        rslora = getattr(module, "use_rslora", {})
-        if isinstance(rslora, dict) and rslora.get(adapter_name, False):
-            # The file's scale is alpha / rank; rsLoRA scales by alpha / sqrt(rank): keep the same update.
-            alpha *= math.sqrt(rank)
-        out[f"{name}.lora_down.weight"] = _detached_copy(down)
-        out[f"{name}.lora_up.weight"] = _detached_copy(up)
-        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        for part, tensor in tensors.items():
+            out[f"{name}.{part}"] = _detached_copy(tensor)
         found += 1
     if not found:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers named {adapter_name!r} (for {prefix}).")
+        raise ValueError(f"{type(model).__name__} has no network layers (for {prefix}).")
 
 
 def _base_path(path: str, text_encoder: bool) -> str:
@@ -233,6 +220,7 @@ def build_metadata(
     finished = time.time() if training_finished_at is None else float(training_finished_at)
     resolution = int(config.resolution)
     meta = dict(config.ss_metadata())
+    network_module, network_args = network_metadata(config)
     if mixed_precision is not None:
         meta["ss_mixed_precision"] = mixed_precision
     if optimizer is not None:
@@ -240,10 +228,10 @@ def build_metadata(
     meta.update(
         {
             "ss_output_name": output_name,
-            "ss_network_module": "networks.lora",
+            "ss_network_module": network_module,
             "ss_network_dim": str(config.network_dim),
             "ss_network_alpha": str(float(config.network_alpha)),
-            "ss_network_args": json.dumps(_network_args(config)),
+            "ss_network_args": json.dumps(network_args),
             "ss_network_train_unet_only": str(not config.train_text_encoder),
             "ss_base_model_version": spec.base_model_version,
             "ss_v2": str(spec.v2),
@@ -277,13 +265,6 @@ def build_metadata(
     if cover_image_png is not None:
         meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_image_png).decode("ascii")])
     return {str(key): _as_str(value) for key, value in meta.items()}
-
-
-def _network_args(config: TrainConfig) -> dict[str, str]:
-    """kohya's ``network_args`` (string values): the LoCon dims when LoCon is on."""
-    if not config.conv_dim:
-        return {}
-    return {"conv_dim": str(config.conv_dim), "conv_alpha": str(float(config.conv_alpha))}
 
 
 def _as_str(value: Any) -> str:

@@ -9,7 +9,6 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,13 +65,6 @@ def _sdxl_pipeline(model: LoadedModel) -> Any:
     )
 
 
-@dataclass
-class _LoraLayer:
-    down: Any  # torch.Tensor, float32 on the layer's device
-    up: Any
-    scale: float  # alpha / rank
-
-
 class DiffusersPreviewer:
     """The run's checkpoint in a diffusers ``StableDiffusionPipeline`` (SD1, SD2, SD2-v) or
     ``StableDiffusionXLPipeline`` (SDXL); LoRA files merged into the weights.
@@ -107,7 +99,7 @@ class DiffusersPreviewer:
         self._layers: dict[str, nn.Linear | nn.Conv2d] | None = None
         self._originals: dict[str, torch.Tensor] = {}
         self._lora_path: Path | None = None
-        self._lora: dict[str, _LoraLayer] = {}
+        self._lora: dict[str, dict[str, torch.Tensor]] = {}
         self._applied: tuple[Path | None, float] = (None, 0.0)
 
     @classmethod
@@ -146,10 +138,11 @@ class DiffusersPreviewer:
             self._layers = named
         return self._layers
 
-    def _load_lora(self, path: Path) -> dict[str, _LoraLayer]:
+    def _load_lora(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
         import torch
 
         from ..networks.lora_format import read_lora
+        from ..networks.weights import layer_kind, weight_update
 
         tensors, meta = read_lora(path)
         groups: dict[str, dict[str, Any]] = {}
@@ -158,23 +151,21 @@ class DiffusersPreviewer:
             groups.setdefault(name, {})[part] = tensor
         self._check_family(path, meta, groups)
         layers = self.layers()
-        out: dict[str, _LoraLayer] = {}
+        out: dict[str, dict[str, torch.Tensor]] = {}
         unmatched = 0
         for name, parts in groups.items():
             layer = layers.get(name)
-            if layer is None or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            if layer is None or layer_kind(parts) is None:
                 unmatched += 1
                 continue
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            rank = down.shape[0]
-            alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
-            if _delta_numel(down, up) != layer.weight.numel():
+            try:
+                weight_update(parts, layer.weight, 1.0)
+            except (ValueError, RuntimeError):
                 raise UserError(
                     f"{path.name} does not fit this checkpoint (layer {name} has another size); "
                     "preview a LoRA with the checkpoint it was trained on."
-                )
-            device = layer.weight.device
-            out[name] = _LoraLayer(down.to(device, torch.float32), up.to(device, torch.float32), alpha / rank)
+                ) from None
+            out[name] = {part: t.to(layer.weight.device, torch.float32) for part, t in parts.items()}
         if not out:
             raise UserError(
                 f"No layer of {path.name} fits {self.model.path.name}; it was trained for another kind "
@@ -208,6 +199,8 @@ class DiffusersPreviewer:
         """Make the model's weights base + ``lora`` at ``weight`` (None or 0: the base model exactly)."""
         import torch
 
+        from ..networks.weights import weight_update
+
         lora = Path(lora) if lora is not None else None
         weight = float(weight)
         if lora is None or weight == 0.0:
@@ -223,12 +216,12 @@ class DiffusersPreviewer:
                 return
             if lora != self._lora_path:
                 self._lora, self._lora_path = self._load_lora(lora), lora
-            for name, part in self._lora.items():
+            for name, parts in self._lora.items():
                 target = layers[name].weight
                 if name not in self._originals:
                     self._originals[name] = target.detach().clone()
-                delta = _lora_delta(part.down, part.up) * (part.scale * weight)
-                target.copy_(self._originals[name].float() + delta.reshape(target.shape))
+                original = self._originals[name].float()
+                target.copy_(original + weight_update(parts, original, weight))
         self._applied = (lora, weight)
 
     # ------------------------------------------------------------------ pictures
@@ -337,17 +330,3 @@ class DiffusersPreviewer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _delta_numel(down: Any, up: Any) -> int:
-    inner = 1
-    for side in down.shape[1:]:
-        inner *= int(side)
-    return int(up.shape[0]) * inner
-
-
-def _lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``up @ down`` (float32); a conv's ``down`` keeps its kernel, its ``up`` is 1x1."""
-    if down.dim() == 4:
-        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-    return up.flatten(1) @ down

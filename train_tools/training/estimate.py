@@ -84,9 +84,10 @@ def estimate_demo_run(
             int(config.resolution),
             int(config.batch_size),
             int(config.network_dim),
-            int(config.conv_dim),
+            (config.conv_rank() or (0, 0.0))[0],
             bool(config.train_text_encoder),
             chosen,
+            str(config.network_type),
         )
     steps = training_steps(config, pictures, class_pictures)
     grid = grid_pictures(config)
@@ -98,21 +99,22 @@ def estimate_demo_run(
 
 @functools.cache
 def _measured_seconds(
-    resolution: int, batch: int, rank: int, conv_rank: int, train_te: bool, device: str
+    resolution: int, batch: int, rank: int, conv_rank: int, train_te: bool, device: str, network_type: str = "lora"
 ) -> tuple[float, float]:
-    """(a training step, a sampling step) of the demo UNet with a rank-``rank`` LoRA (and a rank-``conv_rank``
-    LoCon, 0 = none), in seconds, measured."""
+    """(a training step, a sampling step) of the demo UNet with a rank-``rank`` network of ``network_type``
+    (with the convolutions at rank ``conv_rank``, 0 = none), in seconds, measured."""
     from ..models.configs import build_unet, spec
-    from ..networks.lora import attach_lora, lora_parameters, unet_target_modules
+    from ..networks.targets import unet_target_modules
+    from ..networks.types import attach_network, network_parameters
 
     target = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = build_unet(spec("sd1", tiny=True)).to(target)
         unet.requires_grad_(False)
-        conv = conv_rank > 0
-        attach_lora(unet, unet_target_modules(unet, conv=conv), rank, rank / 2, conv_rank=conv_rank if conv else None)
-        params = lora_parameters(unet)
+        conv = (conv_rank, conv_rank / 2) if conv_rank > 0 else None
+        attach_network(unet, unet_target_modules(unet, conv=conv is not None), network_type, rank, rank / 2, conv)
+        params = network_parameters(unet)
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         side = max(8, resolution // 8)
         latents = torch.randn(batch, 4, side, side, device=target)

@@ -72,11 +72,13 @@ class ResumeMixin(TrainerBase):
         return modules
 
     def _lora_weights(self) -> dict[str, torch.nn.Parameter]:
+        from ..networks.types import WEIGHT_MARKERS
+
         return {
             f"{prefix}.{name}": param
             for prefix, module in self._lora_modules().items()
             for name, param in module.named_parameters()
-            if "lora_" in name
+            if any(marker in name for marker in WEIGHT_MARKERS)
         }
 
     def _save_state(

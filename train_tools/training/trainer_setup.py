@@ -92,7 +92,8 @@ class SetupMixin(TrainerBase):
     def _load_model_with_lora(self) -> list[dict[str, Any]]:
         """Load the checkpoint, freeze it, attach the LoRA; the optimizer's param groups (UNet, text encoder)."""
         from ..models.loader import load_model
-        from ..networks.lora import attach_lora, lora_parameters, text_encoder_target_modules, unet_target_modules
+        from ..networks.targets import text_encoder_target_modules, unet_target_modules
+        from ..networks.types import attach_network, network_parameters
 
         cfg = self.config
         self.reporter.message(f"Loading {self.checkpoint.name}")
@@ -114,21 +115,15 @@ class SetupMixin(TrainerBase):
         move(m.unet, self.device, self.weight_dtype)
         for te in self.tes:
             move(te, self.device, self.weight_dtype)
-        conv = cfg.conv_dim > 0  # LoCon: the 3x3 convolutions too, at their own rank and alpha
-        attach_lora(
-            m.unet,
-            unet_target_modules(m.unet, conv=conv),
-            cfg.network_dim,
-            cfg.network_alpha,
-            conv_rank=cfg.conv_dim if conv else None,
-            conv_alpha=cfg.conv_alpha if conv else None,
-        )
-        params: list[dict[str, Any]] = [{"params": _fp32(lora_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
+        conv = cfg.conv_rank()  # LoCon etc.: the 3x3 convolutions too, at their own rank and alpha
+        kind, rank, alpha, factor = cfg.network_type, cfg.network_dim, cfg.network_alpha, cfg.lokr_factor
+        attach_network(m.unet, unet_target_modules(m.unet, conv=conv is not None), kind, rank, alpha, conv, factor)
+        params: list[dict[str, Any]] = [{"params": _fp32(network_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
         if self.train_te:
             te_params: list[torch.nn.Parameter] = []
             for te in self.tes:
-                attach_lora(te, text_encoder_target_modules(te), cfg.network_dim, cfg.network_alpha)
-                te_params += _fp32(lora_parameters(te))
+                attach_network(te, text_encoder_target_modules(te), kind, rank, alpha, None, factor)
+                te_params += _fp32(network_parameters(te))
             params.append({"params": te_params, "lr": cfg.effective_text_encoder_lr()})
         self.trainable = [p for g in params for p in g["params"]]
         if cfg.gradient_checkpointing:
@@ -205,9 +200,9 @@ class SetupMixin(TrainerBase):
         moves. One probe through the encoders finds them; frozen, they keep their starting values, as they
         would anyway, and the saved file is unchanged.
         """
-        from ..networks.lora import lora_parameters
+        from ..networks.types import network_parameters
 
-        params = [p for te in self.tes for p in lora_parameters(te) if p.requires_grad]
+        params = [p for te in self.tes for p in network_parameters(te) if p.requires_grad]
         with self.accelerator.autocast():
             cond = self.encode_text([self.items[0].caption])
         probe = cond.hidden.float().sum()

@@ -28,7 +28,7 @@ from .gradio_compat import on_page_load, poll_every, with_progress
 from .html import message_html, progress_html, results_html, tags_html
 from .jobs import JOBS, JobManager
 from .logic import TabLogic
-from .views import MODEL_FIELDS, SETTING_FIELDS
+from .views import MODEL_FIELDS, NETWORK_FIELDS, SETTING_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,10 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
         logic.choose_base_model,
         [*pv, settings["base_model"], *model_settings],
         [c["family"], *model_settings, msg],
+    )
+    network_settings = [settings[name] for name in NETWORK_FIELDS]
+    wire(
+        settings["network_type"].input, logic.choose_network_type, [settings["network_type"]], [*network_settings, msg]
     )
     wire(c["resume"].click, logic.resume_train, pv, [msg, c["progress"]])
     preview_inputs = [

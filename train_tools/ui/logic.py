@@ -32,6 +32,7 @@ from .results_logic import ResultsEvents
 from .uploads import add_uploaded, uploaded_files
 from .views import (
     MODEL_FIELDS,
+    NETWORK_FIELDS,
     dataset_view,
     grid_view,
     list_results,
@@ -238,6 +239,15 @@ class TabLogic(ResultsEvents):
             shown_config = TrainConfig().updated(wanted)
         line = self.model_line(choice, demo, shown_config, self.version_or_none(project, version))
         return [line, *updates, note]
+
+    def choose_network_type(self, kind: str | None) -> list[Any]:
+        """A network type was picked: its suggested dims (``NETWORK_FIELDS``, ``config_values.NETWORK_DEFAULTS``)."""
+        from ..config_values import NETWORK_DEFAULTS
+
+        wanted = NETWORK_DEFAULTS.get(str(kind), {})
+        shown = ", ".join(f"{name} {value:g}" for name, value in wanted.items())
+        note = message_html(f"{kind}: set {shown}.", "info") if wanted else ""
+        return [*(gr.update(value=wanted[n]) if n in wanted else gr.update() for n in NETWORK_FIELDS), note]
 
     def resume_train(self, project: str | None, version: str | None) -> list[Any]:
         from ..training.resume import find_run, run_is_finished

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 SETTING_FIELDS = [f.name for f in fields_info()]
 # The settings a checkpoint's family changes when it is picked (models.configs.family_defaults gives values).
 FAMILY_FIELDS = ("resolution", "min_bucket_reso", "max_bucket_reso", "clip_skip", "gradient_checkpointing")
+# The settings picking a network type sets (config_values.NETWORK_DEFAULTS gives values).
+NETWORK_FIELDS = ("network_dim", "network_alpha", "conv_dim", "conv_alpha", "lokr_factor")
 # The settings picking a checkpoint may change: its family's, and the demo model's (demo_settings.py).
 MODEL_FIELDS = tuple(dict.fromkeys((*FAMILY_FIELDS, *DEMO_SETTINGS)))
 

@@ -480,3 +480,44 @@ def test_webui_previewer_says_when_the_webui_made_nothing(trained, webui):
     finally:
         webui.shared.state.interrupted = False
         previewer.close()
+
+
+@pytest.mark.parametrize("network_type", ("loha", "lokr", "dora"))
+def test_the_previewer_merges_every_network_type_as_a1111_does(trained, previewer, tmp_path, network_type):
+    """A LoHa, LoKr or DoRA file (with convolutions) on the previewer's model: every layer it names gets A1111's
+    weight at the chosen LoRA weight, and no LoRA gives the base model back."""
+    from tests.webui_formula import a1111_update, layer_names
+    from train_tools.models.loader import load_model
+    from train_tools.networks.lora_format import kohya_state_dict, save_lora
+    from train_tools.networks.targets import text_encoder_target_modules, unet_target_modules
+    from train_tools.networks.types import attach_network, network_parameters
+
+    torch.manual_seed(0)
+    net = load_model(trained.ckpt)
+    attach_network(net.unet, unet_target_modules(net.unet, conv=True), network_type, 4, 2.0, (2, 1.0))
+    attach_network(net.text_encoders[0], text_encoder_target_modules(net.text_encoders[0]), network_type, 4, 2.0)
+    with torch.no_grad():
+        for p in network_parameters(net.unet) + network_parameters(net.text_encoders[0]):
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / f"{network_type}.safetensors"
+    tensors = kohya_state_dict(unet=net.unet, text_encoders=[net.text_encoders[0]], family="sd1")
+    save_lora(path, tensors, {"ss_base_model_version": "sd_v1"}, dtype=torch.float32)
+    base = load_model(trained.ckpt)
+    layers = {**layer_names(base.unet, "lora_unet"), **layer_names(base.text_encoders[0], "lora_te")}
+    merged = {
+        **layer_names(previewer.model.unet, "lora_unet"),
+        **layer_names(previewer.model.text_encoders[0], "lora_te"),
+    }
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_lora(path)[0].items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = tensor
+    previewer.apply_lora(path, 0.6)
+    try:
+        for name, parts in groups.items():
+            original = layers[name].weight.float()
+            expected = original + a1111_update(parts, original, 0.6)
+            torch.testing.assert_close(merged[name].weight.float(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        previewer.apply_lora(None, 0.0)
+    assert all(torch.equal(merged[n].weight, layers[n].weight) for n in groups)

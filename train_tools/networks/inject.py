@@ -12,10 +12,13 @@ train (and their optimizer state lives) in float32 on a half-precision base.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from peft import inject_adapter_in_model
+from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -71,7 +74,18 @@ def inject(model: nn.Module, targets: Sequence[str], config: Any, conv_rank: int
     for param in adapter_parameters(model):
         param.data = param.data.float()
         param.requires_grad_(True)
+    for layer in injected.values():
+        if isinstance(layer, LycorisLayer) and not hasattr(layer, "_cast_input_dtype"):
+            layer._get_delta_activations = types.MethodType(_delta_in_float32, layer)
     return injected
+
+
+def _delta_in_float32(layer: Any, adapter: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """LoHa/LoKr's update on an input cast to the adapter's float32, cast back: what peft's LoRA does, and peft's
+    LoHa/LoKr since 0.14. Forge's peft 0.13 passes a half-precision input straight to the float32 update, which
+    fails where no autocast runs (A1111's accelerate 0.21 autocasts only on CUDA)."""
+    out = type(layer)._get_delta_activations(layer, adapter, x.float(), *args, **kwargs)
+    return out.to(x.dtype)
 
 
 def _ranks(module: nn.Module) -> dict[str, int]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any
 
-from .config_values import check_fields, check_rules, coerce, ss_strings, unknown_key_message
+from .config_values import check_fields, check_rules, checked_values, ss_strings
 from .config_values import setting_field as _f
-from .errors import UserError
 
 OPTIMIZERS = ("Lion", "AdamW", "AdamW8bit", "Lion8bit", "SGDNesterov", "Prodigy", "AdaFactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -213,10 +212,8 @@ class TrainConfig:
     captioner: str = _f(
         "none",
         "Automatic captioner",
-        "Caption pictures automatically when preparing: wd14 = "
-        "booru tags (anime), blip = a short sentence (photos), deepbooru = the WebUI's own tagger "
-        "(in the WebUI only); combined with uploaded captions "
-        "per 'Uploaded captions'.",
+        "Caption pictures automatically when preparing: wd14 = booru tags (anime), blip = a short sentence "
+        "(photos), deepbooru = the WebUI's own tagger (in the WebUI only); combined per 'Uploaded captions'.",
         choices=CAPTIONERS,
         advanced=True,
     )
@@ -307,6 +304,27 @@ class TrainConfig:
         max=100.0,
         advanced=True,
     )
+    v_parameterization: bool = _f(
+        False,
+        "V-prediction",
+        "Train the v target (v-prediction models); on by itself for a checkpoint marked v_pred or SD2 768-v.",
+        ss="ss_v_parameterization",
+        advanced=True,
+    )
+    zero_terminal_snr: bool = _f(
+        False,
+        "Zero terminal SNR",
+        "Rescale the noise schedule so the last step is pure noise; on by itself for a checkpoint marked ztsnr.",
+        ss="ss_zero_terminal_snr",
+        advanced=True,
+    )
+    scale_v_pred_loss_like_noise_pred: bool = _f(
+        False,
+        "Scale v loss like noise loss",
+        "With v-prediction: weight each step's loss by SNR / (SNR + 1), as an epsilon loss would weigh it.",
+        ss="ss_scale_v_pred_loss_like_noise_pred",
+        advanced=True,
+    )
     max_grad_norm: float = _f(
         1.0, "Max grad norm", "Gradient clipping; 0 = off.", ss="ss_max_grad_norm", min=0.0, max=1000.0, advanced=True
     )
@@ -377,15 +395,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build and validate a config; unknown keys and bad values raise a UserError naming the key."""
-        if not isinstance(data, dict):
-            raise UserError("Settings must be a JSON object of key: value pairs.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise UserError(unknown_key_message(key, known))
-        types = get_type_hints(cls)
-        values = {key: coerce(key, types[key], value) for key, value in data.items()}
-        config = cls(**values)
+        config = cls(**checked_values(cls, data))
         config.validate()
         return config
 
@@ -401,12 +411,7 @@ class TrainConfig:
 
     def ss_metadata(self) -> dict[str, str]:
         """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings)."""
-        out = ss_strings(self)
-        out["ss_resolution"] = f"({self.resolution}, {self.resolution})"
-        for name in ("unet_lr", "text_encoder_lr"):
-            if not getattr(self, name):
-                out[f"ss_{name}"] = str(self.learning_rate)
-        return out
+        return ss_strings(self)
 
 
 def fields_info() -> list[dataclasses.Field]:

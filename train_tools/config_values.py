@@ -123,8 +123,27 @@ def check_fields(config: Any) -> None:
 
 
 def ss_strings(config: Any) -> dict[str, str]:
-    """``str(value)`` of every field that names an ``ss_*`` metadata key, under that key."""
-    return {f.metadata["ss"]: str(getattr(config, f.name)) for f in dataclasses.fields(config) if f.metadata["ss"]}
+    """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings): ``str(value)``
+    of every field that names a key, the resolution as kohya's ``(w, h)``, unset learning rates as the rate."""
+    out = {f.metadata["ss"]: str(getattr(config, f.name)) for f in dataclasses.fields(config) if f.metadata["ss"]}
+    out["ss_resolution"] = f"({config.resolution}, {config.resolution})"
+    for name in ("unet_lr", "text_encoder_lr"):
+        if not getattr(config, name):
+            out[f"ss_{name}"] = str(config.learning_rate)
+    return out
+
+
+def checked_values(cls: Any, data: Any) -> dict[str, Any]:
+    """The values of a settings dict coerced to ``cls``'s field types; unknown keys and bad values raise a
+    UserError naming the key."""
+    if not isinstance(data, dict):
+        raise UserError("Settings must be a JSON object of key: value pairs.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(unknown_key_message(key, known))
+    types = get_type_hints(cls)
+    return {key: coerce(key, types[key], value) for key, value in data.items()}
 
 
 def check_rules(config: Any) -> None:

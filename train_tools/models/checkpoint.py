@@ -328,12 +328,15 @@ def unet_predicts_v(unet: UNet2DConditionModel) -> bool:
 
 def detect_family(sd: dict[str, torch.Tensor], path: Path | None = None, *,
                   yaml_path: Path | None = None) -> str:
-    """The family of a single-file state dict: "sd1", "sd2", "sd2v" or "sdxl" (tiny-ness: ``detect_structure``).
+    """The family of a single-file state dict: "sd1", "sd2", "sd2v", "sdxl" or "sdxlv" (tiny-ness:
+    ``detect_structure``).
 
     SD2 512 (epsilon) vs 768-v: a sidecar YAML decides as in the WebUI; without one the UNet is built and
     probed like the WebUI does (``unet_predicts_v``).
     """
     family, tiny = detect_structure(sd, path)
+    if family == "sdxl":
+        return "sdxlv" if sdxl_marks(sd, path, yaml_path)[0] else "sdxl"
     if family != "sd2":
         return family
     says_v = yaml_says_v(path, yaml_path)
@@ -349,7 +352,8 @@ def detect_family(sd: dict[str, torch.Tensor], path: Path | None = None, *,
 
 
 def detect_checkpoint_family(path: Path | str, *, yaml_path: Path | None = None) -> str:
-    """The family of a checkpoint file, "sd1", "sd2", "sd2v" or "sdxl", fast enough to show beside the picker.
+    """The family of a checkpoint file, "sd1", "sd2", "sd2v", "sdxl" or "sdxlv" (v-prediction SDXL, by its
+    marker keys), fast enough to show beside the picker.
 
     A ``.safetensors`` file is judged by its header alone (tensor names and shapes, no weights are read).
     Pickles have no header and are read through the safe loader (memory-mapped where the format allows).
@@ -370,12 +374,27 @@ def detect_checkpoint_family(path: Path | str, *, yaml_path: Path | None = None)
     else:
         sd = _read_pickle(path)
     family, _tiny = detect_structure(sd, path)
+    if family == "sdxl":
+        return "sdxlv" if sdxl_marks(sd, path, yaml_path)[0] else "sdxl"
     if family != "sd2":
         return family
     says_v = yaml_says_v(path, yaml_path)
     if says_v is None:
         says_v = _v_hint(path, metadata)
     return "sd2v" if says_v else "sd2"
+
+
+# The keys a v-prediction SDXL single file carries (NoobAI-XL v-pred and its descendants; ComfyUI's detection
+# reads them): an empty ``v_pred`` tensor, and ``ztsnr`` when it was trained with a zero-terminal-SNR schedule.
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
+
+
+def sdxl_marks(sd: dict[str, Any], path: Path | None = None, yaml_path: Path | None = None) -> tuple[bool, bool]:
+    """(v-prediction, zero terminal SNR) of an SDXL checkpoint: by its marker keys, or a sidecar YAML that
+    says ``parameterization: "v"``."""
+    v = V_PRED_KEY in sd or bool(yaml_says_v(path, yaml_path))
+    return v, ZTSNR_KEY in sd
 
 
 def _shape_only(shape: list[int]) -> torch.Tensor:

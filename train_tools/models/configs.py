@@ -19,7 +19,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizers import EOS, REAL_VOCAB_SIZE, TINY_VOCAB_SIZE
 
-FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
+FAMILIES = ("sd1", "sd2", "sd2v", "sdxl", "sdxlv")
+# The architecture each family is built from: the v-prediction families differ in their target (and SD2-768 in
+# its resolution), not in their layers.
+ARCHITECTURES = {"sd1": "sd1", "sd2": "sd2", "sd2v": "sd2", "sdxl": "sdxl", "sdxlv": "sdxl"}
 
 
 @dataclass
@@ -206,7 +209,9 @@ def _text_encoders(family: str, tiny: bool) -> list[TextEncoderSpec]:
     ]
 
 
-def _scheduler(prediction_type: str) -> dict[str, Any]:
+def scheduler_config(prediction_type: str, zero_terminal_snr: bool = False) -> dict[str, Any]:
+    """The training noise schedule (SD's scaled-linear betas); ``zero_terminal_snr`` rescales it so the last
+    timestep is pure noise (diffusers' ``rescale_betas_zero_snr``, as kohya's ``--zero_terminal_snr``)."""
     return {
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
@@ -214,24 +219,27 @@ def _scheduler(prediction_type: str) -> dict[str, Any]:
         "beta_schedule": "scaled_linear",
         "clip_sample": False,
         "prediction_type": prediction_type,
+        "rescale_betas_zero_snr": bool(zero_terminal_snr),
     }
 
 
-def spec(family: str, tiny: bool = False) -> ModelSpec:
-    """The architecture of ``family`` ("sd1", "sd2", "sd2v", "sdxl"); ``tiny`` for the small test variant."""
+def spec(family: str, tiny: bool = False, zero_terminal_snr: bool = False) -> ModelSpec:
+    """The architecture of ``family`` (``FAMILIES``); ``tiny`` for the small test variant; ``zero_terminal_snr``
+    for a checkpoint trained with that noise schedule."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown model family {family!r}; expected one of {', '.join(FAMILIES)}.")
-    prediction = "v_prediction" if family == "sd2v" else "epsilon"
+    prediction = "v_prediction" if family in ("sd2v", "sdxlv") else "epsilon"
+    arch = ARCHITECTURES[family]
     if tiny:
-        unet = {"sd1": _TINY_SD1_UNET, "sd2": _TINY_SD2_UNET, "sd2v": _TINY_SD2_UNET, "sdxl": _TINY_SDXL_UNET}
-        vae = _TINY_SDXL_VAE if family == "sdxl" else _TINY_VAE
+        unet = {"sd1": _TINY_SD1_UNET, "sd2": _TINY_SD2_UNET, "sdxl": _TINY_SDXL_UNET}
+        vae = _TINY_SDXL_VAE if arch == "sdxl" else _TINY_VAE
         resolution = 128
-        unet_cfg = copy.deepcopy(unet[family])
+        unet_cfg = copy.deepcopy(unet[arch])
     else:
-        unet = {"sd1": _SD1_UNET, "sd2": _SD2_UNET, "sd2v": _SD2_UNET, "sdxl": _SDXL_UNET}
-        vae = _SDXL_VAE if family == "sdxl" else _SD_VAE
-        resolution = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024}[family]
-        unet_cfg = copy.deepcopy(unet[family])
+        unet = {"sd1": _SD1_UNET, "sd2": _SD2_UNET, "sdxl": _SDXL_UNET}
+        vae = _SDXL_VAE if arch == "sdxl" else _SD_VAE
+        resolution = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024, "sdxlv": 1024}[family]
+        unet_cfg = copy.deepcopy(unet[arch])
         unet_cfg["sample_size"] = resolution // 8
         if family == "sd2v":
             # As diffusers' SD2.1-768 config: attention in fp32, which 768-v needs to avoid NaNs in fp16.
@@ -240,8 +248,8 @@ def spec(family: str, tiny: bool = False) -> ModelSpec:
         family=family,
         unet=unet_cfg,
         vae=copy.deepcopy(vae),
-        text_encoders=_text_encoders(family, tiny),
-        scheduler=_scheduler(prediction),
+        text_encoders=_text_encoders(arch, tiny),
+        scheduler=scheduler_config(prediction, zero_terminal_snr),
         resolution=resolution,
         prediction_type=prediction,
         tiny=tiny,
@@ -301,10 +309,11 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sdxl": {"resolution": 1024, "min_bucket_reso": 640, "max_bucket_reso": 1920, "clip_skip": 1,
              "gradient_checkpointing": True},
 }
+_FAMILY_DEFAULTS["sdxlv"] = _FAMILY_DEFAULTS["sdxl"]
 
 
 def family_defaults(family: str) -> dict[str, Any]:
-    """TrainConfig values to use for a checkpoint of ``family`` ("sd1", "sd2", "sd2v", "sdxl").
+    """TrainConfig values to use for a checkpoint of ``family`` (``FAMILIES``).
 
     Training below a model's native resolution teaches it blurry pictures, and a bucket limit under the
     resolution would make the resolution unreachable, so the tab switches these with the chosen checkpoint.

@@ -18,7 +18,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..fileio import sha256_file
-from .checkpoint import detect_structure, read_state_dict, unet_predicts_v, yaml_says_v
+from .checkpoint import (
+    V_PRED_KEY,
+    ZTSNR_KEY,
+    detect_structure,
+    read_state_dict,
+    sdxl_marks,
+    unet_predicts_v,
+    yaml_says_v,
+)
 from .configs import (
     ModelSpec,
     build_scheduler,
@@ -75,12 +83,19 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
     log.info("Reading %s", path.name)
     sd = read_state_dict(path)
     family, tiny = detect_structure(sd, path)
-    is_v = yaml_says_v(path, yaml_path)
+    ztsnr = False
+    if family == "sdxl":
+        xl_v, ztsnr = sdxl_marks(sd, path, yaml_path)
+        family, is_v = ("sdxlv" if xl_v else "sdxl"), None
+        for marker in (V_PRED_KEY, ZTSNR_KEY):
+            sd.pop(marker, None)  # markers, not weights
+    else:
+        is_v = yaml_says_v(path, yaml_path)
     if is_v and family != "sd2":
-        log.warning("%s asks for v-prediction, which is only supported for SD2 models; using epsilon.",
+        log.warning("%s asks for v-prediction, which is only supported for SD2 and SDXL models; using epsilon.",
                     path.name)
         is_v = False
-    model_spec = spec("sd2v" if is_v else family, tiny)
+    model_spec = spec("sd2v" if is_v else family, tiny, zero_terminal_snr=ztsnr)
     log.info("%s is %s%s", path.name, model_spec.family.upper(), " (tiny test model)" if tiny else "")
 
     components = original_to_diffusers(sd, model_spec)
@@ -122,3 +137,14 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
         prediction_type=model_spec.prediction_type,
         path=path,
     )
+
+
+def set_training_target(model: LoadedModel, *, v_prediction: bool, zero_terminal_snr: bool) -> None:
+    """Turn on the v-prediction target and/or the zero-terminal-SNR schedule (the settings of the same names),
+    on top of what the checkpoint says; never off: a marked checkpoint trains as it was made."""
+    config = dict(model.noise_scheduler.config)
+    if v_prediction:
+        model.prediction_type = config["prediction_type"] = "v_prediction"
+    if zero_terminal_snr:
+        config["rescale_betas_zero_snr"] = True
+    model.noise_scheduler = DDPMScheduler.from_config(config)

@@ -57,6 +57,8 @@ FAMILIES: dict[str, _Family] = {
     "sd2": _Family("sd_v2", True, "stable-diffusion-v2-512/lora", "epsilon", ("lora_te",)),
     "sd2v": _Family("sd_v2_v", True, "stable-diffusion-v2-768-v/lora", "v", ("lora_te",)),
     "sdxl": _Family("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base/lora", "epsilon", ("lora_te1", "lora_te2")),
+    # kohya writes a v-prediction SDXL LoRA as SDXL with ss_v_parameterization (and modelspec's "v").
+    "sdxlv": _Family("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base/lora", "v", ("lora_te1", "lora_te2")),
 }
 
 # The metadata every file carries (the reference's "must have" list); tests and readers check against it.
@@ -207,6 +209,8 @@ def build_metadata(
     cover_image_png: bytes | None = None,
     mixed_precision: str | None = None,
     optimizer: str | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> dict[str, str]:
     """The file's metadata: the settings' ``ss_*`` strings plus the facts of this run, all values ``str``.
 
@@ -214,7 +218,8 @@ def build_metadata(
     ``training_finished_at=None`` (a mid-training save) records the time of this call, as kohya does.
     ``mixed_precision`` is the precision the run really trained in ("no" = fp32, e.g. bf16 asked for on a CPU
     without bf16), and ``optimizer`` the optimizer that stepped, in kohya's ``module.Class(args)`` form
-    (``optim.describe_optimizer``): the file says those, not what was asked.
+    (``optim.describe_optimizer``), ``prediction_type`` / ``zero_terminal_snr`` what the model was trained
+    with (a marked checkpoint turns them on by itself): the file says those, not what was asked.
     """
     spec = _family(family)
     finished = time.time() if training_finished_at is None else float(training_finished_at)
@@ -258,10 +263,16 @@ def build_metadata(
     if not config.train_text_encoder:
         # Nothing was trained at that rate; a number here would claim a text-encoder LoRA the file lacks.
         meta["ss_text_encoder_lr"] = "0.0"
-    if family in ("sd2", "sd2v", "sdxl"):
+    if family != "sd1":
         # The WebUI ignores clip skip for SD2 and SDXL (the penultimate layer is built in) and so does the
         # trainer: record what was used, not what was asked for.
         meta["ss_clip_skip"] = "1"
+    if prediction_type is not None:
+        v = prediction_type == "v_prediction"
+        meta["ss_v_parameterization"] = str(v)
+        meta["modelspec.prediction_type"] = "v" if v else "epsilon"
+    if zero_terminal_snr is not None:
+        meta["ss_zero_terminal_snr"] = str(bool(zero_terminal_snr))
     if cover_image_png is not None:
         meta["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_image_png).decode("ascii")])
     return {str(key): _as_str(value) for key, value in meta.items()}

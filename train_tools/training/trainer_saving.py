@@ -92,6 +92,8 @@ class SavingMixin(TrainerBase):
             bucket_info=bucket_info(self.items),
             mixed_precision=self.mixed_precision_used,
             optimizer=describe_optimizer(self.config.optimizer, self.optimizer),
+            prediction_type=self.model.prediction_type,
+            zero_terminal_snr=bool(self.noise_scheduler.config.get("rescale_betas_zero_snr", False)),
         )
         # kohya's names for the class pictures; ss_tag_frequency and ss_dataset_dirs stay the training pictures'.
         reg_folder = f"1_{self.config.reg_caption.strip() or 'reg'}"

@@ -187,6 +187,13 @@ class SetupMixin(TrainerBase):
             cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps * ticks, total_steps=self.total_steps * ticks
         )
         self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, lr_scheduler)
+        from ..models.loader import set_training_target
+
+        set_training_target(m, v_prediction=cfg.v_parameterization, zero_terminal_snr=cfg.zero_terminal_snr)
+        ztsnr = bool(m.noise_scheduler.config.get("rescale_betas_zero_snr"))
+        if m.prediction_type == "v_prediction" or ztsnr:
+            zero = " with a zero-terminal-SNR schedule" if ztsnr else ""
+            self.reporter.message(f"Training target: {m.prediction_type.replace('_', '-')}{zero}")
         self.noise_scheduler = m.noise_scheduler
         if self.flat and not all(views_intact(f) for f in self.optimized):
             raise RuntimeError("A LoRA weight left its flat tensor while the model was prepared; it would not train.")

@@ -117,11 +117,16 @@ class StepMixin(TrainerBase):
         else:
             target = noise
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.config.min_snr_gamma:
+        v = self.model.prediction_type == "v_prediction"
+        if self.config.min_snr_gamma or (v and self.config.scale_v_pred_loss_like_noise_pred):
             snr = signal_to_noise(sched, timesteps)
+        if self.config.min_snr_gamma:
             weight = torch.clamp(snr, max=self.config.min_snr_gamma)
-            weight = weight / (snr + 1) if self.model.prediction_type == "v_prediction" else weight / snr
-            loss = loss * weight
+            # min(snr, gamma) / snr tends to 1 where a zero-terminal-SNR schedule reaches snr 0.
+            eps_weight = torch.where(snr > 0, weight / snr.clamp(min=1e-12), torch.ones_like(snr))
+            loss = loss * (weight / (snr + 1) if v else eps_weight)
+        if v and self.config.scale_v_pred_loss_like_noise_pred:
+            loss = loss * (snr / (snr + 1))  # kohya's scale_v_prediction_loss_like_noise_prediction
         if weights is not None:
             loss = loss * weights.to(loss.device)
         return loss.mean()

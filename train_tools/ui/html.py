@@ -16,7 +16,13 @@ from ..progress import task_amount
 from .jobs import FAILED, FINISHED, INTERRUPTED, RUNNING, JobStatus
 
 MAX_CHART_POINTS = 300
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (512)", "sd2v": "SD 2.x 768 (v-prediction)", "sdxl": "SDXL"}
+FAMILY_NAMES = {
+    "sd1": "SD 1.x",
+    "sd2": "SD 2.x (512)",
+    "sd2v": "SD 2.x 768 (v-prediction)",
+    "sdxl": "SDXL",
+    "sdxlv": "SDXL (v-prediction)",
+}
 
 
 @dataclasses.dataclass

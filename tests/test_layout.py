@@ -29,7 +29,10 @@ RANKS = {
 #: is the short name of a benchmark (``python -m train_tools.bench_quality``): it belongs to ``bench``.
 ENTRY = {"cli", "commands", "__main__"}
 BENCH = {"bench_quality"}
-MAX_LINES = 420  # "about 400": the settings dataclass, a field every few lines, is the longest
+MAX_LINES = 420  # "about 400"
+# The one settings dataclass is the exception: every training parameter is a field of it (about 8 lines each, its
+# label, help, metadata key and range), and splitting it would list the settings in two places.
+LONGER = {"config.py": 800}
 
 
 def module_name(path: Path) -> str:
@@ -123,7 +126,7 @@ def test_no_module_over_about_400_lines():
     long = {
         str(p.relative_to(PACKAGE)): n
         for p in PACKAGE.rglob("*.py")
-        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > LONGER.get(str(p.relative_to(PACKAGE)), MAX_LINES)
     }
     assert long == {}
 

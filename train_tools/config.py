@@ -8,11 +8,9 @@ Defaults are those of the original Train Tools tab.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any
 
-from .config_values import check_fields, check_rules, checked_values, ss_strings
+from .config_values import SettingsIO
 from .config_values import setting_field as _f
 
 OPTIMIZERS = ("Lion", "AdamW", "AdamW8bit", "Lion8bit", "SGDNesterov", "Prodigy", "AdaFactor")
@@ -23,10 +21,12 @@ CAPTION_MODES = ("use", "ignore", "prepend", "append")
 CAPTIONERS = ("none", "wd14", "blip", "deepbooru")
 # The network types every host applies (the LoRA file format reference); networks/types.py builds each.
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SettingsIO):
     """Every parameter of a training run. Keys are the snake_case of the tab's labels."""
 
     # --- the common ones, shown first in the tab ---
@@ -277,6 +277,33 @@ class TrainConfig:
         max=225,
         advanced=True,
     )
+    caption_dropout_rate: float = _f(
+        0.0,
+        "Caption dropout",
+        "Share of steps that train a picture with an empty caption (the LoRA then also works without its words).",
+        ss="ss_caption_dropout_rate",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    caption_dropout_every_n_epochs: int = _f(
+        0,
+        "Caption dropout every n epochs",
+        "Every n-th epoch trains every picture with an empty caption; 0 = never.",
+        ss="ss_caption_dropout_every_n_epochs",
+        min=0,
+        max=10000,
+        advanced=True,
+    )
+    caption_tag_dropout_rate: float = _f(
+        0.0,
+        "Tag dropout",
+        "Chance of leaving out each comma-separated tag at a step (the first Keep tokens tags always stay).",
+        ss="ss_caption_tag_dropout_rate",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
     max_token_length: int = _f(
         75,
         "Max token length",
@@ -323,6 +350,87 @@ class TrainConfig:
         "Scale v loss like noise loss",
         "With v-prediction: weight each step's loss by SNR / (SNR + 1), as an epsilon loss would weigh it.",
         ss="ss_scale_v_pred_loss_like_noise_pred",
+        advanced=True,
+    )
+    loss_type: str = _f(
+        "l2",
+        "Loss type",
+        "l2 (squared error, the usual), l1, or huber / smooth_l1: like l2 for small errors, like l1 for large "
+        "ones, so odd pictures pull less.",
+        ss="ss_loss_type",
+        choices=LOSS_TYPES,
+        advanced=True,
+    )
+    huber_c: float = _f(
+        0.1,
+        "Huber c",
+        "Where huber / smooth_l1 turn from l2 into l1 (kohya's default 0.1).",
+        ss="ss_huber_c",
+        min=0.0001,
+        max=10.0,
+        advanced=True,
+    )
+    huber_schedule: str = _f(
+        "snr",
+        "Huber schedule",
+        "How huber c changes with the noise level: snr (larger at low noise, kohya's default), exponential, constant.",
+        ss="ss_huber_schedule",
+        choices=HUBER_SCHEDULES,
+        advanced=True,
+    )
+    debiased_estimation_loss: bool = _f(
+        False,
+        "Debiased estimation loss",
+        "Weight each step's loss by 1 / sqrt(SNR) (1 / (SNR + 1) for v-prediction), as kohya's option does.",
+        ss="ss_debiased_estimation",
+        advanced=True,
+    )
+    min_timestep: int = _f(
+        0, "Min timestep", "Lowest noise step trained (0-999).", ss="ss_min_timestep", min=0, max=999, advanced=True
+    )
+    max_timestep: int = _f(
+        1000,
+        "Max timestep",
+        "Noise steps below this are trained (1-1000); e.g. 0-500 trains only details.",
+        ss="ss_max_timestep",
+        min=1,
+        max=1000,
+        advanced=True,
+    )
+    ip_noise_gamma: float = _f(
+        0.0,
+        "Input perturbation noise",
+        "Extra noise on the noisy input only (not the target), 0.1 typical; 0 = off.",
+        ss="ss_ip_noise_gamma",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    multires_noise_iterations: int = _f(
+        0,
+        "Multires noise iterations",
+        "Pyramid noise: add lower-resolution noise this many times (6-10 typical); 0 = off.",
+        ss="ss_multires_noise_iterations",
+        min=0,
+        max=20,
+        advanced=True,
+    )
+    multires_noise_discount: float = _f(
+        0.3,
+        "Multires noise discount",
+        "How much each coarser level of the pyramid noise counts (0.1-0.3).",
+        ss="ss_multires_noise_discount",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    adaptive_noise_scale: float = _f(
+        0.0,
+        "Adaptive noise scale",
+        "With noise offset: add this times each picture's mean latent to the offset; 0 = off.",
+        ss="ss_adaptive_noise_scale",
+        min=-1.0,
+        max=1.0,
         advanced=True,
     )
     max_grad_norm: float = _f(
@@ -384,34 +492,6 @@ class TrainConfig:
         if self.network_type == "locon":
             return self.network_dim, self.network_alpha
         return None
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build and validate a config; unknown keys and bad values raise a UserError naming the key."""
-        config = cls(**checked_values(cls, data))
-        config.validate()
-        return config
-
-    def updated(self, changes: dict[str, Any]) -> TrainConfig:
-        """A copy with ``changes`` applied and validated (values may be strings, as typed on a command line)."""
-        merged = self.to_dict()
-        merged.update(changes)
-        return TrainConfig.from_dict(merged)
-
-    def validate(self) -> None:
-        check_fields(self)
-        check_rules(self)
-
-    def ss_metadata(self) -> dict[str, str]:
-        """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings)."""
-        return ss_strings(self)
 
 
 def fields_info() -> list[dataclasses.Field]:

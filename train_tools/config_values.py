@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from dataclasses import field
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 from .errors import UserError
 from .names import MAX_COMPONENT_BYTES, check_name
@@ -152,6 +153,8 @@ def check_rules(config: Any) -> None:
         raise UserError("Setting 'min_bucket_reso' must not be larger than 'max_bucket_reso'.")
     if not is_hex_colour(config.background_color):
         raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{config.background_color}'.")
+    if config.min_timestep >= config.max_timestep:
+        raise UserError("Setting 'min_timestep' must be below 'max_timestep'.")
     if config.lokr_factor in (0, 1):
         raise UserError("Setting 'lokr_factor' must be -1 (as square as possible) or at least 2.")
     if config.max_token_length not in (75, 150, 225):
@@ -164,3 +167,36 @@ def check_rules(config: Any) -> None:
         config.output_name = check_name(
             config.output_name, "output name (setting 'output_name')", max_bytes=MAX_COMPONENT_BYTES
         )
+
+
+_S = TypeVar("_S", bound="SettingsIO")
+
+
+class SettingsIO:
+    """What a settings dataclass (``TrainConfig``) does with its values: build one from a dict (validated),
+    copy it with changes, check it, and give it back as a dict, JSON and the file's ``ss_*`` strings."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls: type[_S], data: dict[str, Any]) -> _S:
+        """Build and validate settings; unknown keys and bad values raise a UserError naming the key."""
+        config = cls(**checked_values(cls, data))
+        config.validate()
+        return config
+
+    def updated(self: _S, changes: dict[str, Any]) -> _S:
+        """A copy with ``changes`` applied and validated (values may be strings, as typed on a command line)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> None:
+        check_fields(self)
+        check_rules(self)
+
+    def ss_metadata(self) -> dict[str, str]:
+        """The settings as the LoRA file's ``ss_*`` metadata strings (kohya's names and spellings)."""
+        return ss_strings(self)

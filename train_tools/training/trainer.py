@@ -184,10 +184,11 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
             for indices in batches[done:]:
                 with acc.accumulate(unet):
                     latents = self.latents_for(indices, rng, gen)
-                    text = self.text_for(indices, rng)
+                    text = self.text_for(indices, rng, epoch)
                     noise = self.sample_noise(latents, gen)
                     timesteps = self.sample_timesteps(len(indices), gen)
-                    loss = self.loss(latents, text, noise, timesteps, self.loss_weights(indices))
+                    perturbed = self.perturbed_noise(noise, gen)
+                    loss = self.loss(latents, text, noise, timesteps, self.loss_weights(indices), perturbed)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         self.clip_gradients(cfg.max_grad_norm)

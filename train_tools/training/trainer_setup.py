@@ -68,7 +68,8 @@ class SetupMixin(TrainerBase):
         self._prepare_pictures()
         params = self._load_model_with_lora()
         self.cache_latents()
-        self.cached_text = self.cache_text() if not self.train_te and not cfg.shuffle_caption else None
+        varies = cfg.shuffle_caption or cfg.caption_tag_dropout_rate > 0  # captions that change at every step
+        self.cached_text = self.cache_text() if not self.train_te and not varies else None
         if self.cached_text is not None:
             self._release_text_encoders()
         self._plan_batches()
@@ -306,11 +307,14 @@ class SetupMixin(TrainerBase):
 
     @torch.no_grad()
     def cache_text(self) -> list[Conditioning]:
-        """Every caption through the frozen text encoder(s) once (batch of one each, kept on the CPU)."""
+        """Every caption through the frozen text encoder(s) once (batch of one each, kept on the CPU), and with
+        caption dropout the empty caption last (what a dropped caption trains with)."""
+        cfg = self.config
+        dropout = [""] if cfg.caption_dropout_rate > 0 or cfg.caption_dropout_every_n_epochs > 0 else []
         out = []
         with self.accelerator.autocast():
-            for item in self.all_items:
-                out.append(self.encode_text([item.caption]).to("cpu"))
+            for caption in [*(item.caption for item in self.all_items), *dropout]:
+                out.append(self.encode_text([caption]).to("cpu"))
         return out
 
 

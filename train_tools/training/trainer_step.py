@@ -8,10 +8,10 @@ import random
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..data.items import DatasetItem
 from ..models.text_encoding import Conditioning, encode_ids, token_rows
+from .losses import debiased_weight, huber_c_for, noise_offsets, per_item_loss, pyramid_noise
 from .trainer_base import TrainerBase
 
 
@@ -30,10 +30,17 @@ def sdxl_time_ids(item: DatasetItem) -> list[float]:
     return [float(orig_h), float(orig_w), float(top), float(left), float(target_h), float(target_w)]
 
 
-def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
+def shuffle_caption(
+    caption: str, keep_tokens: int, rng: random.Random, shuffle: bool = True, tag_dropout: float = 0.0
+) -> str:
+    """The caption's comma-separated tags after the first ``keep_tokens``: shuffled, then each left out with
+    probability ``tag_dropout`` (kohya's order)."""
     tags = [t.strip() for t in caption.split(",")]
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
+    if shuffle:
+        rng.shuffle(tail)
+    if tag_dropout > 0:
+        tail = [t for t in tail if rng.random() >= tag_dropout]
     return ", ".join(t for t in head + tail if t)
 
 
@@ -80,10 +87,25 @@ class StepMixin(TrainerBase):
             out.append(mean + std * eps)
         return torch.stack(out).to(self.device) * self.scaling_factor
 
-    def captions_for(self, indices: list[int], rng: random.Random) -> list[str]:
-        caps = [self.all_items[i].caption for i in indices]
-        if self.config.shuffle_caption:
-            caps = [shuffle_caption(c, self.config.keep_tokens, rng) for c in caps]
+    def caption_dropped(self, rng: random.Random, epoch: int | None) -> bool:
+        """Whether this item trains with an empty caption at this step (never for ``epoch=None``: fixed batches).
+        The rng is drawn from only when a dropout rate is set, so runs without one draw as before."""
+        cfg = self.config
+        if epoch is None:
+            return False
+        if cfg.caption_dropout_every_n_epochs and epoch % cfg.caption_dropout_every_n_epochs == 0:
+            return True
+        return cfg.caption_dropout_rate > 0 and rng.random() < cfg.caption_dropout_rate
+
+    def captions_for(self, indices: list[int], rng: random.Random, epoch: int | None = None) -> list[str]:
+        cfg = self.config
+        caps = []
+        for i in indices:
+            caption = "" if self.caption_dropped(rng, epoch) else self.all_items[i].caption
+            if caption and (cfg.shuffle_caption or (cfg.caption_tag_dropout_rate and epoch is not None)):
+                tag_dropout = cfg.caption_tag_dropout_rate if epoch is not None else 0.0
+                caption = shuffle_caption(caption, cfg.keep_tokens, rng, cfg.shuffle_caption, tag_dropout)
+            caps.append(caption)
         return caps
 
     def loss_weights(self, indices: list[int]) -> torch.Tensor | None:
@@ -102,55 +124,80 @@ class StepMixin(TrainerBase):
         noise: torch.Tensor,
         timesteps: torch.Tensor,
         weights: torch.Tensor | None = None,
+        input_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The batch's mean loss; ``weights`` (one per item, see ``loss_weights``) scale each item's part."""
+        """The batch's mean loss; ``weights`` (one per item, see ``loss_weights``) scale each item's part.
+        ``input_noise`` (input perturbation, see ``perturbed_noise``) noises the input in place of ``noise``;
+        the target stays ``noise``'s."""
+        cfg = self.config
         sched = self.noise_scheduler
-        noisy = sched.add_noise(latents, noise, timesteps)
+        noisy = sched.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         cond = text if isinstance(text, Conditioning) else Conditioning(text)
         dtype = self.weight_dtype
         with self.accelerator.autocast():
             pred = self.model.unet(
                 noisy.to(dtype), timesteps, cond.hidden.to(dtype), added_cond_kwargs=cond.added_cond_kwargs(dtype)
             ).sample
-        if self.model.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         v = self.model.prediction_type == "v_prediction"
-        if self.config.min_snr_gamma or (v and self.config.scale_v_pred_loss_like_noise_pred):
+        target = sched.get_velocity(latents, noise, timesteps) if v else noise
+        huber_c = torch.zeros(len(timesteps))
+        if cfg.loss_type in ("huber", "smooth_l1"):
+            huber_c = huber_c_for(cfg.huber_schedule, cfg.huber_c, timesteps, sched)
+        loss = per_item_loss(pred, target, cfg.loss_type, huber_c)
+        if cfg.min_snr_gamma or cfg.debiased_estimation_loss or (v and cfg.scale_v_pred_loss_like_noise_pred):
             snr = signal_to_noise(sched, timesteps)
-        if self.config.min_snr_gamma:
-            weight = torch.clamp(snr, max=self.config.min_snr_gamma)
+        if cfg.min_snr_gamma:
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma)
             # min(snr, gamma) / snr tends to 1 where a zero-terminal-SNR schedule reaches snr 0.
             eps_weight = torch.where(snr > 0, weight / snr.clamp(min=1e-12), torch.ones_like(snr))
             loss = loss * (weight / (snr + 1) if v else eps_weight)
-        if v and self.config.scale_v_pred_loss_like_noise_pred:
+        if v and cfg.scale_v_pred_loss_like_noise_pred:
             loss = loss * (snr / (snr + 1))  # kohya's scale_v_prediction_loss_like_noise_prediction
+        if cfg.debiased_estimation_loss:
+            loss = loss * debiased_weight(snr, v)
         if weights is not None:
             loss = loss * weights.to(loss.device)
         return loss.mean()
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The step's noise: Gaussian, plus the offset noise (with its adaptive part) or else pyramid noise."""
+        cfg = self.config
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        if self.config.noise_offset:
+        if cfg.noise_offset:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-            noise = noise + self.config.noise_offset * offset.to(self.device)
+            if cfg.adaptive_noise_scale:
+                offset = noise_offsets(latents, offset, cfg.noise_offset, cfg.adaptive_noise_scale)
+                noise = noise + offset.to(self.device)
+            else:
+                noise = noise + cfg.noise_offset * offset.to(self.device)
+        elif cfg.multires_noise_iterations:
+            noise = pyramid_noise(noise, generator, cfg.multires_noise_iterations, cfg.multires_noise_discount)
         return noise
+
+    def perturbed_noise(self, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Input perturbation (``ip_noise_gamma``): the noise that noises the input, the target keeping ``noise``;
+        None when off (no random number is drawn then)."""
+        if not self.config.ip_noise_gamma:
+            return None
+        extra = torch.randn(noise.shape, generator=generator).to(noise.device, noise.dtype)
+        return noise + self.config.ip_noise_gamma * extra
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         steps = self.noise_scheduler.config.num_train_timesteps
-        return torch.randint(0, steps, (n,), generator=generator).to(self.device)
+        low, high = self.config.min_timestep, min(self.config.max_timestep, steps)
+        return torch.randint(low, high, (n,), generator=generator).to(self.device)
 
-    def text_for(self, indices: list[int], rng: random.Random) -> Conditioning:
-        """Everything the UNet is conditioned on for these items besides the latents (cached when frozen)."""
+    def text_for(self, indices: list[int], rng: random.Random, epoch: int | None = None) -> Conditioning:
+        """Everything the UNet is conditioned on for these items besides the latents (cached when frozen).
+        ``epoch`` is the training epoch (caption dropout); None for a fixed batch, which never drops one."""
         if self.cached_text is not None:
-            cond = Conditioning.cat([self.cached_text[i] for i in indices])
+            cached = self.cached_text
+            cond = Conditioning.cat([cached[-1] if self.caption_dropped(rng, epoch) else cached[i] for i in indices])
         elif self.train_te:
-            cond = self.encode_text(self.captions_for(indices, rng))
+            cond = self.encode_text(self.captions_for(indices, rng, epoch))
         else:
             with torch.no_grad():
-                cond = self.encode_text(self.captions_for(indices, rng))
+                cond = self.encode_text(self.captions_for(indices, rng, epoch))
         if self.needs_time_ids:
             cond.time_ids = torch.tensor([sdxl_time_ids(self.all_items[i]) for i in indices], dtype=torch.float32)
         return cond.to(self.device)

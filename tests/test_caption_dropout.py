@@ -60,7 +60,8 @@ def test_a_frozen_encoder_caches_the_empty_caption_for_dropout(tmp_path: Path, d
 
 
 # Two runs between them switch every new option on: the noise offset with its adaptive part excludes pyramid
-# noise (as in kohya), so each run has one of them.
+# noise (as in kohya), so each run has one of them; debiased estimation and the v-loss scale each shrink the
+# loss of the noisy steps many times over, together too much for the few steps here to lower it clearly.
 OPTION_RUNS = {
     "frozen text encoder": dict(
         train_text_encoder=False,
@@ -72,6 +73,7 @@ OPTION_RUNS = {
     ),
     "text encoder trained": dict(
         train_text_encoder=True,
+        scale_v_pred_loss_like_noise_pred=True,
         multires_noise_iterations=4,
         multires_noise_discount=0.3,
         ip_noise_gamma=0.1,
@@ -100,7 +102,6 @@ def test_every_new_option_on_resumes_bit_for_bit(tmp_path: Path, demo_ckpt: Path
         shuffle_caption=True,
         v_parameterization=True,
         zero_terminal_snr=True,
-        scale_v_pred_loss_like_noise_pred=True,
         network_type="dora",
         **OPTION_RUNS[run],
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests import fixtures_training
-from tests.test_precision import check_combination
-from tests.test_vpred import small, version_with
+from tests.test_precision import check_combination, new_version
+from tests.test_vpred import small
 from train_tools.training.trainer import Trainer
 from train_tools.training.trainer_step import shuffle_caption
 
@@ -33,7 +33,7 @@ def test_tag_dropout_leaves_out_each_tag_at_its_rate_and_keeps_the_first_tokens(
 
 def test_caption_dropout_rate_every_n_epochs_and_fixed_batches(tmp_path: Path, demo_ckpt: Path, pictures: Path):
     config = small(caption_dropout_rate=0.3, caption_dropout_every_n_epochs=3, train_text_encoder=True)
-    trainer = Trainer(version_with(tmp_path, pictures), config, demo_ckpt, device="cpu")
+    trainer = Trainer(new_version(tmp_path, pictures), config, demo_ckpt, device="cpu")
     trainer.prepare()
     assert trainer.cached_text is None  # the text encoder trains: nothing cached
     rng = random.Random(0)
@@ -45,7 +45,7 @@ def test_caption_dropout_rate_every_n_epochs_and_fixed_batches(tmp_path: Path, d
 
 def test_a_frozen_encoder_caches_the_empty_caption_for_dropout(tmp_path: Path, demo_ckpt: Path, pictures: Path):
     config = small(caption_dropout_rate=1.0)
-    trainer = Trainer(version_with(tmp_path, pictures), config, demo_ckpt, device="cpu")
+    trainer = Trainer(new_version(tmp_path, pictures), config, demo_ckpt, device="cpu")
     trainer.prepare()
     assert trainer.cached_text is not None and len(trainer.cached_text) == len(trainer.all_items) + 1
     with torch.no_grad():
@@ -54,9 +54,14 @@ def test_a_frozen_encoder_caches_the_empty_caption_for_dropout(tmp_path: Path, d
     torch.testing.assert_close(dropped.cpu(), empty.cpu())
     kept = trainer.text_for([0], random.Random(0), epoch=None).hidden
     assert not torch.allclose(kept.cpu(), empty.cpu())
-    tagged = Trainer(version_with(tmp_path / "t", pictures), small(caption_tag_dropout_rate=0.5), demo_ckpt)
+    tagged = Trainer(new_version(tmp_path / "t", pictures), small(caption_tag_dropout_rate=0.5), demo_ckpt)
     tagged.prepare()
     assert tagged.cached_text is None  # captions that change every step are encoded every step
+    full = tagged.all_items[0].caption
+    rng = random.Random(0)
+    seen = [tagged.captions_for([0], rng, epoch=1)[0] for _ in range(200)]
+    assert len(set(seen)) > 1 and all(len(c) < len(full) for c in seen if c != full)  # tags are left out
+    assert tagged.captions_for([0], rng, epoch=None) == [full]  # fixed batches keep every tag
 
 
 # Two runs between them switch every new option on: the noise offset with its adaptive part excludes pyramid

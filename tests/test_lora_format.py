@@ -23,7 +23,7 @@ from tests.helpers_models import diffusers_has_peft_backend, lora_file_layer_cou
 from tests.webui_formula import apply_kohya_lora
 from train_tools import fileio
 from train_tools.config import TrainConfig
-from train_tools.networks.lora import attach_lora, lora_parameters
+from train_tools.networks.lora import attach_lora
 from train_tools.networks.lora_format import (
     JSON_METADATA_KEYS,
     REQUIRED_METADATA_KEYS,
@@ -34,6 +34,7 @@ from train_tools.networks.lora_format import (
     save_lora,
 )
 from train_tools.networks.targets import text_encoder_target_modules, unet_target_modules
+from train_tools.networks.types import network_parameters
 
 RANK = 4
 ALPHA = 2.0
@@ -211,7 +212,7 @@ def test_attach_lora_trains_fp32_adapter_on_bf16_base() -> None:
     unet = tiny_unet().to(torch.bfloat16)
     targets = unet_target_modules(unet)
     attach_lora(unet, targets, RANK, ALPHA)
-    params = lora_parameters(unet)
+    params = network_parameters(unet)
     assert len(params) == 2 * len(targets)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     ids = {id(p) for p in params}

@@ -12,7 +12,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from tests import fixtures_training
-from tests.test_vpred import small, version_with
+from tests.test_precision import new_version
+from tests.test_vpred import small
 from train_tools.errors import UserError
 from train_tools.training.losses import debiased_weight, huber_c_for, noise_offsets, per_item_loss, pyramid_noise
 from train_tools.training.trainer import Trainer
@@ -85,7 +86,7 @@ def test_pyramid_noise_is_unit_noise_with_coarse_structure() -> None:
 def test_the_trainer_uses_each_option(tmp_path: Path, demo_ckpt: Path, pictures: Path) -> None:
     config = small(loss_type="huber", huber_c=0.3, huber_schedule="snr", debiased_estimation_loss=True)
     config = config.updated({"min_timestep": 200, "max_timestep": 300, "ip_noise_gamma": 0.5})
-    trainer = Trainer(version_with(tmp_path, pictures), config, demo_ckpt, device="cpu")
+    trainer = Trainer(new_version(tmp_path, pictures), config, demo_ckpt, device="cpu")
     trainer.prepare()
     gen = torch.Generator().manual_seed(0)
     steps = trainer.sample_timesteps(500, gen)

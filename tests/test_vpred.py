@@ -13,13 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests import fixtures_training
+from tests.test_precision import new_version
 from train_tools.config import TrainConfig
 from train_tools.models.checkpoint import detect_checkpoint_family
 from train_tools.models.demo_model import build_demo_checkpoint
 from train_tools.models.loader import load_model
 from train_tools.networks.lora_format import read_lora
 from train_tools.progress import RecordingReporter
-from train_tools.store import Store, Version
 from train_tools.training.trainer import Trainer
 from train_tools.training.trainer_step import signal_to_noise
 
@@ -41,16 +41,6 @@ def vpred_xl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = folder / "vpred-xl.safetensors"
     save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def version_with(folder: Path, pictures: Path) -> Version:
-    from train_tools.data.uploads import add_originals
-
-    store = Store(folder)
-    store.create_project("p")
-    version = store.create_version("p", "v1")
-    add_originals([pictures], version.originals_dir)
-    return version
 
 
 def small(**changes: object) -> TrainConfig:
@@ -75,7 +65,7 @@ def test_marked_sdxl_is_detected_and_loads_as_v_prediction_with_zero_terminal_sn
 
 def test_a_marked_checkpoint_trains_v_and_the_file_says_so(tmp_path: Path, vpred_xl: Path, pictures: Path) -> None:
     reporter = RecordingReporter()
-    result = Trainer(version_with(tmp_path, pictures), small(), vpred_xl, device="cpu", reporter=reporter).run()
+    result = Trainer(new_version(tmp_path, pictures), small(), vpred_xl, device="cpu", reporter=reporter).run()
     assert result.final_file is not None and all(torch.isfinite(torch.tensor(result.losses)))
     _, meta = read_lora(result.final_file)
     assert meta["modelspec.prediction_type"] == "v" and meta["ss_v_parameterization"] == "True"
@@ -90,7 +80,7 @@ def test_the_loss_uses_the_target_the_settings_and_the_checkpoint_ask_for(
     """The trainer's loss is the MSE against the noise (epsilon) or against diffusers' velocity (v-prediction set
     by hand on an SD1 checkpoint), and ``scale_v_pred_loss_like_noise_pred`` weights it by SNR / (SNR + 1)."""
     config = small(v_parameterization=v, zero_terminal_snr=v)
-    trainer = Trainer(version_with(tmp_path, pictures), config, demo_ckpt, device="cpu")
+    trainer = Trainer(new_version(tmp_path, pictures), config, demo_ckpt, device="cpu")
     trainer.prepare()
     sched = trainer.noise_scheduler
     assert (trainer.model.prediction_type == "v_prediction") == v

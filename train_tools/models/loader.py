@@ -142,6 +142,8 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
 def set_training_target(model: LoadedModel, *, v_prediction: bool, zero_terminal_snr: bool) -> None:
     """Turn on the v-prediction target and/or the zero-terminal-SNR schedule (the settings of the same names),
     on top of what the checkpoint says; never off: a marked checkpoint trains as it was made."""
+    if not (v_prediction or zero_terminal_snr):
+        return
     config = dict(model.noise_scheduler.config)
     if v_prediction:
         model.prediction_type = config["prediction_type"] = "v_prediction"

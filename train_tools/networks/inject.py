@@ -56,11 +56,13 @@ def check_targets(model: nn.Module, targets: Sequence[str], rank: int) -> list[s
     return targets
 
 
-def inject(model: nn.Module, targets: Sequence[str], config: Any, conv_rank: int | None) -> dict[str, nn.Module]:
+def inject(model: nn.Module, targets: Sequence[str], config: Any) -> dict[str, nn.Module]:
     """Inject the adapter of peft ``config`` into exactly ``targets`` (in place); the adapted layers by path.
 
+    The 3x3 convolutions must get the rank of the config's ``rank_pattern`` (``conv_patterns``), when it has one.
     The base model is frozen; the adapter's weights are float32 and trainable.
     """
+    conv_rank = next(iter(config.rank_pattern.values()), None)
     conv3x3 = {t for t in targets if is_conv3x3(dict(model.named_modules())[t])}
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)

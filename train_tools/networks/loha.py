@@ -44,7 +44,7 @@ def attach_loha(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    inject(model, targets, config, conv[0] if rank_pattern and conv else None)
+    inject(model, targets, config)
     log.info("Attached LoHa (rank %d, alpha %g) to %d layers of %s.", rank, alpha, len(targets), type(model).__name__)
     return model
 

@@ -52,7 +52,7 @@ def attach_lokr(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    inject(model, targets, config, conv[0] if rank_pattern and conv else None)
+    inject(model, targets, config)
     log.info(
         "Attached LoKr (rank %d, alpha %g, factor %d) to %d layers of %s.",
         rank,

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .inject import ADAPTER, adapter_parameters, check_targets, conv_patterns, inject
+from .inject import ADAPTER, check_targets, conv_patterns, inject
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,9 @@ def attach_lora(
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    inject(model, targets, config, conv[0] if rank_pattern and conv else None)
+    inject(model, targets, config)
     log.info("Attached LoRA (rank %d, alpha %g) to %d layers of %s.", rank, alpha, len(targets), type(model).__name__)
     return model
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA A and B weights in ``model``, in model order (what the optimizer trains)."""
-    return adapter_parameters(model)
 
 
 def lora_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -80,4 +75,4 @@ def lora_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
     }
 
 
-__all__ = ["attach_lora", "lora_parameters", "lora_tensors"]
+__all__ = ["attach_lora", "lora_tensors"]

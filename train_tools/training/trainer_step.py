@@ -99,11 +99,11 @@ class StepMixin(TrainerBase):
 
     def captions_for(self, indices: list[int], rng: random.Random, epoch: int | None = None) -> list[str]:
         cfg = self.config
+        tag_dropout = cfg.caption_tag_dropout_rate if epoch is not None else 0.0  # fixed batches keep every tag
         caps = []
         for i in indices:
             caption = "" if self.caption_dropped(rng, epoch) else self.all_items[i].caption
-            if caption and (cfg.shuffle_caption or (cfg.caption_tag_dropout_rate and epoch is not None)):
-                tag_dropout = cfg.caption_tag_dropout_rate if epoch is not None else 0.0
+            if caption and (cfg.shuffle_caption or tag_dropout):
                 caption = shuffle_caption(caption, cfg.keep_tokens, rng, cfg.shuffle_caption, tag_dropout)
             caps.append(caption)
         return caps

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers_app import free_port
+from train_tools.training import estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -185,8 +186,13 @@ def test_whole_flow_in_a_browser(app: dict[str, object], tmp_path: Path) -> None
             found = re.search(r"about (\d+) s on this machine", family.inner_text())
             assert found is not None, family.inner_text()
             promised = int(found.group(1))
-            assert 0 < promised <= 180, family.inner_text()  # the demo's promise: the whole flow within 3 minutes
-            for elem_id, value in [("epochs", "20"), ("batch_size", "4"), ("resolution", "64"), ("network_dim", "16")]:
+            # The demo's promise: the whole flow within 3 minutes; a machine too slow for the demo's 20 epochs
+            # in that time gets fewer (never under MIN_DEMO_EPOCHS), the run's file still saved at the end.
+            assert 0 < promised <= estimate.DEMO_BUDGET_S, family.inner_text()
+            epochs = int(page.locator("#train_tools_epochs input").first.input_value())
+            assert estimate.MIN_DEMO_EPOCHS <= epochs <= 20
+            shown = {"save_every_n_epochs": str(epochs), "batch_size": "4", "resolution": "64", "network_dim": "16"}
+            for elem_id, value in shown.items():
                 expect(page.locator(f"#train_tools_{elem_id} input").first).to_have_value(value)
             shot(page, "03-settings")
 

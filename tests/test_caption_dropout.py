@@ -75,6 +75,9 @@ OPTION_RUNS = {
         loss_type="huber",
         huber_schedule="snr",
         debiased_estimation_loss=True,
+        optimizer_args="weight_decay=0.05 betas=0.85,0.98",
+        loraplus_lr_ratio=2.0,
+        up_lr_weight="1,1,1,0.5,0.5,0.5,1,1,1,2,2,2",
     ),
     "text encoder trained": dict(
         train_text_encoder=True,
@@ -86,6 +89,7 @@ OPTION_RUNS = {
         max_timestep=900,
         loss_type="smooth_l1",
         huber_schedule="exponential",
+        validation_split=0.5,
     ),
 }
 
@@ -93,8 +97,8 @@ OPTION_RUNS = {
 @pytest.mark.parametrize("run", tuple(OPTION_RUNS))
 def test_every_new_option_on_resumes_bit_for_bit(tmp_path: Path, demo_ckpt: Path, pictures: Path, run: str) -> None:
     """Caption, tag and every-n-epochs dropout, v-prediction with zero terminal SNR and the v-loss scale, DoRA,
-    and the loss and noise options: the run interrupted and resumed ends bit for bit like the straight one (and
-    its loss on a fixed batch goes down)."""
+    the loss and noise options, optimizer arguments, LoRA+, block LR weights and a validation split: the run
+    interrupted and resumed ends bit for bit like the straight one (and its loss on a fixed batch goes down)."""
     meta = check_combination(
         tmp_path,
         demo_ckpt,
@@ -111,3 +115,5 @@ def test_every_new_option_on_resumes_bit_for_bit(tmp_path: Path, demo_ckpt: Path
         **OPTION_RUNS[run],
     )
     assert meta["ss_caption_tag_dropout_rate"] == "0.3" and meta["ss_loss_type"] == OPTION_RUNS[run]["loss_type"]
+    wanted = "(weight_decay=0.05,betas=(0.85, 0.98))" if "optimizer_args" in OPTION_RUNS[run] else "(weight_decay=0.01)"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW" + wanted

@@ -35,7 +35,10 @@ def test_switching_models_sets_the_demo_settings_and_takes_them_back():
     assert back == {name: getattr(defaults, name) for name in DEMO_SETTINGS}
     assert defaults.updated(DEMO_SETTINGS).updated(back) == defaults
     # The user changed one of them: those are the user's settings now, left as they are.
-    assert model_switch_changes(demo.updated({"epochs": 7}).to_dict(), demo=False) == {}
+    assert model_switch_changes(demo.updated({"repeats": 7}).to_dict(), demo=False) == {}
+    # Fewer epochs, as a slow machine gets them, are still the demo's.
+    fitted = demo.updated({"epochs": 12, "save_every_n_epochs": 12})
+    assert model_switch_changes(fitted.to_dict(), demo=False) == back
     assert model_switch_changes(defaults.to_dict(), demo=False) == {}
 
 
@@ -80,6 +83,35 @@ def test_the_estimate_is_measured_and_grows_with_the_run(monkeypatch: pytest.Mon
     assert short.sentence().startswith("about ") and "s on this machine" in short.sentence()
 
 
+def slow_machine(step_s: float) -> Any:
+    """A measurement as ``_measured_seconds`` gives it, of a machine taking ``step_s`` per training step."""
+    return lambda *args: (step_s, step_s / 4)
+
+
+@pytest.mark.parametrize("step_s", [0.05, 0.16, 0.3, 1.0])
+def test_the_demo_run_is_fitted_to_a_slow_machine(monkeypatch: pytest.MonkeyPatch, step_s: float):
+    """On a machine too slow for 20 epochs within the 3 minutes, the demo run takes the most epochs that fit
+    (the file still saved at the end), never fewer than MIN_DEMO_EPOCHS; a fast machine keeps the demo's."""
+    monkeypatch.setattr(estimate, "_measured_seconds", slow_machine(step_s))
+    config = TrainConfig().updated(DEMO_SETTINGS)
+    full = estimate.estimate_demo_run(config, 12, "cpu", 36)
+    changes, found = estimate.fit_demo_epochs(config, 12, "cpu", 36)
+    fitted = config.updated(changes)
+    assert found == estimate.estimate_demo_run(fitted, 12, "cpu", 36)
+    if full.seconds <= estimate.DEMO_BUDGET_S:
+        assert changes == {} and found == full
+        return
+    assert changes == {"epochs": fitted.epochs, "save_every_n_epochs": fitted.epochs}
+    assert estimate.MIN_DEMO_EPOCHS <= fitted.epochs < config.epochs
+    if fitted.epochs > estimate.MIN_DEMO_EPOCHS:
+        assert found.seconds <= estimate.DEMO_BUDGET_S  # fits, and one epoch more would not
+        more = config.updated({"epochs": fitted.epochs + 1, "save_every_n_epochs": fitted.epochs + 1})
+        assert estimate.estimate_demo_run(more, 12, "cpu", 36).seconds > estimate.DEMO_BUDGET_S
+    else:
+        assert found.seconds > estimate.DEMO_BUDGET_S  # too slow even for the fewest: the line says so
+    assert estimate.grid_pictures(fitted) == 7  # one file at the end, as before
+
+
 # ---------------------------------------------------------------------- the tab
 
 
@@ -113,9 +145,24 @@ def test_choosing_the_demo_model_in_the_tab_sets_quick_settings_and_says_how_lon
     back = shown(logic.choose_base_model("p", "v1", "real.safetensors", *[getattr(demo, n) for n in MODEL_FIELDS]))
     assert {n: back[n] for n in DEMO_SETTINGS} == {n: getattr(user, n) for n in DEMO_SETTINGS}
     # Settings the user changed after the demo set them stay the user's.
-    edited = demo.updated({"epochs": 3})
+    edited = demo.updated({"network_dim": 3})
     kept = shown(logic.choose_base_model("p", "v1", "real.safetensors", *[getattr(edited, n) for n in MODEL_FIELDS]))
     assert kept == {}  # (a file of no known family: no family settings either)
+
+
+def test_a_slow_machine_gets_fewer_demo_epochs_in_the_tab(logic: ui_logic.TabLogic, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(estimate, "_measured_seconds", slow_machine(0.2))
+    user = TrainConfig()
+    answer = logic.choose_base_model("p", "v1", DEMO_CHOICE, *[getattr(user, n) for n in MODEL_FIELDS])
+    values = shown(answer)
+    fitted, found = estimate.fit_demo_epochs(TrainConfig().updated(DEMO_SETTINGS), 0, "cpu")
+    assert values["epochs"] == values["save_every_n_epochs"] == fitted["epochs"] < DEMO_SETTINGS["epochs"]
+    assert {n: values[n] for n in DEMO_SETTINGS if n not in fitted} == {
+        n: v for n, v in DEMO_SETTINGS.items() if n not in fitted
+    }
+    assert found.sentence() in answer[0] and f"{fitted['epochs']} epochs instead of 20" in str(answer[-1])
+    view = logic.version_view(logic.store.version("p", "v1"))  # a new version on the demo model: the same
+    assert update_value(view[SETTING_FIELDS.index("epochs")]) == fitted["epochs"]
 
 
 def test_a_new_version_on_the_demo_model_shows_the_demo_settings(logic: ui_logic.TabLogic):

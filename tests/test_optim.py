@@ -4,16 +4,25 @@ saved state, and every optimizer name builds and trains on a CPU on its fastest 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from lion_pytorch import Lion
 
-from train_tools.config import OPTIMIZERS
+from train_tools.config import OPTIMIZERS, TrainConfig
+from train_tools.config_values import optimizer_arguments
 from train_tools.errors import UserError
 from train_tools.training import optim
-from train_tools.training.optim import EIGHT_BIT, ForeachLion, make_lr_scheduler, make_optimizer
+from train_tools.training.optim import (
+    EIGHT_BIT,
+    ForeachLion,
+    describe_optimizer,
+    make_lr_scheduler,
+    make_optimizer,
+)
 
 SHAPES = [(7,), (4, 5), (3, 2, 3, 3), (1,), (6, 1)]
 
@@ -223,3 +232,40 @@ def test_prodigy_with_two_learning_rates_is_a_user_error() -> None:
     ]
     with pytest.raises(UserError, match="one learning rate"):
         make_optimizer("Prodigy", groups, 1.0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "wanted"),
+    [
+        ("AdamW", "weight_decay=0.1 betas=0.8,0.95 eps=1e-6", {"weight_decay": 0.1, "betas": (0.8, 0.95), "eps": 1e-6}),
+        ("AdamW", "", {"weight_decay": 1e-2, "betas": (0.9, 0.999)}),  # torch's betas, the tab's weight decay
+        ("Lion", "weight_decay=0.3 betas=0.95,0.98", {"weight_decay": 0.3, "betas": (0.95, 0.98)}),
+        ("SGDNesterov", "momentum=0.8 weight_decay=1e-4", {"momentum": 0.8, "weight_decay": 1e-4, "nesterov": True}),
+        ("AdaFactor", "clip_threshold=2 decay_rate=-0.5", {"clip_threshold": 2, "decay_rate": -0.5}),
+    ],
+)
+def test_optimizer_args_reach_the_optimizer(name: str, given: str, wanted: dict[str, Any]) -> None:
+    """The setting ``optimizer_args`` (kohya's form) lands in the optimizer's groups and in ``ss_optimizer``."""
+    param = torch.nn.Parameter(torch.zeros(4))
+    opt = make_optimizer(name, [{"params": [param]}], 1e-3, device=torch.device("cpu"), given=given)
+    group = opt.param_groups[0]
+    assert {key: group[key] for key in wanted} == wanted
+    described = describe_optimizer(name, opt, given)
+    for key, value in optimizer_arguments(given, name).items():
+        assert f"{key}={value}" in described
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ("weight_decay", "as name=value"),
+        ("weight_decy=0.1", "takes no argument 'weight_decy'; it takes weight_decay, betas, eps, amsgrad"),
+        ("betas=0.9,high", "'betas' must be a number"),
+        ("eps=nan", "finite number"),
+        ("momentum=0.9", "takes no argument 'momentum'"),  # SGD's, not AdamW's
+    ],
+)
+def test_bad_optimizer_args_are_refused_before_a_run(given: str, said: str) -> None:
+    with pytest.raises(UserError, match=re.escape(said)):
+        TrainConfig.from_dict({"optimizer": "AdamW", "optimizer_args": given})
+    assert TrainConfig.from_dict({"optimizer": "SGDNesterov", "optimizer_args": "momentum=0.9"}).optimizer_args

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .commands import cmd_dataset, cmd_demo_pretrain, cmd_install, cmd_preview, cmd_runs, cmd_train
+from .commands import cmd_dataset, cmd_demo_pretrain, cmd_install, cmd_preset, cmd_preview, cmd_runs, cmd_train
 from .config import fields_info
 from .config_values import parse_assignments
 from .errors import UserError, from_os_error
@@ -120,6 +120,12 @@ def build_parser() -> CommandParser:
     )
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     t.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="where the setting network_weights (a LoRA to train on from) is looked for (default: "
+        "models/Lora in the data folder)",
+    )
+    t.add_argument(
         "--resume",
         nargs="?",
         const="",
@@ -138,6 +144,13 @@ def build_parser() -> CommandParser:
     s.add_argument("project")
     s.add_argument("version")
     s.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
+
+    pr = sub.add_parser("preset", help="list presets, save a version's settings as one, or apply one to a version")
+    pr.add_argument("action", choices=["list", "save", "apply"])
+    pr.add_argument("name", nargs="?", help="the preset's name (save, apply)")
+    pr.add_argument("project", nargs="?")
+    pr.add_argument("version", nargs="?")
+    pr.add_argument("--description", default="", help="what the preset is for (save)")
 
     r = sub.add_parser("runs", help="list the files each training run wrote")
     r.add_argument("project")
@@ -247,6 +260,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return cmd_train(args, store, ckpt_dirs)
+    if args.command == "preset":
+        return cmd_preset(args, store)
     if args.command == "runs":
         return cmd_runs(store.version(args.project, args.version))
     if args.command == "preview":

@@ -74,7 +74,15 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
     stop = StopFlag()
     with _CtrlC(stop), _hold_device(version, args.device):
         for cfg in configs:
-            result = Trainer(version, cfg, checkpoint, reporter=TerminalReporter(), stop=stop, device=args.device).run()
+            result = Trainer(
+                version,
+                cfg,
+                checkpoint,
+                reporter=TerminalReporter(),
+                stop=stop,
+                device=args.device,
+                lora_dir=args.lora_dir or store.data_dir / "models" / "Lora",
+            ).run()
             if _report_result(result, version):
                 return 130
     return 0
@@ -94,13 +102,19 @@ def _settings_for_new_model(
         return saved.updated(assignments)
     config = saved.updated(changes).updated(assignments)
     if demo:
-        from .training.estimate import estimate_demo_run
+        from .demo_settings import FITTED_TO_MACHINE
+        from .training.estimate import estimate_demo_run, fit_demo_epochs
         from .ui.views import original_images
 
-        found = estimate_demo_run(
-            config, len(original_images(version)), device, len(original_images(version, version.reg_dir))
-        )
-        log.info("Demo model: settings for a quick run, %s.", found.sentence())
+        pictures, classes = len(original_images(version)), len(original_images(version, version.reg_dir))
+        fitted: dict[str, int] = {}
+        if any(name in assignments for name in FITTED_TO_MACHINE):  # --set wins over the fitting too
+            found = estimate_demo_run(config, pictures, device, classes)
+        else:
+            fitted, found = fit_demo_epochs(config, pictures, device, classes)
+        config = config.updated(fitted)
+        fewer = f", {config.epochs} epochs to fit 3 minutes on this machine" if fitted else ""
+        log.info("Demo model: settings for a quick run%s, %s.", fewer, found.sentence())
     else:
         log.info("A real model after the demo model: %s back to their defaults.", ", ".join(changes))
     return config
@@ -327,4 +341,27 @@ def cmd_demo_pretrain(args: argparse.Namespace) -> int:
         log.warning("Stopped; no checkpoint was written.")
         return 130
     sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def cmd_preset(args: argparse.Namespace, store: Store) -> int:
+    """``preset list`` (name and description), ``preset save NAME PROJECT VERSION`` (the version's settings),
+    ``preset apply NAME PROJECT VERSION`` (saved as the version's settings)."""
+    from .presets import apply_preset, load_preset, preset_names, save_preset
+
+    out = sys.stdout
+    if args.action == "list":
+        for name in preset_names(store.data_dir):
+            out.write(f"{name}: {load_preset(store.data_dir, name).description}\n")
+        return 0
+    if not (args.name and args.project and args.version):
+        raise UserError(f"'preset {args.action}' takes a preset name, a project and a version.")
+    version = store.version(args.project, args.version)
+    if args.action == "save":
+        path = save_preset(store.data_dir, args.name, version.load_settings(), args.description)
+        out.write(f"saved preset {path.stem}: {path}\n")
+        return 0
+    preset = load_preset(store.data_dir, args.name)
+    version.save_settings(apply_preset(version.load_settings(), preset))
+    out.write(f"applied preset {preset.name} to {version.project} / {version.name}\n")
     return 0

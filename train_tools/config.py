@@ -23,6 +23,7 @@ CAPTIONERS = ("none", "wd14", "blip", "deepbooru")
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
+LOGGERS = ("tensorboard", "none")
 
 
 @dataclass
@@ -109,6 +110,13 @@ class TrainConfig(SettingsIO):
         ss="ss_optimizer",
         choices=OPTIMIZERS,
     )
+    optimizer_args: str = _f(
+        "",
+        "Optimizer arguments",
+        "Besides the learning rate, as kohya's --optimizer_args: e.g. weight_decay=0.1 betas=0.9,0.99 "
+        "(empty: each optimizer's defaults).",
+        advanced=True,
+    )
     clip_skip: int = _f(
         2, "Clip skip", "2 for anime checkpoints; 1 or 2 for photo-real (try both).", ss="ss_clip_skip", min=1, max=12
     )
@@ -140,6 +148,37 @@ class TrainConfig(SettingsIO):
         ss="ss_text_encoder_lr",
         min=0.0,
         max=1.0,
+        advanced=True,
+    )
+    network_weights: str = _f(
+        "",
+        "Start from LoRA",
+        "A LoRA file in the LoRA folder (its name) to train on from: its type and dims are used. Empty = a new LoRA.",
+        advanced=True,
+    )
+    loraplus_lr_ratio: float = _f(
+        0.0,
+        "LoRA+ ratio",
+        "LoRA+: the up matrices learn this many times faster than the down ones (the paper and kohya suggest "
+        "16); 0 = off. LoRA, LoCon and DoRA.",
+        min=0.0,
+        max=1000.0,
+        advanced=True,
+    )
+    down_lr_weight: str = _f(
+        "",
+        "Down blocks LR weights",
+        "12 numbers apart by commas, one per input block (IN00-IN11, kohya's): each block's learning rate times "
+        "its number; 0 leaves the block out. Empty = 1 for all.",
+        advanced=True,
+    )
+    mid_lr_weight: str = _f(
+        "", "Mid block LR weight", "One number: the middle block's learning rate times it. Empty = 1.", advanced=True
+    )
+    up_lr_weight: str = _f(
+        "",
+        "Up blocks LR weights",
+        "12 numbers apart by commas, one per output block (OUT00-OUT11): as the down blocks'. Empty = 1 for all.",
         advanced=True,
     )
     lr_scheduler: str = _f(
@@ -472,6 +511,30 @@ class TrainConfig(SettingsIO):
     )
     preview_prompt: str = _f(
         "", "Preview prompt", "Prompt of the previews and samples; empty = the trigger word.", advanced=True
+    )
+    log_with: str = _f(
+        "tensorboard",
+        "Log with",
+        "tensorboard: the loss, learning rate and samples in <run>/logs, for 'tensorboard --logdir'; none = no logs.",
+        choices=LOGGERS,
+        advanced=True,
+    )
+    validation_split: float = _f(
+        0.0,
+        "Validation split",
+        "Share of the pictures held out of training; their loss (fixed noise and timesteps) is shown beside the "
+        "training loss. 0 = none.",
+        min=0.0,
+        max=0.5,
+        advanced=True,
+    )
+    validate_every_n_epochs: int = _f(
+        1,
+        "Validate every n epochs",
+        "How often the held-out pictures' loss is computed.",
+        min=1,
+        max=10000,
+        advanced=True,
     )
 
     # ------------------------------------------------------------------ derived values

@@ -147,6 +147,105 @@ def checked_values(cls: Any, data: Any) -> dict[str, Any]:
     return {key: coerce(key, types[key], value) for key, value in data.items()}
 
 
+# The arguments each optimizer takes besides the learning rate (their constructors'), by the tab's names: a
+# setting's `optimizer_args` may set these and no others, so that a typo is refused before a run starts.
+OPTIMIZER_ARG_NAMES: dict[str, tuple[str, ...]] = {
+    "AdamW": ("weight_decay", "betas", "eps", "amsgrad"),
+    "SGDNesterov": ("momentum", "weight_decay", "dampening"),
+    "Lion": ("weight_decay", "betas"),
+    "Prodigy": (
+        "weight_decay",
+        "betas",
+        "beta3",
+        "eps",
+        "d_coef",
+        "d0",
+        "growth_rate",
+        "decouple",
+        "use_bias_correction",
+        "safeguard_warmup",
+    ),
+    "AdaFactor": (
+        "eps",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "scale_parameter",
+        "relative_step",
+        "warmup_init",
+    ),
+    "AdamW8bit": ("weight_decay", "betas", "eps"),
+    "Lion8bit": ("weight_decay", "betas"),
+}
+
+
+def optimizer_arguments(text: str, optimizer: str) -> dict[str, Any]:
+    """``key=value`` pairs, apart by spaces, as kohya's ``--optimizer_args`` takes them: numbers, ``True`` /
+    ``False``, ``None``, and comma lists (``betas=0.9,0.99``) as tuples. Refused with a sentence: a pair
+    without ``=``, a value that is none of these, a name ``optimizer`` does not take."""
+    allowed = OPTIMIZER_ARG_NAMES.get(optimizer, ())
+    found: dict[str, Any] = {}
+    for pair in text.split():
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise UserError(
+                f"Setting 'optimizer_args': write each argument as name=value, like weight_decay=0.1; got '{pair}'."
+            )
+        if key not in allowed:
+            raise UserError(
+                f"Setting 'optimizer_args': {optimizer} takes no argument '{key}'; it takes "
+                f"{', '.join(allowed) or 'none'}."
+            )
+        parts = [_argument_value(key, part) for part in value.split(",")]
+        found[key] = tuple(parts) if "," in value else parts[0]
+    return found
+
+
+def _argument_value(key: str, text: str) -> Any:
+    named = {"True": True, "true": True, "False": False, "false": False, "None": None}
+    if text in named:
+        return named[text]
+    try:
+        number = float(text)
+    except ValueError:
+        raise UserError(f"Setting 'optimizer_args': '{key}' must be a number, True or False; got '{text}'.") from None
+    if not math.isfinite(number):
+        raise UserError(f"Setting 'optimizer_args': '{key}' must be a finite number; got '{text}'.")
+    return int(number) if text.lstrip("+-").isdigit() else number
+
+
+BLOCKS_PER_SIDE = 12  # kohya's NUM_OF_BLOCKS: input and output blocks of a UNet (networks/blocks.py)
+
+
+def block_weights(down: str, mid: str, up: str) -> dict[str, list[float]] | None:
+    """The settings' weight lists, parsed (None when none is set: every block at the UNet's learning rate).
+    Refused with a sentence: a list of another length than 12 (one number for mid), a number below 0."""
+    if not (down.strip() or mid.strip() or up.strip()):
+        return None
+    found = {
+        "down": _numbers(down, "down_lr_weight", BLOCKS_PER_SIDE),
+        "mid": _numbers(mid, "mid_lr_weight", 1),
+        "up": _numbers(up, "up_lr_weight", BLOCKS_PER_SIDE),
+    }
+    return found
+
+
+def _numbers(text: str, name: str, count: int) -> list[float]:
+    if not text.strip():
+        return [1.0] * count
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"Setting '{name}' must be numbers apart by commas, like 1,1,0.5; got '{text}'.") from None
+    if len(values) != count:
+        many = "one number" if count == 1 else f"{count} numbers (one per block, as kohya writes it)"
+        raise UserError(f"Setting '{name}' takes {many}; got {len(values)}.")
+    if any(not 0.0 <= v <= 100.0 for v in values):
+        raise UserError(f"Setting '{name}': each weight must lie in 0-100; got '{text}'.")
+    return values
+
+
 def check_rules(config: Any) -> None:
     """The rules between settings and on values that a type and range cannot say (``TrainConfig.validate``)."""
     if config.min_bucket_reso > config.max_bucket_reso:
@@ -155,10 +254,26 @@ def check_rules(config: Any) -> None:
         raise UserError(f"Setting 'background_color' must be a colour like #ffffff; got '{config.background_color}'.")
     if config.min_timestep >= config.max_timestep:
         raise UserError("Setting 'min_timestep' must be below 'max_timestep'.")
+    optimizer_arguments(config.optimizer_args, config.optimizer)
+    blocks = block_weights(config.down_lr_weight, config.mid_lr_weight, config.up_lr_weight)
+    if config.loraplus_lr_ratio and config.network_type in ("loha", "lokr"):
+        raise UserError(
+            "LoRA+ (setting 'loraplus_lr_ratio') speeds up the up matrices of LoRA, LoCon and DoRA; "
+            f"{config.network_type} has none: set it to 0 or choose one of those network types."
+        )
+    if config.optimizer == "Prodigy" and (config.loraplus_lr_ratio or blocks):
+        raise UserError(
+            "Prodigy takes one learning rate for all weights: set 'loraplus_lr_ratio' to 0 and the block LR "
+            "weights empty, or choose another optimizer."
+        )
     if config.lokr_factor in (0, 1):
         raise UserError("Setting 'lokr_factor' must be -1 (as square as possible) or at least 2.")
     if config.max_token_length not in (75, 150, 225):
         raise UserError("Setting 'max_token_length' must be 75, 150 or 225.")
+    if config.network_weights.strip():  # a file name in the LoRA folder, never a path
+        config.network_weights = check_name(
+            config.network_weights.strip(), "LoRA to start from (setting 'network_weights')"
+        )
     if not config.output_name.strip():
         config.output_name = ""
     else:

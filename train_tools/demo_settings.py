@@ -52,16 +52,22 @@ DEMO_SETTINGS: dict[str, Any] = {
     "preview_at_end": True,
 }
 
+#: The demo settings a slow machine gets fewer of, so that the run fits its time (``training.estimate``'s
+#: ``fit_demo_epochs``): whatever they hold, they still count as the demo's when a real model follows.
+FITTED_TO_MACHINE = ("epochs", "save_every_n_epochs")
+
 
 def model_switch_changes(current: Mapping[str, Any], *, demo: bool) -> dict[str, Any]:
     """The settings to change when a checkpoint is newly chosen, given the settings ``current``ly set: the
     demo settings for the demo model; for another model, the defaults back for what the demo settings had
     set, when they are all still as the demo set them (the demo's tiny run must not carry over to a real
-    model); else nothing."""
+    model; the epochs may have been fitted to the machine); else nothing. The demo's epochs are fitted to the
+    machine afterwards, where its speed is known (``fit_demo_epochs``)."""
     if demo:
         return dict(DEMO_SETTINGS)
     shared = [name for name in DEMO_SETTINGS if name in current]
-    if not shared or any(current[name] != DEMO_SETTINGS[name] for name in shared):
+    kept = [name for name in shared if name not in FITTED_TO_MACHINE]
+    if not shared or any(current[name] != DEMO_SETTINGS[name] for name in kept):
         return {}
     from .config import TrainConfig
 

@@ -82,6 +82,10 @@ class Reporter:
     def message(self, text: str) -> None:
         log.info("%s", text)
 
+    def validation(self, step: int, loss: float) -> None:
+        """The loss on the held-out pictures (setting ``validation_split``) after ``step``."""
+        log.info("Validation loss %.4f after step %d", loss, step)
+
     def task(self, what: str, done: int, total: int, unit: str = "") -> None:
         """Progress of work before the first step: pictures prepared, a captioner's download (``unit`` "B":
         bytes). Called as it goes, ``done`` reaching ``total`` at the end."""
@@ -187,6 +191,7 @@ class RecordingReporter(Reporter):
     saved_files: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     tasks: list[tuple[str, int, int, str]] = field(default_factory=list)  # the last report of each task
+    validations: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     finished: bool = False
 
     def start(self, total_steps: int, total_epochs: int) -> None:
@@ -207,6 +212,9 @@ class RecordingReporter(Reporter):
 
     def message(self, text: str) -> None:
         self.messages.append(text)
+
+    def validation(self, step: int, loss: float) -> None:
+        self.validations.append((step, loss))
 
     def finish(self) -> None:
         self.finished = True
@@ -231,6 +239,10 @@ class MultiReporter(Reporter):
     def message(self, text: str) -> None:
         for r in self.reporters:
             r.message(text)
+
+    def validation(self, step: int, loss: float) -> None:
+        for r in self.reporters:
+            r.validation(step, loss)
 
     def task(self, what: str, done: int, total: int, unit: str = "") -> None:
         for r in self.reporters:

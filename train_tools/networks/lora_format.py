@@ -136,36 +136,50 @@ def kohya_state_dict(
     an error, so an untrained text encoder must be left out. Weights are detached CPU copies in their training
     dtype; ``alpha`` is a float32 scalar (the hosts' scale is alpha / rank).
     """
+    out: dict[str, torch.Tensor] = {}
+    for model, prefix, text_encoder in model_prefixes(unet, text_encoders, family):
+        _add_model(out, model, prefix, text_encoder=text_encoder)
+    if not out:
+        raise ValueError("kohya_state_dict needs a UNet or a text encoder.")
+    return out
+
+
+def model_prefixes(
+    unet: nn.Module | None, text_encoders: Sequence[nn.Module], family: str
+) -> list[tuple[nn.Module, str, bool]]:
+    """(model, key prefix, is a text encoder) of each model with a network: ``lora_unet``, then ``lora_te`` (SD1,
+    SD2) or ``lora_te1`` / ``lora_te2`` (SDXL, in that order)."""
     spec = _family(family)
     text_encoders = list(text_encoders)
     if len(text_encoders) > len(spec.text_encoder_prefixes):
         raise ValueError(
             f"A {family} LoRA has at most {len(spec.text_encoder_prefixes)} text encoder(s); got {len(text_encoders)}."
         )
-    out: dict[str, torch.Tensor] = {}
-    if unet is not None:
-        _add_model(out, unet, UNET_PREFIX, text_encoder=False)
-    for prefix, te in zip(spec.text_encoder_prefixes, text_encoders, strict=False):
-        _add_model(out, te, prefix, text_encoder=True)
-    if not out:
-        raise ValueError("kohya_state_dict needs a UNet or a text encoder.")
-    return out
+    found = [(unet, UNET_PREFIX, False)] if unet is not None else []
+    return found + [(te, prefix, True) for prefix, te in zip(spec.text_encoder_prefixes, text_encoders, strict=False)]
 
 
-def _add_model(out: dict[str, torch.Tensor], model: nn.Module, prefix: str, *, text_encoder: bool) -> None:
-    found = 0
+def network_layers(model: nn.Module, prefix: str, *, text_encoder: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapted layer of ``model`` by its key name (``lora_unet_down_blocks_0_...``): its tensors under the
+    file's names, the live weights (``types.layer_tensors``)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
     for path, module in model.named_modules():
         tensors = layer_tensors(module)
         if tensors is None:
             continue
         name = f"{prefix}_{_base_path(path, text_encoder).replace('.', '_')}"
-        if f"{name}.alpha" in out:
+        if name in layers:
             raise ValueError(f"Two layers map to the same LoRA key {name!r}.")
+        layers[name] = tensors
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no network layers (for {prefix}).")
+    return layers
+
+
+def _add_model(out: dict[str, torch.Tensor], model: nn.Module, prefix: str, *, text_encoder: bool) -> None:
+    for name, tensors in network_layers(model, prefix, text_encoder=text_encoder).items():
         for part, tensor in tensors.items():
             out[f"{name}.{part}"] = _detached_copy(tensor)
-        found += 1
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no network layers (for {prefix}).")
 
 
 def _base_path(path: str, text_encoder: bool) -> str:

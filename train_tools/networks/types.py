@@ -90,6 +90,11 @@ def network_metadata(config: TrainConfig) -> tuple[str, dict[str, str]]:
         args["factor"] = str(config.lokr_factor)
     if kind.name == "dora":
         args.update({"dora_wd": "True", "wd_on_output": "False"})
+    if config.loraplus_lr_ratio:
+        args["loraplus_lr_ratio"] = str(float(config.loraplus_lr_ratio))
+    for name in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):  # as given, as kohya records them
+        if getattr(config, name).strip():
+            args[name] = getattr(config, name).replace(" ", "")
     return ("lycoris.kohya" if kind.algo else "networks.lora"), args
 
 

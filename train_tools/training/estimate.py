@@ -30,6 +30,11 @@ FIXED_SECONDS = 2.0
 # The text encoder trained beside the UNet: measured there, the bare UNet's step (LoRA, AdamW) came out 15%
 # slower than the trainer's whole step with the text encoder, so only a little is added for it.
 TEXT_ENCODER_FACTOR = 1.1
+# Issue 16's promise: the whole demo flow (prepare, train, the preview grid) within 3 minutes on a 2-core CPU.
+DEMO_BUDGET_S = 180.0
+# On a machine too slow for the demo's epochs within the budget, the run takes fewer, never fewer than these: at 10
+# epochs the cross shows in 43% of the concept prompts at weight 1, at 20 in 87% (bench_quality, BENCHMARKS.md).
+MIN_DEMO_EPOCHS = 10
 TIMED_STEPS = 5  # the median of these: one step slowed by something else running does not count
 # One measurement at a time: two at once would each slow the other down (and measure that).
 _MEASURING = threading.Lock()
@@ -95,6 +100,24 @@ def estimate_demo_run(
 
     sampling = grid * PreviewSettings().steps * sample_s
     return Estimate(FIXED_SECONDS + steps * step_s + sampling, steps, grid)
+
+
+def fit_demo_epochs(
+    config: TrainConfig, pictures: int, device: str | None = None, class_pictures: int = 0
+) -> tuple[dict[str, int], Estimate]:
+    """The demo settings fitted to this machine: ``config``'s epochs when the run takes at most
+    ``DEMO_BUDGET_S`` here, else the most that fit (at least ``MIN_DEMO_EPOCHS``), the file saved at the end as
+    before. Returns the changes (none when it fits) and the estimate of the run with them."""
+    found = estimate_demo_run(config, pictures, device, class_pictures)
+    epochs = int(config.epochs)
+    changes: dict[str, int] = {}
+    while found.seconds > DEMO_BUDGET_S and epochs > MIN_DEMO_EPOCHS:
+        epochs -= 1
+        changes = {"epochs": epochs}
+        if config.save_every_n_epochs >= config.epochs:
+            changes["save_every_n_epochs"] = epochs
+        found = estimate_demo_run(config.updated(changes), pictures, device, class_pictures)
+    return changes, found
 
 
 @functools.cache

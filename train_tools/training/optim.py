@@ -215,7 +215,9 @@ def _bnb_failure(name: str, device_type: str) -> str | None:
     return None
 
 
-def _make_8bit(name: str, groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.Optimizer:
+def _make_8bit(
+    name: str, groups: list[dict[str, Any]], lr: float, device: torch.device, args: dict[str, Any]
+) -> torch.optim.Optimizer:
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
@@ -239,7 +241,7 @@ def _make_8bit(name: str, groups: list[dict[str, Any]], lr: float, device: torch
                 "or Lion to train on this device."
             )
     cls = bnb.optim.AdamW8bit if name == "AdamW8bit" else bnb.optim.Lion8bit
-    return cls(groups, lr=lr)
+    return cls(groups, lr=lr, **args)
 
 
 # The arguments each optimizer is built with besides the learning rate: one table for building it and for
@@ -255,15 +257,24 @@ OPTIMIZER_ARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_optimizer(
-    name: str, param_groups: Iterable[dict[str, Any]], lr: float, *, device: torch.device
-) -> torch.optim.Optimizer:
-    """Build the named optimizer over ``param_groups`` (each may carry its own ``lr``), on the fastest path
-    the optimizer has for ``device`` (fused or multi-tensor)."""
-    groups = list(param_groups)
+def optimizer_kwargs(name: str, given: str = "") -> dict[str, Any]:
+    """What ``name`` is built with besides the learning rate: ``OPTIMIZER_ARGS``' defaults, with the setting
+    ``optimizer_args`` (``given``, checked by ``config_values.optimizer_arguments``) over them."""
+    from ..config_values import optimizer_arguments
+
     if name not in OPTIMIZER_ARGS:
         raise UserError(f"Unknown optimizer '{name}'.")
-    args = OPTIMIZER_ARGS[name]
+    return {**OPTIMIZER_ARGS[name], **optimizer_arguments(given, name)}
+
+
+def make_optimizer(
+    name: str, param_groups: Iterable[dict[str, Any]], lr: float, *, device: torch.device, given: str = ""
+) -> torch.optim.Optimizer:
+    """Build the named optimizer over ``param_groups`` (each may carry its own ``lr``), on the fastest path
+    the optimizer has for ``device`` (fused or multi-tensor), with the arguments ``given`` (the setting
+    ``optimizer_args``) over its defaults."""
+    groups = list(param_groups)
+    args = optimizer_kwargs(name, given)
     if name == "AdamW":
         return _torch_fast_path(torch.optim.AdamW, groups, device, lr=lr, **args)
     if name == "SGDNesterov":
@@ -286,16 +297,16 @@ def make_optimizer(
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=lr, **args)
-    return _make_8bit(name, groups, lr, device)
+    return _make_8bit(name, groups, lr, device, args)
 
 
-def describe_optimizer(name: str, optimizer: torch.optim.Optimizer) -> str:
+def describe_optimizer(name: str, optimizer: torch.optim.Optimizer, given: str = "") -> str:
     """What the file's ``ss_optimizer`` says, in kohya's form: the class that stepped (module and name) and the
     arguments it was given besides the learning rate, e.g. ``bitsandbytes.optim.adamw.AdamW8bit`` or
     ``torch.optim.adamw.AdamW(weight_decay=0.01)``. ``optimizer`` may be accelerate's wrapper."""
     inner = getattr(optimizer, "optimizer", optimizer)
     cls = type(inner)
-    args = ",".join(f"{key}={value}" for key, value in OPTIMIZER_ARGS.get(name, {}).items())
+    args = ",".join(f"{key}={value}" for key, value in optimizer_kwargs(name, given).items())
     return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 

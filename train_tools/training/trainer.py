@@ -68,6 +68,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         run_name: str | None = None,
         resume_from: Path | None = None,
         host: Any = None,
+        lora_dir: Path | None = None,
     ) -> None:
         self.host = host  # the program hosting the run (captioners, models folder); None = standalone defaults
         # Resuming: ``resume_from`` is a run folder (trains/<run>); the run continues there with the settings
@@ -83,6 +84,22 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         version.check_settings(config)
         if run_name is not None:
             check_name(run_name, "run name")
+        # Training on from a LoRA file (of the LoRA folder): its type and dims are the run's; a resumed run has
+        # them in its snapshot, and its state holds the weights.
+        self.start_tensors: dict[str, torch.Tensor] | None = None
+        if config.network_weights and self.resume is None:
+            from ..networks.start_from import read_start, start_file
+
+            path = start_file(config.network_weights, lora_dir or getattr(host, "lora_dir", None))
+            self.start_tensors, dims = read_start(path)
+            changed = {k: v for k, v in dims.items() if getattr(config, k) != v}
+            if changed:
+                log.info(
+                    "Training on from %s: its network's %s.",
+                    path.name,
+                    ", ".join(f"{k} {v}" for k, v in changed.items()),
+                )
+            config = config.updated(dims)
         self.version = version
         self.config = config
         self.checkpoint = Path(checkpoint)
@@ -156,6 +173,9 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
         if state is not None:  # checked against the run, then restored, before anything in the run changes
             self._restore_state(state, rng, gen)
         run_dir = self._open_run_dir()
+        from .run_log import LOGS_FOLDER, RunLog
+
+        self.run_log = RunLog(run_dir / LOGS_FOLDER if cfg.log_with == "tensorboard" and acc.is_main_process else None)
         if state is not None:
             step, start_epoch, start_batch = state.step, state.epoch, state.batch
             files = [run_dir / name for name in state.files if (run_dir / name).is_file()]
@@ -204,13 +224,21 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
                         "The loss became NaN/inf: lower the learning rate, or use bf16 or fp32 instead of fp16."
                     )
                 losses.append(value)
-                self.reporter.step(self._step_info(step, epoch, losses, t0))
+                info = self._step_info(step, epoch, losses, t0)
+                self.reporter.step(info)
+                self.run_log.step(info)
                 if self.stop.requested:
                     interrupted = True
                     break
             if interrupted:
                 break
             last = epoch == cfg.epochs
+            self.run_log.epoch(epoch, step)
+            if self.val_items and (last or epoch % cfg.validate_every_n_epochs == 0):
+                held_out = self.validation_loss()
+                if held_out is not None:
+                    self.reporter.validation(step, held_out)
+                    self.run_log.validation(held_out, step)
             if last or epoch % cfg.save_every_n_epochs == 0:
                 name = f"{self.output_name}.safetensors" if last else f"{self.output_name}-{epoch:06d}.safetensors"
                 files.append(self.save(run_dir / name, epoch, step))
@@ -227,7 +255,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
                     gen=gen,
                 )
                 if files[-1] is not None:
-                    self._sample(run_dir, files[-1], epoch)
+                    self._sample(run_dir, files[-1], epoch, step)
         if interrupted:
             self.reporter.message(f"Interrupted at step {step}; saving what was learned so far.")
             files.append(self.save(run_dir / f"{self.output_name}-{epoch:06d}-interrupted.safetensors", epoch, step))
@@ -240,6 +268,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
                 self.release_memory()  # the previewer's copy of the model needs the training one's memory
             self._previews_at_end(run_dir)
         self._close_previewer()
+        self.run_log.close()
         self.reporter.finish()
         return result
 

@@ -50,6 +50,8 @@ class TrainerBase:
     # The pictures: training pictures, then class pictures (their indices follow the training pictures').
     items: list[DatasetItem]
     reg_items: list[DatasetItem]
+    val_items: list[DatasetItem]  # held out of training (validation_split)
+    dataset_items: list[DatasetItem]  # the training pictures before the split (the run's snapshot lists them)
     all_items: list[DatasetItem]
     repeats: int
     # The model with its LoRA.
@@ -62,6 +64,7 @@ class TrainerBase:
     needs_time_ids: bool
     use_clip_skip: bool
     trainable: list[torch.nn.Parameter]
+    start_tensors: dict[str, torch.Tensor] | None  # the LoRA file to train on from, until it is loaded
     # The caches.
     latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]]
     latent_encodes: int

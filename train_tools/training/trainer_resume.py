@@ -29,7 +29,7 @@ class ResumeMixin(TrainerBase):
     ) -> list[str]:
         """The pictures of the run as its state lists them: the training pictures, then the class pictures
         prefixed with ``reg/`` (a run without class pictures lists what it always did)."""
-        items = self.items if items is None else items
+        items = self.dataset_items if items is None else items  # the held-out pictures too
         reg_items = self.reg_items if reg_items is None else reg_items
         return [item.image.name for item in items] + [f"{REG_PREFIX}{item.image.name}" for item in reg_items]
 

@@ -60,7 +60,7 @@ class SavingMixin(TrainerBase):
                 "started_at": self.started_at,
             },
         )
-        write_json(run_dir / "captions.json", {item.image.name: item.caption for item in self.items})
+        write_json(run_dir / "captions.json", {item.image.name: item.caption for item in self.dataset_items})
         if self.reg_items:
             write_json(run_dir / REG_CAPTIONS, {item.image.name: item.caption for item in self.reg_items})
 
@@ -91,7 +91,7 @@ class SavingMixin(TrainerBase):
             training_finished_at=time.time(),
             bucket_info=bucket_info(self.items),
             mixed_precision=self.mixed_precision_used,
-            optimizer=describe_optimizer(self.config.optimizer, self.optimizer),
+            optimizer=describe_optimizer(self.config.optimizer, self.optimizer, self.config.optimizer_args),
             prediction_type=self.model.prediction_type,
             zero_terminal_snr=bool(self.noise_scheduler.config.get("rescale_betas_zero_snr", False)),
         )
@@ -123,7 +123,7 @@ class SavingMixin(TrainerBase):
             preview.close()
             self._preview = None
 
-    def _sample(self, run_dir: Path, lora_file: Path, epoch: int) -> None:
+    def _sample(self, run_dir: Path, lora_file: Path, epoch: int, step: int = 0) -> None:
         """``sample_every_n_epochs``: a few pictures of the file just saved, in ``<run>/samples/``."""
         from ..previews.samples import sample_epoch, should_sample
         from ..previews.settings import default_settings
@@ -134,6 +134,9 @@ class SavingMixin(TrainerBase):
             settings = default_settings(self.config, self.version.project)
             paths = sample_epoch(run_dir, lora_file, epoch, self._previewer(), settings)
             self.reporter.message(f"Samples of epoch {epoch}: {', '.join(p.name for p in paths)}")
+            run_log = getattr(self, "run_log", None)
+            if run_log is not None:
+                run_log.pictures(paths, step)
         except UserError as exc:  # a sample must never cost the run
             self.reporter.message(f"No samples for epoch {epoch}: {exc}")
 

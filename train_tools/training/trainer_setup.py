@@ -82,8 +82,12 @@ class SetupMixin(TrainerBase):
         with self.accelerator.main_process_first():  # one process writes prepared/, the others then read it
             items = prepare_items(self.version, cfg, self.reporter, host=self.host, stop=self.stop)
             self.items, self.reg_items = self._resumed_items(items, load_reg_items(self.version))
-        # Indices below len(items) are training pictures, the rest class pictures (caches and batches use both).
-        self.all_items = self.items + self.reg_items
+        # The validation split: a few training pictures held out, the same ones for a seed (a resumed run too).
+        self.dataset_items = self.items  # all of them, as the run's snapshot and state list them
+        self.items, self.val_items = split_validation(self.items, cfg.validation_split, cfg.seed)
+        # Indices below len(items) are training pictures, then class pictures (batches draw from both), then
+        # the held-out ones (the caches hold all).
+        self.all_items = self.items + self.reg_items + self.val_items
         self.repeats = cfg.repeats or auto_repeats(len(self.items))
         if self.reg_items:
             self.reporter.message(
@@ -94,7 +98,8 @@ class SetupMixin(TrainerBase):
         """Load the checkpoint, freeze it, attach the LoRA; the optimizer's param groups (UNet, text encoder)."""
         from ..models.loader import load_model
         from ..networks.targets import text_encoder_target_modules, unet_target_modules
-        from ..networks.types import attach_network, network_parameters
+        from ..networks.types import attach_network
+        from .param_groups import kept_targets, lr_groups
 
         cfg = self.config
         self.reporter.message(f"Loading {self.checkpoint.name}")
@@ -118,14 +123,22 @@ class SetupMixin(TrainerBase):
             move(te, self.device, self.weight_dtype)
         conv = cfg.conv_rank()  # LoCon etc.: the 3x3 convolutions too, at their own rank and alpha
         kind, rank, alpha, factor = cfg.network_type, cfg.network_dim, cfg.network_alpha, cfg.lokr_factor
-        attach_network(m.unet, unet_target_modules(m.unet, conv=conv is not None), kind, rank, alpha, conv, factor)
-        params: list[dict[str, Any]] = [{"params": _fp32(network_parameters(m.unet)), "lr": cfg.effective_unet_lr()}]
+        unet_targets = kept_targets(unet_target_modules(m.unet, conv=conv is not None), cfg)
+        attach_network(m.unet, unet_targets, kind, rank, alpha, conv, factor)
         if self.train_te:
-            te_params: list[torch.nn.Parameter] = []
             for te in self.tes:
                 attach_network(te, text_encoder_target_modules(te), kind, rank, alpha, None, factor)
-                te_params += _fp32(network_parameters(te))
-            params.append({"params": te_params, "lr": cfg.effective_text_encoder_lr()})
+        if self.start_tensors is not None:
+            from ..networks.lora_format import model_prefixes
+            from ..networks.start_from import load_start
+
+            parts = model_prefixes(m.unet, self.tes if self.train_te else [], m.family)
+            loaded = load_start(parts, self.start_tensors, cfg.network_weights, self.train_te)
+            self.reporter.message(f"Training on from {cfg.network_weights} ({loaded} layers)")
+            self.start_tensors = None
+        params = lr_groups(m.unet, cfg.effective_unet_lr(), cfg, unet=True)
+        if self.train_te:
+            params += lr_groups(torch.nn.ModuleList(self.tes), cfg.effective_text_encoder_lr(), cfg, unet=False)
         self.trainable = [p for g in params for p in g["params"]]
         if cfg.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
@@ -150,7 +163,7 @@ class SetupMixin(TrainerBase):
         cfg = self.config
         if self.reg_items:
             self.sampler: Any = RegularisedBatchSampler(
-                self.all_items, len(self.items), cfg.batch_size, seed=cfg.seed, repeats=self.repeats
+                self.items + self.reg_items, len(self.items), cfg.batch_size, seed=cfg.seed, repeats=self.repeats
             )
         else:
             self.sampler = BucketBatchSampler(self.items, cfg.batch_size, seed=cfg.seed, repeats=self.repeats)
@@ -181,7 +194,9 @@ class SetupMixin(TrainerBase):
         if self.flat:
             params = flatten_groups(params)
         self.optimized = [p for g in params for p in g["params"]]
-        optimizer = make_optimizer(cfg.optimizer, params, cfg.learning_rate, device=self.device)
+        optimizer = make_optimizer(
+            cfg.optimizer, params, cfg.learning_rate, device=self.device, given=cfg.optimizer_args
+        )
         # accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
         ticks = self.accelerator.num_processes
         lr_scheduler = make_lr_scheduler(
@@ -268,8 +283,9 @@ class SetupMixin(TrainerBase):
         vae: AutoencoderKL | None = None
         shas: dict[Path, set[str]] = {folder: set() for folder in folders}
         with acc.main_process_first() if disks else contextlib.nullcontext():
+            n, reg = len(self.items), len(self.reg_items)
             for index, item in enumerate(self.all_items):
-                folder = folders[int(index >= len(self.items))]
+                folder = folders[int(n <= index < n + reg)]  # class pictures in prepared_reg/, the rest prepared/
                 disk = disks.get(folder)
                 sha = sha256_file(item.image)
                 shas[folder].add(sha)
@@ -335,12 +351,19 @@ def enable_te_checkpointing(te: PreTrainedModel) -> None:
 
 def move(module: ModuleT, device: torch.device, dtype: torch.dtype) -> ModuleT:
     """``module.to(device, dtype)`` without diffusers' warning about modules to keep in fp32: the frozen base
-    is meant to be cast whole (the LoRA weights stay fp32, see ``_fp32``)."""
+    is meant to be cast whole (the LoRA weights stay fp32, see ``param_groups.lr_groups``)."""
     return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
-def _fp32(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """LoRA weights train in fp32 even when the frozen base is fp16/bf16 (autocast does the mixing)."""
-    for p in params:
-        p.data = p.data.float()
-    return params
+def split_validation(items: list[Any], share: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(trained, held out): ``share`` of the pictures (at least one when asked, never all) drawn with ``seed``,
+    both in their order."""
+    if share <= 0 or len(items) < 2:
+        if share > 0:
+            log.warning("One picture only: no validation split (it is needed for training).")
+        return items, []
+    count = min(len(items) - 1, max(1, round(len(items) * share)))
+    import random
+
+    held = set(random.Random(seed).sample(range(len(items)), count))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

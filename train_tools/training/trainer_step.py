@@ -244,6 +244,31 @@ class StepMixin(TrainerBase):
             total += float(self.loss(latents, text, noise, timesteps))
         return total / len(indices)
 
+    def validation_loss(self) -> float | None:
+        """The mean loss on the held-out pictures (``validation_split``) at fixed noise and at timesteps spread
+        over the schedule (100, 300, ... 900 of 1000): the same draws at every validation, so the values compare;
+        None without held-out pictures. No gradient, and the training's random streams are left alone."""
+        if not self.val_items:
+            return None
+        first = len(self.items) + len(self.reg_items)
+        steps = int(self.noise_scheduler.config.num_train_timesteps)
+        spread = [int(steps * (k + 0.5) / VALIDATION_TIMESTEPS) for k in range(VALIDATION_TIMESTEPS)]
+        gen = torch.Generator().manual_seed(self.config.seed)
+        rng = random.Random(self.config.seed)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(first, first + len(self.val_items)):
+                latents = self.latents_for([i], rng, gen)
+                text = self.text_for([i], rng)
+                for t in spread:
+                    noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+                    total += float(self.loss(latents, text, noise, torch.tensor([t], device=latents.device)))
+                    count += 1
+        return total / count
+
+
+VALIDATION_TIMESTEPS = 5
+
 
 def signal_to_noise(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     """SNR(t) = alpha_bar / (1 - alpha_bar), as diffusers' ``compute_snr`` has it; written here because

@@ -110,6 +110,14 @@ def core_demo_estimate(config: Any, pictures: int, class_pictures: int, device: 
     return estimate_demo_run(config, pictures, device, class_pictures).sentence()
 
 
+def core_fit_demo(config: Any, pictures: int, class_pictures: int, device: str | None) -> dict[str, int]:
+    """The changes that fit ``config``, the demo settings, to this machine's speed: fewer epochs where the run
+    would take longer than the demo's 3 minutes (``training.estimate.fit_demo_epochs``); none where it fits."""
+    from ..training.estimate import fit_demo_epochs
+
+    return fit_demo_epochs(config, pictures, device, class_pictures)[0]
+
+
 def preview_work(version: Version, run_dir: Path, settings: Any, host: Host) -> Callable[..., list[Any]]:
     """The work of Generate previews: the run's checkpoint (or the chosen one), its files at each weight."""
 

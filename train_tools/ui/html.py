@@ -129,8 +129,14 @@ def fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120) -> str:
-    """An inline SVG of the loss per step with a smoothed line: no plotting library, same in every Gradio."""
+def loss_chart_svg(
+    losses: Sequence[float],
+    width: int = 600,
+    height: int = 120,
+    validation: Sequence[tuple[int, float]] = (),
+) -> str:
+    """An inline SVG of the loss per step with a smoothed line, and the validation loss at the steps it was
+    computed in orange (``validation``: (index in ``losses``, loss)): no plotting library, same in every Gradio."""
     if len(losses) < 2:
         return ""
     bucket = max(1, math.ceil(len(losses) / MAX_CHART_POINTS))
@@ -139,8 +145,19 @@ def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120)
     for value in points:
         ema = 0.9 * ema + 0.1 * value
         smooth.append(ema)
-    lo, hi = min(points), max(points)
+    lo, hi = min(points + [v for _, v in validation]), max(points + [v for _, v in validation])
     span = (hi - lo) or 1.0
+    held = " ".join(
+        f"{i / max(1, len(losses) - 1) * width:.1f},{height - 4 - (v - lo) / span * (height - 8):.1f}"
+        for i, v in validation
+    )
+    held_line = (
+        f'<polyline class="tt-validation" fill="none" stroke="#e67e22" stroke-width="2" '
+        f'vector-effect="non-scaling-stroke" points="{held}"/>'
+        if validation
+        else ""
+    )
+    held_legend = f"; validation loss (orange) {validation[-1][1]:.4f} at last" if validation else ""
 
     def path(values: list[float]) -> str:
         step = width / max(1, len(values) - 1)
@@ -155,8 +172,9 @@ def loss_chart_svg(losses: Sequence[float], width: int = 600, height: int = 120)
         f'<polyline class="tt-raw" fill="none" stroke="#2f80ed" stroke-opacity="0.35" '
         f'vector-effect="non-scaling-stroke" points="{path(points)}"/>'
         f'<polyline class="tt-smooth" fill="none" stroke="#2f80ed" stroke-width="2" '
-        f'vector-effect="non-scaling-stroke" points="{path(smooth)}"/></svg>'
-        f'<div class="tt-chart-legend">loss {hi:.4f} (top) to {lo:.4f} (bottom) over {len(losses)} steps</div>'
+        f'vector-effect="non-scaling-stroke" points="{path(smooth)}"/>{held_line}</svg>'
+        f'<div class="tt-chart-legend">loss {hi:.4f} (top) to {lo:.4f} (bottom) over {len(losses)} steps'
+        f"{held_legend}</div>"
     )
 
 
@@ -180,6 +198,7 @@ def progress_html(status: JobStatus) -> str:
     if status.state == RUNNING and status.step:
         parts.append(f"ETA {fmt_time(status.eta_s)}")
     parts.append(f"elapsed {fmt_time(status.elapsed_s)}")
+    chart = loss_chart_svg(status.losses, validation=status.validation)
     kind = {FAILED: "error", INTERRUPTED: "warn", FINISHED: "ok"}.get(status.state, "info")
     color = {"error": "#d63031", "warn": "#e2a400", "ok": "#27ae60"}.get(kind, "#2f80ed")
     return (
@@ -190,5 +209,5 @@ def progress_html(status: JobStatus) -> str:
         f'overflow:hidden"><div class="tt-fill tt-{kind}" style="height:100%;background:{color};'
         f'width:{percent:.1f}%"></div></div>'
         f'<div class="tt-info">{html.escape(" · ".join(parts))}</div>'
-        f"{message_html(status.message, kind)}{loss_chart_svg(status.losses) if training else ''}</div>"
+        f"{message_html(status.message, kind)}{chart if training else ''}</div>"
     )

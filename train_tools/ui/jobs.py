@@ -48,6 +48,7 @@ class JobStatus:
     steps_per_s: float = 0.0
     eta_s: float = 0.0
     losses: list[float] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (index in losses, held-out pictures' loss)
     message: str = ""
     files: list[Path] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -218,6 +219,7 @@ class JobManager:
             steps_per_s=last.steps_per_s if last else 0.0,
             eta_s=last.eta_s if last and job.state == RUNNING else 0.0,
             losses=[s.loss for s in steps],
+            validation=[(at - steps[0].step, loss) for at, loss in list(rec.validations)] if steps else [],
             message=job.message if job.state != RUNNING else _running_message(rec),
             files=list(rec.saved_files),
             elapsed_s=end - job.started,

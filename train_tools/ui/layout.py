@@ -22,6 +22,7 @@ import gradio as gr
 from ..config import TrainConfig, fields_info
 from ..errors import UserError, from_os_error
 from ..hosts.base import Host
+from ..presets import preset_names
 from ..previews.samplers import SAMPLERS as PREVIEW_SAMPLERS
 from ..previews.settings import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE
 from .gradio_compat import on_page_load, poll_every, with_progress
@@ -147,6 +148,13 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
                 with gr.Row():
                     for f in advanced[start : start + COMMON_PER_ROW]:
                         settings[f.name] = _setting_component(f, getattr(defaults, f.name))
+        with gr.Row():
+            c["preset"] = gr.Dropdown(
+                label="Preset", choices=preset_names(host.data_dir), value=None, elem_id="train_tools_preset", scale=3
+            )
+            c["apply_preset"] = gr.Button("Apply preset", elem_id="train_tools_apply_preset")
+            c["preset_name"] = gr.Textbox(label="Save settings as preset", elem_id="train_tools_preset_name", scale=3)
+            c["save_preset"] = gr.Button("Save preset", elem_id="train_tools_save_preset")
         with gr.Row():
             c["begin"] = gr.Button("Begin Train", variant="primary", elem_id="train_tools_begin")
             c["interrupt"] = gr.Button("Interrupt", variant="stop", elem_id="train_tools_interrupt")
@@ -305,6 +313,8 @@ def build_contents(host: Host, root: gr.Blocks, jobs: JobManager = JOBS) -> TabH
     wire(c["result_file"].change, logic.show_grid, [*pv, c["result_file"]], [c["preview_grid"], c["grid_path"]])
     wire(c["refresh_models"].click, logic.refresh_checkpoints, [settings["base_model"]], [settings["base_model"]])
     wire(c["save_settings"].click, logic.save_settings, [*pv, *setting_inputs], [msg])
+    wire(c["apply_preset"].click, logic.apply_preset, [c["preset"], *setting_inputs], [*setting_inputs, msg])
+    wire(c["save_preset"].click, logic.save_preset, [c["preset_name"], *setting_inputs], [c["preset"], msg])
     wire(c["begin"].click, logic.begin_train, [*pv, *setting_inputs], [msg, c["progress"], settings["base_model"]])
     wire(c["interrupt"].click, logic.interrupt, [], [msg])
     wire(c["refresh_results"].click, logic.refresh_results, pv, [c["results"], c["result_file"]])

@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from .. import fileio
-from ..demo_settings import model_switch_changes
+from ..demo_settings import DEMO_SETTINGS, model_switch_changes
 from ..errors import UserError
 from ..hosts.base import DEMO_CHOICE, DEMO_FILE_NAME, require_checkpoint_choice
 from ..progress import TaskFn
@@ -33,6 +33,7 @@ from .uploads import add_uploaded, uploaded_files
 from .views import (
     MODEL_FIELDS,
     NETWORK_FIELDS,
+    SETTING_FIELDS,
     dataset_view,
     grid_view,
     list_results,
@@ -223,8 +224,15 @@ class TabLogic(ResultsEvents):
         wanted = model_switch_changes(now, demo=demo)
         note = ""
         if demo:
+            fitted = self.fit_demo(TrainConfig().updated(wanted), self.version_or_none(project, version))
+            wanted.update(fitted)
+            fewer = (
+                f" {fitted['epochs']} epochs instead of {DEMO_SETTINGS['epochs']}, to fit 3 minutes on this machine."
+                if fitted
+                else ""
+            )
             note = message_html(
-                "Demo model: settings for a quick run (how long it takes is shown under Base model).", "info"
+                f"Demo model: settings for a quick run (how long it takes is shown under Base model).{fewer}", "info"
             )
         elif family:
             defaults = family_defaults(family)
@@ -280,6 +288,30 @@ class TabLogic(ResultsEvents):
         v = self.require_version(project, version)
         v.save_settings(settings_from_values(values))
         return [message_html(f"Settings saved for {v.project} / {v.name}.", "ok")]
+
+    def apply_preset(self, name: str | None, *values: Any) -> list[Any]:
+        """Set the controls to preset ``name``'s settings (the version's own kept); Save settings or Begin Train
+        keeps them. Returns updates for SETTING_FIELDS and the message."""
+        from ..presets import apply_preset, load_preset
+
+        if not name:
+            raise UserError("Choose a preset first.")
+        preset = load_preset(self.host.data_dir, name)
+        config = apply_preset(settings_from_values(values), preset)
+        updates = [gr.update(value=getattr(config, n)) for n in SETTING_FIELDS]
+        about = f" ({preset.description})" if preset.description else ""
+        note = f"Applied preset '{preset.name}'{about}; Save settings or Begin Train keeps it."
+        return [*updates, message_html(note, "ok")]
+
+    def save_preset(self, name: str | None, *values: Any) -> list[Any]:
+        """Save the controls' settings as the user's preset ``name``; the preset list and the message."""
+        from ..presets import preset_names, save_preset
+
+        path = save_preset(self.host.data_dir, name or "", settings_from_values(values))
+        return [
+            gr.update(choices=preset_names(self.host.data_dir), value=path.stem),
+            message_html(f"Saved preset '{path.stem}'.", "ok"),
+        ]
 
     def begin_train(self, project: str | None, version: str | None, *values: Any) -> list[Any]:
         v = self.require_version(project, version)

@@ -17,7 +17,7 @@ from ..demo_settings import model_switch_changes
 from ..errors import UserError
 from ..hosts.base import Host
 from ..store import Store, Version, projects_root
-from .core_calls import core_demo_estimate, core_family, core_is_demo, core_tag_counts
+from .core_calls import core_demo_estimate, core_family, core_fit_demo, core_is_demo, core_tag_counts
 from .html import demo_line, family_line, results_html, tags_html
 from .jobs import JOBS, JobManager
 from .views import SETTING_FIELDS, dataset_view, grid_view, list_results, original_images
@@ -89,6 +89,7 @@ class TabState:
             # Untouched defaults, no model chosen, and the demo model is what the list shows: its settings are
             # what a run gets.
             config = config.updated(model_switch_changes({}, demo=True))
+            config = config.updated(self.fit_demo(config, version))
         values: list[Any] = []
         for name in SETTING_FIELDS:
             values.append(model if name == "base_model" else gr.update(value=getattr(config, name)))
@@ -111,13 +112,21 @@ class TabState:
         ]
         return values
 
+    def demo_pictures(self, version: Version | None) -> tuple[int, int]:
+        """The version's pictures and class pictures (none yet: the estimate counts the demo's)."""
+        if version is None:
+            return 0, 0
+        return len(original_images(version)), len(original_images(version, version.reg_dir))
+
+    def fit_demo(self, config: TrainConfig, version: Version | None) -> dict[str, int]:
+        """The demo settings ``config`` fitted to this machine's speed (fewer epochs where it is slow)."""
+        return core_fit_demo(config, *self.demo_pictures(version), self.host.device())
+
     def model_line(self, choice: str | None, demo: bool, config: TrainConfig, version: Version | None) -> str:
         """The line under the base model: its family, or for the demo model how long a run of ``config``
         takes on this machine (measured, see training/estimate.py)."""
         if demo:
-            pictures = len(original_images(version)) if version is not None else 0
-            classes = len(original_images(version, version.reg_dir)) if version is not None else 0
-            return demo_line(core_demo_estimate(config, pictures, classes, self.host.device()))
+            return demo_line(core_demo_estimate(config, *self.demo_pictures(version), self.host.device()))
         return family_line(core_family(self.host, choice))
 
     def project_update(self, value: str | None) -> dict[str, Any]:

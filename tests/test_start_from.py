@@ -1,0 +1,144 @@
+"""Training on from a LoRA file (issue 18, item 6): the run takes the file's type and dims, starts from its
+weights on every layer, resumes bit for bit, and a file of another model is refused with a sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests import fixtures_training
+from tests.fixtures_training import StopsAtStep
+from tests.test_precision import exact_trainer, new_version, tensors_of
+from train_tools.config import TrainConfig
+from train_tools.errors import UserError
+from train_tools.networks.lora_format import kohya_state_dict
+from train_tools.progress import StopFlag
+from train_tools.training.trainer import Trainer
+
+demo_ckpt = fixtures_training.demo_ckpt
+pictures = fixtures_training.pictures
+one_thread = fixtures_training.one_thread
+
+# What the file was made with, and what the version's settings say: the file's win.
+MADE: dict[str, dict[str, object]] = {
+    "lora": {"network_type": "lora", "network_dim": 8, "network_alpha": 2.0},
+    "locon": {"network_type": "locon", "network_dim": 8, "network_alpha": 4.0, "conv_dim": 4, "conv_alpha": 1.0},
+    "loha": {"network_type": "loha", "network_dim": 4, "network_alpha": 2.0, "conv_dim": 2, "conv_alpha": 1.0},
+    "dora": {"network_type": "dora", "network_dim": 4, "network_alpha": 4.0},
+}
+
+
+def settings(**changes: object) -> TrainConfig:
+    base = dict(resolution=64, epochs=2, repeats=2, batch_size=1, save_every_n_epochs=1, preview_at_end=False)
+    base.update(optimizer="AdamW", learning_rate=1e-3, lr_scheduler="constant", max_token_length=75)
+    base.update(network_type="lora", network_dim=16, network_alpha=16.0, conv_dim=0, mixed_precision="no")
+    return TrainConfig().updated({**base, **changes})
+
+
+def network_file(trainer: Trainer, folder: Path, name: str = "start.safetensors") -> Path:
+    """The trainer's network with random weights (so that a start from zero shows), as a file of the
+    LoRA folder, without metadata (as a file of another trainer may come)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in trainer.trainable:
+            param.copy_(torch.randn_like(param) * 0.01)
+    m = trainer.model
+    state = kohya_state_dict(m.unet, trainer.tes if trainer.train_te else [], m.family)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name))
+    return folder / name
+
+
+@pytest.mark.parametrize("kind", list(MADE))
+def test_a_run_starts_from_the_files_weights_with_its_dims(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, one_thread: None, kind: str
+) -> None:
+    version = new_version(tmp_path, pictures)
+    made = Trainer(version, settings(**MADE[kind]), demo_ckpt, device="cpu")
+    made.prepare()
+    path = network_file(made, tmp_path / "Lora")
+    wanted, _ = tensors_of(path)
+    on = Trainer(version, settings(network_weights=path.name), demo_ckpt, device="cpu", lora_dir=path.parent)
+    assert {k: getattr(on.config, k) for k in MADE[kind]} == MADE[kind]
+    on.prepare()
+    m = on.model
+    got = kohya_state_dict(m.unet, on.tes, m.family)
+    assert got.keys() == wanted.keys()
+    assert all(torch.equal(got[k].float(), wanted[k].float()) for k in wanted), kind
+
+
+def test_a_run_from_a_file_trains_and_resumes_bit_for_bit(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, one_thread: None
+) -> None:
+    version = new_version(tmp_path, pictures)
+    made = Trainer(version, settings(**MADE["locon"]), demo_ckpt, device="cpu")
+    made.prepare()
+    path = network_file(made, tmp_path / "Lora")
+    config, lora_dir = settings(network_weights=path.name), path.parent
+    straight = exact_trainer(version, config, demo_ckpt, run_name="straight", lora_dir=lora_dir).run()
+    assert straight.final_file is not None
+    trained, meta = tensors_of(straight.final_file)
+    start, _ = tensors_of(path)
+    assert trained.keys() == start.keys() and meta["ss_network_dim"] == "8"
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # it trained on
+    stop = StopFlag()
+    first = exact_trainer(
+        version, config, demo_ckpt, run_name="stopped", stop=stop, reporter=StopsAtStep(stop, 3), lora_dir=lora_dir
+    ).run()
+    assert first.interrupted and first.run_dir is not None
+    path.unlink()  # the resumed run has what it needs in its own state
+    resumed = exact_trainer(version, config, demo_ckpt, resume_from=first.run_dir, lora_dir=lora_dir).run()
+    assert resumed.final_file is not None and resumed.losses == straight.losses
+    again, _ = tensors_of(resumed.final_file)
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_a_file_of_another_model_is_refused(tmp_path: Path, demo_ckpt: Path, pictures: Path, one_thread: None):
+    version = new_version(tmp_path, pictures)
+    made = Trainer(version, settings(), demo_ckpt, device="cpu")
+    made.prepare()
+    path = network_file(made, tmp_path / "Lora")
+    tensors, _ = tensors_of(path)
+
+    def refused(changed: dict[str, torch.Tensor], said: str, **config: object) -> None:
+        save_file(changed, str(path))
+        trainer = Trainer(version, settings(network_weights=path.name, **config), demo_ckpt, lora_dir=path.parent)
+        with pytest.raises(UserError, match=said):
+            trainer.prepare()
+
+    key = next(k for k in tensors if k.startswith("lora_unet_") and k.endswith(".lora_down.weight"))
+    other = {
+        k.replace("lora_unet_", "lora_unet_input_blocks_4_1_", 1) if k.startswith(key.split(".")[0]) else k: v
+        for k, v in tensors.items()
+    }
+    refused(other, "does not fit this base model: 1 of its")
+    wider = dict(tensors)
+    wider[key] = torch.zeros(wider[key].shape[0], wider[key].shape[1] * 2)
+    refused(wider, r"does not fit this base model: .*lora_down.weight is")
+    refused(tensors, "turn on 'Train text encoder'", train_text_encoder=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("../start.safetensors", "could point outside"), ("sub/start.safetensors", "cannot be used in a file")],
+)
+def test_the_setting_is_a_name_in_the_lora_folder(name: str, said: str) -> None:
+    with pytest.raises(UserError, match=said):
+        TrainConfig.from_dict({"network_weights": name})
+
+
+def test_a_missing_or_lokr_file_gets_a_sentence(tmp_path: Path, demo_ckpt: Path, pictures: Path) -> None:
+    version = new_version(tmp_path, pictures)
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    with pytest.raises(UserError, match="There is no LoRA file 'gone.safetensors'"):
+        Trainer(version, settings(network_weights="gone.safetensors"), demo_ckpt, lora_dir=folder)
+    save_file(
+        {"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2": torch.zeros(2, 2)},
+        str(folder / "k.safetensors"),
+    )
+    with pytest.raises(UserError, match="LoKr is not supported yet"):
+        Trainer(version, settings(network_weights="k.safetensors"), demo_ckpt, lora_dir=folder)

@@ -1,0 +1,127 @@
+"""Training on from a LoRA file (the setting ``network_weights``, kohya's name): the run's network takes the
+file's type and dims, then starts from its weights instead of from zero.
+
+The file's type comes from its tensors (``hada_*`` LoHa, ``dora_scale`` DoRA, ``lora_down`` LoRA, with 3x3
+convolutions LoCon) and its dims from their shapes, so a file of ours and one of kohya's read the same way.
+Written here because neither peft nor diffusers loads a kohya file into a training network: diffusers' loader
+builds an inference LoRA of its own naming, without LoHa, and peft reads only its own keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..names import check_name
+from .lora_format import network_layers, read_lora
+
+log = logging.getLogger(__name__)
+
+# The UNet's 3x3 convolutions by their key names (a LoHa stores them flat, so only the name tells).
+_CONV3X3_KEY = re.compile(r"^lora_unet_.*_(?:resnets_\d+_conv[12]|(?:down|up)samplers_\d+_conv)$")
+
+
+def start_file(name: str, lora_dir: Path | None) -> Path:
+    """The file of the setting ``network_weights``: a file name in the LoRA folder (never a path: the setting
+    may come from a web request)."""
+    checked = check_name(name, "LoRA to start from (setting 'network_weights')")
+    if lora_dir is None:
+        raise UserError("Training on from a LoRA needs a LoRA folder; pass --lora-dir.")
+    path = Path(lora_dir) / checked
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UserError(
+            f"There is no LoRA file '{checked}' in {lora_dir}; put the .safetensors file there, or empty the "
+            "setting 'network_weights' to start a new LoRA."
+        )
+    return path
+
+
+def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The file's tensors and the settings its network has (``network_type``, ``network_dim``,
+    ``network_alpha``, ``conv_dim``, ``conv_alpha``); refused with a sentence where we cannot train it on."""
+    tensors, _ = read_lora(path)
+    parts = {key.split(".", 1)[1] for key in tensors if "." in key}
+    if any(part.startswith("lokr_") for part in parts):
+        raise UserError(f"{path.name} is a LoKr; training on from a LoKr is not supported yet: start a new one.")
+    if "hada_w1_a" in parts:
+        kind, down = "loha", "hada_w1_b"
+    elif "lora_down.weight" in parts:
+        kind, down = ("dora" if "dora_scale" in parts else "lora"), "lora_down.weight"
+    else:
+        raise UserError(f"{path.name} holds no LoRA layers (lora_down / hada_* tensors); choose a LoRA file.")
+    linear: set[tuple[int, float]] = set()
+    conv: set[tuple[int, float]] = set()
+    for key, weight in tensors.items():
+        if not key.endswith(f".{down}"):
+            continue
+        layer = key[: -len(down) - 1]
+        rank = int(weight.shape[0])
+        alpha = tensors.get(f"{layer}.alpha")
+        dims = (rank, float(alpha) if alpha is not None else float(rank))  # no alpha: kohya's default, the rank
+        is_conv = (weight.dim() == 4 and weight.shape[-1] > 1) or bool(_CONV3X3_KEY.search(layer))
+        (conv if is_conv else linear).add(dims)
+    if len(linear) > 1 or len(conv) > 1:
+        raise UserError(
+            f"{path.name} has different dims from layer to layer ({sorted(linear | conv)}); training on from it "
+            "is not supported yet."
+        )
+    settings: dict[str, Any] = {"network_type": kind, "conv_dim": 0, "conv_alpha": 1.0}
+    (settings["network_dim"], settings["network_alpha"]) = next(iter(linear or conv))
+    if conv:
+        settings["conv_dim"], settings["conv_alpha"] = next(iter(conv))
+        if kind == "lora":
+            settings["network_type"] = "locon"
+    return tensors, settings
+
+
+def load_start(
+    models: list[tuple[nn.Module, str, bool]], tensors: dict[str, torch.Tensor], name: str, text_encoder_trained: bool
+) -> int:
+    """Copy the file's weights into the freshly attached network of ``models`` (``lora_format.model_prefixes``);
+    the number of layers loaded. A layer the file has and the network lacks, or of another shape, means the file
+    is of another model: refused with a sentence, before any step."""
+    live: dict[str, dict[str, torch.Tensor]] = {}
+    for model, prefix, text_encoder in models:
+        live.update(network_layers(model, prefix, text_encoder=text_encoder))
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        layer, _, part = key.partition(".")
+        by_layer.setdefault(layer, {})[part] = tensor
+    unknown = sorted(set(by_layer) - set(live))
+    if unknown and not text_encoder_trained and all(u.startswith("lora_te") for u in unknown):
+        raise UserError(f"{name} has text-encoder layers: turn on 'Train text encoder' to train on from it.")
+    if unknown:
+        raise UserError(
+            f"{name} does not fit this base model: {len(unknown)} of its {len(by_layer)} layers are not in it "
+            f"(e.g. {unknown[0]}); choose a LoRA made for this model's family."
+        )
+    with torch.no_grad():
+        for layer, parts in by_layer.items():
+            for part, tensor in parts.items():
+                target = live[layer].get(part)
+                if target is None or target.shape != tensor.shape:
+                    shape = "no such part" if target is None else f"{tuple(target.shape)} here"
+                    raise UserError(
+                        f"{name} does not fit this base model: {layer}.{part} is {tuple(tensor.shape)}, {shape}; "
+                        "choose a LoRA made for this model."
+                    )
+                if part == "alpha":
+                    if not torch.allclose(target, tensor.float()):
+                        raise UserError(f"{name}: {layer} has alpha {float(tensor):g}, the run {float(target):g}.")
+                    continue
+                target.copy_(tensor.to(target.dtype))
+    missing = len(set(live) - set(by_layer))
+    if missing:
+        log.info(
+            "%s has no weights for %d of the network's %d layers: those start from zero.", name, missing, len(live)
+        )
+    return len(by_layer)
+
+
+__all__ = ["load_start", "read_start", "start_file"]

@@ -400,6 +400,14 @@ class TrainConfig(SettingsIO):
         choices=LOSS_TYPES,
         advanced=True,
     )
+    masked_loss: bool = _f(
+        False,
+        "Masked loss",
+        "Learn only where a picture is opaque (its alpha channel) or white in its mask picture (name.mask.png "
+        "uploaded beside name.png); pictures without either are learned whole.",
+        ss="ss_masked_loss",
+        advanced=True,
+    )
     huber_c: float = _f(
         0.1,
         "Huber c",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .caption_text import edited_caption, read_caption_edits, read_text
-from .layout import CAPTION_SUFFIX, nfc, read_manifest
+from .layout import CAPTION_SUFFIX, MASKS_FOLDER, nfc, read_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,7 @@ class DatasetItem:
     source: str = ""
     flipped: bool = False
     source_size: tuple[int, int] | None = None
+    mask: Path | None = None  # the prepared loss mask (masked_loss), the picture's size
 
     @property
     def name(self) -> str:
@@ -78,6 +79,7 @@ def load_items(prepared: Path, *, flip: bool = False) -> list[DatasetItem]:
             size=(int(size[0]), int(size[1])),
             source=source or "",
             source_size=tuple(source_size) if source_size else None,
+            mask=mask if (mask := prepared / MASKS_FOLDER / path.name).is_file() else None,
         )
         items.append(item)
         if flip:

@@ -21,6 +21,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".d
 CAPTION_SUFFIX = ".txt"
 AUTO_CAPTION_SUFFIX = ".auto.txt"
 MANIFEST_NAME = ".manifest.json"
+# A picture's loss mask beside it in dataset/ (``cat.png`` and ``cat.mask.png``: white = trained), and where the
+# prepared masks go (``prepared/.masks/<stem>.png``, the bucket's size, like the picture).
+MASK_SUFFIX = ".mask.png"
+MASKS_FOLDER = ".masks"
 # Hand edits of prepared captions (captions.py writes it). A file of its own, because prepare_dataset rewrites
 # the manifest and the .txt captions; its leading dot keeps remove_stale away from it.
 EDITS_NAME = ".caption_edits.json"

@@ -65,8 +65,9 @@ def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
-def load_original(path: Path, options: PrepareOptions) -> tuple[Image.Image, tuple[int, int]]:
-    """The picture upright and in RGB (alpha flattened), and its upright full size; raises ``Refused``.
+def load_original(path: Path, options: PrepareOptions) -> tuple[Image.Image, tuple[int, int], Image.Image | None]:
+    """The picture upright and in RGB (alpha flattened), its upright full size, and its alpha channel upright
+    (``L``; None for an opaque picture: the masked loss's mask); raises ``Refused``.
 
     Checks that need only the header (pixel count, smallest side) run before any pixel is decoded. Large
     JPEGs are decoded at a reduced scale that still covers their bucket, which is much faster.
@@ -96,7 +97,7 @@ def load_original(path: Path, options: PrepareOptions) -> tuple[Image.Image, tup
         raise Refused(f"the file is damaged ({type(exc).__name__}: {exc})") from None
 
 
-def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tuple[int, int], Image.Image | None]:
     w, h = im.size
     if w * h > options.max_pixels:
         raise Refused(
@@ -119,10 +120,20 @@ def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tupl
     orientation = _orientation(im)  # a PNG may keep its EXIF after the pixel data
     upright = _oriented_size((w, h), orientation)
     rgb = to_rgb(im, options.background_rgb())
+    alpha = alpha_of(im)
     fix = _ORIENTATION_FIX.get(orientation)
     if fix is not None:
         rgb = rgb.transpose(fix)
-    return rgb, upright
+        alpha = alpha.transpose(fix) if alpha is not None else None
+    return rgb, upright, alpha
+
+
+def alpha_of(im: Image.Image) -> Image.Image | None:
+    """The picture's transparency as an ``L`` mask (255 = opaque), or None where every pixel is opaque."""
+    if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
+        return None
+    alpha = (im.convert("LA").convert("RGBA") if im.mode == "La" else im.convert("RGBA")).getchannel("A")
+    return None if alpha.getextrema() == (255, 255) else alpha
 
 
 def _orientation(im: Image.Image) -> int:

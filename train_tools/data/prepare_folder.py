@@ -23,7 +23,17 @@ from .. import fileio
 from ..errors import UserError
 from .buckets import choose_bucket, fit_to_bucket
 from .caption_text import apply_tag_rules, compose_caption, edited_caption, read_caption_edits, read_text
-from .layout import AUTO_CAPTION_SUFFIX, CAPTION_SUFFIX, IMAGE_SUFFIXES, MANIFEST_NAME, file_key, nfc, read_manifest
+from .layout import (
+    AUTO_CAPTION_SUFFIX,
+    CAPTION_SUFFIX,
+    IMAGE_SUFFIXES,
+    MANIFEST_NAME,
+    MASK_SUFFIX,
+    MASKS_FOLDER,
+    file_key,
+    nfc,
+    read_manifest,
+)
 from .pictures import Refused, load_original, pixel_hash
 from .prepare_options import PrepareOptions
 from .reports import PrepareReport, Refusal
@@ -38,6 +48,7 @@ class _Source:
     stem: str
     caption: Path | None
     auto: Path | None
+    mask: Path | None = None  # ``<name>.mask.png`` beside it: the masked loss's mask (else its alpha, if any)
 
 
 def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
@@ -48,11 +59,12 @@ def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
         (p for p in originals.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: nfc(p.name)
     )
     texts = {file_key(p.name): p for p in files if p.name.lower().endswith(CAPTION_SUFFIX)}
+    masks = {file_key(p.name[: -len(MASK_SUFFIX)]): p for p in files if p.name.lower().endswith(MASK_SUFFIX)}
     sources: list[_Source] = []
     used: set[str] = set()
     for path in files:
         suffix = path.suffix.lower()
-        if suffix == CAPTION_SUFFIX:
+        if suffix == CAPTION_SUFFIX or path.name.lower().endswith(MASK_SUFFIX):
             continue
         if suffix not in IMAGE_SUFFIXES:
             report.refused.append(
@@ -76,6 +88,7 @@ def _scan_originals(originals: Path, report: PrepareReport) -> list[_Source]:
                 unique,
                 texts.get(file_key(stem + CAPTION_SUFFIX)),
                 texts.get(file_key(stem + AUTO_CAPTION_SUFFIX)),
+                masks.get(file_key(stem)),
             )
         )
     return sources
@@ -151,11 +164,13 @@ class _Preparer:
         if cached_refusal and cached_refusal.get("sha256") == sha:
             self.refuse(source, sha, str(cached_refusal["reason"]))
             return
-        entry = self._reusable_entry(source, sha)
+        mask_sha = fileio.sha256_file(source.mask) if source.mask is not None else None
+        entry = self._reusable_entry(source, sha, mask_sha)
         image: Image.Image | None = None
         if entry is None:
             try:
-                upright_image, upright_size = load_original(source.path, self.options)
+                upright_image, upright_size, alpha = load_original(source.path, self.options)
+                mask = self._mask(source, alpha, upright_size)
             except Refused as exc:
                 self.refuse(source, sha, str(exc))
                 return
@@ -164,23 +179,43 @@ class _Preparer:
                 "stem": source.stem,
                 "pixels": pixel_hash(upright_image),
                 "source_size": list(upright_size),
+                "mask": mask_sha or ("alpha" if mask is not None else None),
             }
             if self._is_duplicate(source, entry):
                 return
-            image = self._write_image(upright_image, upright_size, entry)
+            image = self._write_image(upright_image, upright_size, entry, mask)
         elif self._is_duplicate(source, entry):
             return
         self.by_pixels[entry["pixels"]] = source.name
         self._write_caption(source, entry, image)
         self.items[source.name] = entry
 
-    def _reusable_entry(self, source: _Source, sha: str) -> dict[str, Any] | None:
+    def _reusable_entry(self, source: _Source, sha: str, mask_sha: str | None) -> dict[str, Any] | None:
         old = self.old_items.get(source.name)
         if not old or old.get("sha256") != sha or old.get("stem") != source.stem:
             return None
         if not (self.prepared / f"{source.stem}.png").is_file():
             return None
+        # A mask file is known by its hash; an alpha mask comes with the picture (same hash, same alpha).
+        wanted = mask_sha or ("alpha" if old.get("mask") == "alpha" else None)
+        if old.get("mask") != wanted:
+            return None  # a mask file added, changed or removed
+        if old.get("mask") and not (self.prepared / MASKS_FOLDER / f"{source.stem}.png").is_file():
+            return None
         return dict(old)
+
+    @staticmethod
+    def _mask(source: _Source, alpha: Image.Image | None, upright_size: tuple[int, int]) -> Image.Image | None:
+        """The picture's loss mask upright (``L``, 255 = trained): its mask file, stretched to the picture's
+        size, else its alpha channel, else None."""
+        if source.mask is None:
+            return alpha
+        try:
+            with Image.open(source.mask) as im:
+                mask = im.convert("L")
+        except (OSError, ValueError) as exc:
+            raise Refused(f"its mask {source.mask.name} could not be read ({exc})") from None
+        return mask if mask.size == upright_size else mask.resize(upright_size, Image.Resampling.BILINEAR)
 
     def _is_duplicate(self, source: _Source, entry: dict[str, Any]) -> bool:
         kept = self.by_pixels.get(entry["pixels"])
@@ -189,12 +224,21 @@ class _Preparer:
         self.report.duplicates.append((source.name, kept))
         return True
 
-    def _write_image(self, image: Image.Image, upright_size: tuple[int, int], entry: dict[str, Any]) -> Image.Image:
+    def _write_image(
+        self, image: Image.Image, upright_size: tuple[int, int], entry: dict[str, Any], mask: Image.Image | None
+    ) -> Image.Image:
         bucket = choose_bucket(upright_size[0], upright_size[1], self.options)
         fitted = fit_to_bucket(image, bucket)
         fileio.write_with(
             self.prepared / f"{entry['stem']}.png", lambda tmp: fitted.save(tmp, format="PNG", compress_level=6)
         )
+        mask_path = self.prepared / MASKS_FOLDER / f"{entry['stem']}.png"
+        if mask is not None:  # cropped and scaled exactly as the picture
+            fitted_mask = fit_to_bucket(mask, bucket)
+            mask_path.parent.mkdir(exist_ok=True)
+            fileio.write_with(mask_path, lambda tmp: fitted_mask.save(tmp, format="PNG"))
+        else:
+            mask_path.unlink(missing_ok=True)
         entry["size"] = list(bucket)
         entry.pop("caption", None)
         entry.pop("auto", None)
@@ -232,6 +276,11 @@ class _Preparer:
     def remove_stale(self) -> None:
         """Delete prepared files that belong to no current original (removed, refused or duplicate ones)."""
         keep = {file_key(entry["stem"]) for entry in self.items.values()}
+        masks = self.prepared / MASKS_FOLDER
+        masked = {file_key(entry["stem"]) for entry in self.items.values() if entry.get("mask")}
+        for path in masks.glob("*.png") if masks.is_dir() else []:
+            if file_key(path.stem) not in masked:
+                path.unlink(missing_ok=True)
         for path in self.prepared.iterdir():
             if not path.is_file():
                 continue

@@ -17,7 +17,7 @@ from ..config import CAPTION_MODES, TrainConfig
 from ..errors import UserError
 
 # Bump when the way prepared images are made changes, so that every prepared folder is redone once.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: the loss masks (prepared/.masks/) beside the pictures
 
 
 @dataclass

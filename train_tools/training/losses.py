@@ -8,16 +8,24 @@ The trainer's step (``trainer_step.py``) calls these; each is tested against its
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
-def per_item_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: torch.Tensor) -> torch.Tensor:
+def per_item_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    loss_type: str,
+    huber_c: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Each batch item's mean loss (float32): ``l2`` squared error, ``l1`` absolute error, ``huber`` the pseudo-
     Huber loss ``2c (sqrt(d^2 + c^2) - c)`` and ``smooth_l1`` ``2 (sqrt(d^2 + c^2) - c)``, with one ``c`` per
-    item (``huber_c``, shape (B,))."""
+    item (``huber_c``, shape (B,)). With ``mask`` (B, 1, h, w in [0, 1], the masked loss) the mean is over the
+    masked area only, each latent pixel weighted by its mask value."""
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         loss = F.mse_loss(pred, target, reduction="none")
@@ -29,7 +37,11 @@ def per_item_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, hube
         loss = 2 * c * soft if loss_type == "huber" else 2 * soft
     else:
         raise ValueError(f"Unknown loss type {loss_type!r}.")
-    return loss.mean(dim=tuple(range(1, loss.dim())))
+    dims = tuple(range(1, loss.dim()))
+    if mask is None:
+        return loss.mean(dim=dims)
+    weight = mask.float().to(loss.device).expand_as(loss)
+    return (loss * weight).sum(dim=dims) / weight.sum(dim=dims).clamp(min=1e-6)
 
 
 def huber_c_for(schedule: str, huber_c: float, timesteps: torch.Tensor, scheduler: Any) -> torch.Tensor:
@@ -89,3 +101,16 @@ def noise_offsets(
 
 
 __all__ = ["debiased_weight", "huber_c_for", "noise_offsets", "per_item_loss", "pyramid_noise"]
+
+
+def latent_mask(path: Path, shape: tuple[int, ...], flip: bool) -> torch.Tensor:
+    """A prepared loss mask (``L`` picture, white = learned) at latent size (1, h, w) in [0, 1]: each latent
+    pixel the mean of the pixels it covers; mirrored with ``flip``."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        values = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    if flip:
+        values = values.flip(-1)
+    return F.interpolate(values, size=tuple(int(n) for n in shape), mode="area")[0]

@@ -203,12 +203,14 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
             done = start_batch if epoch == start_epoch else 0
             for indices in batches[done:]:
                 with acc.accumulate(unet):
-                    latents = self.latents_for(indices, rng, gen)
+                    chosen: list[int] = []
+                    latents = self.latents_for(indices, rng, gen, chosen)
                     text = self.text_for(indices, rng, epoch)
                     noise = self.sample_noise(latents, gen)
                     timesteps = self.sample_timesteps(len(indices), gen)
                     perturbed = self.perturbed_noise(noise, gen)
-                    loss = self.loss(latents, text, noise, timesteps, self.loss_weights(indices), perturbed)
+                    weights, mask = self.loss_weights(indices), self.loss_mask(indices, chosen)
+                    loss = self.loss(latents, text, noise, timesteps, weights, perturbed, mask)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         self.clip_gradients(cfg.max_grad_norm)

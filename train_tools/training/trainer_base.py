@@ -66,6 +66,7 @@ class TrainerBase:
     trainable: list[torch.nn.Parameter]
     start_tensors: dict[str, torch.Tensor] | None  # the LoRA file to train on from, until it is loaded
     # The caches.
+    mask_cache: list[list[torch.Tensor | None]]  # the loss masks per item and variant (masked_loss), else empty
     latent_cache: list[list[tuple[torch.Tensor, torch.Tensor]]]
     latent_encodes: int
     scaling_factor: float

@@ -315,6 +315,7 @@ class SetupMixin(TrainerBase):
         self.reporter.message(
             f"Latents: {total - self.latent_encodes} of {total} from the cache, {self.latent_encodes} encoded"
         )
+        self.mask_cache = self._loss_masks(flips) if self.config.masked_loss else []
         self.scaling_factor = float(self.model.vae.config.scaling_factor)
         if vae is not None:
             vae.to("cpu")
@@ -322,6 +323,22 @@ class SetupMixin(TrainerBase):
                 torch.cuda.empty_cache()
 
     @torch.no_grad()
+    def _loss_masks(self, flips: tuple[bool, ...]) -> list[list[torch.Tensor | None]]:
+        """Each item's loss mask at its latents' size, per cached variant (mirrored with them); None for an item
+        without a mask (learned whole)."""
+        from .losses import latent_mask
+
+        masks: list[list[torch.Tensor | None]] = []
+        for item, variants in zip(self.all_items, self.latent_cache, strict=True):
+            shape = tuple(variants[0][0].shape[-2:])
+            masks.append([latent_mask(item.mask, shape, flip) if item.mask else None for flip in flips])
+        count = sum(1 for item in self.all_items if item.mask)
+        if count:
+            self.reporter.message(f"Masked loss: {count} of {len(self.all_items)} pictures have a mask")
+        else:
+            log.warning("Masked loss is on, but no picture has a mask (an alpha channel or a name.mask.png).")
+        return masks
+
     def cache_text(self) -> list[Conditioning]:
         """Every caption through the frozen text encoder(s) once (batch of one each, kept on the CPU), and with
         caption dropout the empty caption last (what a dropped caption trains with)."""

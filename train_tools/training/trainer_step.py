@@ -78,11 +78,22 @@ class StepMixin(TrainerBase):
             pooled = p if p is not None else pooled
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
-    def latents_for(self, indices: list[int], rng: random.Random, generator: torch.Generator | None) -> torch.Tensor:
+    def latents_for(
+        self,
+        indices: list[int],
+        rng: random.Random,
+        generator: torch.Generator | None,
+        chosen: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The items' latents, one cached variant each (the mirrored one with flip_aug), drawn afresh from its
+        distribution; ``chosen`` gets the variants taken (for their loss masks)."""
         out = []
         for i in indices:
             variants = self.latent_cache[i]
-            mean, std = variants[rng.randrange(len(variants))]
+            k = rng.randrange(len(variants))
+            if chosen is not None:
+                chosen.append(k)
+            mean, std = variants[k]
             eps = torch.randn(mean.shape, generator=generator)
             out.append(mean + std * eps)
         return torch.stack(out).to(self.device) * self.scaling_factor
@@ -108,6 +119,15 @@ class StepMixin(TrainerBase):
             caps.append(caption)
         return caps
 
+    def loss_mask(self, indices: list[int], chosen: list[int]) -> torch.Tensor | None:
+        """The batch's loss masks at latent size (B, 1, h, w), 1 for an item without one; None when no item of
+        the batch has a mask (or masked_loss is off: ``mask_cache`` is empty then)."""
+        masks = [self.mask_cache[i][k] if self.mask_cache else None for i, k in zip(indices, chosen, strict=True)]
+        if all(m is None for m in masks):
+            return None
+        shape = self.latent_cache[indices[0]][0][0].shape[-2:]
+        return torch.stack([m if m is not None else torch.ones(1, *shape) for m in masks]).to(self.device)
+
     def loss_weights(self, indices: list[int]) -> torch.Tensor | None:
         """Each item's weight in the batch loss: 1 for a training picture, ``prior_loss_weight`` for a class
         picture; None (all 1) when the run has no class pictures."""
@@ -125,10 +145,11 @@ class StepMixin(TrainerBase):
         timesteps: torch.Tensor,
         weights: torch.Tensor | None = None,
         input_noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The batch's mean loss; ``weights`` (one per item, see ``loss_weights``) scale each item's part.
         ``input_noise`` (input perturbation, see ``perturbed_noise``) noises the input in place of ``noise``;
-        the target stays ``noise``'s."""
+        the target stays ``noise``'s. ``mask`` (``loss_mask``) limits each item's loss to its masked area."""
         cfg = self.config
         sched = self.noise_scheduler
         noisy = sched.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
@@ -143,7 +164,7 @@ class StepMixin(TrainerBase):
         huber_c = torch.zeros(len(timesteps))
         if cfg.loss_type in ("huber", "smooth_l1"):
             huber_c = huber_c_for(cfg.huber_schedule, cfg.huber_c, timesteps, sched)
-        loss = per_item_loss(pred, target, cfg.loss_type, huber_c)
+        loss = per_item_loss(pred, target, cfg.loss_type, huber_c, mask)
         if cfg.min_snr_gamma or cfg.debiased_estimation_loss or (v and cfg.scale_v_pred_loss_like_noise_pred):
             snr = signal_to_noise(sched, timesteps)
         if cfg.min_snr_gamma:

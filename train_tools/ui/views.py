@@ -50,7 +50,11 @@ def original_images(version: Version, folder: Path | None = None) -> list[Path]:
     folder = version.originals_dir if folder is None else folder
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in ds_image_suffixes() and p.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in ds_image_suffixes() and not p.name.lower().endswith(".mask.png") and p.is_file()
+    )  # a picture's loss mask (name.mask.png) is not a picture of its own
 
 
 def read_caption(image: Path) -> str:
@@ -72,7 +76,8 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
     originals = original_images(version)
     items = core_items(version)
     if items:
-        gallery = [(str(item.image), str(item.caption)) for item in items]
+        # A picture with a loss mask (masked_loss) says so in its label.
+        gallery = [(str(item.image), ("[masked] " if item.mask else "") + str(item.caption)) for item in items]
         n = len(items)
         n_reg = core_reg_count(version)
         repeats = config.repeats or core_auto_repeats(n)

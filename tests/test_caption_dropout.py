@@ -78,6 +78,7 @@ OPTION_RUNS = {
         optimizer_args="weight_decay=0.05 betas=0.85,0.98",
         loraplus_lr_ratio=2.0,
         up_lr_weight="1,1,1,0.5,0.5,0.5,1,1,1,2,2,2",
+        block_dims=",".join(str(4 + i % 2 * 4) for i in range(25)),  # dims 4 and 8 by turns
     ),
     "text encoder trained": dict(
         train_text_encoder=True,
@@ -97,7 +98,7 @@ OPTION_RUNS = {
 @pytest.mark.parametrize("run", tuple(OPTION_RUNS))
 def test_every_new_option_on_resumes_bit_for_bit(tmp_path: Path, demo_ckpt: Path, pictures: Path, run: str) -> None:
     """Caption, tag and every-n-epochs dropout, v-prediction with zero terminal SNR and the v-loss scale, DoRA,
-    the loss and noise options, optimizer arguments, LoRA+, block LR weights and a validation split: the run
+    the loss and noise options, optimizer arguments, LoRA+, block LR weights and dims, a validation split: the run
     interrupted and resumed ends bit for bit like the straight one (and its loss on a fixed batch goes down)."""
     meta = check_combination(
         tmp_path,

@@ -1,5 +1,6 @@
-"""Learning rates by part (issue 18, item 5): LoRA+ and kohya's block LR weights reach the optimizer's groups,
-a block of weight 0 is left out of the network, and the file's ``ss_network_args`` records them."""
+"""Learning rates and dims by part (issue 18, item 5): LoRA+ and kohya's block LR weights reach the optimizer's
+groups, a block of weight 0 is left out of the network, block dims and alphas give each block its own, and the
+file's ``ss_network_args`` records them."""
 
 from __future__ import annotations
 
@@ -115,5 +116,65 @@ def test_a_block_of_weight_zero_has_no_network(tmp_path: Path, demo_ckpt: Path, 
     ],
 )
 def test_bad_lr_settings_are_refused_before_a_run(changes: dict[str, object], said: str) -> None:
+    with pytest.raises(UserError, match=said):
+        TrainConfig.from_dict(changes)
+
+
+# A dim and an alpha per block (IN00-IN11, MID, OUT00-OUT11): 2, 3 or 4 by turns, OUT00 (13) left out.
+BLOCK_DIMS = [0 if i == 13 else 2 + i % 3 for i in range(25)]
+BLOCK_ALPHAS = [float(1 + i % 2) for i in range(25)]
+
+
+@pytest.mark.parametrize("network_type", ["lora", "locon", "loha", "dora"])
+def test_block_dims_give_each_block_its_dim_and_alpha(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, one_thread: None, network_type: str
+) -> None:
+    """kohya's block_dims / block_alphas (and conv_block_dims for the convolutions): every layer of a block has
+    the block's dim and alpha in the file, a block of dim 0 has none, and ss_network_args records them."""
+    from train_tools.networks.blocks import block_number
+    from train_tools.networks.lora_format import kohya_state_dict
+
+    conv_dims = [3 if i % 2 else 0 for i in range(25)]  # the convolutions in every other block
+    changes: dict[str, object] = dict(
+        network_type=network_type,
+        block_dims=",".join(map(str, BLOCK_DIMS)),
+        block_alphas=",".join(map(str, BLOCK_ALPHAS)),
+    )
+    if network_type == "locon":
+        changes.update(conv_dim=5, conv_alpha=1.0, conv_block_dims=",".join(map(str, conv_dims)))
+    config = settings(**changes)
+    trainer = Trainer(new_version(tmp_path, pictures), config, demo_ckpt, device="cpu")
+    trainer.prepare()
+    tensors = kohya_state_dict(trainer.model.unet, [], "sd1")
+    down = "hada_w1_b" if network_type == "loha" else "lora_down.weight"
+    seen_blocks, convs = set(), 0
+    for key, weight in tensors.items():
+        if not key.endswith(down):
+            continue
+        layer = key[: -len(down) - 1]
+        path = next(p for p, _ in trainer.model.unet.named_modules() if f"lora_unet_{p.replace('.', '_')}" == layer)
+        number = block_number(path)
+        is_conv = weight.dim() == 4 and weight.shape[-1] == 3
+        assert number is not None and (conv_dims if is_conv else BLOCK_DIMS)[number] > 0
+        wanted = (conv_dims[number], 1.0) if is_conv else (BLOCK_DIMS[number], BLOCK_ALPHAS[number])
+        assert (int(weight.shape[0]), float(tensors[f"{layer}.alpha"])) == wanted, key
+        seen_blocks |= set() if is_conv else {number}
+        convs += is_conv
+    assert 13 not in seen_blocks and len(seen_blocks) >= 3  # the tiny UNet has few blocks
+    assert (convs > 0) == (network_type == "locon")
+    args = network_metadata(config)[1]
+    assert args["block_dims"] == config.block_dims and args["block_alphas"] == config.block_alphas
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"block_dims": "4,4"}, "takes 25 numbers"),
+        ({"block_dims": ",".join(["2.5"] * 25)}, "whole numbers"),
+        ({"block_alphas": ",".join(["1"] * 25)}, "needs 'block_dims' beside it"),
+        ({"conv_block_dims": ",".join(["1"] * 25), "network_type": "lora", "conv_dim": 0}, "needs the convolutions"),
+    ],
+)
+def test_bad_block_dims_are_refused(changes: dict[str, object], said: str) -> None:
     with pytest.raises(UserError, match=said):
         TrainConfig.from_dict(changes)

@@ -150,6 +150,31 @@ class TrainConfig(SettingsIO):
         max=1.0,
         advanced=True,
     )
+    block_dims: str = _f(
+        "",
+        "Block dims",
+        "25 numbers apart by commas, the network dim of each UNet block (IN00-IN11, MID, OUT00-OUT11, kohya's "
+        "block_dims); 0 = no network there. Empty = the network dim everywhere.",
+        advanced=True,
+    )
+    block_alphas: str = _f(
+        "",
+        "Block alphas",
+        "25 numbers: each block's alpha, beside Block dims. Empty = the network alpha.",
+        advanced=True,
+    )
+    conv_block_dims: str = _f(
+        "",
+        "Conv block dims",
+        "25 numbers: the convolutions' dim in each block (with LoCon or a conv dim); 0 = none there.",
+        advanced=True,
+    )
+    conv_block_alphas: str = _f(
+        "",
+        "Conv block alphas",
+        "25 numbers: the convolutions' alpha in each block. Empty = the conv alpha.",
+        advanced=True,
+    )
     network_weights: str = _f(
         "",
         "Start from LoRA",

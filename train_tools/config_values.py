@@ -231,6 +231,12 @@ def block_weights(down: str, mid: str, up: str) -> dict[str, list[float]] | None
     return found
 
 
+def block_values(text: str, name: str) -> list[float] | None:
+    """A per-block list of kohya's ``block_dims`` / ``block_alphas`` form: 25 numbers (IN00-IN11, MID,
+    OUT00-OUT11), None when empty."""
+    return _numbers(text, name, 2 * BLOCKS_PER_SIDE + 1) if text.strip() else None
+
+
 def _numbers(text: str, name: str, count: int) -> list[float]:
     if not text.strip():
         return [1.0] * count
@@ -266,6 +272,22 @@ def check_rules(config: Any) -> None:
             "Prodigy takes one learning rate for all weights: set 'loraplus_lr_ratio' to 0 and the block LR "
             "weights empty, or choose another optimizer."
         )
+    dims, conv_dims = (
+        block_values(config.block_dims, "block_dims"),
+        block_values(config.conv_block_dims, "conv_block_dims"),
+    )
+    for values, name in ((dims, "block_dims"), (conv_dims, "conv_block_dims")):
+        if values is not None and any(v != int(v) for v in values):
+            raise UserError(f"Setting '{name}' takes whole numbers (a dim per block; 0 = no network there).")
+    for alphas, given, name in (
+        (config.block_alphas, dims, "block_alphas"),
+        (config.conv_block_alphas, conv_dims, "conv_block_alphas"),
+    ):
+        if alphas.strip() and given is None:
+            raise UserError(f"Setting '{name}' needs '{name.replace('alphas', 'dims')}' beside it.")
+        block_values(alphas, name)
+    if conv_dims is not None and config.conv_rank() is None:
+        raise UserError("Setting 'conv_block_dims' needs the convolutions on: set 'conv_dim' or choose LoCon.")
     if config.lokr_factor in (0, 1):
         raise UserError("Setting 'lokr_factor' must be -1 (as square as possible) or at least 2.")
     if config.max_token_length not in (75, 150, 225):

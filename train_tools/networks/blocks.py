@@ -11,8 +11,13 @@ input or output block, 12 in all, as kohya writes it.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-from ..config_values import BLOCKS_PER_SIDE, block_weights
+from torch import nn
+
+from ..config import TrainConfig
+from ..config_values import BLOCKS_PER_SIDE, block_values, block_weights
+from .targets import is_conv3x3
 
 _SIDE = re.compile(r"(?:^|\.)(down|up)_blocks\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.")
 _MID = re.compile(r"(?:^|\.)mid_block\.")
@@ -38,4 +43,52 @@ def weight_of(weights: dict[str, list[float]] | None, path: str) -> float:
     return weights[block[0]][block[1]]
 
 
-__all__ = ["BLOCKS_PER_SIDE", "block_weights", "unet_block", "weight_of"]
+def block_number(path: str) -> int | None:
+    """The block's place in a 25-number list (``block_dims``): IN00-IN11 0-11, MID 12, OUT00-OUT11 13-24."""
+    block = unet_block(path)
+    if block is None:
+        return None
+    side, index = block
+    return index if side == "down" else BLOCKS_PER_SIDE if side == "mid" else BLOCKS_PER_SIDE + 1 + index
+
+
+# (targets, dim, alpha, the convolutions' (dim, alpha) or None): one attach call of ``types.attach_network``.
+Part = tuple[list[str], int, float, tuple[int, float] | None]
+
+
+def network_parts(unet: nn.Module, targets: Sequence[str], config: TrainConfig) -> list[Part]:
+    """The UNet's targets in parts of one dim and alpha each, as ``block_dims`` / ``block_alphas`` (and their
+    conv forms) give them; one part of every target at the network's dims without them. A block of dim 0 (or
+    conv dim 0, for its 3x3 convolutions) is left out."""
+    conv = config.conv_rank()
+    dims, alphas = block_values(config.block_dims, "block_dims"), block_values(config.block_alphas, "block_alphas")
+    conv_dims = block_values(config.conv_block_dims, "conv_block_dims")
+    conv_alphas = block_values(config.conv_block_alphas, "conv_block_alphas")
+    if dims is None and conv_dims is None:
+        return [(list(targets), int(config.network_dim), float(config.network_alpha), conv)]
+    modules = dict(unet.named_modules())
+    parts: dict[tuple[int, float, tuple[int, float] | None], list[str]] = {}
+    for target in targets:
+        number = block_number(target)
+        rank, alpha, conv_here = int(config.network_dim), float(config.network_alpha), conv
+        if number is not None:
+            if dims is not None:
+                rank = int(dims[number])
+                alpha = float(alphas[number]) if alphas is not None else float(config.network_alpha)
+            if conv is not None and conv_dims is not None:
+                conv_alpha = float(conv_alphas[number]) if conv_alphas is not None else conv[1]
+                conv_here = (int(conv_dims[number]), conv_alpha)
+        key: tuple[int, float, tuple[int, float] | None]
+        if is_conv3x3(modules[target]):
+            if conv_here is None or conv_here[0] == 0:
+                continue
+            key = (max(rank, 1), alpha, conv_here)  # the dim of a part of convolutions alone is the conv dim's
+        else:
+            if rank == 0:
+                continue
+            key = (rank, alpha, conv_here if conv_here and conv_here[0] else None)
+        parts.setdefault(key, []).append(target)
+    return [(found, rank, alpha, conv_part) for (rank, alpha, conv_part), found in parts.items()]
+
+
+__all__ = ["BLOCKS_PER_SIDE", "block_number", "block_weights", "network_parts", "unet_block", "weight_of"]

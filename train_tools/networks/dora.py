@@ -42,8 +42,9 @@ def attach_dora(
     training moves it or the LoRA. Float32 and trainable, like the LoRA weights.
     """
     attach_lora(model, targets, rank, alpha, conv_rank=conv[0] if conv else None, conv_alpha=conv[1] if conv else None)
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+    modules = dict(model.named_modules())
+    for module in (modules[t] for t in targets):  # these only: a model may get its network in parts
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A and not hasattr(module, MAGNITUDE):
             weight = module.get_base_layer().weight.detach().float()
             module.register_parameter(MAGNITUDE, nn.Parameter(_column_norms(weight)))
             module.register_forward_pre_hook(_scale_input)

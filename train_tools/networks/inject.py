@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import types
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,9 +65,13 @@ def inject(model: nn.Module, targets: Sequence[str], config: Any) -> dict[str, n
     """
     conv_rank = next(iter(config.rank_pattern.values()), None)
     conv3x3 = {t for t in targets if is_conv3x3(dict(model.named_modules())[t])}
+    before = set(_adapted(model))  # a model may get its network in parts (block dims): one call per part
     model.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    injected = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer) and ADAPTER in _ranks(m)}
+    with warnings.catch_warnings():
+        # peft warns that a second part makes "multiple adapters": it is one adapter, on other layers.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    injected = {name: m for name, m in _adapted(model).items() if name not in before}
     if set(injected) != set(targets):
         raise RuntimeError(f"peft adapted {len(injected)} layers but {len(targets)} were requested.")
     if conv_rank is not None:
@@ -88,6 +93,10 @@ def _delta_in_float32(layer: Any, adapter: str, x: torch.Tensor, *args: Any, **k
     fails where no autocast runs (A1111's accelerate 0.21 autocasts only on CUDA)."""
     out = type(layer)._get_delta_activations(layer, adapter, x.float(), *args, **kwargs)
     return out.to(x.dtype)
+
+
+def _adapted(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer) and ADAPTER in _ranks(m)}
 
 
 def _ranks(module: nn.Module) -> dict[str, int]:

@@ -92,7 +92,8 @@ def network_metadata(config: TrainConfig) -> tuple[str, dict[str, str]]:
         args.update({"dora_wd": "True", "wd_on_output": "False"})
     if config.loraplus_lr_ratio:
         args["loraplus_lr_ratio"] = str(float(config.loraplus_lr_ratio))
-    for name in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):  # as given, as kohya records them
+    block_args = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
+    for name in (*block_args, "conv_block_dims", "conv_block_alphas"):  # as given, as kohya records them
         if getattr(config, name).strip():
             args[name] = getattr(config, name).replace(" ", "")
     return ("lycoris.kohya" if kind.algo else "networks.lora"), args

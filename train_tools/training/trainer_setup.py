@@ -97,6 +97,7 @@ class SetupMixin(TrainerBase):
     def _load_model_with_lora(self) -> list[dict[str, Any]]:
         """Load the checkpoint, freeze it, attach the LoRA; the optimizer's param groups (UNet, text encoder)."""
         from ..models.loader import load_model
+        from ..networks.blocks import network_parts
         from ..networks.targets import text_encoder_target_modules, unet_target_modules
         from ..networks.types import attach_network
         from .param_groups import kept_targets, lr_groups
@@ -124,7 +125,8 @@ class SetupMixin(TrainerBase):
         conv = cfg.conv_rank()  # LoCon etc.: the 3x3 convolutions too, at their own rank and alpha
         kind, rank, alpha, factor = cfg.network_type, cfg.network_dim, cfg.network_alpha, cfg.lokr_factor
         unet_targets = kept_targets(unet_target_modules(m.unet, conv=conv is not None), cfg)
-        attach_network(m.unet, unet_targets, kind, rank, alpha, conv, factor)
+        for targets, part_rank, part_alpha, part_conv in network_parts(m.unet, unet_targets, cfg):  # block dims
+            attach_network(m.unet, targets, kind, part_rank, part_alpha, part_conv, factor)
         if self.train_te:
             for te in self.tes:
                 attach_network(te, text_encoder_target_modules(te), kind, rank, alpha, None, factor)

@@ -12,6 +12,7 @@ import pickle
 import struct
 import types
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from .. import fileio
 from ..errors import UserError
 from .configs import SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, spec
+from .dit_detect import DitFamily, dit_family
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -106,7 +108,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     names = [k for k in header if k != "__metadata__"]
     if not names:
         raise UserError(f"{path.name} holds no weights; pick a Stable Diffusion checkpoint.")
-    _refuse_non_checkpoints(names, path)  # a LoRA or VAE is refused before its tensors are read
+    shapes = {k: _shape_only(v.get("shape", [])) for k, v in header.items() if k != "__metadata__"}
+    _refuse_non_checkpoints(names, path, shapes)  # a LoRA or VAE is refused before its tensors are read
     out: dict[str, torch.Tensor] = {}
     try:
         # One tensor at a time from the file: no second full copy of a multi-GB checkpoint in RAM.
@@ -176,7 +179,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path.name} is damaged or incomplete ({_first_line(exc)}); download the model "
                         "again.") from exc
     tensors = _tensors_of(obj, path)
-    _refuse_non_checkpoints(list(tensors), path)
+    _refuse_non_checkpoints(list(tensors), path, tensors)
     return tensors
 
 
@@ -214,13 +217,21 @@ def _first_line(exc: BaseException) -> str:
 _LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a", ".lokr_w1", ".oft_")
 
 
-def _refuse_non_checkpoints(keys: list[str], path: Path | None) -> None:
-    """UserErrors for files that are something else than a full checkpoint (LoRA, VAE, embedding, parts)."""
+def _refuse_non_checkpoints(
+    keys: list[str], path: Path | None, sd: Mapping[str, Any] | None = None
+) -> None:
+    """UserErrors for files that are something else than a full checkpoint (LoRA, VAE, embedding, parts, a model
+    of a newer family: ``sd``, the names with their shapes, tells which)."""
     name = path.name if path is not None else "This file"
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) or any(m in k for m in _LORA_MARKERS)
            for k in keys):
         raise UserError(f"{name} is a LoRA, not a checkpoint; put it in the Lora folder and choose a full "
                         "Stable Diffusion checkpoint as the base model.")
+    found = dit_family(sd) if sd is not None else None
+    if found is not None:
+        note = f" ({found.note})" if found.note else ""
+        raise UserError(f"{name} is a {found.title} model{note}; this version of Train Tools trains SD1, SD2 and "
+                        f"SDXL LoRAs only, not {found.title} ones yet: choose an SD1, SD2 or SDXL checkpoint.")
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return
     if any(k.endswith("decoder.conv_out.weight") for k in keys):
@@ -240,7 +251,7 @@ def _refuse_non_checkpoints(keys: list[str], path: Path | None) -> None:
 def detect_structure(sd: dict[str, torch.Tensor], path: Path | None = None) -> tuple[str, bool]:
     """("sd1" | "sd2" | "sdxl", tiny) from key names and shapes; SD2's 512/768-v question is left open."""
     keys = list(sd.keys())
-    _refuse_non_checkpoints(keys, path)
+    _refuse_non_checkpoints(keys, path, sd)
     name = path.name if path is not None else "This checkpoint"
     if CONV_IN not in sd or MID_CROSS_ATTN_K not in sd:
         raise UserError(f"{name} is not a supported Stable Diffusion checkpoint (its UNet is incomplete or of "
@@ -349,6 +360,19 @@ def detect_family(sd: dict[str, torch.Tensor], path: Path | None = None, *,
         unet = instantiate(build_unet(model_spec, empty=True), original_to_diffusers(sd, model_spec).unet, "UNet")
         says_v = unet_predicts_v(unet)
     return "sd2v" if says_v else "sd2"
+
+
+def detect_dit_family(path: Path | str) -> DitFamily | None:
+    """The newer transformer family of a ``.safetensors`` file (FLUX.1, SD3.5, Z-Image ...) from its header, or
+    None (another file, a pickle, a file that cannot be read)."""
+    path = Path(path)
+    try:
+        if _checkpoint_kind(path) != "safetensors":
+            return None
+        header = safetensors_header(path)
+    except (UserError, OSError):
+        return None
+    return dit_family({k: _shape_only(v.get("shape", [])) for k, v in header.items() if k != "__metadata__"})
 
 
 def detect_checkpoint_family(path: Path | str, *, yaml_path: Path | None = None) -> str:

@@ -87,6 +87,21 @@ def core_family(host: Host, choice: str | None) -> str:
         return ""
 
 
+def core_unsupported_family(host: Host, choice: str | None) -> str:
+    """The title of a newer family the chosen file is of ("FLUX.1-dev", "SD3.5 Large" ...), which this version
+    cannot train; "" for anything else."""
+    if not choice or choice == DEMO_CHOICE:
+        return ""
+    from ..models.checkpoint import detect_dit_family
+
+    try:
+        found = detect_dit_family(host.resolve_checkpoint(choice))
+    except (UserError, OSError) as exc:
+        log.debug("Cannot read %s: %s", choice, exc)
+        return ""
+    return found.title if found is not None else ""
+
+
 def core_is_demo(host: Host, choice: str | None) -> bool:
     """Whether the chosen checkpoint is the built-in demo model (offered, or its file picked by name)."""
     if not choice:

@@ -17,7 +17,14 @@ from ..demo_settings import model_switch_changes
 from ..errors import UserError
 from ..hosts.base import Host
 from ..store import Store, Version, projects_root
-from .core_calls import core_demo_estimate, core_family, core_fit_demo, core_is_demo, core_tag_counts
+from .core_calls import (
+    core_demo_estimate,
+    core_family,
+    core_fit_demo,
+    core_is_demo,
+    core_tag_counts,
+    core_unsupported_family,
+)
 from .html import demo_line, family_line, results_html, tags_html
 from .jobs import JOBS, JobManager
 from .views import SETTING_FIELDS, dataset_view, grid_view, list_results, original_images
@@ -127,7 +134,11 @@ class TabState:
         takes on this machine (measured, see training/estimate.py)."""
         if demo:
             return demo_line(core_demo_estimate(config, *self.demo_pictures(version), self.host.device()))
-        return family_line(core_family(self.host, choice))
+        family = core_family(self.host, choice)
+        newer = "" if family else core_unsupported_family(self.host, choice)
+        if newer:
+            return f"Detected: **{newer}**, which this version cannot train yet: choose an SD1, SD2 or SDXL checkpoint."
+        return family_line(family)
 
     def project_update(self, value: str | None) -> dict[str, Any]:
         return gr.update(choices=self.store.projects(), value=value)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.hosts.base import StandaloneHost
-from train_tools.models.checkpoint import detect_checkpoint_family, detect_dit_family
+from train_tools.models.detect import detect_checkpoint_family, detect_dit_family
 from train_tools.models.dit_detect import dit_family
 from train_tools.models.loader import load_model
 from train_tools.ui import logic as ui_logic

@@ -19,8 +19,9 @@ from tests.helpers_models import assert_same_weights, expanded, save_safetensors
 from tests.stand_ins import MakesAFile
 from train_tools.errors import UserError
 from train_tools.models import tokenizers as toks
-from train_tools.models.checkpoint import detect_family, detect_structure, read_state_dict, unet_predicts_v
+from train_tools.models.checkpoint import read_state_dict
 from train_tools.models.demo_model import build_demo_checkpoint
+from train_tools.models.detect import detect_family, detect_structure, unet_predicts_v
 from train_tools.models.loader import file_sha256, load_model
 
 UNET = "model.diffusion_model."

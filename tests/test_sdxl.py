@@ -19,9 +19,10 @@ from train_tools.config import TrainConfig
 from train_tools.data.items import DatasetItem
 from train_tools.errors import UserError
 from train_tools.models import checkpoint as checkpoint_mod
-from train_tools.models.checkpoint import detect_checkpoint_family, read_state_dict
+from train_tools.models.checkpoint import read_state_dict
 from train_tools.models.configs import FAMILIES, family_defaults, spec
 from train_tools.models.demo_model import build_demo_checkpoint
+from train_tools.models.detect import detect_checkpoint_family
 from train_tools.models.loader import load_model
 from train_tools.networks.lora_format import read_lora
 from train_tools.networks.targets import text_encoder_target_modules, unet_target_modules

@@ -192,7 +192,7 @@ def _safetensors_with_header(path: Path, header: bytes, data: bytes = b"") -> Pa
 
 @pytest.mark.parametrize("where", ["metadata", "tensor"])
 def test_a_deeply_nested_safetensors_header_is_one_sentence(tmp_path: Path, where: str):
-    from train_tools.models.checkpoint import detect_checkpoint_family
+    from train_tools.models.detect import detect_checkpoint_family
     from train_tools.models.loader import load_model
     from train_tools.networks.lora_format import read_lora
 

@@ -151,6 +151,8 @@ def test_every_event_handler_runs_and_answers_each_output(host, logic, monkeypat
         id(comps["tag_new"]): "blue",
         id(comps["grid_path"]): grid_png,
         id(comps["preview_cell"]): {"grid": grid_png, "row": 0, "col": 1},
+        id(comps["preset"]): "SD1.5 character",
+        id(comps["preset_name"]): "my preset",
     }
     functions = _functions(tab)
     assert len(functions) >= 15

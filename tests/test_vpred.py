@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from tests import fixtures_training
 from tests.test_precision import new_version
 from train_tools.config import TrainConfig
-from train_tools.models.checkpoint import detect_checkpoint_family
 from train_tools.models.demo_model import build_demo_checkpoint
+from train_tools.models.detect import detect_checkpoint_family
 from train_tools.models.loader import load_model
 from train_tools.networks.lora_format import read_lora
 from train_tools.progress import RecordingReporter

@@ -107,7 +107,8 @@ _SDXL_UNET: dict[str, Any] = {
 # Tiny: two levels (one with attention, one without), one resnet per level, 32-dim context. 8 norm groups: with
 # SD's 32, the first level's GroupNorm has one channel a group and erases each channel's level, which is what
 # carries a flat background's colour; the shapes demo model (training/demo_pretrain.py) drew its backgrounds at
-# chance with 32 groups and 87% right with 8 after a longer pretrain (BENCHMARKS.md). The group count is no tensor's shape.
+# chance with 32 groups and 87% right with 8 after a longer pretrain (BENCHMARKS.md). The group count is no
+# tensor's shape.
 _TINY_SD1_UNET: dict[str, Any] = {
     **_SD1_UNET,
     "sample_size": 16,
@@ -153,8 +154,13 @@ _SDXL_VAE: dict[str, Any] = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0
 # Four blocks, so three downsamplings: the latent is 1/8 of the image, as in the real VAE. One norm group: with
 # 8 groups of 2 channels, a GroupNorm wipes out what tells flat colours apart, and the shapes demo model
 # (training/demo_pretrain.py) learned its colours several times slower. The group count is no tensor's shape.
-_TINY_VAE: dict[str, Any] = {**_SD_VAE, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
-                             "norm_num_groups": 1, "sample_size": 128}
+_TINY_VAE: dict[str, Any] = {
+    **_SD_VAE,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 1,
+    "sample_size": 128,
+}
 _TINY_SDXL_VAE: dict[str, Any] = {**_TINY_VAE, "scaling_factor": 0.13025}
 
 # ---------------------------------------------------------------------------------------------- text
@@ -170,20 +176,47 @@ _CLIP_COMMON: dict[str, Any] = {
     "eos_token_id": 2,
     "pad_token_id": 1,
 }
-_CLIP_L: dict[str, Any] = {**_CLIP_COMMON, "vocab_size": REAL_VOCAB_SIZE, "hidden_size": 768,
-                           "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                           "hidden_act": "quick_gelu", "projection_dim": 768}
+_CLIP_L: dict[str, Any] = {
+    **_CLIP_COMMON,
+    "vocab_size": REAL_VOCAB_SIZE,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
 # OpenCLIP ViT-H text tower as diffusers has it: the original's 24th (last) layer is dropped, SD2 uses the
 # penultimate layer's output.
-_OPENCLIP_H: dict[str, Any] = {**_CLIP_COMMON, "vocab_size": REAL_VOCAB_SIZE, "hidden_size": 1024,
-                               "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
-                               "hidden_act": "gelu", "projection_dim": 512}
-_OPENCLIP_BIGG: dict[str, Any] = {**_CLIP_COMMON, "vocab_size": REAL_VOCAB_SIZE, "hidden_size": 1280,
-                                  "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-                                  "hidden_act": "gelu", "projection_dim": 1280}
-_TINY_TEXT: dict[str, Any] = {**_CLIP_COMMON, "vocab_size": TINY_VOCAB_SIZE, "hidden_size": 32,
-                              "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                              "projection_dim": 32}
+_OPENCLIP_H: dict[str, Any] = {
+    **_CLIP_COMMON,
+    "vocab_size": REAL_VOCAB_SIZE,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+_OPENCLIP_BIGG: dict[str, Any] = {
+    **_CLIP_COMMON,
+    "vocab_size": REAL_VOCAB_SIZE,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+_TINY_TEXT: dict[str, Any] = {
+    **_CLIP_COMMON,
+    "vocab_size": TINY_VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
 
 SD1_TE_PREFIX = "cond_stage_model.transformer."
 SD2_TE_PREFIX = "cond_stage_model.model."
@@ -200,12 +233,21 @@ def _text_encoders(family: str, tiny: bool) -> list[TextEncoderSpec]:
     if family == "sd1":
         return [TextEncoderSpec(cfg(_CLIP_L, "quick_gelu"), "hf", SD1_TE_PREFIX)]
     if family in ("sd2", "sd2v"):
-        return [TextEncoderSpec(cfg(_OPENCLIP_H, "gelu"), "openclip", SD2_TE_PREFIX, pad_token="!",
-                                tokenizer_kind="openclip-h")]
+        return [
+            TextEncoderSpec(
+                cfg(_OPENCLIP_H, "gelu"), "openclip", SD2_TE_PREFIX, pad_token="!", tokenizer_kind="openclip-h"
+            )
+        ]
     return [
         TextEncoderSpec(cfg(_CLIP_L, "quick_gelu"), "hf", SDXL_TE1_PREFIX),
-        TextEncoderSpec(cfg(_OPENCLIP_BIGG, "gelu"), "openclip", SDXL_TE2_PREFIX, with_projection=True,
-                        pad_token="!", tokenizer_kind="openclip-bigg"),
+        TextEncoderSpec(
+            cfg(_OPENCLIP_BIGG, "gelu"),
+            "openclip",
+            SDXL_TE2_PREFIX,
+            with_projection=True,
+            pad_token="!",
+            tokenizer_kind="openclip-bigg",
+        ),
     ]
 
 
@@ -300,14 +342,34 @@ def build_scheduler(model_spec: ModelSpec) -> DDPMScheduler:
 # (SDXL at 1024 needs it to fit 24 GB). Every family sets the same keys, so switching checkpoints back and
 # forth restores them.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sd1": {"resolution": 512, "min_bucket_reso": 320, "max_bucket_reso": 960, "clip_skip": 2,
-            "gradient_checkpointing": False},
-    "sd2": {"resolution": 512, "min_bucket_reso": 320, "max_bucket_reso": 960, "clip_skip": 1,
-            "gradient_checkpointing": False},
-    "sd2v": {"resolution": 768, "min_bucket_reso": 512, "max_bucket_reso": 1408, "clip_skip": 1,
-             "gradient_checkpointing": False},
-    "sdxl": {"resolution": 1024, "min_bucket_reso": 640, "max_bucket_reso": 1920, "clip_skip": 1,
-             "gradient_checkpointing": True},
+    "sd1": {
+        "resolution": 512,
+        "min_bucket_reso": 320,
+        "max_bucket_reso": 960,
+        "clip_skip": 2,
+        "gradient_checkpointing": False,
+    },
+    "sd2": {
+        "resolution": 512,
+        "min_bucket_reso": 320,
+        "max_bucket_reso": 960,
+        "clip_skip": 1,
+        "gradient_checkpointing": False,
+    },
+    "sd2v": {
+        "resolution": 768,
+        "min_bucket_reso": 512,
+        "max_bucket_reso": 1408,
+        "clip_skip": 1,
+        "gradient_checkpointing": False,
+    },
+    "sdxl": {
+        "resolution": 1024,
+        "min_bucket_reso": 640,
+        "max_bucket_reso": 1920,
+        "clip_skip": 1,
+        "gradient_checkpointing": True,
+    },
 }
 _FAMILY_DEFAULTS["sdxlv"] = _FAMILY_DEFAULTS["sdxl"]
 

@@ -73,18 +73,30 @@ class ComponentMap:
 
 
 # ---------------------------------------------------------------------------------------------- UNet rules
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
 
 
 def _rename_first(rest: str, table: dict[str, str]) -> str:
     """Rename the leading module of ``rest`` (``norm1.weight`` -> ``in_layers.0.weight``)."""
     for old, new in table.items():
         if rest.startswith(old + "."):
-            return new + rest[len(old):]
+            return new + rest[len(old) :]
     raise KeyError(rest)
 
 
@@ -96,7 +108,7 @@ def _unet_rule(config: dict) -> Callable[[str], tuple[str, str, int]]:
     def rule(key: str) -> tuple[str, str, int]:
         for old, new in _UNET_TOP.items():
             if key.startswith(old + "."):
-                return new + key[len(old):], COPY, 0
+                return new + key[len(old) :], COPY, 0
         if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
             index = 1 + level * per_level + j
@@ -125,8 +137,7 @@ def _unet_rule(config: dict) -> Callable[[str], tuple[str, str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- VAE rules
-_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-               "conv_shortcut": "nin_shortcut"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -160,8 +171,13 @@ def _vae_rule(config: dict) -> Callable[[str], tuple[str, str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- text rules
-_OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPENCLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
@@ -204,14 +220,15 @@ def match_model_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     expected = set(model.state_dict().keys())
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if key not in expected and key.startswith(TEXT_MODEL) and key[len(TEXT_MODEL):] in expected:
-            key = key[len(TEXT_MODEL):]
+        if key not in expected and key.startswith(TEXT_MODEL) and key[len(TEXT_MODEL) :] in expected:
+            key = key[len(TEXT_MODEL) :]
         out[key] = value
     return out
 
 
-def _build_map(component: str, keys: Iterable[str], rule: Callable[[str], tuple[str, str, int]],
-               prefix: str) -> ComponentMap:
+def _build_map(
+    component: str, keys: Iterable[str], rule: Callable[[str], tuple[str, str, int]], prefix: str
+) -> ComponentMap:
     grouped: dict[str, dict[int, str]] = {}
     kinds: dict[str, str] = {}
     for key in keys:
@@ -243,15 +260,19 @@ def _text_keys(te: TextEncoderSpec) -> list[str]:
 
 def key_map(spec: ModelSpec) -> list[ComponentMap]:
     """The mapping for ``spec``: UNet, VAE, then each text encoder (cached per architecture)."""
-    cache_key = json.dumps([spec.unet, spec.vae, [(t.config, t.layout, t.prefix, t.with_projection)
-                                                  for t in spec.text_encoders]], sort_keys=True)
+    cache_key = json.dumps(
+        [spec.unet, spec.vae, [(t.config, t.layout, t.prefix, t.with_projection) for t in spec.text_encoders]],
+        sort_keys=True,
+    )
     if cache_key not in _MAP_CACHE:
         # The diffusers key names come from meta-device models: exact for the installed diffusers version,
         # and free of memory even for SDXL.
         unet_keys = build_unet(spec, empty=True).state_dict().keys()
         vae_keys = build_vae(spec, empty=True).state_dict().keys()
-        maps = [_build_map("unet", unet_keys, _unet_rule(spec.unet), UNET_PREFIX),
-                _build_map("vae", vae_keys, _vae_rule(spec.vae), VAE_PREFIX)]
+        maps = [
+            _build_map("unet", unet_keys, _unet_rule(spec.unet), UNET_PREFIX),
+            _build_map("vae", vae_keys, _vae_rule(spec.vae), VAE_PREFIX),
+        ]
         for i, te in enumerate(spec.text_encoders):
             rule = _openclip_rule if te.layout == "openclip" else _hf_text_rule
             maps.append(_build_map(f"te{i}", _text_keys(te), rule, te.prefix))
@@ -274,8 +295,10 @@ def _to_original(entry: Entry, tensors: list[torch.Tensor]) -> torch.Tensor:
 def _to_diffusers(entry: Entry, tensor: torch.Tensor) -> list[torch.Tensor]:
     if entry.kind == FUSED:
         if tensor.shape[0] % 3:
-            raise UserError(f"The checkpoint's {entry.original} cannot be split into q, k and v; the file is "
-                            "damaged or not a Stable Diffusion checkpoint.")
+            raise UserError(
+                f"The checkpoint's {entry.original} cannot be split into q, k and v; the file is "
+                "damaged or not a Stable Diffusion checkpoint."
+            )
         return list(tensor.chunk(3, dim=0))
     if entry.kind == CONV1X1:
         # Some re-saved checkpoints already hold these as (out, in); both are accepted.
@@ -298,18 +321,24 @@ def original_to_diffusers(sd: dict[str, torch.Tensor], spec: ModelSpec) -> Compo
         out: dict[str, torch.Tensor] = {}
         missing = [e.original for e in cmap.entries if e.original not in sd]
         if missing:
-            raise UserError(f"The checkpoint lacks {len(missing)} {_describe(cmap.component)} weights "
-                            f"(e.g. {missing[0]}); it is damaged or not a full {spec.family.upper()} "
-                            "checkpoint, so use a complete one.")
+            raise UserError(
+                f"The checkpoint lacks {len(missing)} {_describe(cmap.component)} weights "
+                f"(e.g. {missing[0]}); it is damaged or not a full {spec.family.upper()} "
+                "checkpoint, so use a complete one."
+            )
         for entry in cmap.entries:
             used.add(entry.original)
-            for name, tensor in zip(entry.diffusers, _to_diffusers(entry, sd[entry.original])):
+            for name, tensor in zip(entry.diffusers, _to_diffusers(entry, sd[entry.original]), strict=False):
                 out[name] = tensor
         parts[cmap.component] = out
     leftover = [k for k in sd if k not in used]
     if leftover:
-        log.debug("Ignoring %d checkpoint keys the %s model does not use, e.g. %s", len(leftover), spec.name,
-                  ", ".join(leftover[:5]))
+        log.debug(
+            "Ignoring %d checkpoint keys the %s model does not use, e.g. %s",
+            len(leftover),
+            spec.name,
+            ", ".join(leftover[:5]),
+        )
     tes = [parts[f"te{i}"] for i in range(len(spec.text_encoders))]
     return ComponentStateDicts(parts["unet"], parts["vae"], tes)
 
@@ -322,9 +351,10 @@ def _with_text_model_names(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict
         if te.layout != "hf":
             continue
         for key in sd:
-            if key.startswith(te.prefix) and key[len(te.prefix):].startswith(("embeddings.", "encoder.",
-                                                                               "final_layer_norm.")):
-                renames[key] = te.prefix + TEXT_MODEL + key[len(te.prefix):]
+            if key.startswith(te.prefix) and key[len(te.prefix) :].startswith(
+                ("embeddings.", "encoder.", "final_layer_norm.")
+            ):
+                renames[key] = te.prefix + TEXT_MODEL + key[len(te.prefix) :]
     if not renames:
         return sd
     log.debug("Renaming %d text encoder keys saved without 'text_model.'", len(renames))
@@ -339,8 +369,9 @@ def diffusers_to_original(components: ComponentStateDicts, spec: ModelSpec) -> d
     """
     sources = {"unet": components.unet, "vae": components.vae}
     if len(components.text_encoders) != len(spec.text_encoders):
-        raise ValueError(f"A {spec.family} model has {len(spec.text_encoders)} text encoder(s), "
-                         f"got {len(components.text_encoders)}.")
+        raise ValueError(
+            f"A {spec.family} model has {len(spec.text_encoders)} text encoder(s), got {len(components.text_encoders)}."
+        )
     for i, te_sd in enumerate(components.text_encoders):
         sources[f"te{i}"] = normalize_text_encoder_keys(te_sd)
     out: dict[str, torch.Tensor] = {}
@@ -355,7 +386,7 @@ def diffusers_to_original(components: ComponentStateDicts, spec: ModelSpec) -> d
         extra = set(source) - {n for e in cmap.entries for n in e.diffusers}
         if extra:
             log.debug("Not written (%s): %s", cmap.component, ", ".join(sorted(extra)[:5]))
-    for te_spec, te_sd in zip(spec.text_encoders, components.text_encoders):
+    for te_spec, te_sd in zip(spec.text_encoders, components.text_encoders, strict=False):
         key = f"{te_spec.prefix}text_projection"
         if te_spec.layout == "openclip" and key not in out:
             # Every real SD2 file carries OpenCLIP's projection although SD never applies it (it conditions on
@@ -368,8 +399,11 @@ def diffusers_to_original(components: ComponentStateDicts, spec: ModelSpec) -> d
 
 def components_from_models(unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module]) -> ComponentStateDicts:
     """The state dicts of live diffusers/transformers modules (tensors shared, not copied)."""
-    return ComponentStateDicts(dict(unet.state_dict()), dict(vae.state_dict()),
-                               [normalize_text_encoder_keys(dict(te.state_dict())) for te in text_encoders])
+    return ComponentStateDicts(
+        dict(unet.state_dict()),
+        dict(vae.state_dict()),
+        [normalize_text_encoder_keys(dict(te.state_dict())) for te in text_encoders],
+    )
 
 
 def _describe(component: str) -> str:

@@ -89,8 +89,14 @@ def build_demo_checkpoint(path: Path, family: str = "sd1", seed: int = 0) -> Pat
     return path
 
 
-def save_single_file(path: Path, model_spec: ModelSpec, unet: torch.nn.Module, vae: torch.nn.Module,
-                     text_encoders: list[torch.nn.Module], metadata: dict[str, str]) -> int:
+def save_single_file(
+    path: Path,
+    model_spec: ModelSpec,
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoders: list[torch.nn.Module],
+    metadata: dict[str, str],
+) -> int:
     """Write the modules as one original-layout ``.safetensors`` file (as a WebUI checkpoint); the tensor count."""
     original = diffusers_to_original(components_from_models(unet, vae, text_encoders), model_spec)
     tensors = {name: tensor.detach().contiguous() for name, tensor in original.items()}

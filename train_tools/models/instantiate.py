@@ -13,8 +13,14 @@ from ..errors import UserError
 from .convert import match_model_keys
 
 
-def instantiate(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, *,
-                device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def instantiate(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    what: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Put ``state_dict``'s tensors into ``model`` (built with empty weights) and check nothing is missing.
 
     Tensors are moved/cast one at a time, in place in ``state_dict``, so each of the file's tensors is freed
@@ -31,8 +37,10 @@ def instantiate(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str
         result = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()[:200]
-        raise UserError(f"The checkpoint's {what} weights do not fit the expected architecture ({first}); "
-                        "use a standard Stable Diffusion checkpoint.") from exc
+        raise UserError(
+            f"The checkpoint's {what} weights do not fit the expected architecture ({first}); "
+            "use a standard Stable Diffusion checkpoint."
+        ) from exc
     # position_ids is a buffer some transformers versions save and others do not; it is always rebuilt.
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:

@@ -18,15 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from ..fileio import sha256_file
-from .checkpoint import (
-    V_PRED_KEY,
-    ZTSNR_KEY,
-    detect_structure,
-    read_state_dict,
-    sdxl_marks,
-    unet_predicts_v,
-    yaml_says_v,
-)
+from .checkpoint import read_state_dict
 from .configs import (
     ModelSpec,
     build_scheduler,
@@ -36,6 +28,7 @@ from .configs import (
     spec,
 )
 from .convert import original_to_diffusers
+from .detect import V_PRED_KEY, ZTSNR_KEY, detect_structure, sdxl_marks, unet_predicts_v, yaml_says_v
 from .instantiate import instantiate
 from .tokenizers import tokenizer_for
 
@@ -71,8 +64,14 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               yaml_path: Path | None = None, tokenizer_dir: Path | None = None) -> LoadedModel:
+def load_model(
+    path: Path | str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    yaml_path: Path | None = None,
+    tokenizer_dir: Path | None = None,
+) -> LoadedModel:
     """Everything the trainer needs from one checkpoint file (``.safetensors`` or ``.ckpt``).
 
     ``yaml_path`` overrides the sidecar ``<stem>.yaml`` for SD2's v-prediction question; ``tokenizer_dir``
@@ -92,8 +91,9 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
     else:
         is_v = yaml_says_v(path, yaml_path)
     if is_v and family != "sd2":
-        log.warning("%s asks for v-prediction, which is only supported for SD2 and SDXL models; using epsilon.",
-                    path.name)
+        log.warning(
+            "%s asks for v-prediction, which is only supported for SD2 and SDXL models; using epsilon.", path.name
+        )
         is_v = False
     model_spec = spec("sd2v" if is_v else family, tiny, zero_terminal_snr=ztsnr)
     log.info("%s is %s%s", path.name, model_spec.family.upper(), " (tiny test model)" if tiny else "")
@@ -101,7 +101,7 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
     components = original_to_diffusers(sd, model_spec)
     del sd  # the component dicts share its tensors; nothing else refers to the file's dict
     tokenizers = []
-    for te_spec, te_sd in zip(model_spec.text_encoders, components.text_encoders):
+    for te_spec, te_sd in zip(model_spec.text_encoders, components.text_encoders, strict=False):
         vocab = int(te_sd["text_model.embeddings.token_embedding.weight"].shape[0])
         tokenizers.append(tokenizer_for(vocab, te_spec.pad_token, te_spec.tokenizer_kind, tokenizer_dir))
 
@@ -110,8 +110,11 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
     components.unet.clear()  # drop the file's copies (e.g. fp16) of tensors that were cast or moved
     if family == "sd2" and is_v is None:
         is_v = unet_predicts_v(unet)
-        log.info("No config beside %s; its UNet behaves like a %s model", path.name,
-                 "768-v (v-prediction)" if is_v else "512 (epsilon)")
+        log.info(
+            "No config beside %s; its UNet behaves like a %s model",
+            path.name,
+            "768-v (v-prediction)" if is_v else "512 (epsilon)",
+        )
         if is_v:
             # The 768-v config differs in settings only (sample size, attention upcast): rebuild, same tensors.
             model_spec = spec("sd2v", tiny)
@@ -120,10 +123,13 @@ def load_model(path: Path | str, *, device: str | torch.device = "cpu", dtype: t
     vae = instantiate(build_vae(model_spec, empty=True), components.vae, "VAE", device=device, dtype=dtype)
     components.vae.clear()
     text_encoders = []
-    for i, (te_spec, te_sd) in enumerate(zip(model_spec.text_encoders, components.text_encoders)):
+    for i, (te_spec, te_sd) in enumerate(zip(model_spec.text_encoders, components.text_encoders, strict=False)):
         log.info("Building text encoder %d", i + 1)
-        text_encoders.append(instantiate(build_text_encoder(te_spec, empty=True), te_sd, f"text encoder {i + 1}",
-                                         device=device, dtype=dtype))
+        text_encoders.append(
+            instantiate(
+                build_text_encoder(te_spec, empty=True), te_sd, f"text encoder {i + 1}", device=device, dtype=dtype
+            )
+        )
         te_sd.clear()
     log.info("Loaded %s in %.1f s", path.name, time.perf_counter() - start)
     return LoadedModel(

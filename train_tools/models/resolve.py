@@ -22,8 +22,10 @@ def resolve_checkpoint(base_model: str, ckpt_dirs: Sequence[Path], *, any_path: 
     a request must not make the server open any file on the disk.
     """
     if not base_model:
-        raise UserError("No base model chosen: pass --ckpt PATH, or --set base_model=NAME_OR_PATH "
-                        "(try 'python -m train_tools demo-checkpoint demo.safetensors' for a tiny demo model).")
+        raise UserError(
+            "No base model chosen: pass --ckpt PATH, or --set base_model=NAME_OR_PATH "
+            "(try 'python -m train_tools demo-checkpoint demo.safetensors' for a tiny demo model)."
+        )
     direct = Path(base_model).expanduser()
     if any_path and direct.is_file():
         return direct.resolve()
@@ -38,8 +40,10 @@ def resolve_checkpoint(base_model: str, ckpt_dirs: Sequence[Path], *, any_path: 
             if name in (path.name, path.stem, rel, rel.rsplit(".", 1)[0]):
                 return path.resolve()
     where = ", ".join(str(d) for d in ckpt_dirs) or "no checkpoint folder"
-    raise UserError(f"Base model '{base_model}' was not found as a file or in {where}; give its full path with "
-                    "--ckpt or put it in the checkpoint folder (--ckpt-dir).")
+    raise UserError(
+        f"Base model '{base_model}' was not found as a file or in {where}; give its full path with "
+        "--ckpt or put it in the checkpoint folder (--ckpt-dir)."
+    )
 
 
 def scan_checkpoints(folders: Sequence[Path]) -> list[str]:

@@ -32,14 +32,15 @@ def token_rows(tokenizer: Any, prompt_ids: Sequence[Sequence[int]], chunks: int)
     for ids in prompt_ids:
         row: list[int] = []
         for c in range(chunks):
-            body = [bos, *ids[75 * c: 75 * (c + 1)], eos]
+            body = [bos, *ids[75 * c : 75 * (c + 1)], eos]
             row += body + [pad] * (77 - len(body))
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
 
 
-def encode_chunk(te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_skip: int = 1,
-                 base: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_chunk(
+    te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_skip: int = 1, base: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled projection or None) of one 77-token chunk through one encoder.
 
     ``clip_skip`` > 1 applies (SD1 only: callers pass 1 for the others); ``base`` is the unwrapped encoder when
@@ -57,8 +58,9 @@ def encode_chunk(te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_ski
     return te(ids)[0], None
 
 
-def encode_ids(te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_skip: int = 1,
-               base: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_ids(
+    te: torch.nn.Module, ids: torch.Tensor, *, sdxl: bool, clip_skip: int = 1, base: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every 77-token chunk of ``ids`` through one encoder: hidden states one after the other (B, n*77, C) and
     the pooled projection of the first chunk (or None)."""
     hidden, pooled = [], None
@@ -91,9 +93,11 @@ class Conditioning:
         """One batch from several (e.g. the cached batches of one)."""
         pooled = [p.pooled for p in parts if p.pooled is not None]
         times = [p.time_ids for p in parts if p.time_ids is not None]
-        return Conditioning(torch.cat([p.hidden for p in parts]),
-                            torch.cat(pooled) if len(pooled) == len(parts) else None,
-                            torch.cat(times) if len(times) == len(parts) else None)
+        return Conditioning(
+            torch.cat([p.hidden for p in parts]),
+            torch.cat(pooled) if len(pooled) == len(parts) else None,
+            torch.cat(times) if len(times) == len(parts) else None,
+        )
 
     def added_cond_kwargs(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """SDXL's extra UNet inputs, or None for a UNet that takes only the hidden states."""

@@ -46,17 +46,82 @@ MERGES_HEADER = "#version: 0.2"
 # Words whose letters the tiny tokenizer merges into single tokens: enough English that captions are not
 # one token per letter, few enough that the vocabulary stays small.
 _TINY_WORDS = (
-    "photo", "picture", "painting", "drawing", "portrait", "cat", "dog", "girl", "boy", "woman", "man",
-    "person", "face", "style", "red", "blue", "green", "black", "white", "hair", "eyes", "sitting", "standing",
-    "outdoors", "indoors", "sky", "tree", "flower", "house", "car", "smile", "dress", "shirt", "background",
-    "simple", "looking", "viewer", "solo", "high", "quality", "best", "masterpiece", "detailed", "art",
-    "anime", "realistic", "light", "dark", "night", "day", "the", "with", "and", "of", "in", "on", "at",
-    "an", "a",
+    "photo",
+    "picture",
+    "painting",
+    "drawing",
+    "portrait",
+    "cat",
+    "dog",
+    "girl",
+    "boy",
+    "woman",
+    "man",
+    "person",
+    "face",
+    "style",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "hair",
+    "eyes",
+    "sitting",
+    "standing",
+    "outdoors",
+    "indoors",
+    "sky",
+    "tree",
+    "flower",
+    "house",
+    "car",
+    "smile",
+    "dress",
+    "shirt",
+    "background",
+    "simple",
+    "looking",
+    "viewer",
+    "solo",
+    "high",
+    "quality",
+    "best",
+    "masterpiece",
+    "detailed",
+    "art",
+    "anime",
+    "realistic",
+    "light",
+    "dark",
+    "night",
+    "day",
+    "the",
+    "with",
+    "and",
+    "of",
+    "in",
+    "on",
+    "at",
+    "an",
+    "a",
     # The shapes world's words (train_tools/data/shapes_world.py), and a few spare ones for concepts a demo
     # LoRA can teach. Appending keeps the earlier tokens' ids; the shipped shapes demo checkpoint's text
     # encoder has exactly this vocabulary, so changing the list means pretraining that checkpoint again.
-    "circle", "square", "triangle", "star", "ring", "yellow", "purple", "orange", "pink", "zigzag", "heart",
-    "cross", "stripes", "dots",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "ring",
+    "yellow",
+    "purple",
+    "orange",
+    "pink",
+    "zigzag",
+    "heart",
+    "cross",
+    "stripes",
+    "dots",
 )
 
 
@@ -85,11 +150,11 @@ def _base_vocab() -> list[str]:
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word: merge the best-ranked adjacent pair until no pair has a merge."""
     while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))]
         rank, i = min(pairs)
         if rank == len(ranks):
             break
-        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
     return symbols
 
 
@@ -136,8 +201,9 @@ def _write_tokenizer_files(vocab: list[str], merges: list[tuple[str, str]], cach
 
 
 def _from_folder(folder: Path, pad_token: str) -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=MAX_LENGTH,
-                                         local_files_only=True)
+    return CLIPTokenizer.from_pretrained(
+        str(folder), pad_token=pad_token, model_max_length=MAX_LENGTH, local_files_only=True
+    )
 
 
 def tiny_tokenizer(pad_token: str = EOS, cache_dir: Path | None = None) -> CLIPTokenizer:
@@ -175,8 +241,9 @@ def read_bpe_merges(path: Path, count: int = REAL_MERGE_COUNT) -> list[tuple[str
     return merges
 
 
-def tokenizer_from_bpe_file(path: Path, pad_token: str = EOS, cache_dir: Path | None = None,
-                            merge_count: int = REAL_MERGE_COUNT) -> CLIPTokenizer:
+def tokenizer_from_bpe_file(
+    path: Path, pad_token: str = EOS, cache_dir: Path | None = None, merge_count: int = REAL_MERGE_COUNT
+) -> CLIPTokenizer:
     """A CLIP tokenizer rebuilt from a BPE merges file by the published CLIP vocabulary rule."""
     merges = read_bpe_merges(Path(path), merge_count)
     folder = _write_tokenizer_files(vocab_from_merges(merges), merges, cache_dir)
@@ -189,9 +256,13 @@ def _cached_hub_tokenizer(kind: str, pad_token: str, hub_cache: Path | None = No
     repos += [r for r in HUB_TOKENIZERS.values() if r not in repos]
     for repo in repos:
         try:
-            tok = CLIPTokenizer.from_pretrained(repo, local_files_only=True, pad_token=pad_token,
-                                                model_max_length=MAX_LENGTH,
-                                                cache_dir=str(hub_cache) if hub_cache is not None else None)
+            tok = CLIPTokenizer.from_pretrained(
+                repo,
+                local_files_only=True,
+                pad_token=pad_token,
+                model_max_length=MAX_LENGTH,
+                cache_dir=str(hub_cache) if hub_cache is not None else None,
+            )
         except (OSError, ValueError) as exc:
             log.debug("No cached tokenizer %s: %s", repo, exc)
             continue
@@ -204,8 +275,9 @@ def _cached_hub_tokenizer(kind: str, pad_token: str, hub_cache: Path | None = No
     return None
 
 
-def real_clip_tokenizer(kind: str = "clip-l", pad_token: str = EOS, tokenizer_dir: Path | None = None,
-                        cache_dir: Path | None = None) -> CLIPTokenizer:
+def real_clip_tokenizer(
+    kind: str = "clip-l", pad_token: str = EOS, tokenizer_dir: Path | None = None, cache_dir: Path | None = None
+) -> CLIPTokenizer:
     """The real 49408-token CLIP tokenizer, found offline.
 
     Order: ``tokenizer_dir`` (a folder with vocab.json/merges.txt or a saved tokenizer); the Hugging Face
@@ -216,8 +288,10 @@ def real_clip_tokenizer(kind: str = "clip-l", pad_token: str = EOS, tokenizer_di
     if tokenizer_dir is not None:
         folder = Path(tokenizer_dir)
         if not ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()):
-            raise UserError(f"The tokenizer folder {folder} does not exist or holds no vocab.json; pass a "
-                            "folder that holds the CLIP vocab.json and merges.txt.")
+            raise UserError(
+                f"The tokenizer folder {folder} does not exist or holds no vocab.json; pass a "
+                "folder that holds the CLIP vocab.json and merges.txt."
+            )
         return _from_folder(folder, pad_token)
     tok = _cached_hub_tokenizer(kind, pad_token)
     if tok is not None:
@@ -226,20 +300,27 @@ def real_clip_tokenizer(kind: str = "clip-l", pad_token: str = EOS, tokenizer_di
     if bpe is not None:
         log.info("Building the CLIP tokenizer from %s", bpe)
         return tokenizer_from_bpe_file(bpe, pad_token, cache_dir)
-    raise UserError("No CLIP tokenizer is available offline; install one with "
-                    "'pip install --no-deps open-clip-torch' and try again.")
+    raise UserError(
+        "No CLIP tokenizer is available offline; install one with "
+        "'pip install --no-deps open-clip-torch' and try again."
+    )
 
 
-def tokenizer_for(vocab_size: int, pad_token: str = EOS, kind: str = "clip-l",
-                  tokenizer_dir: Path | None = None) -> CLIPTokenizer:
+def tokenizer_for(
+    vocab_size: int, pad_token: str = EOS, kind: str = "clip-l", tokenizer_dir: Path | None = None
+) -> CLIPTokenizer:
     """The tokenizer that fits a text encoder whose token embedding has ``vocab_size`` rows."""
     if vocab_size == TINY_VOCAB_SIZE:
         return tiny_tokenizer(pad_token)
     if vocab_size == REAL_VOCAB_SIZE:
         tok = real_clip_tokenizer(kind, pad_token, tokenizer_dir)
         if len(tok) != vocab_size:
-            raise UserError(f"The tokenizer found has {len(tok)} tokens but the checkpoint's text encoder has "
-                            f"{vocab_size}; pass the CLIP tokenizer folder (vocab.json, merges.txt) instead.")
+            raise UserError(
+                f"The tokenizer found has {len(tok)} tokens but the checkpoint's text encoder has "
+                f"{vocab_size}; pass the CLIP tokenizer folder (vocab.json, merges.txt) instead."
+            )
         return tok
-    raise UserError(f"The checkpoint's text encoder has {vocab_size} tokens, which fits no CLIP tokenizer; "
-                    "use a standard Stable Diffusion checkpoint.")
+    raise UserError(
+        f"The checkpoint's text encoder has {vocab_size} tokens, which fits no CLIP tokenizer; "
+        "use a standard Stable Diffusion checkpoint."
+    )

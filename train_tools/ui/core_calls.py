@@ -78,7 +78,7 @@ def core_family(host: Host, choice: str | None) -> str:
         return ""
     if choice == DEMO_CHOICE:
         return "sd1"
-    from ..models.checkpoint import detect_checkpoint_family
+    from ..models.detect import detect_checkpoint_family
 
     try:
         return detect_checkpoint_family(host.resolve_checkpoint(choice))
@@ -92,7 +92,7 @@ def core_unsupported_family(host: Host, choice: str | None) -> str:
     cannot train; "" for anything else."""
     if not choice or choice == DEMO_CHOICE:
         return ""
-    from ..models.checkpoint import detect_dit_family
+    from ..models.detect import detect_dit_family
 
     try:
         found = detect_dit_family(host.resolve_checkpoint(choice))

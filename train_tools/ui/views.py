@@ -77,7 +77,10 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
     items = core_items(version)
     if items:
         # A picture with a loss mask (masked_loss) says so in its label.
-        gallery = [(str(item.image), ("[masked] " if item.mask else "") + str(item.caption)) for item in items]
+        gallery = [
+            (str(item.image), ("[masked] " if getattr(item, "mask", None) else "") + str(item.caption))
+            for item in items
+        ]
         n = len(items)
         n_reg = core_reg_count(version)
         repeats = config.repeats or core_auto_repeats(n)

@@ -107,6 +107,13 @@ def test_masks_are_prepared_cached_and_used(tmp_path: Path, demo_ckpt: Path, one
     gallery, _ = dataset_view(version, trainer.config)
     labels = {Path(path).stem: label for path, label in gallery}
     assert labels["alpha"].startswith("[masked]") and not labels["plain"].startswith("[masked]")
+    shown = {Path(path).stem: Path(path) for path, _ in gallery}
+    assert shown["alpha"].parent == version.prepared_dir / "masked" and shown["plain"] == by_name["plain"].image
+    with Image.open(shown["alpha"]) as im, Image.open(by_name["alpha"].image) as picture:
+        seen, real = np.asarray(im.convert("L"), dtype=float), np.asarray(picture.convert("L"), dtype=float)
+    half = seen.shape[1] // 2
+    assert seen[:, : half - 2].mean() < 0.5 * real[:, : half - 2].mean()  # left out: dimmed
+    assert np.allclose(seen[:, half + 2 :], real[:, half + 2 :], atol=2)  # learned: as it is
     result = trainer.run()
     assert result.final_file is not None and len(result.losses) == result.steps
 
@@ -120,6 +127,7 @@ def test_masks_are_prepared_cached_and_used(tmp_path: Path, demo_ckpt: Path, one
         "plain": False,
     }
     assert sorted(p.stem for p in (version.prepared_dir / MASKS_FOLDER).glob("*.png")) == ["alpha"]
+    assert sorted(p.stem for p in (version.prepared_dir / "masked").glob("*.png")) == ["alpha"]
 
 
 def test_a_latent_mask_averages_the_pixels_it_covers(tmp_path: Path) -> None:

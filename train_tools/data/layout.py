@@ -25,6 +25,14 @@ MANIFEST_NAME = ".manifest.json"
 # prepared masks go (``prepared/.masks/<stem>.png``, the bucket's size, like the picture).
 MASK_SUFFIX = ".mask.png"
 MASKS_FOLDER = ".masks"
+
+
+def masked_view_path(mask: Path) -> Path:
+    """Where the gallery's view of a masked picture lies for its prepared mask: ``prepared/masked/<stem>.png``
+    (not in a hidden folder: the web page loads it, and Gradio serves no hidden folder)."""
+    return mask.parent.parent / "masked" / mask.name
+
+
 # Hand edits of prepared captions (captions.py writes it). A file of its own, because prepare_dataset rewrites
 # the manifest and the .txt captions; its leading dot keeps remove_stale away from it.
 EDITS_NAME = ".caption_edits.json"

@@ -31,6 +31,7 @@ from .layout import (
     MASK_SUFFIX,
     MASKS_FOLDER,
     file_key,
+    masked_view_path,
     nfc,
     read_manifest,
 )
@@ -200,7 +201,8 @@ class _Preparer:
         wanted = mask_sha or ("alpha" if old.get("mask") == "alpha" else None)
         if old.get("mask") != wanted:
             return None  # a mask file added, changed or removed
-        if old.get("mask") and not (self.prepared / MASKS_FOLDER / f"{source.stem}.png").is_file():
+        mask_path = self.prepared / MASKS_FOLDER / f"{source.stem}.png"
+        if old.get("mask") and not (mask_path.is_file() and masked_view_path(mask_path).is_file()):
             return None
         return dict(old)
 
@@ -233,12 +235,19 @@ class _Preparer:
             self.prepared / f"{entry['stem']}.png", lambda tmp: fitted.save(tmp, format="PNG", compress_level=6)
         )
         mask_path = self.prepared / MASKS_FOLDER / f"{entry['stem']}.png"
+        shown_path = masked_view_path(mask_path)
         if mask is not None:  # cropped and scaled exactly as the picture
             fitted_mask = fit_to_bucket(mask, bucket)
             mask_path.parent.mkdir(exist_ok=True)
+            shown_path.parent.mkdir(exist_ok=True)
             fileio.write_with(mask_path, lambda tmp: fitted_mask.save(tmp, format="PNG"))
+            # What the gallery shows: the picture with what the loss leaves out dimmed.
+            dimmed = Image.blend(fitted, Image.new("RGB", fitted.size, (0, 0, 0)), 0.75)
+            shown = Image.composite(fitted, dimmed, fitted_mask)
+            fileio.write_with(shown_path, lambda tmp: shown.save(tmp, format="PNG"))
         else:
             mask_path.unlink(missing_ok=True)
+            shown_path.unlink(missing_ok=True)
         entry["size"] = list(bucket)
         entry.pop("caption", None)
         entry.pop("auto", None)
@@ -281,6 +290,7 @@ class _Preparer:
         for path in masks.glob("*.png") if masks.is_dir() else []:
             if file_key(path.stem) not in masked:
                 path.unlink(missing_ok=True)
+                masked_view_path(path).unlink(missing_ok=True)
         for path in self.prepared.iterdir():
             if not path.is_file():
                 continue

@@ -76,11 +76,7 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
     originals = original_images(version)
     items = core_items(version)
     if items:
-        # A picture with a loss mask (masked_loss) says so in its label.
-        gallery = [
-            (str(item.image), ("[masked] " if getattr(item, "mask", None) else "") + str(item.caption))
-            for item in items
-        ]
+        gallery = [_gallery_entry(item) for item in items]
         n = len(items)
         n_reg = core_reg_count(version)
         repeats = config.repeats or core_auto_repeats(n)
@@ -98,6 +94,18 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
         gallery = [(str(p), read_caption(p) or p.name) for p in originals]
         return gallery, f"{len(originals)} pictures uploaded; press Update Dataset to prepare them."
     return [], "No pictures yet: drop 10-20 images (with their .txt captions, if any) on Upload Dataset."
+
+
+def _gallery_entry(item: Any) -> tuple[str, str]:
+    """A prepared picture and its caption; one with a loss mask (masked_loss) as the loss sees it, what it leaves
+    out dimmed, and "[masked]" before its caption."""
+    mask = getattr(item, "mask", None)
+    if mask is None:
+        return str(item.image), str(item.caption)
+    from ..data.layout import masked_view_path
+
+    shown = masked_view_path(mask)
+    return str(shown if shown.is_file() else item.image), f"[masked] {item.caption}"
 
 
 def read_lora_info(path: Path) -> dict[str, str]:

@@ -101,7 +101,7 @@ def test_a_file_of_another_model_is_refused(tmp_path: Path, demo_ckpt: Path, pic
     made = Trainer(version, settings(), demo_ckpt, device="cpu")
     made.prepare()
     path = network_file(made, tmp_path / "Lora")
-    tensors, _ = tensors_of(path)
+    tensors = {k: v.clone() for k, v in tensors_of(path)[0].items()}  # copies: the file is written over below
 
     def refused(changed: dict[str, torch.Tensor], said: str, **config: object) -> None:
         save_file(changed, str(path))

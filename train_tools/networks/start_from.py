@@ -45,7 +45,8 @@ def start_file(name: str, lora_dir: Path | None) -> Path:
 def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The file's tensors and the settings its network has (``network_type``, ``network_dim``,
     ``network_alpha``, ``conv_dim``, ``conv_alpha``); refused with a sentence where we cannot train it on."""
-    tensors, _ = read_lora(path)
+    # Copies: an older safetensors maps the file, whose tensors would change if it were written over meanwhile.
+    tensors = {key: tensor.clone() for key, tensor in read_lora(path)[0].items()}
     parts = {key.split(".", 1)[1] for key in tensors if "." in key}
     if any(part.startswith("lokr_") for part in parts):
         raise UserError(f"{path.name} is a LoKr; training on from a LoKr is not supported yet: start a new one.")

@@ -11,7 +11,7 @@ import pytest
 from tests import fixtures_training
 from tests.test_precision import new_version
 from train_tools.config import TrainConfig
-from train_tools.progress import RecordingReporter
+from train_tools.progress import RecordingReporter, StepInfo
 from train_tools.training.run_log import LOGS_FOLDER
 from train_tools.training.trainer import Trainer
 from train_tools.training.trainer_setup import split_validation
@@ -96,3 +96,23 @@ def test_the_chart_draws_the_validation_loss_beside_the_training_loss() -> None:
     assert 'class="tt-validation"' in svg and "validation loss (orange) 1.2000" in svg
     assert "1.2000 (top)" in svg  # the scale takes in the validation points
     assert "tt-validation" not in loss_chart_svg(losses)
+
+
+class _FailsAtStep(RecordingReporter):
+    def step(self, info: StepInfo) -> None:
+        super().step(info)
+        if info.step == 2:
+            raise RuntimeError("the disk is full")
+
+
+def test_a_failed_run_closes_its_log(tmp_path: Path, demo_ckpt: Path, four_pictures: Path, one_thread: None) -> None:
+    """A run that fails still closes its event file: no writer thread goes on writing into the run folder."""
+    pytest.importorskip("tensorboardX")
+    trainer = Trainer(
+        new_version(tmp_path, four_pictures), settings(), demo_ckpt, device="cpu", reporter=_FailsAtStep()
+    )
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        trainer.run()
+    assert trainer.run_log.writer is None
+    (events,) = (tmp_path / "outputs").rglob("events.out.tfevents.*")
+    assert events.stat().st_size > 0  # what it had, flushed at the close

@@ -140,6 +140,9 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
                 out_of_memory = True
             finally:
                 self.holds_version = False
+                run_log = self.__dict__.get("run_log")
+                if run_log is not None:  # also after a failure: its writer thread must not write on later
+                    run_log.close()
             # Outside the except block: the error and its traceback (which holds the step's tensors) are gone.
             if out_of_memory:
                 self.release_memory()

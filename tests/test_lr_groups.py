@@ -90,6 +90,8 @@ def test_loraplus_and_block_weights_reach_the_optimizer(
     for group in trainer.optimizer.param_groups:
         got[group["lr"]] = got.get(group["lr"], 0) + sum(p.numel() for p in group["params"])
     assert got == pytest.approx(wanted) and len(got) >= 6  # base, half, twice, mid; each with LoRA+'s up side
+    assert trainer.optimizer.param_groups[0]["lr"] != config.effective_unet_lr()  # IN01's, at half the rate
+    assert trainer._step_info(1, 1, [1.0], 0.0).lr == pytest.approx(config.effective_unet_lr())  # what is shown
     args = network_metadata(config)[1]
     assert args["loraplus_lr_ratio"] == "16.0" and args["down_lr_weight"] == DOWN and args["mid_lr_weight"] == "0.25"
     assert "up_lr_weight" not in args

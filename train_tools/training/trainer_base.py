@@ -64,6 +64,7 @@ class TrainerBase:
     needs_time_ids: bool
     use_clip_skip: bool
     trainable: list[torch.nn.Parameter]
+    lr_shown_factor: float  # the UNet's learning rate over the first group's (block weights, LoRA+)
     start_tensors: dict[str, torch.Tensor] | None  # the LoRA file to train on from, until it is loaded
     # The caches.
     mask_cache: list[list[torch.Tensor | None]]  # the loss masks per item and variant (masked_loss), else empty

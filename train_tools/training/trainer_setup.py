@@ -196,6 +196,9 @@ class SetupMixin(TrainerBase):
         if self.flat:
             params = flatten_groups(params)
         self.optimized = [p for g in params for p in g["params"]]
+        # The first group's rate may be a block's or LoRA+'s multiple: the UNet's rate is what the tab shows.
+        first = float(params[0]["lr"]) if params else 0.0
+        self.lr_shown_factor = cfg.effective_unet_lr() / first if first > 0 else 1.0
         optimizer = make_optimizer(
             cfg.optimizer, params, cfg.learning_rate, device=self.device, given=cfg.optimizer_args
         )

@@ -142,3 +142,82 @@ def test_a_missing_or_lokr_file_gets_a_sentence(tmp_path: Path, demo_ckpt: Path,
     )
     with pytest.raises(UserError, match="LoKr is not supported yet"):
         Trainer(version, settings(network_weights="k.safetensors"), demo_ckpt, lora_dir=folder)
+
+
+# The original (SGM) UNet's names of a resnet's layers, as kohya's SDXL files carry them.
+SGM_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1"}
+SGM_RESNET["conv_shortcut"] = "skip_connection"
+
+
+def as_sgm(key: str, per: int, attends: list[bool]) -> str:
+    """A diffusers-layout kohya key in the original UNet's layout (the test's own account of that layout)."""
+    import re
+
+    layer, _, part = key.partition(".")
+    found = re.match(
+        r"lora_unet_(down_blocks|up_blocks|mid_block)_(?:(\d+)_)?(resnets|attentions|downsamplers|upsamplers)_(\d+)_(.+)",
+        layer,
+    )
+    if found is None:
+        return key
+    where, b, kind, j, inner = found.groups()
+    if kind == "resnets":
+        inner = SGM_RESNET.get(inner, inner)
+    if where == "mid_block":
+        n = {"resnets0": 0, "attentions0": 1, "resnets1": 2}[f"{kind}{j}"]
+        return f"lora_unet_middle_block_{n}_{inner}.{part}"
+    b_i, j_i = int(b), int(j)
+    if where == "down_blocks":
+        if kind == "downsamplers":
+            return f"lora_unet_input_blocks_{1 + b_i * (per + 1) + per}_0_op.{part}"
+        return f"lora_unet_input_blocks_{1 + b_i * (per + 1) + j_i}_{0 if kind == 'resnets' else 1}_{inner}.{part}"
+    n = b_i * (per + 1) + (per if kind == "upsamplers" else j_i)
+    k = 0 if kind == "resnets" else 1 if kind == "attentions" else (2 if attends[b_i] else 1)
+    return f"lora_unet_output_blocks_{n}_{k}_{inner}.{part}"
+
+
+def test_kohyas_sdxl_file_in_the_original_unets_names_starts_the_run(
+    tmp_path: Path, pictures: Path, one_thread: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """kohya's SDXL LoRAs name the layers as the original UNet does (``lora_unet_input_blocks_4_1_...``): read in
+    this trainer's layout, block by block as diffusers' own loader places them, the run starts from its weights."""
+    from train_tools.models.demo_model import build_demo_checkpoint
+
+    xl = build_demo_checkpoint(tmp_path_factory.mktemp("models") / "tiny-xl.safetensors", family="sdxl")
+    version = new_version(tmp_path, pictures)
+    locon = {"network_type": "locon", "network_dim": 4, "network_alpha": 2.0, "conv_dim": 4, "conv_alpha": 1.0}
+    made = Trainer(version, settings(**locon, resolution=64), xl, device="cpu")
+    made.prepare()
+    config = made.model.unet.config
+    per, attends = int(config.layers_per_block), ["CrossAttn" in t for t in config.up_block_types]
+    path = network_file(made, tmp_path / "Lora", "ours.safetensors")
+    ours = {k: v.clone() for k, v in tensors_of(path)[0].items()}
+    sgm = {as_sgm(k, per, attends): v for k, v in ours.items()}
+    assert any("input_blocks" in k for k in sgm) and any("output_blocks" in k for k in sgm)
+    assert any("in_layers_2" in k for k in sgm) and any("middle_block" in k for k in sgm)
+    lora_conversion = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+    placed = lora_conversion._maybe_map_sgm_blocks_to_diffusers(dict(sgm), config)  # diffusers' block placing
+    from train_tools.networks.start_from import sgm_names
+
+    mine = sgm_names(sgm, config)
+    inner = {v: k for k, v in SGM_RESNET.items()}
+    words = {"_input_blocks_": "_down_blocks_", "_output_blocks_": "_up_blocks_", "_middle_block_": "_mid_block_"}
+    for theirs in placed:  # the same block for every key; diffusers renames the rest later, in its loader
+        named = theirs
+        for old, new in [*words.items(), *((f"_{o}.", f"_{n}.") for o, n in inner.items())]:
+            named = named.replace(old, new)
+        named = named.replace("_downsamplers_0_op.", "_downsamplers_0_conv.")
+        assert named in mine, theirs
+    assert mine.keys() == ours.keys()
+    save_file(sgm, str(tmp_path / "Lora" / "kohya-xl.safetensors"))
+    on = Trainer(
+        version,
+        settings(network_weights="kohya-xl.safetensors", resolution=64),
+        xl,
+        device="cpu",
+        lora_dir=tmp_path / "Lora",
+    )
+    assert (on.config.network_type, on.config.conv_dim) == ("locon", 4)
+    on.prepare()
+    got = kohya_state_dict(on.model.unet, on.tes, on.model.family)
+    assert got.keys() == ours.keys() and all(torch.equal(got[k].float(), ours[k].float()) for k in ours)

@@ -24,7 +24,10 @@ from .lora_format import network_layers, read_lora
 log = logging.getLogger(__name__)
 
 # The UNet's 3x3 convolutions by their key names (a LoHa stores them flat, so only the name tells).
-_CONV3X3_KEY = re.compile(r"^lora_unet_.*_(?:resnets_\d+_conv[12]|(?:down|up)samplers_\d+_conv)$")
+_CONV3X3_KEY = re.compile(
+    r"^lora_unet_.*_(?:resnets_\d+_conv[12]|(?:down|up)samplers_\d+_conv"  # diffusers' names
+    r"|in_layers_2|out_layers_3|op|blocks_\d+_\d+_conv)$"  # the original UNet's (kohya's SDXL files)
+)
 
 
 def start_file(name: str, lora_dir: Path | None) -> Path:
@@ -81,6 +84,54 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, settings
 
 
+_SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_(?:(\d+)_)?(.+)$")
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj"}
+_SGM_RESNET_SKIP = "skip_connection"
+
+
+def sgm_names(tensors: dict[str, torch.Tensor], unet_config: Any) -> dict[str, torch.Tensor]:
+    """A kohya SDXL file's names in the original (SGM) UNet's layout, ``lora_unet_input_blocks_4_1_...``, in the
+    diffusers layout this trainer's network has, ``lora_unet_down_blocks_1_attentions_0_...``; other files as
+    they are. The numbering follows from the UNet's config: each down block has ``layers_per_block`` entries and
+    a downsampler (the last has none), each up block one entry more, the middle block resnet, attention,
+    resnet. Written here because diffusers maps these names only inside its own LoRA loader."""
+    if not any(_SGM.match(key.split(".", 1)[0]) for key in tensors):
+        return tensors
+    per = int(unet_config.layers_per_block)
+    attends = ["CrossAttn" in kind for kind in unet_config.up_block_types]
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        layer, dot, part = key.partition(".")
+        found = _SGM.match(layer)
+        out[(_diffusers_layer(found, per, attends) if found else layer) + dot + part] = tensor
+    return out
+
+
+def _diffusers_layer(found: re.Match[str], per: int, attends: list[bool]) -> str:
+    where, n, k, inner = found.group(1), int(found.group(2)), found.group(3), found.group(4)
+    if where == "middle_block":  # middle_block_<n>_<inner>: resnet, attention, resnet
+        block = "resnets_0" if n == 0 else "attentions_0" if n == 1 else "resnets_1"
+        return f"lora_unet_mid_block_{block}_{_resnet_inner(inner) if 'resnets' in block else inner}"
+    k_index = int(k) if k is not None else 0
+    if where == "input_blocks":
+        b, j = (n - 1) // (per + 1), (n - 1) % (per + 1)
+        if j == per:  # the downsampler: input_blocks_<n>_0_op
+            return f"lora_unet_down_blocks_{b}_downsamplers_0_{'conv' if inner == 'op' else inner}"
+        if k_index == 0:
+            return f"lora_unet_down_blocks_{b}_resnets_{j}_{_resnet_inner(inner)}"
+        return f"lora_unet_down_blocks_{b}_attentions_{j}_{inner}"
+    b, j = n // (per + 1), n % (per + 1)
+    if k_index == 0:
+        return f"lora_unet_up_blocks_{b}_resnets_{j}_{_resnet_inner(inner)}"
+    if k_index == 1 and attends[b]:
+        return f"lora_unet_up_blocks_{b}_attentions_{j}_{inner}"
+    return f"lora_unet_up_blocks_{b}_upsamplers_0_{inner}"
+
+
+def _resnet_inner(inner: str) -> str:
+    return "conv_shortcut" if inner == _SGM_RESNET_SKIP else _SGM_RESNET.get(inner, inner)
+
+
 def load_start(
     models: list[tuple[nn.Module, str, bool]], tensors: dict[str, torch.Tensor], name: str, text_encoder_trained: bool
 ) -> int:
@@ -90,6 +141,9 @@ def load_start(
     live: dict[str, dict[str, torch.Tensor]] = {}
     for model, prefix, text_encoder in models:
         live.update(network_layers(model, prefix, text_encoder=text_encoder))
+    unet = next((model for model, _, text_encoder in models if not text_encoder), None)
+    if unet is not None and hasattr(unet, "config"):
+        tensors = sgm_names(tensors, unet.config)  # kohya's SDXL files
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         layer, _, part = key.partition(".")
@@ -125,4 +179,4 @@ def load_start(
     return len(by_layer)
 
 
-__all__ = ["load_start", "read_start", "start_file"]
+__all__ = ["load_start", "read_start", "sgm_names", "start_file"]

@@ -221,3 +221,27 @@ def test_kohyas_sdxl_file_in_the_original_unets_names_starts_the_run(
     on.prepare()
     got = kohya_state_dict(on.model.unet, on.tes, on.model.family)
     assert got.keys() == ours.keys() and all(torch.equal(got[k].float(), ours[k].float()) for k in ours)
+
+
+def test_a_file_with_dims_by_block_starts_the_run_with_them(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, one_thread: None
+) -> None:
+    """A file trained with block dims (ours, or kohya's with block_dims): the run takes each block's dim and
+    alpha, and its convolutions', from the file, and starts from its weights."""
+    dims = ",".join(str(2 + i % 3) for i in range(25))
+    conv = ",".join(str(0 if i % 2 else 3) for i in range(25))
+    made_with = dict(MADE["locon"], block_dims=dims, conv_block_dims=conv)
+    version = new_version(tmp_path, pictures)
+    made = Trainer(version, settings(**made_with), demo_ckpt, device="cpu")
+    made.prepare()
+    path = network_file(made, tmp_path / "Lora")
+    wanted, _ = tensors_of(path)
+    config = settings(network_weights=path.name, block_dims=",".join(["9"] * 25))  # the file's win
+    on = Trainer(version, config, demo_ckpt, device="cpu", lora_dir=path.parent)
+    assert on.config.network_type == "locon" and on.config.block_dims != config.block_dims
+    on.prepare()
+    got = kohya_state_dict(on.model.unet, on.tes, on.model.family)
+    assert got.keys() == wanted.keys()
+    assert all(torch.equal(got[k].float(), wanted[k].float()) for k in wanted)
+    ranks = {int(v.shape[0]) for k, v in wanted.items() if k.endswith("lora_down.weight")}
+    assert len(ranks) >= 3  # dims 2, 3, 4 and the convolutions' 3 and the text encoder's 8

@@ -47,7 +47,8 @@ def start_file(name: str, lora_dir: Path | None) -> Path:
 
 def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The file's tensors and the settings its network has (``network_type``, ``network_dim``,
-    ``network_alpha``, ``conv_dim``, ``conv_alpha``); refused with a sentence where we cannot train it on."""
+    ``network_alpha``, ``conv_dim``, ``conv_alpha``, and the block dims where they differ by block); refused with
+    a sentence where we cannot train it on."""
     # Copies: an older safetensors maps the file, whose tensors would change if it were written over meanwhile.
     tensors = {key: tensor.clone() for key, tensor in read_lora(path)[0].items()}
     parts = {key.split(".", 1)[1] for key in tensors if "." in key}
@@ -59,8 +60,8 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         kind, down = ("dora" if "dora_scale" in parts else "lora"), "lora_down.weight"
     else:
         raise UserError(f"{path.name} holds no LoRA layers (lora_down / hada_* tensors); choose a LoRA file.")
-    linear: set[tuple[int, float]] = set()
-    conv: set[tuple[int, float]] = set()
+    # (is a 3x3 convolution, kohya's block number or None) -> the dims of those layers
+    found: dict[tuple[bool, int | None], set[tuple[int, float]]] = {}
     for key, weight in tensors.items():
         if not key.endswith(f".{down}"):
             continue
@@ -69,19 +70,56 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         alpha = tensors.get(f"{layer}.alpha")
         dims = (rank, float(alpha) if alpha is not None else float(rank))  # no alpha: kohya's default, the rank
         is_conv = (weight.dim() == 4 and weight.shape[-1] > 1) or bool(_CONV3X3_KEY.search(layer))
-        (conv if is_conv else linear).add(dims)
-    if len(linear) > 1 or len(conv) > 1:
-        raise UserError(
-            f"{path.name} has different dims from layer to layer ({sorted(linear | conv)}); training on from it "
-            "is not supported yet."
-        )
+        found.setdefault((is_conv, _block_of_key(layer)), set()).add(dims)
+    linear = set().union(*(d for (c, _), d in found.items() if not c))
+    conv = set().union(*(d for (c, _), d in found.items() if c))
     settings: dict[str, Any] = {"network_type": kind, "conv_dim": 0, "conv_alpha": 1.0}
-    (settings["network_dim"], settings["network_alpha"]) = next(iter(linear or conv))
-    if conv:
-        settings["conv_dim"], settings["conv_alpha"] = next(iter(conv))
-        if kind == "lora":
-            settings["network_type"] = "locon"
-    return tensors, settings
+    settings.update(dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"), ""))
+    if conv and kind == "lora":
+        settings["network_type"] = "locon"
+    if len(linear) <= 1 and len(conv) <= 1:
+        (settings["network_dim"], settings["network_alpha"]) = next(iter(linear or conv))
+        if conv:
+            settings["conv_dim"], settings["conv_alpha"] = next(iter(conv))
+        return tensors, settings
+    return tensors, {**settings, **_block_settings(found, path.name)}
+
+
+_KEY_BLOCK = re.compile(r"^lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_")
+
+
+def _block_of_key(layer: str) -> int | None:
+    """kohya's block number (``blocks.block_number``) of a file's UNet layer name, None outside the blocks."""
+    from .blocks import block_number
+
+    side = _KEY_BLOCK.match(layer)
+    if side:
+        return block_number(f"{side.group(1)}_blocks.{side.group(2)}.{side.group(3)}.{side.group(4)}.")
+    return block_number("mid_block.") if layer.startswith("lora_unet_mid_block_") else None
+
+
+def _block_settings(found: dict[tuple[bool, int | None], set[tuple[int, float]]], name: str) -> dict[str, Any]:
+    """Dims that differ by block (a file trained with block dims): ``block_dims`` / ``block_alphas`` and their
+    conv forms, 0 for a block without layers; the layers outside the blocks (the text encoders') give the
+    network's dim. Dims that differ within a block are refused."""
+    if any(len(dims) > 1 for dims in found.values()):
+        raise UserError(f"{name} has different dims within one block; training on from it is not supported yet.")
+    outside = {next(iter(d)) for (c, b), d in found.items() if b is None and not c}
+    if len(outside) > 1 or any(b is None for c, b in found if c):
+        raise UserError(f"{name} has different dims outside the UNet's blocks; training on from it is not supported.")
+    per_block = {(c, b): next(iter(d)) for (c, b), d in found.items() if b is not None}
+    linear = [per_block[(False, b)] for b in range(25) if (False, b) in per_block]
+    base = next(iter(outside)) if outside else max(set(linear), key=linear.count) if linear else (1, 1.0)
+    settings: dict[str, Any] = {"network_dim": base[0], "network_alpha": base[1]}
+    settings["block_dims"] = ",".join(str(per_block.get((False, b), (0, 0.0))[0]) for b in range(25))
+    settings["block_alphas"] = ",".join(str(per_block.get((False, b), base)[1]) for b in range(25))
+    convs = [per_block[(True, b)] for b in range(25) if (True, b) in per_block]
+    if convs:
+        common = max(set(convs), key=convs.count)
+        settings.update(conv_dim=common[0], conv_alpha=common[1])
+        settings["conv_block_dims"] = ",".join(str(per_block.get((True, b), (0, 0.0))[0]) for b in range(25))
+        settings["conv_block_alphas"] = ",".join(str(per_block.get((True, b), common)[1]) for b in range(25))
+    return settings
 
 
 _SGM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_(?:(\d+)_)?(.+)$")

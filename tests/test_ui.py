@@ -272,7 +272,9 @@ def test_dataset_view_before_preparing_shows_originals_with_their_captions(logic
 
 def test_dataset_view_after_preparing_counts_repeats_and_steps(logic, monkeypatch):
     version = make_version(logic)
-    items = [types.SimpleNamespace(image=version.prepared_dir / f"{i}.png", caption=f"c{i}") for i in range(10)]
+    items = [
+        types.SimpleNamespace(image=version.prepared_dir / f"{i}.png", caption=f"c{i}", mask=None) for i in range(10)
+    ]
     for item in items:
         item.image.write_bytes(b"x")
     monkeypatch.setattr(ui_views, "core_items", lambda v: items)

@@ -52,6 +52,7 @@ class _CtrlC:
 
 
 def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> int:
+    from .hosts.base import default_lora_dir
     from .progress import StopFlag, TerminalReporter
     from .training.trainer import Trainer
 
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace, store: Store, ckpt_dirs: list[Path]) -> 
                 reporter=TerminalReporter(),
                 stop=stop,
                 device=args.device,
-                lora_dir=args.lora_dir or store.data_dir / "models" / "Lora",
+                lora_dir=args.lora_dir or default_lora_dir(store.data_dir),
             ).run()
             if _report_result(result, version):
                 return 130

@@ -216,6 +216,7 @@ def _argument_value(key: str, text: str) -> Any:
 
 
 BLOCKS_PER_SIDE = 12  # kohya's NUM_OF_BLOCKS: input and output blocks of a UNet (networks/blocks.py)
+BLOCK_COUNT = 2 * BLOCKS_PER_SIDE + 1  # the numbers of a block_dims list: the input blocks, the middle, the output
 
 
 def block_weights(down: str, mid: str, up: str) -> dict[str, list[float]] | None:
@@ -223,18 +224,17 @@ def block_weights(down: str, mid: str, up: str) -> dict[str, list[float]] | None
     Refused with a sentence: a list of another length than 12 (one number for mid), a number below 0."""
     if not (down.strip() or mid.strip() or up.strip()):
         return None
-    found = {
+    return {
         "down": _numbers(down, "down_lr_weight", BLOCKS_PER_SIDE),
         "mid": _numbers(mid, "mid_lr_weight", 1),
         "up": _numbers(up, "up_lr_weight", BLOCKS_PER_SIDE),
     }
-    return found
 
 
 def block_values(text: str, name: str) -> list[float] | None:
     """A per-block list of kohya's ``block_dims`` / ``block_alphas`` form: 25 numbers (IN00-IN11, MID,
     OUT00-OUT11), None when empty."""
-    return _numbers(text, name, 2 * BLOCKS_PER_SIDE + 1) if text.strip() else None
+    return _numbers(text, name, BLOCK_COUNT) if text.strip() else None
 
 
 def _numbers(text: str, name: str, count: int) -> list[float]:

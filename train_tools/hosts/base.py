@@ -90,6 +90,11 @@ class Host:
         }
 
 
+def default_lora_dir(data_dir: Path) -> Path:
+    """The standalone app's and the command line's LoRA folder when none is given: the WebUI's place for it."""
+    return Path(data_dir) / "models" / "Lora"
+
+
 class StandaloneHost(Host):
     """The app on its own: folders from the command line, the GPU all ours, the demo model on offer."""
 
@@ -108,7 +113,7 @@ class StandaloneHost(Host):
         super().__init__(
             data_dir,
             list(ckpt_dirs) if ckpt_dirs else default_ckpt_dirs(data_dir),
-            lora_dir or data_dir / "models" / "Lora",
+            lora_dir or default_lora_dir(data_dir),
         )
         self.offer_demo = offer_demo
         self._device = device

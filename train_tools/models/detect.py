@@ -7,6 +7,7 @@ enough for the picker (a ``.safetensors`` header alone), and the newer transform
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,24 @@ def detect_family(sd: dict[str, torch.Tensor], path: Path | None = None, *, yaml
     SD2 512 (epsilon) vs 768-v: a sidecar YAML decides as in the WebUI; without one the UNet is built and
     probed like the WebUI does (``unet_predicts_v``).
     """
+
+    def probed(tiny: bool) -> bool:
+        from .configs import build_unet
+        from .convert import original_to_diffusers
+        from .instantiate import instantiate
+
+        model_spec = spec("sd2", tiny)
+        unet = instantiate(build_unet(model_spec, empty=True), original_to_diffusers(sd, model_spec).unet, "UNet")
+        return unet_predicts_v(unet)
+
+    return _family_with_variant(sd, path, yaml_path, probed)
+
+
+def _family_with_variant(
+    sd: dict[str, torch.Tensor], path: Path | None, yaml_path: Path | None, v_without_yaml: Callable[[bool], bool]
+) -> str:
+    """The family with its variant: SDXL's v-prediction by its marker keys; SD2's 768-v by a sidecar yaml, else
+    by ``v_without_yaml(tiny)`` (loading probes the UNet, the picker reads the file's hints)."""
     family, tiny = detect_structure(sd, path)
     if family == "sdxl":
         return "sdxlv" if sdxl_marks(sd, path, yaml_path)[0] else "sdxl"
@@ -143,13 +162,7 @@ def detect_family(sd: dict[str, torch.Tensor], path: Path | None = None, *, yaml
         return family
     says_v = yaml_says_v(path, yaml_path)
     if says_v is None:
-        from .configs import build_unet
-        from .convert import original_to_diffusers
-        from .instantiate import instantiate
-
-        model_spec = spec("sd2", tiny)
-        unet = instantiate(build_unet(model_spec, empty=True), original_to_diffusers(sd, model_spec).unet, "UNet")
-        says_v = unet_predicts_v(unet)
+        says_v = v_without_yaml(tiny)
     return "sd2v" if says_v else "sd2"
 
 
@@ -188,15 +201,7 @@ def detect_checkpoint_family(path: Path | str, *, yaml_path: Path | None = None)
             raise UserError(f"{path.name} holds no weights; pick a Stable Diffusion checkpoint.")
     else:
         sd = _read_pickle(path)
-    family, _tiny = detect_structure(sd, path)
-    if family == "sdxl":
-        return "sdxlv" if sdxl_marks(sd, path, yaml_path)[0] else "sdxl"
-    if family != "sd2":
-        return family
-    says_v = yaml_says_v(path, yaml_path)
-    if says_v is None:
-        says_v = _v_hint(path, metadata)
-    return "sd2v" if says_v else "sd2"
+    return _family_with_variant(sd, path, yaml_path, lambda _tiny: _v_hint(path, metadata))
 
 
 # The keys a v-prediction SDXL single file carries (NoobAI-XL v-pred and its descendants; ComfyUI's detection

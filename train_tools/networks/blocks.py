@@ -19,12 +19,14 @@ from ..config import TrainConfig
 from ..config_values import BLOCKS_PER_SIDE, block_values, block_weights
 from .targets import is_conv3x3
 
-_SIDE = re.compile(r"(?:^|\.)(down|up)_blocks\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.")
-_MID = re.compile(r"(?:^|\.)mid_block\.")
+# A module path ("down_blocks.1.attentions.0.") or a file's layer name ("lora_unet_down_blocks_1_attentions_0_").
+_SIDE = re.compile(r"(?:^|[._])(down|up)_blocks[._](\d+)[._](attentions|resnets|downsamplers|upsamplers)[._](\d+)[._]")
+_MID = re.compile(r"(?:^|[._])mid_block[._]")
 
 
 def unet_block(path: str) -> tuple[str, int] | None:
-    """("down", 1-11), ("mid", 0) or ("up", 0-11) for a UNet module or parameter path; None outside them."""
+    """("down", 1-11), ("mid", 0) or ("up", 0-11) for a UNet module or parameter path, or a LoRA file's layer name
+    in the diffusers layout; None outside them."""
     found = _SIDE.search(path)
     if found:
         side, i, kind, j = found.group(1), int(found.group(2)), found.group(3), int(found.group(4))
@@ -44,7 +46,8 @@ def weight_of(weights: dict[str, list[float]] | None, path: str) -> float:
 
 
 def block_number(path: str) -> int | None:
-    """The block's place in a 25-number list (``block_dims``): IN00-IN11 0-11, MID 12, OUT00-OUT11 13-24."""
+    """The block's place in a 25-number list (``block_dims``): IN00-IN11 0-11, MID 12, OUT00-OUT11 13-24
+    (``path`` as ``unet_block`` takes it)."""
     block = unet_block(path)
     if block is None:
         return None

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config_values import BLOCK_COUNT
 from ..errors import UserError
 from ..names import check_name
+from .blocks import block_number
 from .lora_format import network_layers, read_lora
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         alpha = tensors.get(f"{layer}.alpha")
         dims = (rank, float(alpha) if alpha is not None else float(rank))  # no alpha: kohya's default, the rank
         is_conv = (weight.dim() == 4 and weight.shape[-1] > 1) or bool(_CONV3X3_KEY.search(layer))
-        found.setdefault((is_conv, _block_of_key(layer)), set()).add(dims)
+        found.setdefault((is_conv, block_number(layer)), set()).add(dims)  # None outside the UNet's blocks
     linear = set().union(*(d for (c, _), d in found.items() if not c))
     conv = set().union(*(d for (c, _), d in found.items() if c))
     settings: dict[str, Any] = {"network_type": kind, "conv_dim": 0, "conv_alpha": 1.0}
@@ -85,19 +87,6 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, {**settings, **_block_settings(found, path.name)}
 
 
-_KEY_BLOCK = re.compile(r"^lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_")
-
-
-def _block_of_key(layer: str) -> int | None:
-    """kohya's block number (``blocks.block_number``) of a file's UNet layer name, None outside the blocks."""
-    from .blocks import block_number
-
-    side = _KEY_BLOCK.match(layer)
-    if side:
-        return block_number(f"{side.group(1)}_blocks.{side.group(2)}.{side.group(3)}.{side.group(4)}.")
-    return block_number("mid_block.") if layer.startswith("lora_unet_mid_block_") else None
-
-
 def _block_settings(found: dict[tuple[bool, int | None], set[tuple[int, float]]], name: str) -> dict[str, Any]:
     """Dims that differ by block (a file trained with block dims): ``block_dims`` / ``block_alphas`` and their
     conv forms, 0 for a block without layers; the layers outside the blocks (the text encoders') give the
@@ -108,17 +97,21 @@ def _block_settings(found: dict[tuple[bool, int | None], set[tuple[int, float]]]
     if len(outside) > 1 or any(b is None for c, b in found if c):
         raise UserError(f"{name} has different dims outside the UNet's blocks; training on from it is not supported.")
     per_block = {(c, b): next(iter(d)) for (c, b), d in found.items() if b is not None}
-    linear = [per_block[(False, b)] for b in range(25) if (False, b) in per_block]
+
+    def lists(conv: bool, absent_alpha: float) -> tuple[str, str]:
+        """(dims, alphas) of every block, as settings: a block without such layers has dim 0."""
+        dims = [per_block.get((conv, b), (0, absent_alpha)) for b in range(BLOCK_COUNT)]
+        return ",".join(str(d) for d, _ in dims), ",".join(str(a) for _, a in dims)
+
+    linear = [dims for (c, _), dims in per_block.items() if not c]
     base = next(iter(outside)) if outside else max(set(linear), key=linear.count) if linear else (1, 1.0)
     settings: dict[str, Any] = {"network_dim": base[0], "network_alpha": base[1]}
-    settings["block_dims"] = ",".join(str(per_block.get((False, b), (0, 0.0))[0]) for b in range(25))
-    settings["block_alphas"] = ",".join(str(per_block.get((False, b), base)[1]) for b in range(25))
-    convs = [per_block[(True, b)] for b in range(25) if (True, b) in per_block]
+    settings["block_dims"], settings["block_alphas"] = lists(False, base[1])
+    convs = [dims for (c, _), dims in per_block.items() if c]
     if convs:
         common = max(set(convs), key=convs.count)
         settings.update(conv_dim=common[0], conv_alpha=common[1])
-        settings["conv_block_dims"] = ",".join(str(per_block.get((True, b), (0, 0.0))[0]) for b in range(25))
-        settings["conv_block_alphas"] = ",".join(str(per_block.get((True, b), common)[1]) for b in range(25))
+        settings["conv_block_dims"], settings["conv_block_alphas"] = lists(True, common[1])
     return settings
 
 

@@ -99,12 +99,11 @@ def dataset_view(version: Version | None, config: TrainConfig) -> tuple[list[tup
 def _gallery_entry(item: Any) -> tuple[str, str]:
     """A prepared picture and its caption; one with a loss mask (masked_loss) as the loss sees it, what it leaves
     out dimmed, and "[masked]" before its caption."""
-    mask = getattr(item, "mask", None)
-    if mask is None:
+    if item.mask is None:
         return str(item.image), str(item.caption)
     from ..data.layout import masked_view_path
 
-    shown = masked_view_path(mask)
+    shown = masked_view_path(item.mask)
     return str(shown if shown.is_file() else item.image), f"[masked] {item.caption}"
 
 

@@ -137,3 +137,22 @@ def test_a_latent_mask_averages_the_pixels_it_covers(tmp_path: Path) -> None:
     small = latent_mask(tmp_path / "m.png", (2, 2), flip=False)
     assert small.shape == (1, 2, 2) and torch.allclose(small[0, :, 0], torch.tensor([0.5, 0.5]))
     assert torch.equal(latent_mask(tmp_path / "m.png", (2, 2), flip=True), small.flip(-1))
+
+
+def test_a_mask_is_decoded_under_the_pictures_pixel_limit(tmp_path: Path) -> None:
+    """A mask is an upload like the pictures: one over the pixel limit is refused with its picture, by name,
+    and Pillow's own limit is left as it was."""
+    from train_tools.data.prepare_folder import prepare_dataset
+    from train_tools.data.prepare_options import PrepareOptions
+
+    folder = tmp_path / "orig"
+    folder.mkdir()
+    Image.new("RGB", (96, 64), (0, 90, 200)).save(folder / "masked.png")
+    Image.new("L", (600, 400), 255).save(folder / "masked.mask.png")  # 240,000 pixels
+    Image.new("RGB", (96, 64), (20, 200, 20)).save(folder / "plain.png")
+    before = Image.MAX_IMAGE_PIXELS
+    report = prepare_dataset(folder, tmp_path / "prep", PrepareOptions(resolution=64, max_pixels=100_000))
+    assert [(r.name, "its mask masked.mask.png is too large" in r.reason) for r in report.refused] == [
+        ("masked.png", True)
+    ]
+    assert before == Image.MAX_IMAGE_PIXELS and (tmp_path / "prep" / "plain.png").is_file()

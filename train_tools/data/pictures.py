@@ -128,6 +128,18 @@ def _decode(im: Image.Image, options: PrepareOptions) -> tuple[Image.Image, tupl
     return rgb, upright, alpha
 
 
+def load_mask(path: Path, options: PrepareOptions) -> Image.Image:
+    """A loss mask picture (``name.mask.png``) in ``L``, decoded under the pictures' pixel limit (a mask is an
+    upload like the pictures); raises ``Refused``."""
+    try:
+        with _pixel_limit(options.max_pixels), Image.open(path) as im:
+            return im.convert("L")
+    except Image.DecompressionBombError as exc:
+        raise Refused(f"its mask {path.name} is too large to decode safely ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise Refused(f"its mask {path.name} could not be read ({exc})") from None
+
+
 def alpha_of(im: Image.Image) -> Image.Image | None:
     """The picture's transparency as an ``L`` mask (255 = opaque), or None where every pixel is opaque."""
     if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):

@@ -35,7 +35,7 @@ from .layout import (
     nfc,
     read_manifest,
 )
-from .pictures import Refused, load_original, pixel_hash
+from .pictures import Refused, load_mask, load_original, pixel_hash
 from .prepare_options import PrepareOptions
 from .reports import PrepareReport, Refusal
 
@@ -206,17 +206,12 @@ class _Preparer:
             return None
         return dict(old)
 
-    @staticmethod
-    def _mask(source: _Source, alpha: Image.Image | None, upright_size: tuple[int, int]) -> Image.Image | None:
+    def _mask(self, source: _Source, alpha: Image.Image | None, upright_size: tuple[int, int]) -> Image.Image | None:
         """The picture's loss mask upright (``L``, 255 = trained): its mask file, stretched to the picture's
         size, else its alpha channel, else None."""
         if source.mask is None:
             return alpha
-        try:
-            with Image.open(source.mask) as im:
-                mask = im.convert("L")
-        except (OSError, ValueError) as exc:
-            raise Refused(f"its mask {source.mask.name} could not be read ({exc})") from None
+        mask = load_mask(source.mask, self.options)
         return mask if mask.size == upright_size else mask.resize(upright_size, Image.Resampling.BILINEAR)
 
     def _is_duplicate(self, source: _Source, entry: dict[str, Any]) -> bool:

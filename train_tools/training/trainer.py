@@ -289,7 +289,7 @@ class Trainer(SetupMixin, StepMixin, SavingMixin, ResumeMixin):
             total_epochs=self.config.epochs,
             loss=losses[-1],
             avg_loss=sum(window) / len(window),
-            lr=float(self.lr_scheduler.get_last_lr()[0]) * getattr(self, "lr_shown_factor", 1.0),
+            lr=float(self.lr_scheduler.get_last_lr()[0]) * self.lr_shown_factor,
             steps_per_s=speed,
             eta_s=(self.total_steps - step) / speed if speed else 0.0,
         )

@@ -20,6 +20,7 @@ from .resume import ResumePoint
 
 if TYPE_CHECKING:
     from ..models.loader import LoadedModel
+    from .run_log import RunLog
 
 
 class TrainerBase:
@@ -65,6 +66,7 @@ class TrainerBase:
     use_clip_skip: bool
     trainable: list[torch.nn.Parameter]
     lr_shown_factor: float  # the UNet's learning rate over the first group's (block weights, LoRA+)
+    run_log: RunLog  # the run's TensorBoard log, from the run folder's opening on
     start_tensors: dict[str, torch.Tensor] | None  # the LoRA file to train on from, until it is loaded
     # The caches.
     mask_cache: list[list[torch.Tensor | None]]  # the loss masks per item and variant (masked_loss), else empty

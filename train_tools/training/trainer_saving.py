@@ -123,7 +123,7 @@ class SavingMixin(TrainerBase):
             preview.close()
             self._preview = None
 
-    def _sample(self, run_dir: Path, lora_file: Path, epoch: int, step: int = 0) -> None:
+    def _sample(self, run_dir: Path, lora_file: Path, epoch: int, step: int) -> None:
         """``sample_every_n_epochs``: a few pictures of the file just saved, in ``<run>/samples/``."""
         from ..previews.samples import sample_epoch, should_sample
         from ..previews.settings import default_settings
@@ -134,9 +134,7 @@ class SavingMixin(TrainerBase):
             settings = default_settings(self.config, self.version.project)
             paths = sample_epoch(run_dir, lora_file, epoch, self._previewer(), settings)
             self.reporter.message(f"Samples of epoch {epoch}: {', '.join(p.name for p in paths)}")
-            run_log = getattr(self, "run_log", None)
-            if run_log is not None:
-                run_log.pictures(paths, step)
+            self.run_log.pictures(paths, step)
         except UserError as exc:  # a sample must never cost the run
             self.reporter.message(f"No samples for epoch {epoch}: {exc}")
 

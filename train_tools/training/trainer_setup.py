@@ -5,6 +5,7 @@ latent and text caches, the batches and the optimizer: everything before the fir
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -385,7 +386,5 @@ def split_validation(items: list[Any], share: float, seed: int) -> tuple[list[An
             log.warning("One picture only: no validation split (it is needed for training).")
         return items, []
     count = min(len(items) - 1, max(1, round(len(items) * share)))
-    import random
-
     held = set(random.Random(seed).sample(range(len(items)), count))
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

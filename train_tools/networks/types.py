@@ -20,6 +20,16 @@ from .loha import attach_loha, loha_tensors
 from .lokr import attach_lokr, lokr_tensors
 from .lora import attach_lora, lora_tensors
 
+# The settings of learning rates and dims by block, written in ss_network_args when set.
+BLOCK_SETTINGS = (
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+)
 # Names of the trained weights among a model's parameters (peft's and ours), e.g. for saving a run's state.
 WEIGHT_MARKERS = ("lora_", "hada_", "lokr_", MAGNITUDE)
 
@@ -92,8 +102,7 @@ def network_metadata(config: TrainConfig) -> tuple[str, dict[str, str]]:
         args.update({"dora_wd": "True", "wd_on_output": "False"})
     if config.loraplus_lr_ratio:
         args["loraplus_lr_ratio"] = str(float(config.loraplus_lr_ratio))
-    block_args = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
-    for name in (*block_args, "conv_block_dims", "conv_block_alphas"):  # as given, as kohya records them
+    for name in BLOCK_SETTINGS:  # as given, as kohya records them
         if getattr(config, name).strip():
             args[name] = getattr(config, name).replace(" ", "")
     return ("lycoris.kohya" if kind.algo else "networks.lora"), args

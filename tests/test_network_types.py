@@ -12,10 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
 
-from tests.test_lora_format import sd15_models, tiny_text_encoder, tiny_unet
+from tests.test_lora_format import tiny_text_encoder, tiny_unet
 from tests.webui_formula import a1111_update, comfyui_dora_update
 from train_tools.config import NETWORK_TYPES, TrainConfig
+from train_tools.models import configs
+from train_tools.networks.install import install_lora
 from train_tools.networks.lokr import peft_scales_lokr
 from train_tools.networks.lora_format import _base_path, kohya_state_dict, read_lora, save_lora
 from train_tools.networks.targets import text_encoder_target_modules, unet_target_modules
@@ -147,23 +150,60 @@ def tiny_unet_with(network_type: str) -> torch.nn.Module:
     return unet
 
 
+# Full-size layers per family (kohya's LierLa counts: UNet, then each text encoder).
+FULL_COUNTS = {"sd1": (192, (72,)), "sd2": (192, (138,)), "sdxl": (722, (72, 192))}
+TE_PREFIXES = {"sd1": ("lora_te",), "sd2": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
+
+
+def locon_layers(unet: torch.nn.Module) -> set[str]:
+    """The layers LoCon adds, counted from the model's blocks (not from targets.py): per ResNet block conv1,
+    conv2, time_emb_proj and a conv_shortcut where it has one; per down/up-sampler its conv."""
+    found = set()
+    for name, module in unet.named_modules():
+        cls = type(module).__name__
+        if cls == "ResnetBlock2D":
+            children = ["conv1", "conv2", "time_emb_proj"] + (["conv_shortcut"] if module.conv_shortcut else [])
+        elif cls in ("Downsample2D", "Upsample2D"):
+            children = ["conv"]
+        else:
+            continue
+        found.update(f"lora_unet_{name}.{child}".replace(".", "_") for child in children)
+    return found
+
+
 @pytest.mark.parametrize("network_type", NETWORK_TYPES)
-def test_sd15_layout_per_type(network_type: str) -> None:
-    """Full-size SD1.5 (random weights, meta device): 192 UNet layers (278 with the convolutions, as kohya's
-    LoCon) and 72 text-encoder layers per type, each with that type's tensor names."""
-    unet, te = sd15_models()
+@pytest.mark.parametrize("family", ("sd1", "sd2", "sdxl"))
+def test_full_size_layouts_per_family_and_type(family: str, network_type: str) -> None:
+    """SD1.5, SD2 and SDXL at full size (their published configs, meta device): every type adapts kohya's
+    layers under the hosts' names (LoCon adds exactly the ResNet and sampler layers), each with its type's
+    tensor names and no others."""
+    model_spec = configs.spec(family)
+    unet = configs.build_unet(model_spec, empty=True)
+    tes = configs.build_text_encoders(model_spec, empty=True)
     conv = (8, 4.0) if network_type == "locon" else None
-    targets = unet_target_modules(unet, conv=conv is not None)
-    attach_network(unet, targets, network_type, RANK, ALPHA, conv)
-    attach_network(te, text_encoder_target_modules(te), network_type, RANK, ALPHA, None)
-    tensors = kohya_state_dict(unet=unet, text_encoders=[te], family="sd1")
-    unet_names, te_names = layer_names_of(tensors, "lora_unet"), layer_names_of(tensors, "lora_te")
-    assert len(unet_names) == (278 if conv else 192) and len(te_names) == 72
-    parts = {key.partition(".")[2] for key in tensors}
-    assert parts <= PARTS[network_type] and "alpha" in parts
-    if conv:
-        assert "lora_unet_down_blocks_0_resnets_0_conv1" in unet_names
-        assert "lora_unet_up_blocks_3_resnets_2_conv_shortcut" in unet_names
+    attach_network(unet, unet_target_modules(unet, conv=conv is not None), network_type, RANK, ALPHA, conv)
+    for te in tes:
+        attach_network(te, text_encoder_target_modules(te), network_type, RANK, ALPHA, None)
+    tensors = kohya_state_dict(unet=unet, text_encoders=tes, family=family)
+    unet_count, te_counts = FULL_COUNTS[family]
+    unet_names = layer_names_of(tensors, "lora_unet")
+    extra = {n for n in unet_names if "_resnets_" in n or "samplers_" in n}
+    assert len(unet_names - extra) == unet_count
+    assert extra == (locon_layers(unet) if conv else set())
+    for prefix, count in zip(TE_PREFIXES[family], te_counts, strict=True):
+        assert len(layer_names_of(tensors, prefix)) == count
+    assert {k.partition(".")[0] for k in tensors} == unet_names | {
+        n for prefix in TE_PREFIXES[family] for n in layer_names_of(tensors, prefix)
+    }
+    by_layer: dict[str, set[str]] = defaultdict(set)
+    for key in tensors:
+        name, _, part = key.partition(".")
+        by_layer[name].add(part)
+    assert all(parts <= PARTS[network_type] and "alpha" in parts for parts in by_layer.values())
+    if network_type == "dora":
+        assert all("dora_scale" in parts for parts in by_layer.values())
+    if conv and family == "sd1":  # kohya's LoCon on SD1.5: 278 layers, named as kohya does, at the conv dim
+        assert len(unet_names) == 278
         assert "lora_unet_down_blocks_2_downsamplers_0_conv" in unet_names
         assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (8, 320, 3, 3)
 
@@ -216,3 +256,25 @@ def test_metadata_per_type() -> None:
     with pytest.raises(Exception, match="lokr_factor"):
         config.updated({"lokr_factor": 1})
     assert json.dumps(args)  # JSON, as the file stores it
+
+
+@pytest.mark.parametrize("network_type", NETWORK_TYPES)
+def test_install_keeps_every_types_tensors_and_gives_it_a_card(network_type: str, tmp_path: Path) -> None:
+    """Installed into the Lora folder, a file of each type keeps its tensors bit for bit and its
+    ``ss_network_module`` / ``ss_network_args``, with the cover picture and the card's user metadata."""
+    unet, te = trained_models(network_type)
+    module, args = network_metadata(TrainConfig(network_type=network_type))
+    meta = {"ss_network_module": module, "ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1"}
+    source = tmp_path / "trained.safetensors"
+    save_lora(source, kohya_state_dict(unet=unet, text_encoders=[te], family="sd1"), meta, dtype=torch.float32)
+    cover = tmp_path / "cover.png"
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(cover)
+    installed = install_lora(source, tmp_path / "Lora", weight=0.8, activation_text="sks", preview=cover)
+    tensors, metadata = read_lora(installed)
+    original, _ = read_lora(source)
+    assert tensors.keys() == original.keys() and all(torch.equal(tensors[k], original[k]) for k in original)
+    assert metadata["ss_network_module"] == module and json.loads(metadata["ss_network_args"]) == args
+    assert json.loads(metadata["ssmd_cover_images"])
+    assert installed.with_suffix(".preview.png").is_file()
+    card = json.loads(installed.with_suffix(".json").read_text())
+    assert card["sd version"] == "SD1" and card["activation text"] == "sks" and card["preferred weight"] == 0.8

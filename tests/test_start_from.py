@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 from tests import fixtures_training
 from tests.fixtures_training import StopsAtStep
 from tests.test_precision import exact_trainer, new_version, tensors_of
+from tests.webui_formula import a1111_update
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
-from train_tools.networks.lora_format import kohya_state_dict
+from train_tools.networks.lokr import peft_scales_lokr
+from train_tools.networks.lora_format import kohya_state_dict, network_modules
 from train_tools.progress import StopFlag
 from train_tools.training.trainer import Trainer
 
@@ -28,6 +30,15 @@ MADE: dict[str, dict[str, object]] = {
     "locon": {"network_type": "locon", "network_dim": 8, "network_alpha": 4.0, "conv_dim": 4, "conv_alpha": 1.0},
     "loha": {"network_type": "loha", "network_dim": 4, "network_alpha": 2.0, "conv_dim": 2, "conv_alpha": 1.0},
     "dora": {"network_type": "dora", "network_dim": 4, "network_alpha": 4.0},
+    # factor 4 on the tiny model: some layers' w2 low-rank at rank 4, others full (the hosts' scale differs)
+    "lokr": {
+        "network_type": "lokr",
+        "network_dim": 4,
+        "network_alpha": 2.0,
+        "conv_dim": 2,
+        "conv_alpha": 1.0,
+        "lokr_factor": 4,
+    },
 }
 
 
@@ -62,12 +73,19 @@ def test_a_run_starts_from_the_files_weights_with_its_dims(
     path = network_file(made, tmp_path / "Lora")
     wanted, _ = tensors_of(path)
     on = Trainer(version, settings(network_weights=path.name), demo_ckpt, device="cpu", lora_dir=path.parent)
-    assert {k: getattr(on.config, k) for k in MADE[kind]} == MADE[kind]
+    expected = dict(MADE[kind])
+    if kind == "lokr" and not peft_scales_lokr():  # Forge's peft 0.13 trained it at scale 1: the file says alpha = dim
+        expected.update(network_alpha=float(expected["network_dim"]), conv_alpha=float(expected["conv_dim"]))
+    assert {k: getattr(on.config, k) for k in MADE[kind]} == expected
     on.prepare()
     m = on.model
     got = kohya_state_dict(m.unet, on.tes, m.family)
     assert got.keys() == wanted.keys()
-    assert all(torch.equal(got[k].float(), wanted[k].float()) for k in wanted), kind
+    compared = set(wanted)
+    if kind == "lokr" and not peft_scales_lokr():  # peft 0.13: a layer with both sides full writes the run's alpha,
+        # which no host reads there (it applies no scale); the weights themselves are compared
+        compared -= {f"{k.partition('.')[0]}.alpha" for k in wanted if k.endswith(".lokr_w2")}
+    assert all(torch.equal(got[k].float(), wanted[k].float()) for k in compared), kind
 
 
 def test_a_run_from_a_file_trains_and_resumes_bit_for_bit(
@@ -130,18 +148,50 @@ def test_the_setting_is_a_name_in_the_lora_folder(name: str, said: str) -> None:
         TrainConfig.from_dict({"network_weights": name})
 
 
-def test_a_missing_or_lokr_file_gets_a_sentence(tmp_path: Path, demo_ckpt: Path, pictures: Path) -> None:
+def test_a_missing_or_untrainable_lokr_file_gets_a_sentence(tmp_path: Path, demo_ckpt: Path, pictures: Path) -> None:
     version = new_version(tmp_path, pictures)
     folder = tmp_path / "Lora"
     folder.mkdir()
     with pytest.raises(UserError, match="There is no LoRA file 'gone.safetensors'"):
         Trainer(version, settings(network_weights="gone.safetensors"), demo_ckpt, lora_dir=folder)
-    save_file(
-        {"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2": torch.zeros(2, 2)},
-        str(folder / "k.safetensors"),
-    )
-    with pytest.raises(UserError, match="LoKr is not supported yet"):
-        Trainer(version, settings(network_weights="k.safetensors"), demo_ckpt, lora_dir=folder)
+
+    def refused(tensors: dict[str, torch.Tensor], said: str) -> None:
+        save_file(tensors, str(folder / "k.safetensors"))
+        with pytest.raises(UserError, match=said):
+            Trainer(version, settings(network_weights="k.safetensors"), demo_ckpt, lora_dir=folder)
+
+    w1_ab = {"lora_unet_x.lokr_w1_a": torch.zeros(4, 1), "lora_unet_x.lokr_w1_b": torch.zeros(1, 4)}
+    refused({**w1_ab, "lora_unet_x.lokr_w2": torch.zeros(8, 8)}, "decomposed w1 or the Tucker form")
+    # out 6 = 3 x 2 (factor 3), in 4 = 1 x 4, which neither factor 3 (2 x 2) nor -1 gives
+    refused({"lora_unet_x.lokr_w1": torch.zeros(3, 1), "lora_unet_x.lokr_w2": torch.zeros(2, 4)}, "no single factor")
+
+
+def test_a_lycoris_lokr_file_starts_as_the_hosts_apply_it(
+    tmp_path: Path, demo_ckpt: Path, pictures: Path, one_thread: None
+) -> None:
+    """A LoKr of another trainer, with an alpha of its own: every layer of the fresh network applies the update
+    A1111 computes from the file (alpha / rank on a low-rank w2, 1 on a full one)."""
+    version = new_version(tmp_path, pictures)
+    made = Trainer(version, settings(**MADE["lokr"]), demo_ckpt, device="cpu")
+    made.prepare()
+    path = network_file(made, tmp_path / "Lora")
+    foreign = {k: (torch.tensor(3.0) if k.endswith(".alpha") else v) for k, v in tensors_of(path)[0].items()}
+    save_file(foreign, str(path))
+    on = Trainer(version, settings(network_weights=path.name), demo_ckpt, device="cpu", lora_dir=path.parent)
+    assert on.config.network_alpha == 3.0 and on.config.lokr_factor == 4
+    on.prepare()
+    layers = network_modules(on.model.unet, "lora_unet", text_encoder=False)
+    for te, prefix in zip(on.tes, ("lora_te",), strict=False):
+        layers.update(network_modules(te, prefix, text_encoder=True))
+    checked = 0
+    for layer, (module, _) in layers.items():
+        parts = {k.partition(".")[2]: v for k, v in foreign.items() if k.partition(".")[0] == layer}
+        base = module.get_base_layer().weight
+        want = a1111_update(parts, base, 1.0)
+        got = module.get_delta_weight("default")
+        torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == len({k.partition(".")[0] for k in foreign})
 
 
 # The original (SGM) UNet's names of a resnet's layers, as kohya's SDXL files carry them.

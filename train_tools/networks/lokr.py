@@ -108,4 +108,32 @@ def lokr_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
     return out
 
 
-__all__ = ["attach_lokr", "lokr_tensors"]
+def load_lokr(module: nn.Module, parts: dict[str, torch.Tensor]) -> str | None:
+    """Copy a file's LoKr layer (``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a``/``_b``, ``alpha``) into ``module``'s
+    freshly attached LoKr, so that the layer applies the update the hosts compute from the file; None, or the
+    first part that does not fit (missing, or of another shape).
+
+    The hosts scale by alpha / (w2's rank) when w2 is low-rank, else by 1; this layer by its own scale (see
+    ``lokr_tensors``). The ratio goes into w1 (low-rank w2) or w2 (full), where ``lokr_tensors`` puts the scale
+    when writing, so a file written by this trainer comes back bit for bit."""
+    live = {name: getattr(module, name)[ADAPTER] for name in _LOKR_PARTS if ADAPTER in getattr(module, name)}
+    for name, weight in live.items():
+        if name not in parts or parts[name].shape != weight.shape:
+            return name
+    low_rank = "lokr_w2_b" in live
+    alpha = parts.get("alpha")
+    host = float(alpha) / live["lokr_w2_b"].shape[0] if low_rank and alpha is not None else 1.0
+    layer: Any = module
+    ratio = host / (float(layer.scaling[ADAPTER]) if peft_scales_lokr() else 1.0)
+    with torch.no_grad():
+        for name, weight in live.items():
+            value = parts[name].to(weight.dtype)
+            scaled = name == ("lokr_w1" if low_rank else "lokr_w2") and ratio != 1.0
+            weight.copy_(value * ratio if scaled else value)
+    return None
+
+
+_LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+__all__ = ["attach_lokr", "load_lokr", "lokr_tensors"]

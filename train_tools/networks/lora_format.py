@@ -162,7 +162,14 @@ def model_prefixes(
 def network_layers(model: nn.Module, prefix: str, *, text_encoder: bool) -> dict[str, dict[str, torch.Tensor]]:
     """Each adapted layer of ``model`` by its key name (``lora_unet_down_blocks_0_...``): its tensors under the
     file's names, the live weights (``types.layer_tensors``)."""
-    layers: dict[str, dict[str, torch.Tensor]] = {}
+    return {name: tensors for name, (_, tensors) in network_modules(model, prefix, text_encoder=text_encoder).items()}
+
+
+def network_modules(
+    model: nn.Module, prefix: str, *, text_encoder: bool
+) -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Each adapted layer of ``model`` by its key name: the layer and its tensors under the file's names."""
+    layers: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     for path, module in model.named_modules():
         tensors = layer_tensors(module)
         if tensors is None:
@@ -170,7 +177,7 @@ def network_layers(model: nn.Module, prefix: str, *, text_encoder: bool) -> dict
         name = f"{prefix}_{_base_path(path, text_encoder).replace('.', '_')}"
         if name in layers:
             raise ValueError(f"Two layers map to the same LoRA key {name!r}.")
-        layers[name] = tensors
+        layers[name] = (module, tensors)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no network layers (for {prefix}).")
     return layers

@@ -1,8 +1,9 @@
 """Training on from a LoRA file (the setting ``network_weights``, kohya's name): the run's network takes the
 file's type and dims, then starts from its weights instead of from zero.
 
-The file's type comes from its tensors (``hada_*`` LoHa, ``dora_scale`` DoRA, ``lora_down`` LoRA, with 3x3
-convolutions LoCon) and its dims from their shapes, so a file of ours and one of kohya's read the same way.
+The file's type comes from its tensors (``hada_*`` LoHa, ``lokr_*`` LoKr, ``dora_scale`` DoRA, ``lora_down``
+LoRA, with 3x3 convolutions LoCon) and its dims from their shapes (a LoKr's factor from how its layers are
+split), so a file of ours and one of kohya's or LyCORIS' read the same way.
 Written here because neither peft nor diffusers loads a kohya file into a training network: diffusers' loader
 builds an inference LoRA of its own naming, without LoHa, and peft reads only its own keys.
 """
@@ -21,7 +22,8 @@ from ..config_values import BLOCK_COUNT
 from ..errors import UserError
 from ..names import check_name
 from .blocks import block_number
-from .lora_format import network_layers, read_lora
+from .lokr import load_lokr
+from .lora_format import network_modules, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {key: tensor.clone() for key, tensor in read_lora(path)[0].items()}
     parts = {key.split(".", 1)[1] for key in tensors if "." in key}
     if any(part.startswith("lokr_") for part in parts):
-        raise UserError(f"{path.name} is a LoKr; training on from a LoKr is not supported yet: start a new one.")
+        return tensors, _lokr_settings(tensors, path.name)
     if "hada_w1_a" in parts:
         kind, down = "loha", "hada_w1_b"
     elif "lora_down.weight" in parts:
@@ -85,6 +87,61 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             settings["conv_dim"], settings["conv_alpha"] = next(iter(conv))
         return tensors, settings
     return tensors, {**settings, **_block_settings(found, path.name)}
+
+
+def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
+    """A LoKr file's settings: its factor, the rank of its low-rank w2 sides and their alpha (the linear layers'
+    and the 3x3 convolutions'), checked to be what this trainer builds (peft's LoKr with a full w1)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        layer, _, part = key.partition(".")
+        layers.setdefault(layer, {})[part] = tensor
+    if any(p in parts for parts in layers.values() for p in ("lokr_w1_a", "lokr_t2")):
+        raise UserError(
+            f"{name} is a LoKr with a decomposed w1 or the Tucker form, which this trainer does not build; "
+            "start a new LoKr."
+        )
+    dims: dict[bool, set[tuple[int, float]]] = {False: set(), True: set()}
+    fulls: dict[bool, int] = {False: 1, True: 1}
+    sides = []  # (out, in, w1 shape, w2 shape) of each layer that is not a 3x3 convolution
+    for layer, parts in layers.items():
+        w1 = parts.get("lokr_w1")
+        if w1 is None or w1.dim() != 2:
+            raise UserError(f"{name}: its layer {layer} has no lokr_w1 matrix; choose a LoKr file of LyCORIS' form.")
+        is_conv = bool(_CONV3X3_KEY.search(layer)) or parts.get("lokr_w2", w1).dim() == 4
+        if "lokr_w2_b" in parts:
+            rank, alpha = int(parts["lokr_w2_b"].shape[0]), parts.get("alpha")
+            dims[is_conv].add((rank, float(alpha) if alpha is not None else float(rank)))
+            n_out, n_in = int(parts["lokr_w2_a"].shape[0]), int(parts["lokr_w2_b"].shape[1])
+        else:  # a full w2: any rank of at least half its larger side builds it
+            n_out, n_in = int(parts["lokr_w2"].shape[0]), int(parts["lokr_w2"].shape[1])
+            fulls[is_conv] = max(fulls[is_conv], -(-max(n_out, n_in) // 2))
+        if not is_conv:
+            sides.append((int(w1.shape[0]) * n_out, int(w1.shape[1]) * n_in, tuple(w1.shape), (n_out, n_in)))
+    if len(dims[False]) > 1 or len(dims[True]) > 1:
+        raise UserError(f"{name} is a LoKr whose dims differ by layer; training on from it is not supported yet.")
+    linear = next(iter(dims[False]), (fulls[False], float(fulls[False])))
+    settings: dict[str, Any] = {"network_type": "lokr", "network_dim": linear[0], "network_alpha": linear[1]}
+    settings.update(dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"), ""))
+    has_conv = any(_CONV3X3_KEY.search(layer) for layer in layers)
+    conv = next(iter(dims[True]), (fulls[True], float(fulls[True]))) if has_conv else (0, 1.0)
+    settings["conv_dim"], settings["conv_alpha"] = conv
+    settings["lokr_factor"] = _lokr_factor(sides, name)
+    return settings
+
+
+def _lokr_factor(sides: list[tuple[int, int, tuple[int, ...], tuple[int, int]]], name: str) -> int:
+    """The ``factor`` that splits every layer's sides as the file has them, by peft's own factorization."""
+    from peft.tuners.lokr.layer import factorization
+
+    candidates = [-1] + sorted({d for _, _, w1, _ in sides for d in w1 if d > 1})
+    for factor in candidates:
+        if all(
+            factorization(out, factor) == (w1[0], w2[0]) and factorization(inp, factor) == (w1[1], w2[1])
+            for out, inp, w1, w2 in sides
+        ):
+            return factor
+    raise UserError(f"{name} is a LoKr split by no single factor; training on from it is not supported yet.")
 
 
 def _block_settings(found: dict[tuple[bool, int | None], set[tuple[int, float]]], name: str) -> dict[str, Any]:
@@ -170,8 +227,10 @@ def load_start(
     the number of layers loaded. A layer the file has and the network lacks, or of another shape, means the file
     is of another model: refused with a sentence, before any step."""
     live: dict[str, dict[str, torch.Tensor]] = {}
+    modules: dict[str, nn.Module] = {}
     for model, prefix, text_encoder in models:
-        live.update(network_layers(model, prefix, text_encoder=text_encoder))
+        for layer, (module, layer_live) in network_modules(model, prefix, text_encoder=text_encoder).items():
+            live[layer], modules[layer] = layer_live, module
     unet = next((model for model, _, text_encoder in models if not text_encoder), None)
     if unet is not None and hasattr(unet, "config"):
         tensors = sgm_names(tensors, unet.config)  # kohya's SDXL files
@@ -189,6 +248,14 @@ def load_start(
         )
     with torch.no_grad():
         for layer, parts in by_layer.items():
+            if "lokr_w1" in parts:  # its live tensors are partly scaled copies: written into the layer itself
+                misfit = load_lokr(modules[layer], parts)
+                if misfit is not None:
+                    raise UserError(
+                        f"{name} does not fit this base model: {layer}.{misfit} is not of this model's shape; "
+                        "choose a LoRA made for this model."
+                    )
+                continue
             for part, tensor in parts.items():
                 target = live[layer].get(part)
                 if target is None or target.shape != tensor.shape:

@@ -16,7 +16,7 @@ from tests.webui_formula import a1111_update
 from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.networks.lokr import peft_scales_lokr
-from train_tools.networks.lora_format import kohya_state_dict, network_modules
+from train_tools.networks.lora_format import kohya_state_dict, model_prefixes, network_modules
 from train_tools.progress import StopFlag
 from train_tools.training.trainer import Trainer
 
@@ -180,9 +180,9 @@ def test_a_lycoris_lokr_file_starts_as_the_hosts_apply_it(
     on = Trainer(version, settings(network_weights=path.name), demo_ckpt, device="cpu", lora_dir=path.parent)
     assert on.config.network_alpha == 3.0 and on.config.lokr_factor == 4
     on.prepare()
-    layers = network_modules(on.model.unet, "lora_unet", text_encoder=False)
-    for te, prefix in zip(on.tes, ("lora_te",), strict=False):
-        layers.update(network_modules(te, prefix, text_encoder=True))
+    layers = {}
+    for model, prefix, text_encoder in model_prefixes(on.model.unet, on.tes, on.model.family):
+        layers.update(network_modules(model, prefix, text_encoder=text_encoder))
     checked = 0
     for layer, (module, _) in layers.items():
         parts = {k.partition(".")[2]: v for k, v in foreign.items() if k.partition(".")[0] == layer}

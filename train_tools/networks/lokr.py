@@ -22,6 +22,9 @@ from .inject import ADAPTER, check_targets, conv_patterns, inject
 
 log = logging.getLogger(__name__)
 
+# A layer's LoKr weights, under peft's attribute names, which are the file's (w1 full or w2 full, else a pair).
+_LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
 
 def attach_lokr(
     model: nn.Module,
@@ -131,9 +134,6 @@ def load_lokr(module: nn.Module, parts: dict[str, torch.Tensor]) -> str | None:
             scaled = name == ("lokr_w1" if low_rank else "lokr_w2") and ratio != 1.0
             weight.copy_(value * ratio if scaled else value)
     return None
-
-
-_LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 __all__ = ["attach_lokr", "load_lokr", "lokr_tensors"]

@@ -89,13 +89,19 @@ def read_start(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, {**settings, **_block_settings(found, path.name)}
 
 
-def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
-    """A LoKr file's settings: its factor, the rank of its low-rank w2 sides and their alpha (the linear layers'
-    and the 3x3 convolutions'), checked to be what this trainer builds (peft's LoKr with a full w1)."""
+def _by_layer(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A file's tensors by layer: ``{"lora_unet_x": {"lora_down.weight": ..., "alpha": ...}}``."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         layer, _, part = key.partition(".")
         layers.setdefault(layer, {})[part] = tensor
+    return layers
+
+
+def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any]:
+    """A LoKr file's settings: its factor, the rank of its low-rank w2 sides and their alpha (the linear layers'
+    and the 3x3 convolutions'), checked to be what this trainer builds (peft's LoKr with a full w1)."""
+    layers = _by_layer(tensors)
     if any(p in parts for parts in layers.values() for p in ("lokr_w1_a", "lokr_t2")):
         raise UserError(
             f"{name} is a LoKr with a decomposed w1 or the Tucker form, which this trainer does not build; "
@@ -104,11 +110,13 @@ def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any
     dims: dict[bool, set[tuple[int, float]]] = {False: set(), True: set()}
     fulls: dict[bool, int] = {False: 1, True: 1}
     sides = []  # (out, in, w1 shape, w2 shape) of each layer that is not a 3x3 convolution
+    has_conv = False
     for layer, parts in layers.items():
         w1 = parts.get("lokr_w1")
         if w1 is None or w1.dim() != 2:
             raise UserError(f"{name}: its layer {layer} has no lokr_w1 matrix; choose a LoKr file of LyCORIS' form.")
         is_conv = bool(_CONV3X3_KEY.search(layer)) or parts.get("lokr_w2", w1).dim() == 4
+        has_conv |= is_conv
         if "lokr_w2_b" in parts:
             rank, alpha = int(parts["lokr_w2_b"].shape[0]), parts.get("alpha")
             dims[is_conv].add((rank, float(alpha) if alpha is not None else float(rank)))
@@ -123,7 +131,6 @@ def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any
     linear = next(iter(dims[False]), (fulls[False], float(fulls[False])))
     settings: dict[str, Any] = {"network_type": "lokr", "network_dim": linear[0], "network_alpha": linear[1]}
     settings.update(dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"), ""))
-    has_conv = any(_CONV3X3_KEY.search(layer) for layer in layers)
     conv = next(iter(dims[True]), (fulls[True], float(fulls[True]))) if has_conv else (0, 1.0)
     settings["conv_dim"], settings["conv_alpha"] = conv
     settings["lokr_factor"] = _lokr_factor(sides, name)
@@ -226,18 +233,13 @@ def load_start(
     """Copy the file's weights into the freshly attached network of ``models`` (``lora_format.model_prefixes``);
     the number of layers loaded. A layer the file has and the network lacks, or of another shape, means the file
     is of another model: refused with a sentence, before any step."""
-    live: dict[str, dict[str, torch.Tensor]] = {}
-    modules: dict[str, nn.Module] = {}
+    live: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     for model, prefix, text_encoder in models:
-        for layer, (module, layer_live) in network_modules(model, prefix, text_encoder=text_encoder).items():
-            live[layer], modules[layer] = layer_live, module
+        live.update(network_modules(model, prefix, text_encoder=text_encoder))
     unet = next((model for model, _, text_encoder in models if not text_encoder), None)
     if unet is not None and hasattr(unet, "config"):
         tensors = sgm_names(tensors, unet.config)  # kohya's SDXL files
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        layer, _, part = key.partition(".")
-        by_layer.setdefault(layer, {})[part] = tensor
+    by_layer = _by_layer(tensors)
     unknown = sorted(set(by_layer) - set(live))
     if unknown and not text_encoder_trained and all(u.startswith("lora_te") for u in unknown):
         raise UserError(f"{name} has text-encoder layers: turn on 'Train text encoder' to train on from it.")
@@ -249,7 +251,7 @@ def load_start(
     with torch.no_grad():
         for layer, parts in by_layer.items():
             if "lokr_w1" in parts:  # its live tensors are partly scaled copies: written into the layer itself
-                misfit = load_lokr(modules[layer], parts)
+                misfit = load_lokr(live[layer][0], parts)
                 if misfit is not None:
                     raise UserError(
                         f"{name} does not fit this base model: {layer}.{misfit} is not of this model's shape; "
@@ -257,7 +259,7 @@ def load_start(
                     )
                 continue
             for part, tensor in parts.items():
-                target = live[layer].get(part)
+                target = live[layer][1].get(part)
                 if target is None or target.shape != tensor.shape:
                     shape = "no such part" if target is None else f"{tuple(target.shape)} here"
                     raise UserError(

@@ -17,6 +17,7 @@ from train_tools.config import TrainConfig
 from train_tools.errors import UserError
 from train_tools.networks.lokr import peft_scales_lokr
 from train_tools.networks.lora_format import kohya_state_dict, model_prefixes, network_modules
+from train_tools.networks.start_from import read_start
 from train_tools.progress import StopFlag
 from train_tools.training.trainer import Trainer
 
@@ -295,3 +296,20 @@ def test_a_file_with_dims_by_block_starts_the_run_with_them(
     assert all(torch.equal(got[k].float(), wanted[k].float()) for k in wanted)
     ranks = {int(v.shape[0]) for k, v in wanted.items() if k.endswith("lora_down.weight")}
     assert len(ranks) >= 3  # dims 2, 3, 4 and the convolutions' 3 and the text encoder's 8
+
+
+def test_a_lokr_on_1x1_convolutions_is_not_a_locon(tmp_path: Path) -> None:
+    """SD1's proj_in / proj_out are 1x1 convolutions: a LoKr's full w2 there is 4-D but not a 3x3 layer, so the
+    file has no conv dim, and its sides still give the factor."""
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    path = tmp_path / "k.safetensors"
+    save_file(
+        {
+            f"{layer}.lokr_w1": torch.ones(4, 4),
+            f"{layer}.lokr_w2": torch.ones(16, 16, 1, 1),  # 64 = 4 x 16: factor 4, not -1 (8 x 8)
+            f"{layer}.alpha": torch.tensor(2.0),
+        },
+        str(path),
+    )
+    _, found = read_start(path)
+    assert found["network_type"] == "lokr" and found["conv_dim"] == 0 and found["lokr_factor"] == 4

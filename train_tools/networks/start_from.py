@@ -115,7 +115,8 @@ def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any
         w1 = parts.get("lokr_w1")
         if w1 is None or w1.dim() != 2:
             raise UserError(f"{name}: its layer {layer} has no lokr_w1 matrix; choose a LoKr file of LyCORIS' form.")
-        is_conv = bool(_CONV3X3_KEY.search(layer)) or parts.get("lokr_w2", w1).dim() == 4
+        w2 = parts.get("lokr_w2", w1)
+        is_conv = bool(_CONV3X3_KEY.search(layer)) or (w2.dim() == 4 and w2.shape[-1] > 1)  # not SD1's 1x1 proj_in
         has_conv |= is_conv
         if "lokr_w2_b" in parts:
             rank, alpha = int(parts["lokr_w2_b"].shape[0]), parts.get("alpha")

@@ -334,8 +334,7 @@ def test_sd15_locon_adds_only_resnet_and_sampler_layers() -> None:
     assert all(".resnets." in n or "samplers." in n for n in extra)
 
 
-def sdxl_models() -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTextModelWithProjection]:
-    """SDXL base's UNet and two text encoders at full size (random weights, meta device)."""
+def test_sdxl_layout_names_and_counts() -> None:
     with init_empty_weights():
         unet = UNet2DConditionModel(
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -363,11 +362,6 @@ def sdxl_models() -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTextModelWit
                 projection_dim=1280,
             )
         )
-    return unet, te1, te2
-
-
-def test_sdxl_layout_names_and_counts() -> None:
-    unet, te1, te2 = sdxl_models()
     for model, targets in (
         (unet, unet_target_modules(unet)),
         (te1, text_encoder_target_modules(te1)),

@@ -163,6 +163,9 @@ def test_a_missing_or_untrainable_lokr_file_gets_a_sentence(tmp_path: Path, demo
 
     w1_ab = {"lora_unet_x.lokr_w1_a": torch.zeros(4, 1), "lora_unet_x.lokr_w1_b": torch.zeros(1, 4)}
     refused({**w1_ab, "lora_unet_x.lokr_w2": torch.zeros(8, 8)}, "decomposed w1 or the Tucker form")
+    damaged = {"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2_b": torch.zeros(2, 4)}  # no w2_a
+    refused(damaged, "not a LoKr of LyCORIS' form")
+    refused({"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2": torch.zeros(4)}, "LyCORIS' form")
     # out 6 = 3 x 2 (factor 3), in 4 = 1 x 4, which neither factor 3 (2 x 2) nor -1 gives
     refused({"lora_unet_x.lokr_w1": torch.zeros(3, 1), "lora_unet_x.lokr_w2": torch.zeros(2, 4)}, "no single factor")
 

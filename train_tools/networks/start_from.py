@@ -112,9 +112,13 @@ def _lokr_settings(tensors: dict[str, torch.Tensor], name: str) -> dict[str, Any
     sides = []  # (out, in, w1 shape, w2 shape) of each layer that is not a 3x3 convolution
     has_conv = False
     for layer, parts in layers.items():
-        w1 = parts.get("lokr_w1")
-        if w1 is None or w1.dim() != 2:
-            raise UserError(f"{name}: its layer {layer} has no lokr_w1 matrix; choose a LoKr file of LyCORIS' form.")
+        w1, full, pair = parts.get("lokr_w1"), parts.get("lokr_w2"), (parts.get("lokr_w2_a"), parts.get("lokr_w2_b"))
+        w2_ok = (full is not None and full.dim() in (2, 4)) or all(t is not None and t.dim() == 2 for t in pair)
+        if w1 is None or w1.dim() != 2 or not w2_ok:
+            raise UserError(
+                f"{name}: its layer {layer} is not a LoKr of LyCORIS' form (a lokr_w1 matrix with lokr_w2 or "
+                "lokr_w2_a / lokr_w2_b); choose another file."
+            )
         w2 = parts.get("lokr_w2", w1)
         is_conv = bool(_CONV3X3_KEY.search(layer)) or (w2.dim() == 4 and w2.shape[-1] > 1)  # not SD1's 1x1 proj_in
         has_conv |= is_conv
